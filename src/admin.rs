@@ -1,0 +1,281 @@
+//! The admin listener: health, readiness, metrics, and the session API.
+//!
+//! `/admin/*` answers 404 unless an admin token is configured, and then
+//! needs `Authorization: Bearer TOKEN`, compared in constant time (over
+//! SHA-256 digests, so not even the token's length leaks). The proxy
+//! listener serves none of these routes.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::session::SessionKey;
+use crate::sessions::{NewTokens, SessionError, Sessions};
+
+#[derive(Clone)]
+pub struct AdminState {
+    sessions: Arc<Sessions>,
+    metrics: Arc<Metrics>,
+    /// SHA-256 of the admin token; `None` disables `/admin/*`.
+    token_digest: Option<[u8; 32]>,
+}
+
+impl AdminState {
+    pub fn new(config: &Config, sessions: Arc<Sessions>, metrics: Arc<Metrics>) -> AdminState {
+        AdminState {
+            sessions,
+            metrics,
+            token_digest: config
+                .admin
+                .token
+                .as_ref()
+                .map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
+        }
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
+    let admin = Router::new()
+        .route("/admin/sessions", get(list_sessions).post(add_session))
+        .route(
+            "/admin/sessions/{id}",
+            get(get_session).delete(delete_session),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state)
+}
+
+/// An admin API error, in the same JSON shape as the proxy's.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.headers_mut().insert(
+            crate::error::ERROR_HEADER,
+            HeaderValue::from_static(self.code),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> ApiError {
+        match e {
+            SessionError::Store(e) => {
+                tracing::warn!(error = %e, "admin: store error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the session store is unavailable",
+                )
+            }
+            SessionError::UnknownProvider(_)
+            | SessionError::KeyOfOtherProvider(_)
+            | SessionError::BadKey(_)
+            | SessionError::EmptyToken
+            | SessionError::Token(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            SessionError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            SessionError::Unseal(_) => {
+                tracing::error!(error = %e, "admin: cannot open a sealed session");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "see the server log",
+                )
+            }
+        }
+    }
+}
+
+async fn require_admin_token(
+    State(state): State<AdminState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = state.token_digest else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| Sha256::digest(token.trim().as_bytes()));
+    match presented {
+        Some(digest) if bool::from(digest.as_slice().ct_eq(&expected)) => next.run(req).await,
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer ADMIN_TOKEN",
+        )
+        .into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.sessions.store().ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: store does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let counts = match state.sessions.store().count_sessions().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot count sessions");
+            Vec::new()
+        }
+    };
+    let text = state.metrics.render(&counts, state.sessions.cached());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    (headers, text).into_response()
+}
+
+async fn list_sessions(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    Ok(Json(state.sessions.list().await?).into_response())
+}
+
+async fn get_session(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.sessions.info(&id).await? {
+        Some(info) => Ok(Json(info).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such session",
+        )),
+    }
+}
+
+async fn delete_session(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if state.sessions.revoke(&id).await? {
+        tracing::info!(session = %id, "session revoked via admin API");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such session",
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddSession {
+    provider: String,
+    access_token: SecretString,
+    refresh_token: Option<SecretString>,
+    expires_in: Option<u64>,
+    label: Option<String>,
+    session_key: Option<SecretString>,
+}
+
+async fn add_session(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
+    // Parsed by hand so a rejection never echoes a value from the body
+    // (serde's messages may quote it, and it may be a token).
+    let req: AddSession = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "the body must be a JSON object {{provider, access_token, refresh_token?, expires_in?, label?, session_key?}} ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let key = req
+        .session_key
+        .map(SessionKey::chosen)
+        .transpose()
+        .map_err(SessionError::from)?;
+    let added = state
+        .sessions
+        .add(
+            &req.provider,
+            NewTokens {
+                access_token: req.access_token,
+                refresh_token: req.refresh_token,
+                expires_in: req.expires_in,
+            },
+            req.label,
+            key,
+        )
+        .await?;
+    tracing::info!(session = %added.id, provider = %added.provider, replaced = added.replaced, "session added via admin API");
+    let status = if added.replaced {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({
+            "id": added.id,
+            "session_key": added.key.expose(),
+            "provider": added.provider,
+        })),
+    )
+        .into_response())
+}

@@ -1,0 +1,640 @@
+//! The configuration file (`config.toml`), parsed and validated once at start-up.
+//!
+//! Parsing is two steps: serde reads the raw TOML into `Raw*` structs with
+//! `deny_unknown_fields`, so a typo names its key; `validate` then resolves
+//! secrets from the environment, parses URLs and addresses, and applies
+//! defaults. Everything after start-up works on the validated [`Config`] and
+//! can no longer fail on configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+use crate::provider::ProviderKind;
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_PATH: &str = "config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A duration given either as a number of seconds (`30`, `0.5`) or as a
+/// string with a unit (`"500ms"`, `"2s"`, `"1m"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Seconds(f64),
+    Text(String),
+}
+
+impl RawDuration {
+    fn resolve(self, key: &str) -> Result<Duration, ConfigError> {
+        let secs = match self {
+            RawDuration::Seconds(s) => s,
+            RawDuration::Text(text) => {
+                let t = text.trim();
+                let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+                    (n, 0.001)
+                } else if let Some(n) = t.strip_suffix('s') {
+                    (n, 1.0)
+                } else if let Some(n) = t.strip_suffix('m') {
+                    (n, 60.0)
+                } else if let Some(n) = t.strip_suffix('h') {
+                    (n, 3600.0)
+                } else {
+                    (t, 1.0)
+                };
+                let n: f64 = num.trim().parse().map_err(|_| {
+                    invalid(
+                        key,
+                        format!("`{text}` is not a duration (use seconds, or e.g. \"500ms\", \"2s\", \"1m\")"),
+                    )
+                })?;
+                n * scale
+            }
+        };
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(invalid(key, "must be a non-negative duration"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    public_url: Option<String>,
+    session_header: Option<String>,
+    shutdown_grace: Option<RawDuration>,
+    header_read_timeout: Option<RawDuration>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    key_file: Option<PathBuf>,
+    key_env: Option<String>,
+    invalidation_interval: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token: Option<String>,
+    token_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: ProviderKind,
+    api_base: String,
+    token_url: Option<String>,
+    authorize_url: Option<String>,
+    redirect_uri: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_env: Option<String>,
+    api_key: Option<String>,
+    api_key_env: Option<String>,
+    user_agent: Option<String>,
+    listen: Option<String>,
+    default_session: Option<String>,
+    refresh_margin: Option<RawDuration>,
+    connect_timeout: Option<RawDuration>,
+    request_timeout: Option<RawDuration>,
+    max_replay_body: Option<usize>,
+    max_request_body: Option<u64>,
+    ca_file: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub admin: AdminConfig,
+    /// Ordered by name, so listings and metrics are stable.
+    pub providers: Vec<ProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub public_url: Url,
+    pub session_header: http::HeaderName,
+    /// How long in-flight requests may run on after SIGINT/SIGTERM.
+    pub shutdown_grace: Duration,
+    /// A client must send its whole request head within this time.
+    pub header_read_timeout: Duration,
+    /// The largest request head (request line and headers) accepted; above it: 431.
+    pub max_header_bytes: usize,
+    /// Connections served at once per listener; further accepts wait.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: String,
+    pub key: KeySource,
+    /// How often the server looks for sessions changed by another process.
+    pub invalidation_interval: Duration,
+}
+
+/// Where the 32-byte sealing key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A file holding the key (base64 text, or 32 raw bytes); created 0600 if absent.
+    File(PathBuf),
+    /// An environment variable holding the key as base64. Only the name is kept here.
+    Env(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Without a token, every `/admin/*` route answers 404.
+    pub token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// The table name, which is also the route prefix: `/{name}/...`.
+    pub name: String,
+    pub kind: ProviderKind,
+    pub api_base: Url,
+    pub token_url: Option<Url>,
+    pub authorize_url: Option<Url>,
+    pub redirect_uri: Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// Zillow's API key; `None` for Spark.
+    pub api_key: Option<SecretString>,
+    pub user_agent: Option<http::HeaderValue>,
+    pub listen: Option<SocketAddr>,
+    pub default_session: Option<String>,
+    pub refresh_margin: Duration,
+    pub connect_timeout: Duration,
+    /// Time from sending the request to the upstream's response head.
+    pub request_timeout: Duration,
+    /// Request bodies up to this size are kept so the request can be replayed.
+    pub max_replay_body: usize,
+    /// Request bodies above this size are refused with 413 (`None`: no limit).
+    pub max_request_body: Option<u64>,
+    /// Extra PEM roots trusted for this provider's upstream, besides webpki's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path, |name| std::env::var(name).ok())
+    }
+
+    /// Parses `text`; `env` looks up environment variables (a parameter so
+    /// tests need not touch the process environment).
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        validate(raw, &env)
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+fn addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address (expected IP:PORT, e.g. 127.0.0.1:8080)"),
+        )
+    })
+}
+
+fn http_url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url =
+        Url::parse(value).map_err(|e| invalid(key, format!("`{value}` is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(
+            key,
+            format!("`{value}` must be an http:// or https:// URL"),
+        ));
+    }
+    if url.host().is_none() {
+        return Err(invalid(key, format!("`{value}` has no host")));
+    }
+    Ok(url)
+}
+
+/// A secret given inline (`name = "..."`) or by environment variable (`name_env = "VAR"`).
+fn secret(
+    key: &str,
+    inline: Option<String>,
+    env_name: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (inline, env_name) {
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            format!("give either `{key}` or `{key}_env`, not both"),
+        )),
+        (Some(v), None) if v.is_empty() => Err(invalid(key, "is empty")),
+        (Some(v), None) => Ok(Some(SecretString::from(v))),
+        (None, Some(var)) => match env(&var) {
+            Some(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
+            _ => Err(invalid(
+                format!("{key}_env"),
+                format!("environment variable {var} is not set or empty"),
+            )),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let s = raw.server;
+    let listen = addr(
+        "server.listen",
+        s.listen.as_deref().unwrap_or("127.0.0.1:8080"),
+    )?;
+    let admin_listen = addr(
+        "server.admin_listen",
+        s.admin_listen.as_deref().unwrap_or("127.0.0.1:8081"),
+    )?;
+    let public_url = match s.public_url {
+        Some(u) => http_url("server.public_url", &u)?,
+        None => http_url("server.public_url", &format!("http://{admin_listen}"))?,
+    };
+    let header_name = s.session_header.as_deref().unwrap_or("X-Credproxy-Session");
+    let session_header = http::HeaderName::from_bytes(header_name.as_bytes()).map_err(|_| {
+        invalid(
+            "server.session_header",
+            format!("`{header_name}` is not a valid header name"),
+        )
+    })?;
+    let dur = |v: Option<RawDuration>, key: &str, default: f64| -> Result<Duration, ConfigError> {
+        v.map(|d| d.resolve(key))
+            .unwrap_or(Ok(Duration::from_secs_f64(default)))
+    };
+    let server = ServerConfig {
+        listen,
+        admin_listen,
+        public_url,
+        session_header,
+        shutdown_grace: dur(s.shutdown_grace, "server.shutdown_grace", 30.0)?,
+        header_read_timeout: dur(s.header_read_timeout, "server.header_read_timeout", 10.0)?,
+        max_header_bytes: s.max_header_bytes.unwrap_or(64 * 1024),
+        max_connections: s.max_connections.unwrap_or(10_000),
+    };
+    if server.max_header_bytes < 8192 {
+        return Err(invalid("server.max_header_bytes", "must be at least 8192"));
+    }
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if server.header_read_timeout.is_zero() {
+        return Err(invalid("server.header_read_timeout", "must be above zero"));
+    }
+
+    let st = raw.store;
+    let url = st.url.unwrap_or_else(|| "sqlite://credproxy.db".to_owned());
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://"))
+    {
+        return Err(invalid(
+            "store.url",
+            "must start with sqlite: (e.g. sqlite://credproxy.db) or postgres://",
+        ));
+    }
+    let key = match (st.key_file, st.key_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "store.key_env",
+                "give either `key_file` or `key_env`, not both",
+            ))
+        }
+        (None, Some(var)) => KeySource::Env(var),
+        (Some(f), None) => KeySource::File(f),
+        (None, None) => KeySource::File(PathBuf::from("credproxy.key")),
+    };
+    let store = StoreConfig {
+        url,
+        key,
+        invalidation_interval: dur(st.invalidation_interval, "store.invalidation_interval", 0.5)?,
+    };
+    if store.invalidation_interval.is_zero() || store.invalidation_interval > Duration::from_secs(2)
+    {
+        return Err(invalid(
+            "store.invalidation_interval",
+            "must be above zero and at most 2 seconds (revocations must take effect within 2 s)",
+        ));
+    }
+
+    let admin = AdminConfig {
+        token: secret("admin.token", raw.admin.token, raw.admin.token_env, env)?,
+    };
+
+    let mut providers = Vec::new();
+    let mut ports = vec![
+        ("server.listen".to_owned(), listen),
+        ("server.admin_listen".to_owned(), admin_listen),
+    ];
+    for (name, p) in raw.providers {
+        providers.push(validate_provider(
+            &name,
+            p,
+            &server.public_url,
+            env,
+            &mut ports,
+        )?);
+    }
+    // Two listeners on one address would fail at bind time with a vaguer message.
+    for (i, (ka, a)) in ports.iter().enumerate() {
+        for (kb, b) in &ports[i + 1..] {
+            if a == b && a.port() != 0 {
+                return Err(invalid(kb.clone(), format!("{b} is already used by {ka}")));
+            }
+        }
+    }
+    Ok(Config {
+        server,
+        store,
+        admin,
+        providers,
+    })
+}
+
+fn validate_provider(
+    name: &str,
+    p: RawProvider,
+    public_url: &Url,
+    env: &dyn Fn(&str) -> Option<String>,
+    ports: &mut Vec<(String, SocketAddr)>,
+) -> Result<ProviderConfig, ConfigError> {
+    let key = |k: &str| format!("providers.{name}.{k}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            format!("providers.{name}"),
+            "a provider's name is its route: use lowercase letters, digits, '-' and '_'",
+        ));
+    }
+    let api_base = http_url(&key("api_base"), &p.api_base)?;
+    if api_base.query().is_some() || api_base.fragment().is_some() {
+        return Err(invalid(
+            key("api_base"),
+            "must not carry a query or fragment",
+        ));
+    }
+    let token_url = p
+        .token_url
+        .map(|u| http_url(&key("token_url"), &u))
+        .transpose()?;
+    let authorize_url = p
+        .authorize_url
+        .map(|u| http_url(&key("authorize_url"), &u))
+        .transpose()?;
+    let redirect_uri = match p.redirect_uri {
+        Some(u) => http_url(&key("redirect_uri"), &u)?,
+        None => {
+            let base = public_url.as_str().trim_end_matches('/');
+            http_url(&key("redirect_uri"), &format!("{base}/callback/{name}"))?
+        }
+    };
+    let client_id = match p.client_id {
+        Some(id) if !id.is_empty() => id,
+        _ => return Err(invalid(key("client_id"), "is required")),
+    };
+    let client_secret = secret(
+        &key("client_secret"),
+        p.client_secret,
+        p.client_secret_env,
+        env,
+    )?
+    .ok_or_else(|| invalid(key("client_secret"), "is required (or client_secret_env)"))?;
+    let api_key = secret(&key("api_key"), p.api_key, p.api_key_env, env)?;
+    match p.kind {
+        ProviderKind::Zillow if api_key.is_none() => {
+            return Err(invalid(
+                key("api_key"),
+                "is required for kind = \"zillow\" (or api_key_env)",
+            ))
+        }
+        ProviderKind::Spark if api_key.is_some() => {
+            return Err(invalid(key("api_key"), "is not used by kind = \"spark\""))
+        }
+        _ => {}
+    }
+    let user_agent = p
+        .user_agent
+        .map(|ua| {
+            http::HeaderValue::from_str(&ua)
+                .map_err(|_| invalid(key("user_agent"), "must be printable ASCII"))
+        })
+        .transpose()?;
+    let listen = p.listen.map(|l| addr(&key("listen"), &l)).transpose()?;
+    if let Some(l) = listen {
+        ports.push((key("listen"), l));
+    }
+    let dur = |v: Option<RawDuration>, k: &str, default: f64| -> Result<Duration, ConfigError> {
+        v.map(|d| d.resolve(&key(k)))
+            .unwrap_or(Ok(Duration::from_secs_f64(default)))
+    };
+    let connect_timeout = dur(p.connect_timeout, "connect_timeout", 5.0)?;
+    let request_timeout = dur(p.request_timeout, "request_timeout", 60.0)?;
+    if connect_timeout.is_zero() {
+        return Err(invalid(key("connect_timeout"), "must be above zero"));
+    }
+    if request_timeout.is_zero() {
+        return Err(invalid(key("request_timeout"), "must be above zero"));
+    }
+    if let Some(f) = &p.ca_file {
+        if !f.is_file() {
+            return Err(invalid(
+                key("ca_file"),
+                format!("{} is not a readable file", f.display()),
+            ));
+        }
+    }
+    Ok(ProviderConfig {
+        name: name.to_owned(),
+        kind: p.kind,
+        api_base,
+        token_url,
+        authorize_url,
+        redirect_uri,
+        client_id,
+        client_secret,
+        api_key,
+        user_agent,
+        listen,
+        default_session: p.default_session,
+        refresh_margin: dur(p.refresh_margin, "refresh_margin", 60.0)?,
+        connect_timeout,
+        request_timeout,
+        max_replay_body: p.max_replay_body.unwrap_or(1024 * 1024),
+        max_request_body: p.max_request_body,
+        ca_file: p.ca_file,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const GOOD: &str = r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        [store]
+        url = "sqlite://x.db"
+        [providers.spark]
+        kind = "spark"
+        api_base = "https://sparkapi.com"
+        token_url = "https://sparkapi.com/v1/oauth2/grant"
+        client_id = "cid"
+        client_secret_env = "SPARK_SECRET"
+        user_agent = "MyApp/1.0"
+        [providers.zillow]
+        kind = "zillow"
+        api_base = "https://rentalsapi.zillowgroup.com"
+        client_id = "zid"
+        client_secret = "inline-secret"
+        api_key_env = "ZKEY"
+        request_timeout = "500ms"
+    "#;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SPARK_SECRET" => Some("s3cret".into()),
+            "ZKEY" => Some("apikey".into()),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("config.toml"), env)
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.providers.len(), 2);
+        let spark = c.provider("spark").expect("spark");
+        assert_eq!(spark.client_secret.expose_secret(), "s3cret");
+        assert_eq!(spark.refresh_margin, Duration::from_secs(60));
+        assert_eq!(spark.max_replay_body, 1024 * 1024);
+        assert_eq!(
+            spark.redirect_uri.as_str(),
+            "http://127.0.0.1:0/callback/spark"
+        );
+        let zillow = c.provider("zillow").expect("zillow");
+        assert_eq!(zillow.request_timeout, Duration::from_millis(500));
+        assert_eq!(c.server.session_header.as_str(), "x-credproxy-session");
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&GOOD.replace("user_agent", "user_agnet"));
+        assert!(e.contains("user_agnet"), "{e}");
+        let e = err(&format!("{GOOD}\n[server2]\nx=1"));
+        assert!(e.contains("server2"), "{e}");
+    }
+
+    #[test]
+    fn missing_secret_is_named() {
+        let e = err(&GOOD.replace("SPARK_SECRET", "NOPE"));
+        assert!(
+            e.contains("providers.spark.client_secret_env") && e.contains("NOPE"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("api_key_env = \"ZKEY\"", ""));
+        assert!(e.contains("providers.zillow.api_key"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_and_address_are_named() {
+        let e = err(&GOOD.replace("https://sparkapi.com\"", "sparkapi.com\""));
+        assert!(e.contains("providers.spark.api_base"), "{e}");
+        let e = err(&GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""));
+        assert!(e.contains("server.listen"), "{e}");
+        let e = err(&GOOD.replace("\"500ms\"", "\"soon\""));
+        assert!(e.contains("providers.zillow.request_timeout"), "{e}");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug() {
+        let c = parse(GOOD).expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("s3cret") && !dbg.contains("inline-secret") && !dbg.contains("apikey")
+        );
+    }
+
+    #[test]
+    fn bad_provider_name_is_refused() {
+        let e = err(&GOOD.replace("[providers.spark]", "[providers.Spark]"));
+        assert!(e.contains("providers.Spark"), "{e}");
+    }
+}

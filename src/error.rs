@@ -1,0 +1,142 @@
+//! Errors that credproxy answers itself, mapped to the contract's codes in
+//! this one place.
+//!
+//! Each answer carries a JSON body `{"error": {"code", "message"}}` and the
+//! header `X-Credproxy-Error: CODE`, so a caller can tell them from the
+//! upstream's. Messages are fixed text: nothing from a request, a token or a
+//! key is ever interpolated into them.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+pub const ERROR_HEADER: &str = "x-credproxy-error";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    MissingSession,
+    UnknownSession,
+    ReauthorizationRequired,
+    UnknownRoute,
+    BadRequest(&'static str),
+    BodyTooLarge,
+    TokenRefreshFailed {
+        retry_after_secs: u64,
+    },
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// The store could not be read for a session that is not cached.
+    StoreUnavailable,
+    /// A stored session cannot be used (e.g. sealed with another key).
+    Internal,
+}
+
+impl ProxyError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::MissingSession => "missing_session",
+            ProxyError::UnknownSession => "unknown_session",
+            ProxyError::ReauthorizationRequired => "reauthorization_required",
+            ProxyError::UnknownRoute => "unknown_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::TokenRefreshFailed { .. } => "token_refresh_failed",
+            ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::StoreUnavailable => "store_unavailable",
+            ProxyError::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingSession
+            | ProxyError::UnknownSession
+            | ProxyError::ReauthorizationRequired => StatusCode::UNAUTHORIZED,
+            ProxyError::UnknownRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::TokenRefreshFailed { .. } | ProxyError::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn message(&self) -> &'static str {
+        match self {
+            ProxyError::MissingSession => "no session key: send X-Credproxy-Session, Proxy-Authorization: Bearer, or the provider's own credential slot",
+            ProxyError::UnknownSession => "the session key is unknown or was revoked",
+            ProxyError::ReauthorizationRequired => "the provider refused this session's refresh token; reconnect the account or replace its tokens",
+            ProxyError::UnknownRoute => "no configured provider serves this path; use /{provider}/...",
+            ProxyError::BadRequest(why) => why,
+            ProxyError::BodyTooLarge => "the request body is larger than this provider's limit",
+            ProxyError::TokenRefreshFailed { .. } => "the provider's token endpoint failed; the session is intact, retry later",
+            ProxyError::UpstreamUnreachable => "the upstream API could not be reached",
+            ProxyError::UpstreamTimeout => "the upstream API did not answer in time",
+            ProxyError::StoreUnavailable => "the session store is unavailable; retry later",
+            ProxyError::Internal => "this session cannot be used; see the server log",
+        }
+    }
+
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({"error": {"code": self.code(), "message": self.message()}});
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        match self {
+            ProxyError::TokenRefreshFailed { retry_after_secs } => {
+                h.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(*retry_after_secs),
+                );
+            }
+            ProxyError::StoreUnavailable => {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_json_and_header() {
+        let all = [
+            ProxyError::MissingSession,
+            ProxyError::UnknownSession,
+            ProxyError::ReauthorizationRequired,
+            ProxyError::UnknownRoute,
+            ProxyError::BadRequest("x"),
+            ProxyError::BodyTooLarge,
+            ProxyError::TokenRefreshFailed {
+                retry_after_secs: 3,
+            },
+            ProxyError::UpstreamUnreachable,
+            ProxyError::UpstreamTimeout,
+            ProxyError::StoreUnavailable,
+            ProxyError::Internal,
+        ];
+        for e in all {
+            let r = e.to_response();
+            assert_eq!(r.status(), e.status());
+            assert_eq!(r.headers()[ERROR_HEADER], e.code());
+        }
+        let r = ProxyError::TokenRefreshFailed {
+            retry_after_secs: 3,
+        }
+        .to_response();
+        assert_eq!(r.headers()["retry-after"], "3");
+    }
+}

@@ -1,0 +1,19 @@
+//! credproxy: a reverse proxy that injects OAuth 2 credentials.
+//!
+//! An application presents a session key; credproxy maps it to stored
+//! tokens, injects them the way the provider wants, and forwards the request
+//! streamed. See ARCHITECTURE.md for the map of this crate.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod provider;
+pub mod proxy;
+pub mod seal;
+pub mod server;
+pub mod session;
+pub mod sessions;
+pub mod store;
+pub mod telemetry;

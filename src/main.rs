@@ -1,0 +1,301 @@
+//! The `credproxy` command line: `serve`, `session ...` and `check`.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+
+use credproxy::config::{Config, DEFAULT_PATH};
+use credproxy::seal::Sealer;
+use credproxy::session::SessionKey;
+use credproxy::sessions::{NewTokens, SessionInfo, Sessions};
+use credproxy::{server, store, telemetry};
+
+/// A reverse proxy that injects OAuth 2 credentials, so applications call
+/// Spark and Zillow with a session key and never hold a token.
+#[derive(Parser)]
+#[command(name = "credproxy", version, about, long_about = None)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = "CREDPROXY_CONFIG", default_value = DEFAULT_PATH, value_name = "PATH")]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and the admin listener until SIGINT or SIGTERM, then
+    /// let in-flight requests finish (up to server.shutdown_grace).
+    Serve,
+    /// Manage sessions in the configured store (works with or without a running server).
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Validate the configuration and reach the store; exit 0, or print what is wrong and exit 1.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Store a session for tokens obtained elsewhere and print its id and
+    /// session key. The key is shown only here: give it to the application.
+    Add(AddArgs),
+    /// List sessions: id, provider, status, expiry, last refresh, label. Never a token or a key.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a session. A running server stops honouring its key within 2 seconds.
+    Revoke {
+        /// The session's id (as shown by `session list`).
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct AddArgs {
+    /// The provider's name, as in the config's [providers.NAME] table.
+    #[arg(long)]
+    provider: String,
+    /// The access token; `-` reads it from standard input (keeps it out of `ps`).
+    #[arg(long, value_name = "TOKEN")]
+    access_token: String,
+    /// The refresh token, if the provider issued one; `-` reads it from standard input.
+    #[arg(long, value_name = "TOKEN")]
+    refresh_token: Option<String>,
+    /// Seconds until the access token expires, if known.
+    #[arg(long, value_name = "SECONDS")]
+    expires_in: Option<u64>,
+    /// A note for people: which application or account this is.
+    #[arg(long)]
+    label: Option<String>,
+    /// Use this session key instead of a random one (e.g. the "access token" a
+    /// legacy application already has). If it names an existing session of
+    /// the same provider, that session's tokens are replaced and its id kept.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// Print {"id", "session_key", "provider"} as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve => "info",
+        _ => "warn",
+    };
+    telemetry::init(default_level);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Check => check(config).await,
+        Command::Session(cmd) => session(config, cmd).await,
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = server::start(config).await?;
+    let stop = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        stop.cancel();
+    });
+    running.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn open_sessions(config: &Config) -> anyhow::Result<Sessions> {
+    let sealer = Sealer::load(&config.store.key)?;
+    let store = store::open(&config.store.url)
+        .await
+        .with_context(|| format!("store.url: cannot open {}", config.store.url))?;
+    Ok(Sessions::new(store, sealer, config))
+}
+
+async fn check(config: Config) -> anyhow::Result<()> {
+    let sessions = Arc::new(open_sessions(&config).await?);
+    // Building the proxy checks what parsing cannot: TLS roots, upstream authorities.
+    credproxy::proxy::Proxy::new(
+        &config,
+        Arc::clone(&sessions),
+        Arc::new(credproxy::metrics::Metrics::default()),
+    )?;
+    sessions.store().ping().await?;
+    let n = sessions.list().await?.len();
+    println!(
+        "ok: {} provider(s) configured ({}), store reachable with {n} session(s)",
+        config.providers.len(),
+        config
+            .providers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// Reads a secret argument, or a line of standard input when it is `-`.
+fn secret_arg(value: String, what: &str) -> anyhow::Result<SecretString> {
+    if value != "-" {
+        return Ok(SecretString::from(value));
+    }
+    if std::io::stdin().is_terminal() {
+        eprintln!("{what}: ");
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let line = line.trim_end_matches(['\r', '\n']).to_owned();
+    if line.is_empty() {
+        bail!("{what}: nothing on standard input");
+    }
+    Ok(SecretString::from(line))
+}
+
+async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
+    let sessions = open_sessions(&config).await?;
+    match cmd {
+        SessionCommand::Add(a) => {
+            if a.access_token == "-" && a.refresh_token.as_deref() == Some("-") {
+                bail!("only one of --access-token and --refresh-token can be read from standard input");
+            }
+            let tokens = NewTokens {
+                access_token: secret_arg(a.access_token, "--access-token")?,
+                refresh_token: a
+                    .refresh_token
+                    .map(|r| secret_arg(r, "--refresh-token"))
+                    .transpose()?,
+                expires_in: a.expires_in,
+            };
+            let key = a
+                .key
+                .map(|k| SessionKey::chosen(SecretString::from(k)))
+                .transpose()
+                .context("--key")?;
+            let added = sessions.add(&a.provider, tokens, a.label, key).await?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": added.id, "session_key": added.key.expose(), "provider": added.provider})
+                );
+            } else {
+                let verb = if added.replaced {
+                    "updated (tokens replaced)"
+                } else {
+                    "added"
+                };
+                println!(
+                    "session {} {verb} for provider {}",
+                    added.id, added.provider
+                );
+                println!("session key (shown only now): {}", added.key.expose());
+            }
+        }
+        SessionCommand::List { json } => {
+            let list = sessions.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_table(&list);
+            }
+        }
+        SessionCommand::Revoke { id } => {
+            if !sessions.revoke(&id).await? {
+                bail!("no session with id {id}");
+            }
+            println!("session {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn print_table(list: &[SessionInfo]) {
+    if list.is_empty() {
+        println!("no sessions");
+        return;
+    }
+    let rows: Vec<[String; 6]> = list
+        .iter()
+        .map(|s| {
+            [
+                s.id.clone(),
+                s.provider.clone(),
+                s.status.as_str().to_owned(),
+                s.expires_at.clone().unwrap_or_else(|| "-".into()),
+                s.last_refresh_at.clone().unwrap_or_else(|| "-".into()),
+                s.label.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "PROVIDER",
+        "STATUS",
+        "EXPIRES",
+        "LAST REFRESH",
+        "LABEL",
+    ];
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i == 5 {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+    }
+}

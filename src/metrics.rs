@@ -1,0 +1,114 @@
+//! Prometheus metrics, kept in a registry owned by the server (no global
+//! state, so several servers in one test process do not mix their counts).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::SessionCount;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub provider: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    pub provider: String,
+    pub status: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: Family<ProviderLabels, Histogram>,
+    sessions: Family<SessionLabels, Gauge>,
+    cached_sessions: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("credproxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Proxied requests by provider and the status answered",
+            requests.clone(),
+        );
+        let upstream_latency = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending a request upstream to its response head",
+            upstream_latency.clone(),
+        );
+        let sessions = Family::<SessionLabels, Gauge>::default();
+        registry.register(
+            "sessions",
+            "Stored sessions by provider and status",
+            sessions.clone(),
+        );
+        let cached_sessions = Gauge::default();
+        registry.register(
+            "cached_sessions",
+            "Sessions held in this process's hot-path cache",
+            cached_sessions.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream_latency,
+            sessions,
+            cached_sessions,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, provider: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { provider, status })
+            .inc();
+    }
+
+    pub fn upstream_latency(&self, provider: &'static str, took: Duration) {
+        self.upstream_latency
+            .get_or_create(&ProviderLabels { provider })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Prometheus text exposition, with the session gauges set from `counts`.
+    pub fn render(&self, counts: &[SessionCount], cached: usize) -> String {
+        self.sessions.clear();
+        for c in counts {
+            self.sessions
+                .get_or_create(&SessionLabels {
+                    provider: c.provider.clone(),
+                    status: c.status.as_str(),
+                })
+                .set(c.count);
+        }
+        self.cached_sessions.set(cached as i64);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

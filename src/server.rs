@@ -1,0 +1,202 @@
+//! Starting and stopping the whole server: the store, the proxy listeners,
+//! the admin listener and the background tasks, tied to one shutdown token.
+//!
+//! Limits are in plain sight here: a semaphore caps connections per
+//! listener, hyper's `max_buf_size` caps the request head (over it: 431),
+//! and `header_read_timeout` cuts off clients that send their head too
+//! slowly. On shutdown, listeners stop accepting, in-flight requests get
+//! `shutdown_grace` to finish, then the rest are dropped.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::config::{Config, ServerConfig};
+use crate::metrics::Metrics;
+use crate::proxy::{Mount, Proxy};
+use crate::seal::Sealer;
+use crate::sessions::Sessions;
+use crate::store;
+
+/// A started server. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Each provider's dedicated listener, by provider name.
+    pub provider_addrs: Vec<(String, SocketAddr)>,
+    pub sessions: Arc<Sessions>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// A token that stops the server when cancelled (e.g. from a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the server has stopped (after the token is cancelled and
+    /// in-flight requests have drained or the grace period ran out).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops accepting, drains in-flight requests, and returns when done.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// Opens the store, binds every listener and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let sealer = Sealer::load(&config.store.key)?;
+    let store = store::open(&config.store.url)
+        .await
+        .with_context(|| format!("store.url: cannot open {}", config.store.url))?;
+    let sessions = Arc::new(Sessions::new(store, sealer, &config));
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(Proxy::new(
+        &config,
+        Arc::clone(&sessions),
+        Arc::clone(&metrics),
+    )?);
+
+    let proxy_listener = bind(config.server.listen, "server.listen").await?;
+    let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
+    let mut dedicated = Vec::new();
+    for p in &config.providers {
+        if let Some(addr) = p.listen {
+            let index = proxy.route_index(&p.name).context("provider route")?;
+            let listener = bind(addr, &format!("providers.{}.listen", p.name)).await?;
+            dedicated.push((p.name.clone(), index, listener));
+        }
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    tracing::info!(addr = %proxy_addr, "proxy listening");
+    tracing::info!(addr = %admin_addr, "admin listening");
+    tasks.spawn(serve_proxy(
+        proxy_listener,
+        Arc::clone(&proxy),
+        Mount::Prefixed,
+        config.server.clone(),
+        shutdown.clone(),
+    ));
+    let mut provider_addrs = Vec::new();
+    for (name, index, listener) in dedicated {
+        let addr = listener.local_addr()?;
+        tracing::info!(provider = %name, addr = %addr, "provider listening");
+        provider_addrs.push((name, addr));
+        tasks.spawn(serve_proxy(
+            listener,
+            Arc::clone(&proxy),
+            Mount::Dedicated(index),
+            config.server.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let admin_state = admin::AdminState::new(&config, Arc::clone(&sessions), Arc::clone(&metrics));
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let app = admin::router(admin_state);
+        if let Err(e) = axum::serve(admin_listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    tasks.spawn(Arc::clone(&sessions).follow_changes(
+        config.store.invalidation_interval,
+        shutdown.clone().cancelled_owned(),
+    ));
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        provider_addrs,
+        sessions,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Accepts connections on one proxy listener until shutdown, then drains.
+async fn serve_proxy(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mount: Mount,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes)
+        .keep_alive(true);
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = Arc::clone(&connections).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, _peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(cfg.listen);
+        let proxy = Arc::clone(&proxy);
+        let service = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("connections drained"),
+        () = tokio::time::sleep(cfg.shutdown_grace) => {
+            tracing::warn!(grace_secs = cfg.shutdown_grace.as_secs_f64(), "shutdown grace period over; closing remaining connections");
+        }
+    }
+}

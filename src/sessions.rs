@@ -1,0 +1,358 @@
+//! Sessions as the rest of the program sees them: sealing and hashing on the
+//! way into the store, opening on the way out, and the hot-path cache.
+//!
+//! The cache maps a key hash to an [`ActiveSession`] whose credentials are
+//! already in their injected form, so a cached request does no store I/O and
+//! no decryption. It holds only sessions that exist in the store, so it is
+//! bounded by the store's size.
+//!
+//! **Invariant (coherence):** every change to a session, by this process or
+//! another one sharing the store, drops the cached copy: directly for changes
+//! made here, and through [`Sessions::follow_changes`] polling the store's
+//! change log for changes made elsewhere (revocations take effect within one
+//! poll interval, at most 2 s). A lookup that raced a change never caches the
+//! stale row: fills are discarded when an invalidation happened meanwhile.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use secrecy::SecretString;
+use serde::Serialize;
+
+use crate::config::{Config, ProviderConfig};
+use crate::provider::{Credentials, UnusableToken};
+use crate::seal::{OpenError, Sealer};
+use crate::session::{new_session_id, BadKey, KeyHash, SessionKey, Status};
+use crate::store::{self, NewSession, SealedTokens, SessionRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Unseal(#[from] OpenError),
+    #[error(transparent)]
+    Token(#[from] UnusableToken),
+    #[error("no provider named `{0}` is configured")]
+    UnknownProvider(String),
+    #[error("session {0} does not exist")]
+    NotFound(String),
+    #[error("that session key belongs to a session of provider `{0}`")]
+    KeyOfOtherProvider(String),
+    #[error(transparent)]
+    BadKey(#[from] BadKey),
+    #[error("the access token is empty")]
+    EmptyToken,
+}
+
+/// A session ready for the hot path.
+#[derive(Debug)]
+pub struct ActiveSession {
+    pub id: String,
+    pub provider: String,
+    pub status: Status,
+    pub credentials: Credentials,
+    pub expires_at: Option<i64>,
+    pub version: i64,
+}
+
+/// Tokens handed to credproxy by an operator or a code exchange.
+#[derive(Debug)]
+pub struct NewTokens {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_in: Option<u64>,
+}
+
+/// What `session add` answers; the key is shown this once.
+#[derive(Debug)]
+pub struct Added {
+    pub id: String,
+    pub provider: String,
+    pub key: SessionKey,
+    /// `true` when `--key` named an existing session whose tokens were replaced.
+    pub replaced: bool,
+}
+
+/// A session's metadata: never a token or a key.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub provider: String,
+    pub label: Option<String>,
+    pub status: Status,
+    /// RFC 3339, or null when the provider gave no lifetime.
+    pub expires_at: Option<String>,
+    pub last_refresh_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl From<&SessionRecord> for SessionInfo {
+    fn from(r: &SessionRecord) -> SessionInfo {
+        SessionInfo {
+            id: r.id.clone(),
+            provider: r.provider.clone(),
+            label: r.label.clone(),
+            status: r.status,
+            expires_at: r.expires_at.map(rfc3339),
+            last_refresh_at: r.last_refresh_at.map(rfc3339),
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+        }
+    }
+}
+
+/// Associated data binding a sealed token to its session and field.
+fn aad(id: &str, field: &str) -> Vec<u8> {
+    format!("credproxy/{id}/{field}").into_bytes()
+}
+
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    sealer: Sealer,
+    providers: HashMap<String, ProviderConfig>,
+    by_key: DashMap<KeyHash, Arc<ActiveSession>>,
+    by_id: DashMap<String, Arc<ActiveSession>>,
+    /// Bumped by every invalidation; a fill that saw it move is not cached.
+    generation: AtomicU64,
+}
+
+impl Sessions {
+    pub fn new(store: Arc<dyn Store>, sealer: Sealer, config: &Config) -> Sessions {
+        Sessions {
+            store,
+            sealer,
+            providers: config
+                .providers
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
+            by_key: DashMap::new(),
+            by_id: DashMap::new(),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The session a key names, from the cache or else the store.
+    pub async fn by_key(&self, hash: &KeyHash) -> Result<Option<Arc<ActiveSession>>, SessionError> {
+        if let Some(s) = self.by_key.get(hash) {
+            return Ok(Some(Arc::clone(s.value())));
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let Some(rec) = self.store.session_by_key(hash).await? else {
+            return Ok(None);
+        };
+        let active = Arc::new(self.activate(&rec)?);
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.by_key.insert(*hash, Arc::clone(&active));
+        }
+        Ok(Some(active))
+    }
+
+    /// The session with this id (a provider's `default_session`), cached likewise.
+    pub async fn by_id(&self, id: &str) -> Result<Option<Arc<ActiveSession>>, SessionError> {
+        if let Some(s) = self.by_id.get(id) {
+            return Ok(Some(Arc::clone(s.value())));
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let Some(rec) = self.store.session_by_id(id).await? else {
+            return Ok(None);
+        };
+        let active = Arc::new(self.activate(&rec)?);
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.by_id.insert(id.to_owned(), Arc::clone(&active));
+        }
+        Ok(Some(active))
+    }
+
+    fn activate(&self, rec: &SessionRecord) -> Result<ActiveSession, SessionError> {
+        let provider = self
+            .providers
+            .get(&rec.provider)
+            .ok_or_else(|| SessionError::UnknownProvider(rec.provider.clone()))?;
+        let access = self
+            .sealer
+            .open(&rec.access_token, &aad(&rec.id, "access"))?;
+        Ok(ActiveSession {
+            id: rec.id.clone(),
+            provider: rec.provider.clone(),
+            status: rec.status,
+            credentials: Credentials::new(provider, &access)?,
+            expires_at: rec.expires_at,
+            version: rec.version,
+        })
+    }
+
+    fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {
+        SealedTokens {
+            access_token: self.sealer.seal(&tokens.access_token, &aad(id, "access")),
+            refresh_token: tokens
+                .refresh_token
+                .as_ref()
+                .map(|r| self.sealer.seal(r, &aad(id, "refresh"))),
+            expires_at: tokens
+                .expires_in
+                .map(|s| now.saturating_add(s.min(i64::MAX as u64) as i64)),
+        }
+    }
+
+    /// Stores a session for tokens obtained elsewhere. With a chosen `key`
+    /// that already names a session of the same provider, that session's
+    /// tokens are replaced and its id kept, so applications need no change.
+    pub async fn add(
+        &self,
+        provider: &str,
+        tokens: NewTokens,
+        label: Option<String>,
+        key: Option<SessionKey>,
+    ) -> Result<Added, SessionError> {
+        use secrecy::ExposeSecret;
+        let provider_cfg = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| SessionError::UnknownProvider(provider.to_owned()))?;
+        if tokens.access_token.expose_secret().is_empty() {
+            return Err(SessionError::EmptyToken);
+        }
+        // Refuse tokens that could never be injected, now rather than per request.
+        Credentials::new(provider_cfg, &tokens.access_token)?;
+        let now = store::now();
+        let key = key.unwrap_or_else(SessionKey::generate);
+        let hash = key.hash();
+        if let Some(existing) = self.store.session_by_key(&hash).await? {
+            if existing.provider != provider {
+                return Err(SessionError::KeyOfOtherProvider(existing.provider));
+            }
+            let sealed = self.seal_tokens(&existing.id, &tokens, now);
+            self.store
+                .replace_tokens(&existing.id, sealed, None, now)
+                .await?
+                .ok_or_else(|| SessionError::NotFound(existing.id.clone()))?;
+            self.invalidate(&existing.id);
+            return Ok(Added {
+                id: existing.id,
+                provider: provider.to_owned(),
+                key,
+                replaced: true,
+            });
+        }
+        let id = new_session_id();
+        let sealed = self.seal_tokens(&id, &tokens, now);
+        self.store
+            .insert_session(NewSession {
+                id: id.clone(),
+                provider: provider.to_owned(),
+                label,
+                key_hash: hash,
+                tokens: sealed,
+                now,
+            })
+            .await?;
+        Ok(Added {
+            id,
+            provider: provider.to_owned(),
+            key,
+            replaced: false,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<SessionInfo>, SessionError> {
+        Ok(self
+            .store
+            .list_sessions()
+            .await?
+            .iter()
+            .map(SessionInfo::from)
+            .collect())
+    }
+
+    pub async fn info(&self, id: &str) -> Result<Option<SessionInfo>, SessionError> {
+        Ok(self
+            .store
+            .session_by_id(id)
+            .await?
+            .as_ref()
+            .map(SessionInfo::from))
+    }
+
+    /// Deletes a session; its key stops working here at once and in other
+    /// processes within one change-poll interval.
+    pub async fn revoke(&self, id: &str) -> Result<bool, SessionError> {
+        let deleted = self.store.delete_session(id, store::now()).await?;
+        self.invalidate(id);
+        Ok(deleted)
+    }
+
+    /// Drops every cached copy of session `id`.
+    pub fn invalidate(&self, id: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.by_id.remove(id);
+        self.by_key.retain(|_, s| s.id != id);
+    }
+
+    pub fn cached(&self) -> usize {
+        self.by_key.len() + self.by_id.len()
+    }
+
+    /// Follows the store's change log until `stop` resolves, dropping cached
+    /// sessions that another process changed. Store errors are logged and
+    /// retried on the next tick; the cache keeps serving meanwhile.
+    pub async fn follow_changes(
+        self: Arc<Self>,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut cursor = loop {
+            match self.store.change_cursor().await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the store's change log; retrying");
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                }
+            }
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut polls: u64 = 0;
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            match self.store.changes_since(cursor).await {
+                Ok((next, ids)) => {
+                    cursor = next;
+                    for id in ids {
+                        tracing::debug!(session = %id, "session changed in the store; dropping cached copy");
+                        self.invalidate(&id);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the store's change log"),
+            }
+            polls += 1;
+            // Keep the change log short: an hour is far longer than any poll gap.
+            if polls % 1200 == 0 {
+                if let Err(e) = self.store.prune_changes(store::now() - 3600).await {
+                    tracing::warn!(error = %e, "cannot prune the store's change log");
+                }
+            }
+        }
+    }
+}

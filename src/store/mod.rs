@@ -1,0 +1,132 @@
+//! The persistent store of sessions, behind the [`Store`] trait.
+//!
+//! The store sees only sealed token bytes and key hashes: sealing and hashing
+//! happen above it (`sessions.rs`), so every implementation gets them the same
+//! way. Each change to a session also appends to a change log in the same
+//! transaction, which other processes sharing the store poll to keep their
+//! caches coherent.
+//!
+//! **Invariant:** a token change is committed durably (SQLite:
+//! `synchronous=FULL`) before the call returns.
+
+use async_trait::async_trait;
+
+use crate::session::{KeyHash, Status};
+
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store: a session with this key already exists")]
+    DuplicateKey,
+    #[error("store: unsupported url (expected sqlite:...)")]
+    UnsupportedUrl,
+    #[error("store: corrupt row for session {0}")]
+    Corrupt(String),
+}
+
+/// A session row as stored: tokens still sealed.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub id: String,
+    pub provider: String,
+    pub label: Option<String>,
+    pub status: Status,
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
+    /// Unix seconds; `None` when the provider gave no lifetime.
+    pub expires_at: Option<i64>,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_refresh_at: Option<i64>,
+}
+
+/// Sealed tokens and their lifetime, as written by an insert or a replace.
+#[derive(Debug, Clone)]
+pub struct SealedTokens {
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: String,
+    pub provider: String,
+    pub label: Option<String>,
+    pub key_hash: KeyHash,
+    pub tokens: SealedTokens,
+    pub now: i64,
+}
+
+/// Sessions counted by provider and status, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCount {
+    pub provider: String,
+    pub status: Status,
+    pub count: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Answers when the store is reachable (`/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Inserts a new session; [`StoreError::DuplicateKey`] when its key hash exists.
+    async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError>;
+
+    async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError>;
+
+    async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// All sessions, oldest first.
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
+
+    async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError>;
+
+    /// Replaces a session's tokens, sets it active and bumps its version.
+    /// With `expected_version`, only if the row still has that version
+    /// (compare-and-swap); returns the new record, or `None` when the session
+    /// is gone or its version moved on.
+    async fn replace_tokens(
+        &self,
+        id: &str,
+        tokens: SealedTokens,
+        expected_version: Option<i64>,
+        now: i64,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Deletes a session; `false` when there was none.
+    async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+
+    /// The newest change-log position.
+    async fn change_cursor(&self) -> Result<i64, StoreError>;
+
+    /// Ids of sessions changed after `cursor`, and the new cursor.
+    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError>;
+
+    /// Forgets change-log entries older than `before` (unix seconds).
+    async fn prune_changes(&self, before: i64) -> Result<(), StoreError>;
+}
+
+/// Opens the store named by `url`, applying migrations.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,241 @@
+//! The embedded store: one SQLite file in WAL mode, shared safely by the
+//! server and CLI processes on one machine.
+//!
+//! `synchronous=FULL` makes every commit durable before it returns (a rotated
+//! refresh token must survive a power cut), and `busy_timeout` lets a CLI
+//! write wait for the server's instead of failing.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use super::{NewSession, SealedTokens, SessionCount, SessionRecord, Store, StoreError};
+use crate::session::{KeyHash, Status};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const COLUMNS: &str = "id, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+fn record(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let status = Status::parse(&status).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
+    Ok(SessionRecord {
+        provider: row.try_get("provider")?,
+        label: row.try_get("label")?,
+        status,
+        access_token: row.try_get("access_token")?,
+        refresh_token: row.try_get("refresh_token")?,
+        expires_at: row.try_get("expires_at")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_refresh_at: row.try_get("last_refresh_at")?,
+        id,
+    })
+}
+
+async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO session_changes (session_id, at) VALUES (?, ?)")
+        .bind(id)
+        .bind(now)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO sessions (id, provider, label, key_hash, access_token, refresh_token, expires_at, status, version, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)",
+        )
+        .bind(&new.id)
+        .bind(&new.provider)
+        .bind(&new.label)
+        .bind(&new.key_hash.0[..])
+        .bind(&new.tokens.access_token)
+        .bind(&new.tokens.refresh_token)
+        .bind(new.tokens.expires_at)
+        .bind(new.now)
+        .bind(new.now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(sqlx::Error::Database(e)) = &res {
+            if e.is_unique_violation() {
+                return Err(StoreError::DuplicateKey);
+            }
+        }
+        res?;
+        log_change(&mut tx, &new.id, new.now).await?;
+        tx.commit().await?;
+        Ok(SessionRecord {
+            id: new.id,
+            provider: new.provider,
+            label: new.label,
+            status: Status::Active,
+            access_token: new.tokens.access_token,
+            refresh_token: new.tokens.refresh_token,
+            expires_at: new.tokens.expires_at,
+            version: 1,
+            created_at: new.now,
+            updated_at: new.now,
+            last_refresh_at: None,
+        })
+    }
+
+    async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM sessions WHERE key_hash = ?"
+        ))
+        .bind(&hash.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM sessions ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok(SessionCount {
+                    provider: r.try_get("provider")?,
+                    status: Status::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn replace_tokens(
+        &self,
+        id: &str,
+        tokens: SealedTokens,
+        expected_version: Option<i64>,
+        now: i64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
+                 version = version + 1, updated_at = ?
+             WHERE id = ? AND (? IS NULL OR version = ?)
+             RETURNING {COLUMNS}"
+        ))
+        .bind(&tokens.access_token)
+        .bind(&tokens.refresh_token)
+        .bind(tokens.expires_at)
+        .bind(now)
+        .bind(id)
+        .bind(expected_version)
+        .bind(expected_version)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let rec = record(&row)?;
+        log_change(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(Some(rec))
+    }
+
+    async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("DELETE FROM sessions WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n > 0 {
+            log_change(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM session_changes")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, session_id FROM session_changes WHERE seq > ? ORDER BY seq LIMIT 10000",
+        )
+        .bind(cursor)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut next = cursor;
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            next = next.max(r.try_get::<i64, _>("seq")?);
+            ids.push(r.try_get("session_id")?);
+        }
+        Ok((next, ids))
+    }
+
+    async fn prune_changes(&self, before: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM session_changes WHERE at < ? AND seq < (SELECT MAX(seq) FROM session_changes)")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
