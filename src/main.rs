@@ -113,6 +113,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let running = server::start(config).await?;
+    // Printed whatever the log level, so people and scripts learn the ports
+    // (also when a listen address asks for port 0).
+    println!(
+        "credproxy: proxy listening on http://{}",
+        running.proxy_addr
+    );
+    for (name, addr) in &running.provider_addrs {
+        println!("credproxy: provider {name} listening on http://{addr}");
+    }
+    println!(
+        "credproxy: admin listening on http://{}",
+        running.admin_addr
+    );
     let stop = running.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;

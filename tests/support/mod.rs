@@ -253,15 +253,13 @@ pub struct BinServer {
     pub child: Child,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub stdout: Arc<Lines>,
     pub stderr: Arc<Lines>,
 }
 
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    if !line.contains(marker) {
-        return None;
-    }
-    let at = line.find("addr=")? + 5;
-    line[at..].split_whitespace().next()?.parse().ok()
+    let at = line.find(marker)? + marker.len();
+    line[at..].trim().strip_prefix("http://")?.parse().ok()
 }
 
 impl BinServer {
@@ -272,14 +270,16 @@ impl BinServer {
             .arg(config)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn credproxy serve");
+        let stdout = Arc::new(Lines::default());
         let stderr = Arc::new(Lines::default());
+        pump(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
         pump(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
         let wait = |marker: &str| {
-            let line = stderr
+            let line = stdout
                 .wait_for(Duration::from_secs(30), |l| l.contains(marker))
                 .unwrap_or_else(|| {
                     panic!(
@@ -289,10 +289,11 @@ impl BinServer {
                 });
             addr_after(&line, marker).expect("address in log line")
         };
-        let proxy_addr = wait("proxy listening");
-        let admin_addr = wait("admin listening");
+        let proxy_addr = wait("proxy listening on");
+        let admin_addr = wait("admin listening on");
         BinServer {
             child,
+            stdout,
             proxy_addr,
             admin_addr,
             stderr,
