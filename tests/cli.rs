@@ -1,0 +1,381 @@
+//! The command line, run as the built binary: session management, `check`,
+//! start-up errors that name their key, cross-process revocation, and curl
+//! used exactly as a person would.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{run_cli, url, BinServer, Extra, World, BIN};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn add_json(
+    cfg: &std::path::Path,
+    provider: &str,
+    token: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let mut args = vec![
+        "session",
+        "add",
+        "--provider",
+        provider,
+        "--access-token",
+        token,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_cli(cfg, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).expect("one JSON object")
+}
+
+#[tokio::test]
+async fn session_add_list_revoke() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let t = w.spark.issue_tokens();
+    let added = add_json(
+        &cfg,
+        "spark",
+        &t.access_token,
+        &[
+            "--refresh-token",
+            &t.refresh_token,
+            "--expires-in",
+            "3600",
+            "--label",
+            "office listings",
+        ],
+    );
+    let id = added["id"].as_str().expect("id");
+    let key = added["session_key"].as_str().expect("key");
+    assert_eq!(added["provider"], "spark");
+    assert!(key.starts_with("cpk_") && key.len() >= 40);
+
+    // Human output shows the key once, with a warning that it is shown once.
+    let z = w.zillow.issue_tokens();
+    let out = run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "zillow",
+            "--access-token",
+            &z.access_token,
+        ],
+    );
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("shown only now"), "{}", stdout(&out));
+
+    let out = run_cli(&cfg, &["session", "list"]);
+    assert!(out.status.success());
+    let table = stdout(&out);
+    assert!(
+        table.contains(id) && table.contains("office listings") && table.contains("active"),
+        "{table}"
+    );
+    for secret in [key, &t.access_token, &t.refresh_token, &z.access_token] {
+        assert!(!table.contains(secret), "list shows no secret");
+    }
+    let out = run_cli(&cfg, &["session", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(list.as_array().expect("array").len(), 2);
+    assert!(list[0]["expires_at"].is_string());
+    assert!(list[1]["expires_at"].is_null(), "zillow: no known lifetime");
+
+    let out = run_cli(&cfg, &["session", "revoke", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_cli(&cfg, &["session", "revoke", id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no session"), "{}", stderr(&out));
+
+    // Bad input: unknown provider, empty stdin, a weak chosen key.
+    let out = run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "nope",
+            "--access-token",
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    let out = run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "-",
+        ],
+    );
+    assert!(!out.status.success());
+    let out = run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "x",
+            "--key",
+            "short",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--key"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn access_token_can_come_from_stdin() {
+    use std::io::Write;
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let t = w.spark.issue_tokens();
+    let mut child = Command::new(BIN)
+        .args([
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "-",
+            "--json",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{}\n", t.access_token).as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // Prove the stored token is the one sent, by using it.
+    let srv = BinServer::spawn(&cfg, "warn");
+    let r = support::client()
+        .get(url(srv.proxy_addr, "/spark/v1/x"))
+        .header(
+            "X-Credproxy-Session",
+            added["session_key"].as_str().expect("key"),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        w.spark.last_request().expect("rec").header("authorization"),
+        Some(format!("OAuth {}", t.access_token).as_str())
+    );
+}
+
+#[tokio::test]
+async fn check_passes_and_startup_errors_name_the_key() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ok"));
+
+    let good = w.config_text(&Extra::default());
+    let cases: Vec<(String, &str)> = vec![
+        (good.replace("user_agent", "user_agnet"), "user_agnet"),
+        (
+            good.replace(
+                &format!("client_secret = \"{}\"", w.spark.options().client_secret),
+                "client_secret_env = \"CREDPROXY_TEST_UNSET_VAR\"",
+            ),
+            "providers.spark.client_secret_env",
+        ),
+        (
+            good.replace(
+                &format!("api_base = \"{}\"", w.zillow.base_url()),
+                "api_base = \"not a url\"",
+            ),
+            "providers.zillow.api_base",
+        ),
+        (
+            good.replace(
+                "admin_listen = \"127.0.0.1:0\"",
+                "admin_listen = \"127.0.0.1\"",
+            ),
+            "server.admin_listen",
+        ),
+        (
+            format!("{good}\n[providers.extra]\nkind = \"myspace\"\napi_base = \"http://x\"\n"),
+            "kind",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = w.path("bad.toml");
+        std::fs::write(&path, text).expect("write");
+        for cmd in [&["check"][..], &["serve"][..]] {
+            let out = Command::new(BIN)
+                .args(cmd)
+                .arg("--config")
+                .arg(&path)
+                .env_remove("CREDPROXY_TEST_UNSET_VAR")
+                .output()
+                .expect("run");
+            assert_eq!(out.status.code(), Some(1), "{cmd:?} {key}");
+            assert!(
+                stderr(&out).contains(key),
+                "{cmd:?}: message names {key}: {}",
+                stderr(&out)
+            );
+        }
+    }
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(w.path("missing.toml"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("missing.toml"));
+
+    // CREDPROXY_CONFIG is honoured.
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("CREDPROXY_CONFIG", &cfg)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn help_explains_every_command() {
+    let out = Command::new(BIN).arg("--help").output().expect("run");
+    let help = stdout(&out);
+    for cmd in ["serve", "session", "check", "--config", "CREDPROXY_CONFIG"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    let out = Command::new(BIN)
+        .args(["session", "add", "--help"])
+        .output()
+        .expect("run");
+    let help = stdout(&out);
+    for flag in [
+        "--provider",
+        "--access-token",
+        "--refresh-token",
+        "--expires-in",
+        "--label",
+        "--key",
+        "--json",
+    ] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
+#[tokio::test]
+async fn revoke_from_another_process_takes_effect_within_two_seconds() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let added = add_json(&cfg, "spark", &w.spark.issue_tokens().access_token, &[]);
+    let key = added["session_key"].as_str().expect("key").to_owned();
+    let srv = BinServer::spawn(&cfg, "info");
+    let c = support::client();
+    let get = || {
+        c.get(url(srv.proxy_addr, "/spark/v1/x"))
+            .header("X-Credproxy-Session", &key)
+            .send()
+    };
+    assert_eq!(get().await.expect("send").status(), 200, "cached now");
+    let out = run_cli(
+        &cfg,
+        &["session", "revoke", added["id"].as_str().expect("id")],
+    );
+    assert!(out.status.success());
+    let revoked_at = Instant::now();
+    // Poll the proxy itself, bounded: the deadline is the contract's 2 s.
+    loop {
+        let r = get().await.expect("send");
+        if r.status() == 401 {
+            assert_eq!(support::error_code(&r).as_deref(), Some("unknown_session"));
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(2),
+            "still honoured after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("revocation seen after {:?}", revoked_at.elapsed());
+}
+
+// Multi-threaded: curl runs blocking while the in-process stand-ins serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_as_a_person_would() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "curl must be installed in CI"
+        );
+        println!("SKIPPED curl_as_a_person_would: curl is not installed");
+        return;
+    }
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let spark = add_json(&cfg, "spark", &w.spark.issue_tokens().access_token, &[]);
+    let zillow_tokens = w.zillow.issue_tokens();
+    let zillow = add_json(&cfg, "zillow", &zillow_tokens.access_token, &[]);
+    let srv = BinServer::spawn(&cfg, "info");
+    let curl = |args: &[String]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let out = curl(&[
+        "-H".into(),
+        format!(
+            "Authorization: OAuth {}",
+            spark["session_key"].as_str().expect("key")
+        ),
+        format!("http://{}/spark/v1/listings", srv.proxy_addr),
+    ]);
+    assert!(out.ends_with("\n200"), "{out}");
+    assert!(out.contains("\"standin\""), "{out}");
+    let out = curl(&[format!(
+        "http://{}/zillow/listings/v1/listingsForUser?accessToken={}",
+        srv.proxy_addr,
+        zillow["session_key"].as_str().expect("key")
+    )]);
+    assert!(out.ends_with("\n200"), "{out}");
+    let got = w.zillow.last_request().expect("rec");
+    assert!(got
+        .query
+        .expect("query")
+        .contains(&zillow_tokens.access_token));
+    // And without a key, a person reads why.
+    let out = curl(&[format!("http://{}/spark/v1/listings", srv.proxy_addr)]);
+    assert!(
+        out.contains("missing_session") && out.ends_with("\n401"),
+        "{out}"
+    );
+}
