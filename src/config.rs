@@ -106,6 +106,7 @@ struct RawServer {
     header_read_timeout: Option<RawDuration>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +157,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Ordered by name, so listings and metrics are stable.
     pub providers: Vec<ProviderConfig>,
+    /// Things worth telling the operator that do not stop start-up.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +175,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Connections served at once per listener; further accepts wait.
     pub max_connections: usize,
+    /// Tokio worker threads; `None`: one per core (or `TOKIO_WORKER_THREADS`).
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -337,7 +342,11 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         header_read_timeout: dur(s.header_read_timeout, "server.header_read_timeout", 10.0)?,
         max_header_bytes: s.max_header_bytes.unwrap_or(64 * 1024),
         max_connections: s.max_connections.unwrap_or(10_000),
+        worker_threads: s.worker_threads,
     };
+    if server.worker_threads == Some(0) {
+        return Err(invalid("server.worker_threads", "must be at least 1"));
+    }
     if server.max_header_bytes < 8192 {
         return Err(invalid("server.max_header_bytes", "must be at least 8192"));
     }
@@ -383,9 +392,19 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         ));
     }
 
-    let admin = AdminConfig {
-        token: secret("admin.token", raw.admin.token, raw.admin.token_env, env)?,
+    // The admin token is optional by design: when its variable is unset the
+    // admin API is off (404), which is worth a warning, not a refusal.
+    let mut warnings = Vec::new();
+    let admin_token = match (&raw.admin.token, &raw.admin.token_env) {
+        (None, Some(var)) if env(var).is_none_or(|v| v.is_empty()) => {
+            warnings.push(format!(
+                "admin.token_env: environment variable {var} is not set; /admin/* is disabled (404)"
+            ));
+            None
+        }
+        _ => secret("admin.token", raw.admin.token, raw.admin.token_env, env)?,
     };
+    let admin = AdminConfig { token: admin_token };
 
     let mut providers = Vec::new();
     let mut ports = vec![
@@ -414,6 +433,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         store,
         admin,
         providers,
+        warnings,
     })
 }
 

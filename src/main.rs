@@ -85,15 +85,14 @@ struct AddArgs {
     json: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve => "info",
         _ => "warn",
     };
     telemetry::init(default_level);
-    match run(cli).await {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("credproxy: {e:#}");
@@ -102,9 +101,19 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // The config is read before the runtime exists: it sets the worker count.
     let config = Config::load(&cli.config)?;
-    match cli.command {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.server.worker_threads {
+        runtime.worker_threads(n);
+    }
+    runtime.build().context("starting the tokio runtime")?.block_on(command(cli.command, config))
+}
+
+async fn command(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Serve => serve(config).await,
         Command::Check => check(config).await,
         Command::Session(cmd) => session(config, cmd).await,
@@ -177,6 +186,9 @@ async fn check(config: Config) -> anyhow::Result<()> {
     )?;
     sessions.store().ping().await?;
     let n = sessions.list().await?.len();
+    for w in &config.warnings {
+        println!("warning: {w}");
+    }
     println!(
         "ok: {} provider(s) configured ({}), store reachable with {n} session(s)",
         config.providers.len(),

@@ -68,6 +68,9 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
 
 /// Opens the store, binds every listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let sealer = Sealer::load(&config.store.key)?;
     let store = store::open(&config.store.url)
         .await
