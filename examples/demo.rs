@@ -84,7 +84,9 @@ api_key = "{zillow_key}"
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path)?;
-    let running = credproxy::server::start(config).await.context("starting credproxy")?;
+    let running = credproxy::server::start(config)
+        .await
+        .context("starting credproxy")?;
 
     let mut keys = Vec::new();
     for (name, standin) in [("spark", &spark), ("zillow", &zillow)] {
@@ -106,18 +108,37 @@ api_key = "{zillow_key}"
     }
     let p = running.proxy_addr;
     println!();
-    println!("credproxy demo: proxy on http://{p}, admin on http://{}", running.admin_addr);
-    println!("Stand-ins: Spark at {}, Zillow at {}", spark.base_url(), zillow.base_url());
+    println!(
+        "credproxy demo: proxy on http://{p}, admin on http://{}",
+        running.admin_addr
+    );
+    println!(
+        "Stand-ins: Spark at {}, Zillow at {}",
+        spark.base_url(),
+        zillow.base_url()
+    );
     println!();
     println!("# Spark: the session key where the access token would go");
-    println!("curl -H 'Authorization: OAuth {}' http://{p}/spark/v1/listings", keys[0]);
+    println!(
+        "curl -H 'Authorization: OAuth {}' http://{p}/spark/v1/listings",
+        keys[0]
+    );
     println!("# Spark: the session key in credproxy's own header");
-    println!("curl -H 'X-Credproxy-Session: {}' 'http://{p}/spark/v1/listings?_limit=1'", keys[0]);
+    println!(
+        "curl -H 'X-Credproxy-Session: {}' 'http://{p}/spark/v1/listings?_limit=1'",
+        keys[0]
+    );
     println!("# Zillow: the session key as the accessToken parameter");
-    println!("curl 'http://{p}/zillow/listings/v1/listingsForUser?accessToken={}'", keys[1]);
+    println!(
+        "curl 'http://{p}/zillow/listings/v1/listingsForUser?accessToken={}'",
+        keys[1]
+    );
     println!("# Health, metrics and the session list");
     println!("curl http://{}/metrics", running.admin_addr);
-    println!("cargo run --release -- --config {} session list", config_path.display());
+    println!(
+        "cargo run --release -- --config {} session list",
+        config_path.display()
+    );
     println!();
     println!("The stand-ins answer with what they received: look for the injected");
     println!("\"authorization\" header and accessToken/clientId/apiKey parameters.");

@@ -109,7 +109,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = config.server.worker_threads {
         runtime.worker_threads(n);
     }
-    runtime.build().context("starting the tokio runtime")?.block_on(command(cli.command, config))
+    runtime
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(command(cli.command, config))
 }
 
 async fn command(command: Command, config: Config) -> anyhow::Result<()> {

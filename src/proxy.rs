@@ -278,7 +278,10 @@ impl Proxy {
         };
         let session = match found {
             Ok(Some(s)) => s,
-            Ok(None) => return Err(ProxyError::UnknownSession),
+            // A session of a provider no longer configured is no session here.
+            Ok(None) | Err(SessionError::UnknownProvider(_)) => {
+                return Err(ProxyError::UnknownSession)
+            }
             Err(SessionError::Store(e)) => {
                 tracing::warn!(provider = route.name, error = %e, "session lookup failed");
                 return Err(ProxyError::StoreUnavailable);
