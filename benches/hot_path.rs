@@ -1,1 +1,260 @@
-fn main() {}
+//! Per-request work on credproxy's hot path, without the network:
+//! finding the session key, looking the session up in the cache, and
+//! injecting the real credentials.
+//!
+//! Quick run (well under a minute):
+//!
+//! ```text
+//! cargo bench --bench hot_path -- --warm-up-time 1 --measurement-time 3
+//! ```
+//!
+//! Requests are rebuilt outside the timed section (`iter_batched`), because
+//! `take_slot` consumes the caller's credential header.
+
+use std::borrow::Cow;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, HOST, USER_AGENT};
+use secrecy::SecretString;
+
+use credproxy::config::Config;
+use credproxy::provider::{Credentials, ProviderKind};
+use credproxy::seal::Sealer;
+use credproxy::session::KeyHash;
+use credproxy::sessions::{NewTokens, Sessions};
+
+/// A 47-byte key, the length of a generated one (`cpk_` and 43 base64 characters).
+const KEY: &str = "cpk_Xq3vN8rT2mLw9YbZk4HfJc7PdAs1GeUo6iRyV0tBn5M";
+const SPARK_PATH: &str = "/v1/listings";
+const SPARK_QUERY: &str = "_limit=25&_page=1&_select=ListPrice,City";
+const ZILLOW_PATH: &str = "/v2/listings";
+/// `accessToken` among the caller's own parameters, as a legacy client sends it.
+const ZILLOW_QUERY: &str = "city=Seattle&state=WA&accessToken=cpk_Xq3vN8rT2mLw9YbZk4HfJc7PdAs1GeUo6iRyV0tBn5M&minBeds=2&maxPrice=3500&page=3";
+
+fn config_text(dir: &Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[store]
+url = "sqlite://{db}"
+key_file = "{key}"
+
+[providers.spark]
+kind = "spark"
+api_base = "http://127.0.0.1:9/"
+token_url = "http://127.0.0.1:9/v1/oauth2/grant"
+authorize_url = "http://127.0.0.1:9/openid"
+client_id = "bench-spark-client"
+client_secret = "bench-spark-secret"
+user_agent = "credproxy-bench/1.0"
+
+[providers.zillow]
+kind = "zillow"
+api_base = "http://127.0.0.1:9/"
+token_url = "http://127.0.0.1:9/oauth/token"
+authorize_url = "http://127.0.0.1:9/oauth/authorize"
+client_id = "bench-zillow-client"
+client_secret = "bench-zillow-secret"
+api_key = "bench-zillow-api-key"
+"#,
+        db = dir.join("b.db").display(),
+        key = dir.join("b.key").display(),
+    )
+}
+
+/// The headers a typical client sends, with the session key in Spark's slot.
+fn spark_request() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
+    h.insert(USER_AGENT, HeaderValue::from_static("legacy-app/2.3"));
+    h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    h.insert(
+        AUTHORIZATION,
+        HeaderValue::from_str(&format!("OAuth {KEY}")).unwrap(),
+    );
+    h
+}
+
+fn zillow_request() -> HeaderMap {
+    let mut h = spark_request();
+    h.remove(AUTHORIZATION);
+    h
+}
+
+fn extraction(c: &mut Criterion) {
+    let mut g = c.benchmark_group("extract");
+    let spark = spark_request();
+    g.bench_function("spark_authorization", |b| {
+        b.iter_batched(
+            || spark.clone(),
+            |mut h| {
+                let (slot, query) = ProviderKind::Spark.take_slot(&mut h, black_box(None));
+                black_box((slot, query, h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let zillow = zillow_request();
+    g.bench_function("zillow_query", |b| {
+        b.iter_batched(
+            || zillow.clone(),
+            |mut h| {
+                let (slot, query) =
+                    ProviderKind::Zillow.take_slot(&mut h, black_box(Some(ZILLOW_QUERY)));
+                black_box((slot, query.map(Cow::into_owned), h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("key_hash_47b", |b| {
+        b.iter(|| KeyHash::of(black_box(KEY.as_bytes())))
+    });
+    g.finish();
+}
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    sessions: Arc<Sessions>,
+    config: Config,
+    _dir: tempfile::TempDir,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::parse(&config_text(dir.path()), Path::new("bench.toml"), |_| None)
+        .expect("valid bench config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let sessions = rt.block_on(async {
+        let store = credproxy::store::open(&config.store.url)
+            .await
+            .expect("store opens");
+        let sessions = Arc::new(Sessions::new(store, Sealer::from_key(&[7; 32]), &config));
+        // One Spark session under the bench key, looked up once to fill the cache.
+        let key = credproxy::session::SessionKey::chosen(SecretString::from(KEY.to_owned()))
+            .expect("valid key");
+        sessions
+            .add(
+                "spark",
+                NewTokens {
+                    access_token: SecretString::from(
+                        "spark-access-token-0123456789abcdef".to_owned(),
+                    ),
+                    refresh_token: None,
+                    expires_in: None,
+                },
+                None,
+                Some(key),
+            )
+            .await
+            .expect("session added");
+        let hit = sessions
+            .by_key(&KeyHash::of(KEY.as_bytes()))
+            .await
+            .expect("lookup");
+        assert!(hit.is_some(), "the bench session is found");
+        sessions
+    });
+    World {
+        rt,
+        sessions,
+        config,
+        _dir: dir,
+    }
+}
+
+fn lookup(c: &mut Criterion, w: &World) {
+    let hash = KeyHash::of(KEY.as_bytes());
+    let sessions = &*w.sessions;
+    c.bench_function("lookup/cache_hit", |b| {
+        b.to_async(&w.rt)
+            .iter(|| async { sessions.by_key(black_box(&hash)).await.unwrap().unwrap() })
+    });
+}
+
+fn injection(c: &mut Criterion, w: &World) {
+    let mut g = c.benchmark_group("inject");
+    let token = SecretString::from("access-token-0123456789abcdef-0123456789".to_owned());
+
+    let spark_cfg = w.config.provider("spark").expect("spark provider");
+    let spark = Credentials::new(spark_cfg, &token).expect("credentials");
+    let mut spark_headers = spark_request();
+    let (spark_slot, _) = ProviderKind::Spark.take_slot(&mut spark_headers, None);
+    g.bench_function("spark", |b| {
+        b.iter_batched(
+            || spark_headers.clone(),
+            |mut h| {
+                let q = spark.inject(
+                    &mut h,
+                    Some(Cow::Borrowed(black_box(SPARK_QUERY))),
+                    &spark_slot,
+                    SPARK_PATH,
+                );
+                black_box((q, h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    let zillow_cfg = w.config.provider("zillow").expect("zillow provider");
+    let zillow = Credentials::new(zillow_cfg, &token).expect("credentials");
+    let mut zillow_headers = zillow_request();
+    let (zillow_slot, rest) =
+        ProviderKind::Zillow.take_slot(&mut zillow_headers, Some(ZILLOW_QUERY));
+    let rest = rest.map(Cow::into_owned);
+    g.bench_function("zillow", |b| {
+        b.iter_batched(
+            || zillow_headers.clone(),
+            |mut h| {
+                let q = zillow.inject(
+                    &mut h,
+                    rest.as_deref().map(Cow::Borrowed),
+                    &zillow_slot,
+                    ZILLOW_PATH,
+                );
+                black_box((q, h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+/// Extraction, cached lookup and injection of one Spark request, as the
+/// proxy does them between reading the request head and sending upstream.
+fn whole(c: &mut Criterion, w: &World) {
+    let sessions = &*w.sessions;
+    let request = spark_request();
+    c.bench_function("whole/spark", |b| {
+        b.to_async(&w.rt).iter_batched(
+            || request.clone(),
+            |mut h| async move {
+                let (slot, query) = ProviderKind::Spark.take_slot(&mut h, Some(SPARK_QUERY));
+                let hash = slot.key.expect("key in the slot");
+                let session = sessions.by_key(&hash).await.unwrap().unwrap();
+                let q = session.credentials.inject(&mut h, query, &slot, SPARK_PATH);
+                black_box((q, h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    extraction(c);
+    let w = world();
+    lookup(c, &w);
+    injection(c, &w);
+    whole(c, &w);
+}
+
+criterion_group!(hot_path, benches);
+criterion_main!(hot_path);

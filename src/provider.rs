@@ -232,7 +232,7 @@ impl Credentials {
                     },
                 );
                 if let Some(ua) = user_agent {
-                    if !headers.contains_key(SPARK_USER_AGENT) {
+                    if !headers.contains_key(&SPARK_USER_AGENT) {
                         headers.insert(SPARK_USER_AGENT, ua.clone());
                     }
                 }
@@ -255,7 +255,9 @@ impl Credentials {
     }
 }
 
-pub const SPARK_USER_AGENT: &str = "x-sparkapi-user-agent";
+/// Spark's application identification header.
+pub const SPARK_USER_AGENT: http::HeaderName =
+    http::HeaderName::from_static("x-sparkapi-user-agent");
 
 fn is_reso_path(path: &str) -> bool {
     path.get(..11)

@@ -279,18 +279,21 @@ impl BinServer {
         pump(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
         pump(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
         let wait = |marker: &str| {
-            let line = stdout
+            stdout
                 .wait_for(Duration::from_secs(30), |l| l.contains(marker))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "server did not log {marker:?}; log:\n{}",
-                        stderr.all().join("\n")
-                    )
-                });
-            addr_after(&line, marker).expect("address in log line")
+                .and_then(|line| addr_after(&line, marker))
         };
-        let proxy_addr = wait("proxy listening on");
-        let admin_addr = wait("admin listening on");
+        let (Some(proxy_addr), Some(admin_addr)) =
+            (wait("proxy listening on"), wait("admin listening on"))
+        else {
+            // Never leave a server behind when the test gives up on it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "credproxy serve did not start; stderr:\n{}",
+                stderr.all().join("\n")
+            );
+        };
         BinServer {
             child,
             stdout,

@@ -1,0 +1,427 @@
+#!/usr/bin/env bash
+# Load comparison: how much does credproxy cost per request, next to the
+# upstream alone and next to a plain nginx reverse proxy doing the same job?
+#
+# Usage:
+#   benches/load.sh             # run (needs wrk, nginx; builds credproxy --release)
+#   benches/load.sh --install   # apt-get install the missing tools first, then run
+#
+# Settings (environment):
+#   DURATION=10      seconds per wrk run (1..600)
+#   ROUNDS=3         rounds; each round measures every target once, in turn (1..20)
+#   CONNECTIONS=50   wrk connections (one wrk thread)
+#   WARMUP=2         seconds of unrecorded load per target before round 1 (0 = none)
+#   TARGETS="upstream nginx credproxy credproxy-info"   which targets, in round order
+#   SERVER_CPU=0     core for the server side (upstream, proxy under test)
+#   CLIENT_CPU=1     core for wrk
+#   PORT_BASE=18480  first of the 6 consecutive loopback ports used
+#   CREDPROXY_BIN=   use this binary instead of building target/release/credproxy
+#
+# Targets, each served with ONE worker:
+#   upstream        nginx answering every request with a fixed small JSON
+#                   (`return 200 '{"ok":true}'`), one worker process, no access log.
+#   nginx           nginx as a reverse proxy (one worker): strips /spark/, sets
+#                   `Authorization: OAuth sometoken`, drops the session header,
+#                   keepalive connections to the upstream; no access log.
+#   credproxy       `credproxy serve`, RUST_LOG=warn (no per-request log line),
+#                   TOKIO_WORKER_THREADS=1, with one Spark session; wrk sends
+#                   `X-Credproxy-Session: KEY` to /spark/v1/listings.
+#   credproxy-info  the same at the default `info` level: the per-request
+#                   access log line (part of the product) goes to a file.
+#
+# Why nginx and not the Spark stand-in (crates/standins) as the upstream: the
+# stand-in hashes every body, records every request in memory (unbounded over
+# a load run) and logs a line per request, so it would be the bottleneck and
+# the ratios would measure the stand-in. A `return 200` nginx is about as
+# cheap as an HTTP server gets, so the differences below are proxy overhead.
+#
+# Placement: every server process is pinned to SERVER_CPU with taskset and wrk
+# to CLIENT_CPU, so the upstream shares its core with the proxy under test.
+# With the server core saturated, 1e6/req_per_s is the server-side CPU time
+# per request in microseconds, and "overhead us/req" (that figure minus the
+# upstream-alone one) is the proxy's own CPU cost per request. The upstream
+# alone can outrun a single wrk thread (~230k req/s on the reference
+# machine); then its figure is an upper bound and the overhead is slightly
+# understated. Without taskset, the processes float and the figures are
+# noisier. The credproxy-info run reports its access log's size per line.
+#
+# Everything listens on 127.0.0.1 only. All servers are stopped on exit and
+# the temporary directory (configs, store, key, logs) is deleted.
+
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-50}
+WARMUP=${WARMUP:-2}
+TARGETS=${TARGETS:-"upstream nginx credproxy credproxy-info"}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+PORT_BASE=${PORT_BASE:-18480}
+CREDPROXY_BIN=${CREDPROXY_BIN:-}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+die() {
+    echo "load.sh: $*" >&2
+    exit 1
+}
+
+in_range() { # NAME VALUE MIN MAX
+    [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3 && $2 <= $4)) && return 0
+    die "$1 must be a whole number in $3..$4 (got '$2')"
+}
+in_range DURATION "$DURATION" 1 600
+in_range ROUNDS "$ROUNDS" 1 20
+in_range CONNECTIONS "$CONNECTIONS" 1 10000
+in_range WARMUP "$WARMUP" 0 60
+in_range PORT_BASE "$PORT_BASE" 1024 65529
+in_range SERVER_CPU "$SERVER_CPU" 0 4095
+in_range CLIENT_CPU "$CLIENT_CPU" 0 4095
+for t in $TARGETS; do
+    case $t in
+        upstream | nginx | credproxy | credproxy-info) ;;
+        *) die "unknown target '$t' (known: upstream nginx credproxy credproxy-info)" ;;
+    esac
+done
+
+INSTALL=0
+for arg in "$@"; do
+    case $arg in
+        --install) INSTALL=1 ;;
+        -h | --help)
+            sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+            exit 0
+            ;;
+        *) die "unknown argument '$arg' (try --help)" ;;
+    esac
+done
+
+# ---------------------------------------------------------------- tools
+
+NGINX=$(command -v nginx || true)
+[[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+[[ -n $NGINX ]] || missing+=(nginx)
+if ((${#missing[@]})); then
+    if ((INSTALL)); then
+        SUDO=()
+        if ((EUID != 0)); then
+            command -v sudo >/dev/null || die "need root or sudo to install: ${missing[*]}"
+            SUDO=(sudo)
+        fi
+        pkgs=()
+        for m in "${missing[@]}"; do
+            case $m in
+                wrk) pkgs+=(wrk) ;;
+                nginx) pkgs+=(nginx-light) ;;
+            esac
+        done
+        "${SUDO[@]}" apt-get update -qq
+        if ! DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${pkgs[@]}"; then
+            # nginx-light is Debian's; other distributions only have nginx.
+            pkgs=("${pkgs[@]/nginx-light/nginx}")
+            DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${pkgs[@]}"
+        fi
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        if ! command -v wrk >/dev/null || [[ ! -x $NGINX ]]; then
+            die "installation did not provide wrk and nginx"
+        fi
+    else
+        die "missing: ${missing[*]}; install them (e.g. apt-get install wrk nginx-light) or rerun with --install"
+    fi
+fi
+
+PIN_SERVER=()
+PIN_CLIENT=()
+if command -v taskset >/dev/null; then
+    PIN_SERVER=(taskset -c "$SERVER_CPU")
+    PIN_CLIENT=(taskset -c "$CLIENT_CPU")
+else
+    echo "load.sh: taskset not found; processes are not pinned to cores" >&2
+fi
+
+if [[ -z $CREDPROXY_BIN ]]; then
+    echo "building credproxy (release)..." >&2
+    (cd "$ROOT" && cargo build --release --quiet --bin credproxy) || die "cargo build --release failed"
+    CREDPROXY_BIN=$ROOT/target/release/credproxy
+fi
+[[ -x $CREDPROXY_BIN ]] || die "not executable: $CREDPROXY_BIN"
+
+# ---------------------------------------------------------------- servers
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/credproxy-load.XXXXXX")
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        # Bounded wait: escalate to SIGKILL after ~5 s.
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+UP_PORT=$PORT_BASE
+NGINX_PORT=$((PORT_BASE + 1))
+CP_PORT=$((PORT_BASE + 2))
+CP_INFO_PORT=$((PORT_BASE + 3))
+CP_ADMIN_PORT=$((PORT_BASE + 4))
+CP_INFO_ADMIN_PORT=$((PORT_BASE + 5))
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+for p in "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT"; do
+    port_open "$p" && die "port 127.0.0.1:$p is in use; set PORT_BASE"
+done
+
+wait_port() { # PORT NAME PID LOG...; on failure shows the logs and exits
+    local port=$1 name=$2 pid=$3
+    shift 3
+    for _ in $(seq 100); do
+        port_open "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$@" >&2 2>/dev/null || true
+    die "$name did not come up on 127.0.0.1:$port (within 10 s)"
+}
+
+# Status code of one GET over bash's /dev/tcp (no curl needed), bounded by `timeout`.
+http_status() { # PORT PATH HEADER
+    local req
+    printf -v req 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\nConnection: close\r\n\r\n' "$2" "$3"
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "%s" "$2" >&3 &&
+        read -r _ status _ <&3 && echo "$status"' _ "$1" "$req" || echo "none"
+}
+
+# One nginx, master plus one worker, in its own prefix under $WORK.
+start_nginx() { # NAME PORT HTTP_BLOCK_BODY
+    local dir=$WORK/$1
+    mkdir -p "$dir/logs"
+    # As root the worker would run as nobody and could not enter $WORK (0700).
+    local user=""
+    ((EUID == 0)) && user="user root root;"
+    cat >"$dir/nginx.conf" <<EOF
+$user
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+$3
+}
+EOF
+    "${PIN_SERVER[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
+        >"$dir/logs/stdout.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$2" "nginx ($1)" "$!" "$dir/logs/error.log" "$dir/logs/stdout.log"
+}
+
+start_nginx upstream "$UP_PORT" "    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / {
+            default_type application/json;
+            return 200 '{\"ok\":true}';
+        }
+    }"
+
+start_nginx proxy "$NGINX_PORT" "    upstream up {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location /spark/ {
+            proxy_pass http://up/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Authorization \"OAuth sometoken\";
+            proxy_set_header X-Credproxy-Session \"\";
+            proxy_buffering on;
+        }
+    }"
+
+# credproxy: a generated config with inline secrets; store and key in $WORK.
+CFG=$WORK/credproxy.toml
+cat >"$CFG" <<EOF
+[server]
+listen = "127.0.0.1:$CP_PORT"
+admin_listen = "127.0.0.1:$CP_ADMIN_PORT"
+
+[store]
+url = "sqlite://$WORK/credproxy.db"
+key_file = "$WORK/credproxy.key"
+
+[providers.spark]
+kind = "spark"
+api_base = "http://127.0.0.1:$UP_PORT"
+token_url = "http://127.0.0.1:$UP_PORT/v1/oauth2/grant"
+authorize_url = "http://127.0.0.1:$UP_PORT/openid"
+client_id = "load-client"
+client_secret = "load-client-secret"
+user_agent = "credproxy-load/1.0"
+EOF
+# The info-level instance shares the store; only its listeners differ.
+CFG_INFO=$WORK/credproxy-info.toml
+sed -e "s/:$CP_PORT\"/:$CP_INFO_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_INFO_ADMIN_PORT\"/" "$CFG" >"$CFG_INFO"
+
+json=$(RUST_LOG=warn "$CREDPROXY_BIN" session add --provider spark --access-token sometoken \
+    --label load --json --config "$CFG") || die "credproxy session add failed"
+KEY=$(sed -n 's/.*"session_key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$json")
+[[ -n $KEY ]] || die "no session_key in: $json"
+
+start_credproxy() { # NAME CONFIG PORT RUST_LOG
+    RUST_LOG=$4 TOKIO_WORKER_THREADS=1 "${PIN_SERVER[@]}" "$CREDPROXY_BIN" serve --config "$2" \
+        >>"$WORK/$1.log" 2>&1 & # append mode, so truncating it between runs frees the space
+    PIDS+=($!)
+    wait_port "$3" "$1" "$!" "$WORK/$1.log"
+    # Show what TOKIO_WORKER_THREADS gave us (sqlx's SQLite threads idle on cache hits).
+    if [[ -d /proc/$!/task ]]; then
+        echo "$1 threads: $(cat /proc/$!/task/*/comm 2>/dev/null | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}')" >&2
+    fi
+}
+for t in $TARGETS; do
+    case $t in
+        credproxy) start_credproxy credproxy "$CFG" "$CP_PORT" warn ;;
+        credproxy-info) start_credproxy credproxy-info "$CFG_INFO" "$CP_INFO_PORT" info ;;
+    esac
+done
+
+SESSION_HEADER="X-Credproxy-Session: $KEY"
+url_of() {
+    case $1 in
+        upstream) echo "http://127.0.0.1:$UP_PORT/v1/listings" ;;
+        nginx) echo "http://127.0.0.1:$NGINX_PORT/spark/v1/listings" ;;
+        credproxy) echo "http://127.0.0.1:$CP_PORT/spark/v1/listings" ;;
+        credproxy-info) echo "http://127.0.0.1:$CP_INFO_PORT/spark/v1/listings" ;;
+    esac
+}
+
+# Every target must answer 200 before its figures mean anything.
+for t in $TARGETS; do
+    u=$(url_of "$t")
+    port=${u#http://127.0.0.1:}
+    port=${port%%/*}
+    s=$(http_status "$port" "/${u#http://127.0.0.1:*/}" "$SESSION_HEADER")
+    [[ $s == 200 ]] || die "$t answered '$s' instead of 200 at $u"
+done
+
+# ---------------------------------------------------------------- load
+
+# wrk's latency to microseconds: 812.00us, 1.20ms, 2.01s.
+to_us() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) n = n
+        else if (v ~ /ms$/) n = n * 1000
+        else if (v ~ /s$/) n = n * 1000000
+        printf "%.1f", n
+    }'
+}
+
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+
+run_wrk() { # TARGET SECONDS -> wrk output on stdout
+    "${PIN_CLIENT[@]}" timeout $(($2 + 30)) wrk -t1 -c"$CONNECTIONS" -d"${2}s" --latency \
+        -H "$SESSION_HEADER" "$(url_of "$1")"
+}
+
+measure() { # TARGET ROUND
+    local out rps p50 p99 bad errors
+    out=$(run_wrk "$1" "$DURATION") || die "wrk failed against $1"
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    bad=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
+    errors=$(awk '/Socket errors:/ {sub(/.*Socket errors: /, ""); print}' <<<"$out")
+    [[ -n $rps && -n $p50 && -n $p99 ]] || die "cannot read wrk's output for $1: $out"
+    p50=$(to_us "$p50")
+    p99=$(to_us "$p99")
+    printf '%s\t%s\t%s\t%s\n' "$1" "$rps" "$p50" "$p99" >>"$RESULTS"
+    printf '  round %d  %-15s %10s req/s  p50 %8s us  p99 %8s us%s%s\n' "$2" "$1" "$rps" "$p50" "$p99" \
+        "${bad:+  NON-2xx: $bad}" "${errors:+  socket errors: $errors}"
+}
+
+n_targets=$(wc -w <<<"$TARGETS")
+placement="servers and wrk unpinned"
+((${#PIN_SERVER[@]})) && placement="servers on cpu $SERVER_CPU, wrk on cpu $CLIENT_CPU"
+echo "load: $ROUNDS rounds x $n_targets targets x ${DURATION}s, wrk -t1 -c$CONNECTIONS; $placement"
+if ((WARMUP > 0)); then
+    for t in $TARGETS; do
+        run_wrk "$t" "$WARMUP" >/dev/null || die "wrk failed against $t"
+    done
+    [[ ! -f $WORK/credproxy-info.log ]] || : >"$WORK/credproxy-info.log"
+fi
+for r in $(seq "$ROUNDS"); do
+    for t in $TARGETS; do
+        measure "$t" "$r"
+        if [[ $t == credproxy-info ]]; then
+            log=$WORK/credproxy-info.log
+            lines=$(wc -l <"$log")
+            bytes=$(wc -c <"$log")
+            ((lines > 0)) && printf '           access log: %d lines, %d bytes/line\n' "$lines" $((bytes / lines))
+            ((r == ROUNDS)) && echo "           last line: $(tail -n 1 "$log")"
+            : >"$log"
+        fi
+    done
+done
+
+# ---------------------------------------------------------------- report
+
+# Medians across rounds, then ratios against the upstream and nginx rows.
+awk -F '\t' -v order="$TARGETS" '
+function median(list,    a, n, i, j, t) {
+    n = split(list, a, " ")
+    for (i = 2; i <= n; i++) {            # insertion sort: n is tiny
+        t = a[i] + 0
+        for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]
+        a[j + 1] = t
+    }
+    return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+{ rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4 }
+END {
+    n = split(order, names, " ")
+    printf "\n%-15s %12s %10s %10s %12s %14s\n", "target", "req/s", "p50 us", "p99 us", "cpu us/req", "overhead us/req"
+    for (i = 1; i <= n; i++) {
+        t = names[i]
+        R[t] = median(rps[t]); P50[t] = median(p50[t]); P99[t] = median(p99[t])
+        cpu[t] = R[t] > 0 ? 1e6 / R[t] : 0
+    }
+    for (i = 1; i <= n; i++) {
+        t = names[i]
+        over = ("upstream" in R) && t != "upstream" ? sprintf("%.1f", cpu[t] - cpu["upstream"]) : "-"
+        printf "%-15s %12.0f %10.1f %10.1f %12.1f %14s\n", t, R[t], P50[t], P99[t], cpu[t], over
+    }
+    printf "(medians of %d rounds; cpu us/req = 1e6 / req/s with the server core saturated)\n\n", split(rps[names[1]], x, " ")
+    for (i = 1; i <= n; i++) {
+        t = names[i]
+        if (t !~ /^credproxy/) continue
+        if ("upstream" in R && R["upstream"] > 0 && P99["upstream"] > 0)
+            printf "%-15s / upstream: req/s x%.3f   p99 x%.2f\n", t, R[t] / R["upstream"], P99[t] / P99["upstream"]
+        if ("nginx" in R && R["nginx"] > 0 && P99["nginx"] > 0)
+            printf "%-15s / nginx:    req/s x%.3f   p99 x%.2f\n", t, R[t] / R["nginx"], P99[t] / P99["nginx"]
+    }
+}' "$RESULTS"
