@@ -90,6 +90,7 @@ async fn session_add_list_revoke() {
     let out = run_cli(&cfg, &["session", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
     assert_eq!(list.as_array().expect("array").len(), 2);
+    assert_eq!(list[0]["provider"], "spark", "oldest first");
     assert!(list[0]["expires_at"].is_string());
     assert!(list[1]["expires_at"].is_null(), "zillow: no known lifetime");
 

@@ -138,7 +138,7 @@ impl Store for SqliteStore {
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM sessions ORDER BY created_at, id"
+            "SELECT {COLUMNS} FROM sessions ORDER BY created_at, rowid"
         ))
         .fetch_all(&self.pool)
         .await?;
