@@ -380,3 +380,80 @@ async fn curl_as_a_person_would() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn sealing_key_from_the_environment() {
+    use base64::Engine;
+    let w = World::new().await;
+    let extra = Extra {
+        store: "key_env = \"CREDPROXY_TEST_SEAL_KEY\"".into(),
+        ..Extra::default()
+    };
+    let text = w.config_text(&extra).replace(
+        &format!("key_file = \"{}\"\n", w.path("credproxy.key").display()),
+        "",
+    );
+    let cfg = w.path("env-key.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+    let run = |env: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "tok-env-key",
+            "--json",
+            "--config",
+        ])
+        .arg(&cfg)
+        .env_remove("CREDPROXY_TEST_SEAL_KEY");
+        if let Some(v) = env {
+            c.env("CREDPROXY_TEST_SEAL_KEY", v);
+        }
+        c.output().expect("run")
+    };
+    let out = run(Some(&key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !w.path("credproxy.key").exists(),
+        "no key file when the key comes from the environment"
+    );
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("store.key_env"), "{}", stderr(&out));
+    let out = run(Some("not-base64-of-32-bytes"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("store.key_env"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn store_holds_no_token_or_key_in_clear() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let t = w.spark.issue_tokens();
+    let added = add_json(
+        &cfg,
+        "spark",
+        &t.access_token,
+        &["--refresh-token", &t.refresh_token],
+    );
+    let key = added["session_key"].as_str().expect("key");
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(w.dir.path()).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("credproxy.db"))
+        {
+            bytes.extend(std::fs::read(&path).expect("read"));
+        }
+    }
+    assert!(bytes.len() > 4096, "the store was written");
+    for secret in [key, t.access_token.as_str(), t.refresh_token.as_str()] {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}
