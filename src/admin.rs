@@ -21,21 +21,24 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::refresh::{RefreshError, Refresher};
 use crate::session::SessionKey;
 use crate::sessions::{NewTokens, SessionError, Sessions};
 
 #[derive(Clone)]
 pub struct AdminState {
     sessions: Arc<Sessions>,
+    refresher: Arc<Refresher>,
     metrics: Arc<Metrics>,
     /// SHA-256 of the admin token; `None` disables `/admin/*`.
     token_digest: Option<[u8; 32]>,
 }
 
 impl AdminState {
-    pub fn new(config: &Config, sessions: Arc<Sessions>, metrics: Arc<Metrics>) -> AdminState {
+    pub fn new(config: &Config, refresher: Arc<Refresher>, metrics: Arc<Metrics>) -> AdminState {
         AdminState {
-            sessions,
+            sessions: Arc::clone(refresher.sessions()),
+            refresher,
             metrics,
             token_digest: config
                 .admin
@@ -52,6 +55,10 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/admin/sessions/{id}",
             get(get_session).delete(delete_session),
+        )
+        .route(
+            "/admin/sessions/{id}/refresh",
+            axum::routing::post(refresh_session),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -71,6 +78,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -79,6 +87,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -91,6 +100,10 @@ impl IntoResponse for ApiError {
             crate::error::ERROR_HEADER,
             HeaderValue::from_static(self.code),
         );
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -216,6 +229,49 @@ async fn delete_session(
             "not_found",
             "no such session",
         ))
+    }
+}
+
+impl From<RefreshError> for ApiError {
+    fn from(e: RefreshError) -> ApiError {
+        match e {
+            RefreshError::Reauthorization => ApiError::new(
+                StatusCode::CONFLICT,
+                "reauthorization_required",
+                "the provider refused this session's refresh token; reconnect the account or replace its tokens",
+            ),
+            RefreshError::Failed { retry_after } => {
+                let mut err = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token_refresh_failed",
+                    "the provider's token endpoint failed; the session is intact, retry later",
+                );
+                err.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+                err
+            }
+            RefreshError::NotRefreshable => {
+                ApiError::new(StatusCode::CONFLICT, "not_refreshable", "this session has no refresh token")
+            }
+            RefreshError::Gone => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such session"),
+            RefreshError::Store(e) => SessionError::Store(e).into(),
+            RefreshError::Session(e) => e.into(),
+        }
+    }
+}
+
+async fn refresh_session(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.refresher.refresh_now(&id).await?;
+    tracing::info!(session = %id, "session refreshed via admin API");
+    match state.sessions.info(&id).await? {
+        Some(info) => Ok(Json(info).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such session",
+        )),
     }
 }
 

@@ -147,6 +147,9 @@ struct RawProvider {
     max_replay_body: Option<usize>,
     max_request_body: Option<u64>,
     ca_file: Option<PathBuf>,
+    token_timeout: Option<RawDuration>,
+    refresh_ahead: Option<bool>,
+    refresh_backoff_max: Option<RawDuration>,
 }
 
 /// The validated configuration.
@@ -228,6 +231,12 @@ pub struct ProviderConfig {
     pub max_request_body: Option<u64>,
     /// Extra PEM roots trusted for this provider's upstream, besides webpki's.
     pub ca_file: Option<PathBuf>,
+    /// A token endpoint call (refresh or code exchange) must finish within this.
+    pub token_timeout: Duration,
+    /// Refresh recently used sessions before they expire, in the background.
+    pub refresh_ahead: bool,
+    /// Upper bound of the back-off between failed refreshes of one session.
+    pub refresh_backoff_max: Duration,
 }
 
 impl Config {
@@ -524,6 +533,10 @@ fn validate_provider(
     if request_timeout.is_zero() {
         return Err(invalid(key("request_timeout"), "must be above zero"));
     }
+    let token_timeout = dur(p.token_timeout, "token_timeout", 10.0)?;
+    if token_timeout.is_zero() {
+        return Err(invalid(key("token_timeout"), "must be above zero"));
+    }
     if let Some(f) = &p.ca_file {
         if !f.is_file() {
             return Err(invalid(
@@ -551,6 +564,9 @@ fn validate_provider(
         max_replay_body: p.max_replay_body.unwrap_or(1024 * 1024),
         max_request_body: p.max_request_body,
         ca_file: p.ca_file,
+        token_timeout,
+        refresh_ahead: p.refresh_ahead.unwrap_or(false),
+        refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,
     })
 }
 

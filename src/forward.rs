@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, CONNECTION};
 use http::{Request, Response};
-use http_body_util::{Either, Full, Limited};
+use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,8 +24,9 @@ use crate::config::ProviderConfig;
 use crate::error::ProxyError;
 
 /// A request body on its way upstream: the caller's stream (with the
-/// provider's size limit), or bytes held for a replay.
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+/// provider's size limit), bytes held for a replay, or both (a prefix read
+/// while deciding, then the rest of the stream).
+pub type UpstreamBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 
 use credproxy::config::{Config, DEFAULT_PATH};
+use credproxy::refresh::{RefreshError, Refresher};
 use credproxy::seal::Sealer;
 use credproxy::session::SessionKey;
 use credproxy::sessions::{NewTokens, SessionInfo, Sessions};
@@ -53,6 +54,12 @@ enum SessionCommand {
     },
     /// Delete a session. A running server stops honouring its key within 2 seconds.
     Revoke {
+        /// The session's id (as shown by `session list`).
+        id: String,
+    },
+    /// Refresh a session's tokens now, at the provider's token endpoint. Safe
+    /// while a server runs: the refresh token is never spent twice.
+    Refresh {
         /// The session's id (as shown by `session list`).
         id: String,
     },
@@ -182,11 +189,13 @@ async fn open_sessions(config: &Config) -> anyhow::Result<Sessions> {
 async fn check(config: Config) -> anyhow::Result<()> {
     let sessions = Arc::new(open_sessions(&config).await?);
     // Building the proxy checks what parsing cannot: TLS roots, upstream authorities.
-    credproxy::proxy::Proxy::new(
+    let metrics = Arc::new(credproxy::metrics::Metrics::default());
+    let refresher = Arc::new(Refresher::new(
         &config,
         Arc::clone(&sessions),
-        Arc::new(credproxy::metrics::Metrics::default()),
-    )?;
+        Arc::clone(&metrics),
+    )?);
+    credproxy::proxy::Proxy::new(&config, Arc::clone(&sessions), refresher, metrics)?;
     sessions.store().ping().await?;
     let n = sessions.list().await?.len();
     for w in &config.warnings {
@@ -223,7 +232,7 @@ fn secret_arg(value: String, what: &str) -> anyhow::Result<SecretString> {
 }
 
 async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
-    let sessions = open_sessions(&config).await?;
+    let sessions = Arc::new(open_sessions(&config).await?);
     match cmd {
         SessionCommand::Add(a) => {
             if a.access_token == "-" && a.refresh_token.as_deref() == Some("-") {
@@ -274,6 +283,20 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
                 bail!("no session with id {id}");
             }
             println!("session {id} revoked");
+        }
+        SessionCommand::Refresh { id } => {
+            let metrics = Arc::new(credproxy::metrics::Metrics::default());
+            let refresher = Refresher::new(&config, Arc::clone(&sessions), metrics)?;
+            match refresher.refresh_now(&id).await {
+                Ok(_) => {}
+                Err(RefreshError::Gone) => bail!("no session with id {id}"),
+                Err(e) => bail!("session {id}: {e}"),
+            }
+            let info = sessions.info(&id).await?;
+            let expires = info
+                .and_then(|i| i.expires_at)
+                .unwrap_or_else(|| "unknown".into());
+            println!("session {id} refreshed; the access token expires {expires}");
         }
     }
     Ok(())

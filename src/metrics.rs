@@ -29,8 +29,21 @@ pub struct SessionLabels {
     pub status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub provider: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLatencyLabels {
+    pub provider: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    refreshes: Family<RefreshLabels, Counter>,
+    refresh_latency: Family<RefreshLatencyLabels, Histogram>,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<ProviderLabels, Histogram>,
     sessions: Family<SessionLabels, Gauge>,
@@ -71,8 +84,24 @@ impl Default for Metrics {
             "Sessions held in this process's hot-path cache",
             cached_sessions.clone(),
         );
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "refreshes",
+            "Token refreshes by provider and outcome (ok, invalid_grant, failed)",
+            refreshes.clone(),
+        );
+        let refresh_latency = Family::<RefreshLatencyLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "refresh_latency_seconds",
+            "Time the token endpoint took to answer a refresh",
+            refresh_latency.clone(),
+        );
         Metrics {
             registry,
+            refreshes,
+            refresh_latency,
             requests,
             upstream_latency,
             sessions,
@@ -92,6 +121,22 @@ impl Metrics {
         self.upstream_latency
             .get_or_create(&ProviderLabels { provider })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn refresh(&self, provider: &str, outcome: &'static str, took: Option<Duration>) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                provider: provider.to_owned(),
+                outcome,
+            })
+            .inc();
+        if let Some(took) = took {
+            self.refresh_latency
+                .get_or_create(&RefreshLatencyLabels {
+                    provider: provider.to_owned(),
+                })
+                .observe(took.as_secs_f64());
+        }
     }
 
     /// Prometheus text exposition, with the session gauges set from `counts`.

@@ -12,21 +12,31 @@
 //! * `resolve` maps the key to an [`ActiveSession`] (cache first, then store).
 //! * `upstream_request` strips hop-by-hop headers, injects the credentials
 //!   and builds the upstream URI.
+//! * `ensure_fresh` refreshes a token within `refresh_margin` of its expiry
+//!   before it is used (proactive).
+//! * `prepare_body` keeps a body up to `max_replay_body` so the request can
+//!   be replayed; a larger one streams.
 //! * `send` forwards with the provider's timeouts; bodies stream both ways.
-//! * The token lifecycle slots in after `send`: a 401 is where a refresh and
-//!   a replay of a kept body go.
+//! * After `send`, an upstream 401 on a kept body means: refresh (unless
+//!   another request already did) and replay once (reactive). The second
+//!   answer goes back as it is. A streamed body's 401 goes back as it is,
+//!   and the refresh happens in the background for the next request.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, HOST, PROXY_AUTHORIZATION};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH, HOST, PROXY_AUTHORIZATION};
 use http::request::Parts;
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Full, Limited};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame};
+use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::config::Config;
@@ -34,8 +44,10 @@ use crate::error::ProxyError;
 use crate::forward::{strip_hop_by_hop, tls_config, TlsError, Upstream, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::provider::{ProviderKind, Slot};
+use crate::refresh::{RefreshError, Refresher};
 use crate::session::{KeyHash, Status};
 use crate::sessions::{ActiveSession, SessionError, Sessions};
+use crate::store;
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -60,6 +72,8 @@ struct Route {
     base_path: String,
     default_session: Option<String>,
     max_request_body: Option<u64>,
+    max_replay_body: usize,
+    refresh_margin: Duration,
     upstream: Upstream,
 }
 
@@ -67,7 +81,26 @@ pub struct Proxy {
     routes: Vec<Route>,
     session_header: HeaderName,
     sessions: Arc<Sessions>,
+    refresher: Arc<Refresher>,
     metrics: Arc<Metrics>,
+}
+
+/// A request body after `prepare_body`.
+enum Prepared {
+    /// Kept whole: the request can be replayed.
+    Kept(Bytes),
+    /// Too large to keep (or no replay possible): sent once, streamed.
+    Streamed(UpstreamBody),
+}
+
+/// What the upstream request is made of, before credentials go in; kept so
+/// a replay can be built with fresh ones.
+struct Outgoing<'a> {
+    method: Method,
+    headers: HeaderMap,
+    slot: Slot,
+    rest: &'a str,
+    query: Option<Cow<'a, str>>,
 }
 
 /// What a request carried as its session key.
@@ -81,12 +114,14 @@ struct AccessLog {
     provider: &'static str,
     session: Option<Arc<ActiveSession>>,
     upstream_ms: Option<u128>,
+    replayed: bool,
 }
 
 impl Proxy {
     pub fn new(
         config: &Config,
         sessions: Arc<Sessions>,
+        refresher: Arc<Refresher>,
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, TlsError> {
         let mut routes = Vec::with_capacity(config.providers.len());
@@ -115,6 +150,8 @@ impl Proxy {
                 base_path: p.api_base.path().trim_end_matches('/').to_owned(),
                 default_session: p.default_session.clone(),
                 max_request_body: p.max_request_body,
+                max_replay_body: p.max_replay_body,
+                refresh_margin: p.refresh_margin,
                 upstream: Upstream::new(p)?,
             });
         }
@@ -122,6 +159,7 @@ impl Proxy {
             routes,
             session_header: config.server.session_header.clone(),
             sessions,
+            refresher,
             metrics,
         })
     }
@@ -146,6 +184,7 @@ impl Proxy {
             provider: "-",
             session: None,
             upstream_ms: None,
+            replayed: false,
         };
         let resp = match self.proxy(mount, local, parts, body, &mut log).await {
             Ok(resp) => resp,
@@ -162,6 +201,7 @@ impl Proxy {
             upstream_ms = log.upstream_ms.map(|m| m as u64),
             total_ms = started.elapsed().as_millis() as u64,
             session = log.session.as_ref().map(|s| s.id.as_str()),
+            replayed = log.replayed,
             error = resp.headers().get(crate::error::ERROR_HEADER).and_then(|v| v.to_str().ok()),
             "request"
         );
@@ -185,16 +225,100 @@ impl Proxy {
         let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query());
         let session = self.resolve(route, presented).await?;
         log.session = Some(Arc::clone(&session));
+        let session = self.ensure_fresh(route, session).await?;
+        log.session = Some(Arc::clone(&session));
 
-        let body = limit_body(route, &parts, body)?;
-        let req = upstream_request(route, parts, body, &session, &slot, rest, query)?;
+        strip_hop_by_hop(&mut parts.headers);
+        // The client sets Host (or :authority) from the upstream URI.
+        parts.headers.remove(HOST);
+        let body = prepare_body(route, &parts.headers, body, session.has_refresh_token).await?;
+        let out = Outgoing {
+            method: parts.method,
+            headers: parts.headers,
+            slot,
+            rest,
+            query,
+        };
+        let bytes = match body {
+            Prepared::Streamed(body) => {
+                let resp = self
+                    .send(route, &session, out.clone_parts(), body, log)
+                    .await?;
+                if resp.status() == StatusCode::UNAUTHORIZED && session.has_refresh_token {
+                    self.refresh_in_background(&session);
+                }
+                return Ok(response_filter(resp));
+            }
+            Prepared::Kept(bytes) => bytes,
+        };
+        let resp = self
+            .send(route, &session, out.clone_parts(), full(bytes.clone()), log)
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED || !session.has_refresh_token {
+            return Ok(response_filter(resp));
+        }
+        // Reactive: the token was refused. Refresh (or pick up a refresh
+        // another request made meanwhile) and replay once.
+        drain(resp).await;
+        let fresh = self
+            .refresher
+            .refresh(&session, false)
+            .await
+            .map_err(|e| refresh_error(&session, e))?;
+        log.session = Some(Arc::clone(&fresh));
+        log.replayed = true;
+        let resp = self.send(route, &fresh, out, full(bytes), log).await?;
+        Ok(response_filter(resp))
+    }
 
+    /// Proactive refresh: a token within `refresh_margin` of its expiry is
+    /// refreshed before use. If that fails while the token is still valid,
+    /// the request goes ahead with it.
+    async fn ensure_fresh(
+        &self,
+        route: &Route,
+        session: Arc<ActiveSession>,
+    ) -> Result<Arc<ActiveSession>, ProxyError> {
+        let now = store::now();
+        session.touch(now);
+        if !session.due(now, route.refresh_margin) {
+            return Ok(session);
+        }
+        match self.refresher.refresh(&session, false).await {
+            Ok(fresh) => Ok(fresh),
+            Err(RefreshError::Failed { .. } | RefreshError::Store(_)) if !session.expired(now) => {
+                Ok(session)
+            }
+            Err(e) => Err(refresh_error(&session, e)),
+        }
+    }
+
+    fn refresh_in_background(&self, session: &Arc<ActiveSession>) {
+        let refresher = Arc::clone(&self.refresher);
+        let session = Arc::clone(session);
+        tokio::spawn(async move {
+            if let Err(e) = refresher.refresh(&session, false).await {
+                tracing::debug!(session = %session.id, error = %e, "background refresh after a 401 did not refresh");
+            }
+        });
+    }
+
+    /// Builds the upstream request with `session`'s credentials and sends it.
+    async fn send(
+        &self,
+        route: &Route,
+        session: &ActiveSession,
+        out: Outgoing<'_>,
+        body: UpstreamBody,
+        log: &mut AccessLog,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let req = upstream_request(route, session, out, body)?;
         let sent = Instant::now();
         let resp = route.upstream.send(req).await;
         let took = sent.elapsed();
         self.metrics.upstream_latency(route.name, took);
-        log.upstream_ms = Some(took.as_millis());
-        Ok(response_filter(resp?))
+        log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
+        resp
     }
 
     /// Picks the provider; refuses CONNECT and absolute-form URIs naming
@@ -323,40 +447,124 @@ fn names_us(authority: &Authority, local: SocketAddr) -> bool {
             .is_ok_and(|ip| ip == local.ip())
 }
 
-/// Refuses a declared body over the provider's limit at once; a chunked one
-/// is cut off by [`Limited`] when it crosses the limit.
-fn limit_body(route: &Route, parts: &Parts, body: Incoming) -> Result<UpstreamBody, ProxyError> {
-    let limit = route.max_request_body.unwrap_or(u64::MAX);
-    let declared = parts
-        .headers
+impl Outgoing<'_> {
+    /// A copy for one attempt; the original stays for a replay.
+    fn clone_parts(&self) -> Outgoing<'_> {
+        Outgoing {
+            method: self.method.clone(),
+            headers: self.headers.clone(),
+            slot: Slot {
+                key: None,
+                bearer: self.slot.bearer,
+            },
+            rest: self.rest,
+            query: self.query.clone(),
+        }
+    }
+}
+
+fn full(bytes: Bytes) -> UpstreamBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Decides whether the body is kept for a replay (up to `max_replay_body`)
+/// or streamed, and enforces `max_request_body`: a declared length over it
+/// is refused at once, a chunked body is cut off by [`Limited`].
+async fn prepare_body(
+    route: &Route,
+    headers: &HeaderMap,
+    body: Incoming,
+    replayable: bool,
+) -> Result<Prepared, ProxyError> {
+    let limit = route.max_request_body.unwrap_or(u64::MAX);
+    let declared = content_length(headers);
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge);
     }
-    Ok(Either::Left(Limited::new(
-        body,
-        usize::try_from(limit).unwrap_or(usize::MAX),
-    )))
+    let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    if !replayable || declared.is_some_and(|n| n > route.max_replay_body as u64) {
+        return Ok(Prepared::Streamed(body.boxed()));
+    }
+    if body.is_end_stream() {
+        return Ok(Prepared::Kept(Bytes::new()));
+    }
+    // Length unknown or small: read up to the replay limit. A body that
+    // turns out longer goes on as what was read, then the rest of the stream.
+    let mut kept = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProxyError::BodyTooLarge
+            } else {
+                ProxyError::BadRequest("the request body could not be read")
+            }
+        })?;
+        // Request trailers are not forwarded (`Trailer` is hop-by-hop).
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        kept.extend_from_slice(&data);
+        if kept.len() > route.max_replay_body {
+            let prefix =
+                futures_util::stream::once(std::future::ready(Ok(Frame::data(kept.freeze()))));
+            let stream = prefix.chain(BodyStream::new(body));
+            return Ok(Prepared::Streamed(BodyExt::boxed(StreamBody::new(stream))));
+        }
+    }
+    Ok(Prepared::Kept(kept.freeze()))
+}
+
+/// Reads (a little of) an answer that will be thrown away, so its
+/// connection can go back to the pool.
+async fn drain(resp: Response<Incoming>) {
+    let body = Limited::new(resp.into_body(), 64 * 1024);
+    let _ = tokio::time::timeout(Duration::from_secs(1), body.collect()).await;
+}
+
+/// What a failed refresh means for the caller.
+fn refresh_error(session: &ActiveSession, e: RefreshError) -> ProxyError {
+    match e {
+        RefreshError::Reauthorization => ProxyError::ReauthorizationRequired,
+        RefreshError::Failed { retry_after } => ProxyError::TokenRefreshFailed {
+            retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        },
+        RefreshError::Gone => ProxyError::UnknownSession,
+        RefreshError::NotRefreshable => ProxyError::TokenRefreshFailed {
+            retry_after_secs: 1,
+        },
+        RefreshError::Store(e) => {
+            tracing::warn!(session = %session.id, error = %e, "refresh: store error");
+            ProxyError::StoreUnavailable
+        }
+        RefreshError::Session(e) => {
+            tracing::error!(session = %session.id, error = %e, "refresh: session cannot be used");
+            ProxyError::Internal
+        }
+    }
 }
 
 /// Builds the request credproxy sends upstream.
 fn upstream_request(
     route: &Route,
-    mut parts: Parts,
-    body: UpstreamBody,
     session: &ActiveSession,
-    slot: &Slot,
-    rest: &str,
-    query: Option<Cow<'_, str>>,
+    out: Outgoing<'_>,
+    body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    strip_hop_by_hop(&mut parts.headers);
-    // The client sets Host (or :authority) from the upstream URI.
-    parts.headers.remove(HOST);
-    let query = session
-        .credentials
-        .inject(&mut parts.headers, query, slot, rest);
+    let Outgoing {
+        method,
+        mut headers,
+        slot,
+        rest,
+        query,
+    } = out;
+    let query = session.credentials.inject(&mut headers, query, &slot, rest);
     let mut path_and_query = String::with_capacity(
         route.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
     );
@@ -372,10 +580,11 @@ fn upstream_request(
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
-    let mut req = Request::from_parts(parts, body);
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    req.extensions_mut().clear();
+    *req.headers_mut() = headers;
     Ok(req)
 }
 

@@ -26,6 +26,7 @@ use crate::admin;
 use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Mount, Proxy};
+use crate::refresh::Refresher;
 use crate::seal::Sealer;
 use crate::sessions::Sessions;
 use crate::store;
@@ -37,6 +38,7 @@ pub struct Running {
     /// Each provider's dedicated listener, by provider name.
     pub provider_addrs: Vec<(String, SocketAddr)>,
     pub sessions: Arc<Sessions>,
+    pub refresher: Arc<Refresher>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -77,9 +79,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("store.url: cannot open {}", config.store.url))?;
     let sessions = Arc::new(Sessions::new(store, sealer, &config));
     let metrics = Arc::new(Metrics::default());
+    let refresher = Arc::new(Refresher::new(
+        &config,
+        Arc::clone(&sessions),
+        Arc::clone(&metrics),
+    )?);
     let proxy = Arc::new(Proxy::new(
         &config,
         Arc::clone(&sessions),
+        Arc::clone(&refresher),
         Arc::clone(&metrics),
     )?);
 
@@ -120,7 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown.clone(),
         ));
     }
-    let admin_state = admin::AdminState::new(&config, Arc::clone(&sessions), Arc::clone(&metrics));
+    let admin_state = admin::AdminState::new(&config, Arc::clone(&refresher), Arc::clone(&metrics));
     let stop = shutdown.clone();
     tasks.spawn(async move {
         let app = admin::router(admin_state);
@@ -140,6 +148,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_addr,
         provider_addrs,
         sessions,
+        refresher,
         shutdown,
         tasks,
     })

@@ -14,7 +14,7 @@
 //! stale row: fills are discarded when an invalidation happened meanwhile.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +57,32 @@ pub struct ActiveSession {
     pub credentials: Credentials,
     pub expires_at: Option<i64>,
     pub version: i64,
+    pub has_refresh_token: bool,
+    /// Unix seconds of the last request that used this session (for refresh-ahead).
+    pub last_used: AtomicI64,
+}
+
+impl ActiveSession {
+    /// Whether the access token is within `margin` of its known expiry and
+    /// can be refreshed. Tokens of unknown lifetime never are.
+    pub fn due(&self, now: i64, margin: Duration) -> bool {
+        self.has_refresh_token
+            && self
+                .expires_at
+                .is_some_and(|at| now.saturating_add(margin.as_secs() as i64) >= at)
+    }
+
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+
+    /// Notes a use; written only when the second changes, so concurrent
+    /// requests do not fight over the cache line.
+    pub fn touch(&self, now: i64) {
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Tokens handed to credproxy by an operator or a code exchange.
@@ -193,7 +219,68 @@ impl Sessions {
             credentials: Credentials::new(provider, &access)?,
             expires_at: rec.expires_at,
             version: rec.version,
+            has_refresh_token: rec.refresh_token.is_some(),
+            last_used: AtomicI64::new(0),
         })
+    }
+
+    /// Puts a just-written row in the cache, replacing what was there, and
+    /// returns it ready for use. Bumps the generation first, so a lookup that
+    /// read the row before the write cannot cache its stale copy afterwards.
+    pub fn install(&self, rec: &SessionRecord) -> Result<Arc<ActiveSession>, SessionError> {
+        let active = Arc::new(self.activate(rec)?);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let last_used = self
+            .by_id
+            .get(&rec.id)
+            .map(|s| s.last_used.load(Ordering::Relaxed))
+            .or_else(|| {
+                self.by_key
+                    .get(&rec.key_hash)
+                    .map(|s| s.last_used.load(Ordering::Relaxed))
+            })
+            .unwrap_or(0);
+        active.last_used.store(last_used, Ordering::Relaxed);
+        self.by_key.insert(rec.key_hash, Arc::clone(&active));
+        if self.by_id.contains_key(&rec.id) {
+            self.by_id.insert(rec.id.clone(), Arc::clone(&active));
+        }
+        Ok(active)
+    }
+
+    /// The session's refresh token, opened.
+    pub fn refresh_token(&self, rec: &SessionRecord) -> Result<Option<SecretString>, SessionError> {
+        rec.refresh_token
+            .as_ref()
+            .map(|sealed| self.sealer.open(sealed, &aad(&rec.id, "refresh")))
+            .transpose()
+            .map_err(SessionError::from)
+    }
+
+    /// Seals what a refresh returned; the old refresh token is kept when the
+    /// provider sent no new one.
+    pub fn seal_refreshed(
+        &self,
+        rec: &SessionRecord,
+        tokens: &NewTokens,
+        now: i64,
+    ) -> SealedTokens {
+        let mut sealed = self.seal_tokens(&rec.id, tokens, now);
+        if sealed.refresh_token.is_none() {
+            sealed.refresh_token = rec.refresh_token.clone();
+        }
+        sealed
+    }
+
+    /// Every distinct cached session, for background refresh.
+    pub fn cached_sessions(&self) -> Vec<Arc<ActiveSession>> {
+        let mut seen = std::collections::HashSet::new();
+        self.by_key
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .chain(self.by_id.iter().map(|e| Arc::clone(e.value())))
+            .filter(|s| seen.insert(s.id.clone()))
+            .collect()
     }
 
     fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {

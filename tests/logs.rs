@@ -104,7 +104,8 @@ async fn no_secret_in_any_log_at_trace_level() {
         .await,
         200
     );
-    // Failure paths: unknown key, upstream 401, wrong provider.
+    // Failure paths: unknown key, wrong provider; an expired token is
+    // refreshed and the request replayed, so the token endpoint is in the log too.
     let wrong = "cpk_this-key-is-unknown-but-secret-0000000000";
     secrets.push(wrong.to_owned());
     assert_eq!(
@@ -126,8 +127,9 @@ async fn no_secret_in_any_log_at_trace_level() {
                 .header("X-Credproxy-Session", &spark_key)
         )
         .await,
-        401
+        200
     );
+    assert_eq!(w.spark.grant_count(), 1);
 
     // The admin API, with a chosen key and tokens in the body.
     let chosen = "chosen-legacy-key-for-log-test-42";
@@ -188,6 +190,8 @@ async fn no_secret_in_any_log_at_trace_level() {
         secrets.push(t.access_token.clone());
         secrets.push(t.refresh_token.clone());
     }
+    secrets.extend(w.spark.all_tokens());
+    secrets.extend(w.zillow.all_tokens());
     secrets.push(spark_key.clone());
     secrets.push(zillow_key.clone());
     secrets.push("wrong-admin-token-123".to_owned());
@@ -206,6 +210,10 @@ async fn no_secret_in_any_log_at_trace_level() {
         .filter(|l| l.contains("credproxy::access"))
         .collect();
     assert_eq!(access.len(), 11, "{access:#?}");
+    assert!(
+        logs.contains("tokens refreshed"),
+        "the refresh is in the log"
+    );
     let line = access
         .iter()
         .find(|l| l.contains("/v1/a"))

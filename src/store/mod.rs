@@ -33,6 +33,7 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct SessionRecord {
     pub id: String,
+    pub key_hash: KeyHash,
     pub provider: String,
     pub label: Option<String>,
     pub status: Status,
@@ -62,6 +63,17 @@ pub struct NewSession {
     pub key_hash: KeyHash,
     pub tokens: SealedTokens,
     pub now: i64,
+}
+
+/// The answer to a request for a session's refresh lease.
+#[derive(Debug)]
+pub enum Lease {
+    /// The caller now holds the lease; the row as it is under the lease.
+    Acquired(SessionRecord),
+    /// Another owner holds it until `until_ms`; `version` is the row's now.
+    Held { until_ms: i64, version: i64 },
+    /// No such session.
+    Gone,
 }
 
 /// Sessions counted by provider and status, for `/metrics`.
@@ -101,6 +113,39 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
+    /// Takes the session's refresh lease for `owner` until `until_ms` (unix
+    /// milliseconds), unless another owner holds an unexpired one.
+    async fn acquire_refresh_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Lease, StoreError>;
+
+    /// Gives the lease back without changing the session.
+    async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError>;
+
+    /// Stores refreshed tokens durably and releases the lease, only while
+    /// `owner` holds it and the row still has `expected_version`.
+    async fn commit_refresh(
+        &self,
+        id: &str,
+        owner: &str,
+        tokens: SealedTokens,
+        expected_version: i64,
+        now: i64,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Marks the session `reauthorization_required` (its refresh token was
+    /// refused) and releases the lease, if the row still has `expected_version`.
+    async fn mark_reauthorization_required(
+        &self,
+        id: &str,
+        expected_version: i64,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+
     /// Deletes a session; `false` when there was none.
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError>;
 
@@ -125,8 +170,13 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
 
 /// Seconds since the Unix epoch.
 pub fn now() -> i64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }

@@ -14,12 +14,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
-use super::{NewSession, SealedTokens, SessionCount, SessionRecord, Store, StoreError};
+use super::{Lease, NewSession, SealedTokens, SessionCount, SessionRecord, Store, StoreError};
 use crate::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-const COLUMNS: &str = "id, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
+const COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -47,7 +47,13 @@ fn record(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     let status = Status::parse(&status).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    let key_hash = KeyHash(
+        hash.try_into()
+            .map_err(|_| StoreError::Corrupt(id.clone()))?,
+    );
     Ok(SessionRecord {
+        key_hash,
         provider: row.try_get("provider")?,
         label: row.try_get("label")?,
         status,
@@ -105,6 +111,7 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(SessionRecord {
             id: new.id,
+            key_hash: new.key_hash,
             provider: new.provider,
             label: new.label,
             status: Status::Active,
@@ -192,6 +199,113 @@ impl Store for SqliteStore {
         log_change(&mut tx, id, now).await?;
         tx.commit().await?;
         Ok(Some(rec))
+    }
+
+    async fn acquire_refresh_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Lease, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE sessions SET refresh_lease_owner = ?, refresh_lease_until = ?
+             WHERE id = ? AND (refresh_lease_until IS NULL OR refresh_lease_until < ? OR refresh_lease_owner = ?)
+             RETURNING {COLUMNS}"
+        ))
+        .bind(owner)
+        .bind(until_ms)
+        .bind(id)
+        .bind(now_ms)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(Lease::Acquired(record(&row)?));
+        }
+        let held = sqlx::query("SELECT refresh_lease_until, version FROM sessions WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match held {
+            None => Lease::Gone,
+            Some(r) => Lease::Held {
+                until_ms: r
+                    .try_get::<Option<i64>, _>("refresh_lease_until")?
+                    .unwrap_or(0),
+                version: r.try_get("version")?,
+            },
+        })
+    }
+
+    async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE id = ? AND refresh_lease_owner = ?",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit_refresh(
+        &self,
+        id: &str,
+        owner: &str,
+        tokens: SealedTokens,
+        expected_version: i64,
+        now: i64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
+                 version = version + 1, updated_at = ?, last_refresh_at = ?,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE id = ? AND version = ? AND refresh_lease_owner = ?
+             RETURNING {COLUMNS}"
+        ))
+        .bind(&tokens.access_token)
+        .bind(&tokens.refresh_token)
+        .bind(tokens.expires_at)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .bind(expected_version)
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let rec = record(&row)?;
+        log_change(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(Some(rec))
+    }
+
+    async fn mark_reauthorization_required(
+        &self,
+        id: &str,
+        expected_version: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE sessions SET status = 'reauthorization_required', version = version + 1, updated_at = ?,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE id = ? AND version = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            log_change(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
     }
 
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {

@@ -231,7 +231,32 @@ impl Standin {
 
     /// POSTs to the token endpoint, whatever their outcome.
     pub fn token_calls(&self) -> u64 {
-        self.shared.token_calls.load(Ordering::SeqCst)
+        *self.shared.token_calls.borrow()
+    }
+
+    /// Resolves once at least `n` POSTs have reached the token endpoint
+    /// (counted on arrival, before the answer).
+    pub async fn wait_for_token_calls(&self, n: u64) {
+        let mut rx = self.shared.token_calls.subscribe();
+        let _ = rx.wait_for(|count| *count >= n).await;
+    }
+
+    /// Every access and refresh token this stand-in ever issued (for tests
+    /// that search logs for secrets).
+    pub fn all_tokens(&self) -> Vec<String> {
+        let t = self.shared.tokens();
+        t.access
+            .keys()
+            .chain(t.refresh.iter())
+            .chain(t.consumed.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Refresh grants refused because their refresh token had already been
+    /// used once: each is a client that lost track of a rotation.
+    pub fn reused_refresh_tokens(&self) -> u64 {
+        self.shared.tokens().reused
     }
 
     pub fn set_token_mode(&self, mode: TokenMode) {
@@ -292,7 +317,7 @@ pub(crate) struct Shared {
     tokens: Mutex<TokenStore>,
     pub(crate) mode: watch::Sender<TokenMode>,
     pub(crate) grants: AtomicU64,
-    pub(crate) token_calls: AtomicU64,
+    pub(crate) token_calls: watch::Sender<u64>,
     pub(crate) last_redirect_uri: Mutex<Option<String>>,
     requests: Mutex<Vec<Recorded>>,
     recorded: watch::Sender<usize>,
@@ -305,7 +330,7 @@ impl Shared {
             tokens: Mutex::new(TokenStore::default()),
             mode: watch::Sender::new(TokenMode::Normal),
             grants: AtomicU64::new(0),
-            token_calls: AtomicU64::new(0),
+            token_calls: watch::Sender::new(0),
             last_redirect_uri: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
             recorded: watch::Sender::new(0),
@@ -344,6 +369,9 @@ pub(crate) enum AccessCheck {
 pub(crate) struct TokenStore {
     access: HashMap<String, AccessToken>,
     refresh: HashSet<String>,
+    /// Refresh tokens already redeemed once (strict rotation).
+    consumed: HashSet<String>,
+    reused: u64,
     codes: HashSet<String>,
 }
 
@@ -379,7 +407,14 @@ impl TokenStore {
 
     /// Consumes a live refresh token (strict rotation) and mints a new pair.
     pub(crate) fn redeem_refresh(&mut self, refresh_token: &str, opts: &Options) -> Option<Tokens> {
-        self.refresh.remove(refresh_token).then(|| self.mint(opts))
+        if self.refresh.remove(refresh_token) {
+            self.consumed.insert(refresh_token.to_owned());
+            return Some(self.mint(opts));
+        }
+        if self.consumed.contains(refresh_token) {
+            self.reused += 1;
+        }
+        None
     }
 
     /// Consumes an unused authorisation code and mints a pair.

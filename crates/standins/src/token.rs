@@ -49,7 +49,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             .insert(ALLOW, HeaderValue::from_static("POST"));
         return resp;
     }
-    shared.token_calls.fetch_add(1, Ordering::SeqCst);
+    shared.token_calls.send_modify(|n| *n += 1);
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),

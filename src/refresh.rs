@@ -1,0 +1,334 @@
+//! The token lifecycle: refreshing a session's tokens once, whoever asks.
+//!
+//! [`Refresher::refresh`] is the one way tokens get refreshed: by the proxy
+//! (proactively near expiry, reactively after an upstream 401), by the
+//! background refresh-ahead task, by `session refresh` and by the admin API.
+//!
+//! **Invariant (single flight):** a refresh token is spent at most once.
+//! * Within a process, a per-session async mutex queues concurrent callers;
+//!   each re-reads the row under it and, if its version moved since the
+//!   caller read the session, uses the new tokens instead of refreshing.
+//! * Across processes sharing the store, the store's refresh lease
+//!   (compare-and-set on the row) admits one owner at a time; the others
+//!   wait for the version to move.
+//! * The new tokens are committed (durably, `synchronous=FULL`) with a
+//!   compare-and-swap on the version before anyone may use them.
+//!
+//! Failures are shared: after a transient failure the session backs off
+//! (exponential, capped, jittered), and callers queued behind the failed
+//! attempt get the same answer instead of calling the endpoint again.
+//! `invalid_grant` marks the session `reauthorization_required`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::config::{Config, ProviderConfig};
+use crate::forward::TlsError;
+use crate::metrics::Metrics;
+use crate::session::Status;
+use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions};
+use crate::store::{self, Lease, SessionRecord, StoreError};
+use crate::token::{backoff, Grant, TokenEndpoint, TokenError};
+
+/// First back-off after a failed refresh; doubles per failure up to the
+/// provider's `refresh_backoff_max`.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("the provider refused the refresh token; the session needs reauthorization")]
+    Reauthorization,
+    #[error("the token endpoint failed; retry in {retry_after:?}")]
+    Failed { retry_after: Duration },
+    #[error("the session has no refresh token")]
+    NotRefreshable,
+    #[error("the session no longer exists")]
+    Gone,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+/// One session's refresh state in this process.
+#[derive(Default)]
+struct Flight {
+    /// The row version the back-off below applies to; any change resets it.
+    version: i64,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+pub struct Refresher {
+    sessions: Arc<Sessions>,
+    metrics: Arc<Metrics>,
+    endpoints: HashMap<String, (ProviderConfig, TokenEndpoint)>,
+    flights: DashMap<String, Arc<tokio::sync::Mutex<Flight>>>,
+    /// This process's name in the store's refresh leases.
+    owner: String,
+}
+
+impl Refresher {
+    pub fn new(
+        config: &Config,
+        sessions: Arc<Sessions>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Refresher, TlsError> {
+        let mut endpoints = HashMap::new();
+        for p in &config.providers {
+            endpoints.insert(p.name.clone(), (p.clone(), TokenEndpoint::new(p)?));
+        }
+        Ok(Refresher {
+            sessions,
+            metrics,
+            endpoints,
+            flights: DashMap::new(),
+            owner: format!(
+                "{}-{}",
+                std::process::id(),
+                crate::session::new_session_id()
+            ),
+        })
+    }
+
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    /// Refreshes the session `seen` was read from, unless its tokens changed
+    /// since then (another request, process or operator got there first), in
+    /// which case the current ones are returned. With `force`, refreshes even
+    /// so (`session refresh`, the admin API).
+    pub async fn refresh(
+        &self,
+        seen: &ActiveSession,
+        force: bool,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
+        self.refresh_id(&seen.id, Some(seen.version), force).await
+    }
+
+    /// Refreshes session `id` now (`session refresh ID`).
+    pub async fn refresh_now(&self, id: &str) -> Result<Arc<ActiveSession>, RefreshError> {
+        self.refresh_id(id, None, true).await
+    }
+
+    async fn refresh_id(
+        &self,
+        id: &str,
+        seen: Option<i64>,
+        force: bool,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
+        let flight = Arc::clone(self.flights.entry(id.to_owned()).or_default().value());
+        let mut flight = flight.lock().await;
+        let store = self.sessions.store();
+        let rec = store.session_by_id(id).await?.ok_or(RefreshError::Gone)?;
+        if flight.version != rec.version {
+            *flight = Flight {
+                version: rec.version,
+                ..Flight::default()
+            };
+        }
+        if rec.status == Status::ReauthorizationRequired {
+            return Err(RefreshError::Reauthorization);
+        }
+        let moved = |version: i64| !force && seen.is_some_and(|v| v != version);
+        if moved(rec.version) {
+            return Ok(self.sessions.install(&rec)?);
+        }
+        if rec.refresh_token.is_none() {
+            return Err(RefreshError::NotRefreshable);
+        }
+        if let Some(at) = flight.retry_at {
+            let now = Instant::now();
+            if now < at {
+                return Err(RefreshError::Failed {
+                    retry_after: at - now,
+                });
+            }
+        }
+        let (provider, endpoint) = self
+            .endpoints
+            .get(&rec.provider)
+            .ok_or_else(|| SessionError::UnknownProvider(rec.provider.clone()))?;
+
+        let rec = match self.lease(&rec, provider).await? {
+            Leased::Mine(rec) => rec,
+            Leased::Moved(rec) => {
+                if rec.status == Status::ReauthorizationRequired {
+                    return Err(RefreshError::Reauthorization);
+                }
+                return Ok(self.sessions.install(&rec)?);
+            }
+        };
+        if moved(rec.version) {
+            store.release_refresh_lease(id, &self.owner).await?;
+            return Ok(self.sessions.install(&rec)?);
+        }
+        let Some(refresh_token) = self.sessions.refresh_token(&rec)? else {
+            store.release_refresh_lease(id, &self.owner).await?;
+            return Err(RefreshError::NotRefreshable);
+        };
+
+        let started = Instant::now();
+        let answer = endpoint.grant(Grant::RefreshToken(&refresh_token)).await;
+        let took = started.elapsed();
+        match answer {
+            Ok(answer) => {
+                let tokens = NewTokens {
+                    access_token: answer.access_token,
+                    refresh_token: answer.refresh_token,
+                    expires_in: answer.expires_in,
+                };
+                let sealed = self.sessions.seal_refreshed(&rec, &tokens, store::now());
+                // The provider has rotated the refresh token: from here until
+                // this commit returns is the one window a crash loses the session.
+                match store
+                    .commit_refresh(id, &self.owner, sealed, rec.version, store::now())
+                    .await
+                {
+                    Ok(Some(new)) => {
+                        self.metrics.refresh(&rec.provider, "ok", Some(took));
+                        tracing::info!(session = %id, provider = %rec.provider, took_ms = took.as_millis() as u64, "tokens refreshed");
+                        *flight = Flight {
+                            version: new.version,
+                            ..Flight::default()
+                        };
+                        Ok(self.sessions.install(&new)?)
+                    }
+                    Ok(None) => {
+                        // Only if our lease expired and another owner moved the row.
+                        self.metrics.refresh(&rec.provider, "failed", Some(took));
+                        tracing::error!(session = %id, "refreshed tokens were not stored: the session changed while the token endpoint answered");
+                        Err(RefreshError::Failed {
+                            retry_after: BACKOFF_BASE,
+                        })
+                    }
+                    Err(e) => {
+                        self.metrics.refresh(&rec.provider, "failed", Some(took));
+                        tracing::error!(session = %id, error = %e, "refreshed tokens could not be stored; the session may need reauthorization");
+                        Err(e.into())
+                    }
+                }
+            }
+            Err(TokenError::Rejected { code }) => {
+                self.metrics
+                    .refresh(&rec.provider, "invalid_grant", Some(took));
+                tracing::warn!(session = %id, provider = %rec.provider, code = %code, "refresh refused; session needs reauthorization");
+                store
+                    .mark_reauthorization_required(id, rec.version, store::now())
+                    .await?;
+                self.sessions.invalidate(id);
+                Err(RefreshError::Reauthorization)
+            }
+            Err(TokenError::Failed(reason)) => {
+                self.metrics.refresh(&rec.provider, "failed", Some(took));
+                if let Err(e) = store.release_refresh_lease(id, &self.owner).await {
+                    tracing::warn!(session = %id, error = %e, "cannot release the refresh lease; it expires on its own");
+                }
+                flight.failures += 1;
+                let wait = backoff(flight.failures, BACKOFF_BASE, provider.refresh_backoff_max);
+                flight.retry_at = Some(Instant::now() + wait);
+                tracing::warn!(session = %id, provider = %rec.provider, reason = %reason, retry_in_ms = wait.as_millis() as u64, "refresh failed; session intact");
+                Err(RefreshError::Failed { retry_after: wait })
+            }
+        }
+    }
+
+    /// Takes the store's refresh lease, waiting while another process holds
+    /// it; returns the row under our lease, or the row another owner moved on.
+    async fn lease(
+        &self,
+        rec: &SessionRecord,
+        provider: &ProviderConfig,
+    ) -> Result<Leased, RefreshError> {
+        let store = self.sessions.store();
+        // Longer than any token call of ours, so a live owner never loses it.
+        let hold = provider.token_timeout + Duration::from_secs(10);
+        let give_up = Instant::now() + hold * 2;
+        loop {
+            let now = store::now_ms();
+            match store
+                .acquire_refresh_lease(&rec.id, &self.owner, now + hold.as_millis() as i64, now)
+                .await?
+            {
+                Lease::Acquired(r) => return Ok(Leased::Mine(r)),
+                Lease::Gone => return Err(RefreshError::Gone),
+                Lease::Held { version, until_ms } => {
+                    if version != rec.version {
+                        let current = store
+                            .session_by_id(&rec.id)
+                            .await?
+                            .ok_or(RefreshError::Gone)?;
+                        return Ok(Leased::Moved(current));
+                    }
+                    if Instant::now() >= give_up {
+                        return Err(RefreshError::Failed {
+                            retry_after: BACKOFF_BASE,
+                        });
+                    }
+                    // Another process is refreshing: poll its row for the result.
+                    let left = Duration::from_millis((until_ms - now).clamp(1, 100) as u64);
+                    tokio::time::sleep(left).await;
+                }
+            }
+        }
+    }
+
+    /// Refreshes, in the background, recently used cached sessions of
+    /// providers with `refresh_ahead`, before they come due, so requests
+    /// never wait on the token endpoint. Runs until `stop` resolves.
+    pub async fn refresh_ahead(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        let ahead: Vec<&ProviderConfig> = self
+            .endpoints
+            .values()
+            .map(|(p, _)| p)
+            .filter(|p| p.refresh_ahead)
+            .collect();
+        let Some(tick) = ahead
+            .iter()
+            .map(|p| (p.refresh_margin / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
+            .min()
+        else {
+            return;
+        };
+        tokio::pin!(stop);
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = interval.tick() => {}
+            }
+            let now = store::now();
+            for session in self.sessions.cached_sessions() {
+                let Some((p, _)) = self.endpoints.get(&session.provider) else {
+                    continue;
+                };
+                let recently_used = now
+                    - session.last_used.load(std::sync::atomic::Ordering::Relaxed)
+                    <= RECENT_USE.as_secs() as i64;
+                // Twice the margin, so the proxy's own proactive check never fires first.
+                if !p.refresh_ahead || !recently_used || !session.due(now, p.refresh_margin * 2) {
+                    continue;
+                }
+                let me = Arc::clone(&self);
+                tokio::spawn(async move {
+                    if let Err(e) = me.refresh(&session, false).await {
+                        tracing::debug!(session = %session.id, error = %e, "refresh-ahead did not refresh");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A session counts as in use for refresh-ahead if a request used it this recently.
+const RECENT_USE: Duration = Duration::from_secs(15 * 60);
+
+enum Leased {
+    Mine(SessionRecord),
+    Moved(SessionRecord),
+}

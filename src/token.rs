@@ -1,0 +1,232 @@
+//! Calling a provider's token endpoint: the refresh grant (and the
+//! authorisation-code grant of the connect flow).
+//!
+//! Spark takes a JSON body with the client credentials in it; Zillow takes a
+//! form body with HTTP Basic client authentication. Both answer JSON with
+//! `access_token`, an optional `refresh_token` (kept when omitted) and an
+//! optional `expires_in`.
+//!
+//! Errors are classified for the caller: `invalid_grant` / `invalid_client`
+//! mean a person must reconnect ([`TokenError::Rejected`]); anything else (5xx,
+//! timeouts, unreachable, unparseable answers) is transient
+//! ([`TokenError::Failed`]) and leaves the session intact. Error texts are
+//! built from status codes and OAuth error codes only, never from bodies
+//! that could carry a token.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::ProviderConfig;
+use crate::forward::{tls_config, TlsError};
+use crate::provider::ProviderKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The provider refused the grant: the session needs a person.
+    #[error("the token endpoint refused the grant ({code})")]
+    Rejected { code: String },
+    /// The endpoint failed or could not be reached; try again later.
+    #[error("the token endpoint failed: {0}")]
+    Failed(String),
+}
+
+/// What a grant returns.
+#[derive(Debug)]
+pub struct TokenAnswer {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_in: Option<u64>,
+}
+
+pub enum Grant<'a> {
+    RefreshToken(&'a SecretString),
+    AuthorizationCode(&'a SecretString),
+}
+
+/// One provider's token endpoint.
+pub struct TokenEndpoint {
+    http: reqwest::Client,
+    kind: ProviderKind,
+    url: Option<url::Url>,
+    client_id: String,
+    client_secret: SecretString,
+    redirect_uri: String,
+}
+
+#[derive(Deserialize)]
+struct RawAnswer {
+    access_token: Option<SecretString>,
+    refresh_token: Option<SecretString>,
+    expires_in: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    error: Option<String>,
+}
+
+/// An OAuth error code, kept only if it looks like one (it goes into logs).
+fn safe_code(code: &str) -> String {
+    if !code.is_empty()
+        && code.len() <= 64
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    {
+        code.to_owned()
+    } else {
+        "unrecognised error".to_owned()
+    }
+}
+
+impl TokenEndpoint {
+    pub fn new(provider: &ProviderConfig) -> Result<TokenEndpoint, TlsError> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(provider)?)
+            .connect_timeout(provider.connect_timeout)
+            .timeout(provider.token_timeout)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|_| TlsError::Authority {
+                key: format!("providers.{}.token_url", provider.name),
+            })?;
+        Ok(TokenEndpoint {
+            http,
+            kind: provider.kind,
+            url: provider.token_url.clone(),
+            client_id: provider.client_id.clone(),
+            client_secret: provider.client_secret.clone(),
+            redirect_uri: provider.redirect_uri.to_string(),
+        })
+    }
+
+    pub async fn grant(&self, grant: Grant<'_>) -> Result<TokenAnswer, TokenError> {
+        let url = self.url.clone().ok_or_else(|| {
+            TokenError::Failed("no token_url is configured for this provider".into())
+        })?;
+        let (grant_type, field, value) = match grant {
+            Grant::RefreshToken(t) => ("refresh_token", "refresh_token", t),
+            Grant::AuthorizationCode(c) => ("authorization_code", "code", c),
+        };
+        let req = match self.kind {
+            ProviderKind::Spark => self.http.post(url).json(&serde_json::json!({
+                "client_id": self.client_id,
+                "client_secret": self.client_secret.expose_secret(),
+                "grant_type": grant_type,
+                field: value.expose_secret(),
+                "redirect_uri": self.redirect_uri,
+            })),
+            ProviderKind::Zillow => {
+                let body = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("grant_type", grant_type)
+                    .append_pair(field, value.expose_secret())
+                    .append_pair("redirect_uri", &self.redirect_uri)
+                    .finish();
+                self.http
+                    .post(url)
+                    .basic_auth(&self.client_id, Some(self.client_secret.expose_secret()))
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body)
+            }
+        };
+        let resp = req
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| {
+                TokenError::Failed(if e.is_timeout() {
+                    "timed out".into()
+                } else if e.is_connect() {
+                    "unreachable".into()
+                } else {
+                    "the request failed".into()
+                })
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|_| {
+            TokenError::Failed(format!("answered {status} but the body could not be read"))
+        })?;
+        if status.is_success() {
+            return parse_answer(&body).ok_or_else(|| {
+                TokenError::Failed(format!("answered {status} without a usable access_token"))
+            });
+        }
+        let code = serde_json::from_slice::<RawError>(&body)
+            .ok()
+            .and_then(|e| e.error)
+            .map(|c| safe_code(&c));
+        match code.as_deref() {
+            Some("invalid_grant" | "invalid_client") if status.is_client_error() => {
+                Err(TokenError::Rejected {
+                    code: code.unwrap_or_default(),
+                })
+            }
+            Some(code) => Err(TokenError::Failed(format!("answered {status} ({code})"))),
+            None => Err(TokenError::Failed(format!("answered {status}"))),
+        }
+    }
+}
+
+fn parse_answer(body: &[u8]) -> Option<TokenAnswer> {
+    let raw: RawAnswer = serde_json::from_slice(body).ok()?;
+    let access_token = raw.access_token.filter(|t| !t.expose_secret().is_empty())?;
+    // Some servers send expires_in as a string; accept both, ignore nonsense.
+    let expires_in = match raw.expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    Some(TokenAnswer {
+        access_token,
+        refresh_token: raw.refresh_token.filter(|t| !t.expose_secret().is_empty()),
+        expires_in,
+    })
+}
+
+/// Exponential back-off with jitter: `base * 2^(failures-1)`, capped, times 0.8..1.2.
+pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
+    use rand::Rng;
+    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    exp.min(cap).mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse_with_optional_fields() {
+        let a = parse_answer(br#"{"access_token":"a","refresh_token":"r","expires_in":86400}"#)
+            .expect("ok");
+        assert_eq!(a.access_token.expose_secret(), "a");
+        assert_eq!(a.expires_in, Some(86400));
+        let z = parse_answer(
+            br#"{"access_token":"a","Token_type":"bearer","refresh_token":"r","id_token":"x"}"#,
+        )
+        .expect("ok");
+        assert!(z.expires_in.is_none());
+        let s = parse_answer(br#"{"access_token":"a","expires_in":"3600"}"#).expect("ok");
+        assert!(s.refresh_token.is_none() && s.expires_in == Some(3600));
+        assert!(parse_answer(br#"{"refresh_token":"r"}"#).is_none());
+        assert!(parse_answer(b"not json").is_none());
+    }
+
+    #[test]
+    fn error_codes_are_sanitised() {
+        assert_eq!(safe_code("invalid_grant"), "invalid_grant");
+        assert_eq!(safe_code("tok-abc123"), "unrecognised error");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_secs(1);
+        let cap = Duration::from_secs(60);
+        assert!(backoff(1, base, cap) <= Duration::from_millis(1200));
+        assert!(backoff(4, base, cap) >= Duration::from_millis(6400));
+        assert!(backoff(30, base, cap) <= Duration::from_secs(72));
+    }
+}
