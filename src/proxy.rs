@@ -280,7 +280,7 @@ impl Proxy {
         session: Arc<ActiveSession>,
     ) -> Result<Arc<ActiveSession>, ProxyError> {
         let now = store::now();
-        session.touch(now);
+        self.sessions.note_use(&session, now);
         if !session.due(now, route.refresh_margin) {
             return Ok(session);
         }

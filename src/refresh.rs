@@ -303,15 +303,30 @@ impl Refresher {
                 _ = interval.tick() => {}
             }
             let now = store::now();
-            for session in self.sessions.cached_sessions() {
+            for id in self.sessions.used_since(now - RECENT_USE.as_secs() as i64) {
+                let session = match self.sessions.by_id(&id).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        self.sessions.forget_use(&id);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(session = %id, error = %e, "refresh-ahead cannot read the session");
+                        continue;
+                    }
+                };
                 let Some((p, _)) = self.endpoints.get(&session.provider) else {
                     continue;
                 };
-                let recently_used = now
-                    - session.last_used.load(std::sync::atomic::Ordering::Relaxed)
-                    <= RECENT_USE.as_secs() as i64;
                 // Twice the margin, so the proxy's own proactive check never fires first.
-                if !p.refresh_ahead || !recently_used || !session.due(now, p.refresh_margin * 2) {
+                if !p.refresh_ahead
+                    || session.status != Status::Active
+                    || !session.due(now, p.refresh_margin * 2)
+                {
+                    continue;
+                }
+                // One attempt at a time: skip a session whose refresh is under way.
+                if self.flights.get(&id).is_some_and(|f| f.try_lock().is_err()) {
                     continue;
                 }
                 let me = Arc::clone(&self);

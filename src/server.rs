@@ -143,6 +143,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.store.invalidation_interval,
         shutdown.clone().cancelled_owned(),
     ));
+    tasks.spawn(Arc::clone(&refresher).refresh_ahead(shutdown.clone().cancelled_owned()));
     Ok(Running {
         proxy_addr,
         admin_addr,

@@ -58,8 +58,8 @@ pub struct ActiveSession {
     pub expires_at: Option<i64>,
     pub version: i64,
     pub has_refresh_token: bool,
-    /// Unix seconds of the last request that used this session (for refresh-ahead).
-    pub last_used: AtomicI64,
+    /// Unix seconds this cached copy was last used; throttles [`Sessions::note_use`].
+    last_used: AtomicI64,
 }
 
 impl ActiveSession {
@@ -74,14 +74,6 @@ impl ActiveSession {
 
     pub fn expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|at| now >= at)
-    }
-
-    /// Notes a use; written only when the second changes, so concurrent
-    /// requests do not fight over the cache line.
-    pub fn touch(&self, now: i64) {
-        if self.last_used.load(Ordering::Relaxed) != now {
-            self.last_used.store(now, Ordering::Relaxed);
-        }
     }
 }
 
@@ -150,6 +142,9 @@ pub struct Sessions {
     by_id: DashMap<String, Arc<ActiveSession>>,
     /// Bumped by every invalidation; a fill that saw it move is not cached.
     generation: AtomicU64,
+    /// Session id -> unix seconds of its last use, for refresh-ahead. Kept
+    /// apart from the cache, which changes evict.
+    recent: DashMap<String, i64>,
 }
 
 impl Sessions {
@@ -165,6 +160,7 @@ impl Sessions {
             by_key: DashMap::new(),
             by_id: DashMap::new(),
             generation: AtomicU64::new(0),
+            recent: DashMap::new(),
         }
     }
 
@@ -230,17 +226,6 @@ impl Sessions {
     pub fn install(&self, rec: &SessionRecord) -> Result<Arc<ActiveSession>, SessionError> {
         let active = Arc::new(self.activate(rec)?);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let last_used = self
-            .by_id
-            .get(&rec.id)
-            .map(|s| s.last_used.load(Ordering::Relaxed))
-            .or_else(|| {
-                self.by_key
-                    .get(&rec.key_hash)
-                    .map(|s| s.last_used.load(Ordering::Relaxed))
-            })
-            .unwrap_or(0);
-        active.last_used.store(last_used, Ordering::Relaxed);
         self.by_key.insert(rec.key_hash, Arc::clone(&active));
         if self.by_id.contains_key(&rec.id) {
             self.by_id.insert(rec.id.clone(), Arc::clone(&active));
@@ -272,15 +257,24 @@ impl Sessions {
         sealed
     }
 
-    /// Every distinct cached session, for background refresh.
-    pub fn cached_sessions(&self) -> Vec<Arc<ActiveSession>> {
-        let mut seen = std::collections::HashSet::new();
-        self.by_key
-            .iter()
-            .map(|e| Arc::clone(e.value()))
-            .chain(self.by_id.iter().map(|e| Arc::clone(e.value())))
-            .filter(|s| seen.insert(s.id.clone()))
-            .collect()
+    /// Notes that a request used `session`; the shared map is written at
+    /// most once a second per cached copy, so busy sessions cost one atomic load.
+    pub fn note_use(&self, session: &ActiveSession, now: i64) {
+        if session.last_used.load(Ordering::Relaxed) != now {
+            session.last_used.store(now, Ordering::Relaxed);
+            self.recent.insert(session.id.clone(), now);
+        }
+    }
+
+    /// Ids of sessions used at or after `since` (unix seconds); older
+    /// entries are forgotten.
+    pub fn used_since(&self, since: i64) -> Vec<String> {
+        self.recent.retain(|_, at| *at >= since);
+        self.recent.iter().map(|e| e.key().clone()).collect()
+    }
+
+    pub fn forget_use(&self, id: &str) {
+        self.recent.remove(id);
     }
 
     fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {
