@@ -437,3 +437,65 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    async fn sessions(dir: &std::path::Path) -> Sessions {
+        let text = r#"
+            [providers.spark]
+            kind = "spark"
+            api_base = "https://sparkapi.com"
+            client_id = "c"
+            client_secret = "s"
+        "#;
+        let config = Config::parse(text, std::path::Path::new("t"), |_| None).expect("config");
+        let store = store::open(&format!("sqlite://{}", dir.join("t.db").display()))
+            .await
+            .expect("store");
+        Sessions::new(store, Sealer::from_key(&[3; 32]), &config)
+    }
+
+    #[tokio::test]
+    async fn a_refresh_without_a_new_refresh_token_keeps_the_old_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions(dir.path()).await;
+        let tokens = |a: &str, r: Option<&str>| NewTokens {
+            access_token: SecretString::from(a.to_owned()),
+            refresh_token: r.map(|r| SecretString::from(r.to_owned())),
+            expires_in: Some(60),
+        };
+        let added = s
+            .add("spark", tokens("a1", Some("r1")), None, None)
+            .await
+            .expect("add");
+        let rec = s
+            .store()
+            .session_by_id(&added.id)
+            .await
+            .expect("read")
+            .expect("row");
+        let sealed = s.seal_refreshed(&rec, &tokens("a2", None), store::now());
+        let mut rec2 = rec.clone();
+        rec2.access_token = sealed.access_token;
+        rec2.refresh_token = sealed.refresh_token;
+        assert_eq!(
+            s.refresh_token(&rec2)
+                .expect("open")
+                .expect("kept")
+                .expose_secret(),
+            "r1"
+        );
+        let sealed = s.seal_refreshed(&rec, &tokens("a3", Some("r3")), store::now());
+        rec2.refresh_token = sealed.refresh_token;
+        assert_eq!(
+            s.refresh_token(&rec2)
+                .expect("open")
+                .expect("new")
+                .expose_secret(),
+            "r3"
+        );
+    }
+}
