@@ -44,6 +44,7 @@ pub struct Metrics {
     registry: Registry,
     refreshes: Family<RefreshLabels, Counter>,
     refresh_latency: Family<RefreshLatencyLabels, Histogram>,
+    refresh_commit: Family<RefreshLatencyLabels, Histogram>,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<ProviderLabels, Histogram>,
     sessions: Family<SessionLabels, Gauge>,
@@ -53,6 +54,11 @@ pub struct Metrics {
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~33 s
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn commit_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -98,8 +104,17 @@ impl Default for Metrics {
             "Time the token endpoint took to answer a refresh",
             refresh_latency.clone(),
         );
+        let refresh_commit = Family::<RefreshLatencyLabels, Histogram>::new_with_constructor(
+            commit_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "refresh_commit_seconds",
+            "From the token endpoint's answer to the durable commit of the rotated tokens (the crash window)",
+            refresh_commit.clone(),
+        );
         Metrics {
             registry,
+            refresh_commit,
             refreshes,
             refresh_latency,
             requests,
@@ -137,6 +152,14 @@ impl Metrics {
                 })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    pub fn refresh_commit(&self, provider: &str, took: Duration) {
+        self.refresh_commit
+            .get_or_create(&RefreshLatencyLabels {
+                provider: provider.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Prometheus text exposition, with the session gauges set from `counts`.

@@ -190,8 +190,16 @@ impl Refresher {
                     .await
                 {
                     Ok(Some(new)) => {
+                        let window = started.elapsed() - took;
                         self.metrics.refresh(&rec.provider, "ok", Some(took));
-                        tracing::info!(session = %id, provider = %rec.provider, took_ms = took.as_millis() as u64, "tokens refreshed");
+                        self.metrics.refresh_commit(&rec.provider, window);
+                        tracing::info!(
+                            session = %id,
+                            provider = %rec.provider,
+                            took_ms = took.as_millis() as u64,
+                            commit_us = window.as_micros() as u64,
+                            "tokens refreshed"
+                        );
                         *flight = Flight {
                             version: new.version,
                             ..Flight::default()

@@ -25,6 +25,8 @@ pub enum StoreError {
     DuplicateKey,
     #[error("store: unsupported url (expected sqlite:...)")]
     UnsupportedUrl,
+    #[error("store: the store is shutting down")]
+    Closed,
     #[error("store: corrupt row for session {0}")]
     Corrupt(String),
 }

@@ -13,6 +13,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, SqlitePool};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{Lease, NewSession, SealedTokens, SessionCount, SessionRecord, Store, StoreError};
 use crate::session::{KeyHash, Status};
@@ -22,7 +25,17 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 const COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
 
 pub struct SqliteStore {
+    /// Reads, and the writes of the control plane.
     pool: SqlitePool,
+    /// Rotated tokens and reauthorization marks, applied by the
+    /// [`commit_writer`] with group commit (`synchronous=FULL`).
+    commits: mpsc::UnboundedSender<WriteJob>,
+    /// Refresh leases, applied by the [`lease_writer`] on its own
+    /// connection with `synchronous=NORMAL`: a lease needs no fsync (one lost
+    /// in a power cut is simply free again), and on their own connection
+    /// lease writes never hold up a commit's fsync behind them.
+    leases: mpsc::UnboundedSender<WriteJob>,
+    gate: Arc<WriteGate>,
 }
 
 impl SqliteStore {
@@ -36,11 +49,297 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore { pool })
+        let single = || {
+            SqlitePoolOptions::new()
+                .min_connections(1)
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+        };
+        let lease_conn = single()
+            .connect_with(opts.clone().synchronous(SqliteSynchronous::Normal))
+            .await?;
+        let commit_conn = single().connect_with(opts).await?;
+        let (commits, commit_jobs) = mpsc::unbounded_channel();
+        let (leases, lease_jobs) = mpsc::unbounded_channel();
+        let gate = Arc::new(WriteGate::default());
+        tokio::spawn(commit_writer(commit_conn, commit_jobs, Arc::clone(&gate)));
+        tokio::spawn(lease_writer(lease_conn, lease_jobs, Arc::clone(&gate)));
+        Ok(SqliteStore {
+            pool,
+            commits,
+            leases,
+            gate,
+        })
     }
+
+    async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let writer = match op {
+            WriteOp::AcquireLease { .. } | WriteOp::ReleaseLease { .. } => &self.leases,
+            WriteOp::CommitRefresh { .. } | WriteOp::MarkReauthorization { .. } => {
+                self.gate.commit_sent();
+                &self.commits
+            }
+        };
+        writer
+            .send(WriteJob { op, reply })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// A write of the refresh path.
+enum WriteOp {
+    AcquireLease {
+        id: String,
+        owner: String,
+        until_ms: i64,
+        now_ms: i64,
+    },
+    ReleaseLease {
+        id: String,
+        owner: String,
+    },
+    CommitRefresh {
+        id: String,
+        owner: String,
+        tokens: SealedTokens,
+        expected_version: i64,
+        now: i64,
+    },
+    MarkReauthorization {
+        id: String,
+        expected_version: i64,
+        now: i64,
+    },
+}
+
+enum Written {
+    Lease(Lease),
+    Row(Option<SessionRecord>),
+    Done,
+}
+
+struct WriteJob {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+/// Orders this process's refresh writes before they reach SQLite, so they
+/// never meet in SQLite's busy handler (which sleeps in steps of
+/// milliseconds), and lets commits go first: a commit closes a crash
+/// window, a lease only opens one.
+#[derive(Default)]
+struct WriteGate {
+    lock: tokio::sync::Mutex<()>,
+    /// Commit jobs sent and not yet written.
+    pending_commits: AtomicUsize,
+    /// Signalled whenever `pending_commits` drops to zero.
+    idle: Notify,
+}
+
+impl WriteGate {
+    fn commit_sent(&self) {
+        self.pending_commits.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn committed(&self, n: usize) {
+        if self.pending_commits.fetch_sub(n, Ordering::AcqRel) == n {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until no commit is pending, then takes the lock.
+    async fn after_commits(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        loop {
+            let idle = self.idle.notified();
+            if self.pending_commits.load(Ordering::Acquire) == 0 {
+                return self.lock.lock().await;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Writes rotated tokens with group commit: whatever commits are waiting
+/// go into one transaction and one fsync.
+///
+/// This is what keeps the crash window (the provider has rotated the
+/// refresh token, the commit has not returned) short in a refresh storm:
+/// the rotated tokens of many sessions wait for one fsync, not a queue of
+/// them, and never behind more than one lease write (see [`WriteGate`]).
+/// `tests/crash.rs` measures it.
+async fn commit_writer(
+    conn: SqlitePool,
+    mut jobs: mpsc::UnboundedReceiver<WriteJob>,
+    gate: Arc<WriteGate>,
+) {
+    const BATCH: usize = 256;
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        let n = batch.len();
+        let locked = gate.lock.lock().await;
+        match run_batch(&conn, &batch).await {
+            Ok(results) => {
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(Ok(result));
+                }
+            }
+            // The batch rolled back: retry each job alone, so one failing
+            // job cannot lose the others' rotations.
+            Err(_) => {
+                for job in batch.drain(..) {
+                    let result = run_one(&conn, &job).await;
+                    let _ = job.reply.send(result);
+                }
+            }
+        }
+        drop(locked);
+        gate.committed(n);
+    }
+}
+
+/// Writes leases one at a time, each in its own short transaction, and
+/// only while no commit is waiting.
+async fn lease_writer(
+    conn: SqlitePool,
+    mut jobs: mpsc::UnboundedReceiver<WriteJob>,
+    gate: Arc<WriteGate>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let result = {
+            let _locked = gate.after_commits().await;
+            run_one(&conn, &job).await
+        };
+        let _ = job.reply.send(result);
+    }
+}
+
+async fn run_one(conn: &SqlitePool, job: &WriteJob) -> Result<Written, StoreError> {
+    run_batch(conn, std::slice::from_ref(job))
+        .await?
+        .pop()
+        .ok_or(StoreError::Closed)
+}
+
+async fn run_batch(writer: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<Written>, StoreError> {
+    let mut tx = writer.begin().await?;
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        results.push(apply(&mut tx, &job.op).await?);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written, StoreError> {
+    Ok(match op {
+        WriteOp::AcquireLease {
+            id,
+            owner,
+            until_ms,
+            now_ms,
+        } => {
+            let sql = format!(
+                "UPDATE sessions SET refresh_lease_owner = ?, refresh_lease_until = ?
+                 WHERE id = ? AND (refresh_lease_until IS NULL OR refresh_lease_until < ? OR refresh_lease_owner = ?)
+                 RETURNING {COLUMNS}"
+            );
+            let row = sqlx::query(&sql)
+                .bind(owner)
+                .bind(until_ms)
+                .bind(id)
+                .bind(now_ms)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                return Ok(Written::Lease(Lease::Acquired(record(&row)?)));
+            }
+            let held =
+                sqlx::query("SELECT refresh_lease_until, version FROM sessions WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            Written::Lease(match held {
+                None => Lease::Gone,
+                Some(r) => Lease::Held {
+                    until_ms: r
+                        .try_get::<Option<i64>, _>("refresh_lease_until")?
+                        .unwrap_or(0),
+                    version: r.try_get("version")?,
+                },
+            })
+        }
+        WriteOp::ReleaseLease { id, owner } => {
+            sqlx::query(
+                "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
+                 WHERE id = ? AND refresh_lease_owner = ?",
+            )
+            .bind(id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+            Written::Done
+        }
+        WriteOp::CommitRefresh {
+            id,
+            owner,
+            tokens,
+            expected_version,
+            now,
+        } => {
+            let sql = format!(
+                "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
+                     version = version + 1, updated_at = ?, last_refresh_at = ?,
+                     refresh_lease_owner = NULL, refresh_lease_until = NULL
+                 WHERE id = ? AND version = ? AND refresh_lease_owner = ?
+                 RETURNING {COLUMNS}"
+            );
+            let row = sqlx::query(&sql)
+                .bind(&tokens.access_token)
+                .bind(&tokens.refresh_token)
+                .bind(tokens.expires_at)
+                .bind(now)
+                .bind(now)
+                .bind(id)
+                .bind(expected_version)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let rec = row.as_ref().map(record).transpose()?;
+            if rec.is_some() {
+                log_change(tx, id, *now).await?;
+            }
+            Written::Row(rec)
+        }
+        WriteOp::MarkReauthorization {
+            id,
+            expected_version,
+            now,
+        } => {
+            let sql = format!(
+                "UPDATE sessions SET status = 'reauthorization_required', version = version + 1, updated_at = ?,
+                     refresh_lease_owner = NULL, refresh_lease_until = NULL
+                 WHERE id = ? AND version = ?
+                 RETURNING {COLUMNS}"
+            );
+            let row = sqlx::query(&sql)
+                .bind(now)
+                .bind(id)
+                .bind(expected_version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let rec = row.as_ref().map(record).transpose()?;
+            if rec.is_some() {
+                log_change(tx, id, *now).await?;
+            }
+            Written::Row(rec)
+        }
+    })
 }
 
 fn record(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
@@ -208,46 +507,24 @@ impl Store for SqliteStore {
         until_ms: i64,
         now_ms: i64,
     ) -> Result<Lease, StoreError> {
-        let row = sqlx::query(&format!(
-            "UPDATE sessions SET refresh_lease_owner = ?, refresh_lease_until = ?
-             WHERE id = ? AND (refresh_lease_until IS NULL OR refresh_lease_until < ? OR refresh_lease_owner = ?)
-             RETURNING {COLUMNS}"
-        ))
-        .bind(owner)
-        .bind(until_ms)
-        .bind(id)
-        .bind(now_ms)
-        .bind(owner)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = row {
-            return Ok(Lease::Acquired(record(&row)?));
+        let op = WriteOp::AcquireLease {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+            until_ms,
+            now_ms,
+        };
+        match self.write(op).await? {
+            Written::Lease(lease) => Ok(lease),
+            _ => Err(StoreError::Closed),
         }
-        let held = sqlx::query("SELECT refresh_lease_until, version FROM sessions WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match held {
-            None => Lease::Gone,
-            Some(r) => Lease::Held {
-                until_ms: r
-                    .try_get::<Option<i64>, _>("refresh_lease_until")?
-                    .unwrap_or(0),
-                version: r.try_get("version")?,
-            },
-        })
     }
 
     async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
-             WHERE id = ? AND refresh_lease_owner = ?",
-        )
-        .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let op = WriteOp::ReleaseLease {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+        };
+        self.write(op).await.map(|_| ())
     }
 
     async fn commit_refresh(
@@ -258,29 +535,17 @@ impl Store for SqliteStore {
         expected_version: i64,
         now: i64,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
-                 version = version + 1, updated_at = ?, last_refresh_at = ?,
-                 refresh_lease_owner = NULL, refresh_lease_until = NULL
-             WHERE id = ? AND version = ? AND refresh_lease_owner = ?
-             RETURNING {COLUMNS}"
-        ))
-        .bind(&tokens.access_token)
-        .bind(&tokens.refresh_token)
-        .bind(tokens.expires_at)
-        .bind(now)
-        .bind(now)
-        .bind(id)
-        .bind(expected_version)
-        .bind(owner)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let rec = record(&row)?;
-        log_change(&mut tx, id, now).await?;
-        tx.commit().await?;
-        Ok(Some(rec))
+        let op = WriteOp::CommitRefresh {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+            tokens,
+            expected_version,
+            now,
+        };
+        match self.write(op).await? {
+            Written::Row(rec) => Ok(rec),
+            _ => Err(StoreError::Closed),
+        }
     }
 
     async fn mark_reauthorization_required(
@@ -289,23 +554,15 @@ impl Store for SqliteStore {
         expected_version: i64,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
-            "UPDATE sessions SET status = 'reauthorization_required', version = version + 1, updated_at = ?,
-                 refresh_lease_owner = NULL, refresh_lease_until = NULL
-             WHERE id = ? AND version = ?",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(expected_version)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n > 0 {
-            log_change(&mut tx, id, now).await?;
+        let op = WriteOp::MarkReauthorization {
+            id: id.to_owned(),
+            expected_version,
+            now,
+        };
+        match self.write(op).await? {
+            Written::Row(rec) => Ok(rec.is_some()),
+            _ => Err(StoreError::Closed),
         }
-        tx.commit().await?;
-        Ok(n > 0)
     }
 
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
