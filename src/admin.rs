@@ -5,6 +5,7 @@
 //! SHA-256 digests, so not even the token's length leaks). The proxy
 //! listener serves none of these routes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -20,7 +21,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
+use crate::connect::Connector;
 use crate::metrics::Metrics;
+use crate::pages;
 use crate::refresh::{RefreshError, Refresher};
 use crate::session::SessionKey;
 use crate::sessions::{NewTokens, SessionError, Sessions};
@@ -29,15 +32,24 @@ use crate::sessions::{NewTokens, SessionError, Sessions};
 pub struct AdminState {
     sessions: Arc<Sessions>,
     refresher: Arc<Refresher>,
+    connector: Arc<Connector>,
     metrics: Arc<Metrics>,
     /// SHA-256 of the admin token; `None` disables `/admin/*`.
     token_digest: Option<[u8; 32]>,
+    /// Where the proxy listens, for the curl line shown after connecting.
+    proxy_addr: SocketAddr,
 }
 
 impl AdminState {
-    pub fn new(config: &Config, refresher: Arc<Refresher>, metrics: Arc<Metrics>) -> AdminState {
+    pub fn new(
+        config: &Config,
+        refresher: Arc<Refresher>,
+        metrics: Arc<Metrics>,
+        proxy_addr: SocketAddr,
+    ) -> AdminState {
         AdminState {
             sessions: Arc::clone(refresher.sessions()),
+            connector: Arc::new(Connector::new(config, Arc::clone(&refresher))),
             refresher,
             metrics,
             token_digest: config
@@ -45,7 +57,44 @@ impl AdminState {
                 .token
                 .as_ref()
                 .map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
+            proxy_addr,
         }
+    }
+
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    pub fn admin_enabled(&self) -> bool {
+        self.token_digest.is_some()
+    }
+
+    /// Whether the request carries `Authorization: Bearer ADMIN_TOKEN`,
+    /// compared in constant time over digests (so the length leaks nothing).
+    pub fn admin_authorised(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = self.token_digest else {
+            return false;
+        };
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| Sha256::digest(token.trim().as_bytes()))
+            .is_some_and(|digest| bool::from(digest.as_slice().ct_eq(&expected)))
+    }
+
+    pub fn curl_line(&self, provider: &str, key: &str) -> String {
+        let kind = self
+            .connector
+            .provider(provider)
+            .map(|p| p.kind)
+            .unwrap_or(crate::provider::ProviderKind::Spark);
+        pages::curl_line(self.proxy_addr, provider, kind, key)
     }
 }
 
@@ -65,6 +114,11 @@ pub fn router(state: AdminState) -> Router {
             require_admin_token,
         ));
     Router::new()
+        .route("/", get(pages::index))
+        .route("/static/style.css", get(pages::stylesheet))
+        .route("/static/copy.js", get(pages::script))
+        .route("/connect/{provider}", get(pages::connect))
+        .route("/callback/{provider}", get(pages::callback))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -150,19 +204,12 @@ async fn require_admin_token(
     req: Request,
     next: Next,
 ) -> Response {
-    let Some(expected) = state.token_digest else {
+    if !state.admin_enabled() {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
-    };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| Sha256::digest(token.trim().as_bytes()));
-    match presented {
-        Some(digest) if bool::from(digest.as_slice().ct_eq(&expected)) => next.run(req).await,
-        _ => ApiError::new(
+    }
+    match state.admin_authorised(req.headers()) {
+        true => next.run(req).await,
+        false => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "send Authorization: Bearer ADMIN_TOKEN",

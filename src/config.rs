@@ -150,6 +150,7 @@ struct RawProvider {
     token_timeout: Option<RawDuration>,
     refresh_ahead: Option<bool>,
     refresh_backoff_max: Option<RawDuration>,
+    label: Option<String>,
 }
 
 /// The validated configuration.
@@ -237,6 +238,8 @@ pub struct ProviderConfig {
     pub refresh_ahead: bool,
     /// Upper bound of the back-off between failed refreshes of one session.
     pub refresh_backoff_max: Duration,
+    /// What people see on the connect pages, e.g. "Spark API".
+    pub label: String,
 }
 
 impl Config {
@@ -566,6 +569,10 @@ fn validate_provider(
         ca_file: p.ca_file,
         token_timeout,
         refresh_ahead: p.refresh_ahead.unwrap_or(false),
+        label: p.label.unwrap_or_else(|| match p.kind {
+            ProviderKind::Spark => "Spark API".to_owned(),
+            ProviderKind::Zillow => "Zillow Rental Feeds".to_owned(),
+        }),
         refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,
     })
 }

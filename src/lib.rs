@@ -6,9 +6,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod connect;
 pub mod error;
 pub mod forward;
 pub mod metrics;
+pub mod pages;
 pub mod provider;
 pub mod proxy;
 pub mod refresh;

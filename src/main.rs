@@ -39,6 +39,30 @@ enum Command {
     Session(SessionCommand),
     /// Validate the configuration and reach the store; exit 0, or print what is wrong and exit 1.
     Check,
+    /// Connect a provider account from a browser: prints the URL to open,
+    /// waits for the running server's callback, then prints the new
+    /// session's key (or, with --session, replaces that session's tokens
+    /// and keeps its key).
+    Connect(ConnectArgs),
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// The provider's name, as in the config's [providers.NAME] table.
+    provider: String,
+    /// Reconnect this session (e.g. one in reauthorization_required): its
+    /// tokens are replaced and its key stays, so applications need no change.
+    #[arg(long, value_name = "ID")]
+    session: Option<String>,
+    /// Also open the URL in the default browser.
+    #[arg(long)]
+    open: bool,
+    /// Give up waiting after this many seconds (the link is valid for 600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    timeout: u64,
+    /// Print {"id", "session_key", "provider"} as one JSON object when done.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -126,6 +150,7 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
         Command::Check => check(config).await,
+        Command::Connect(args) => connect(config, args).await,
         Command::Session(cmd) => session(config, cmd).await,
     }
 }
@@ -184,6 +209,102 @@ async fn open_sessions(config: &Config) -> anyhow::Result<Sessions> {
         .await
         .with_context(|| format!("store.url: cannot open {}", config.store.url))?;
     Ok(Sessions::new(store, sealer, config))
+}
+
+async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
+    use credproxy::connect::{state_hash, Connector};
+    use credproxy::store::OAuthOutcome;
+    use secrecy::ExposeSecret;
+
+    let sessions = Arc::new(open_sessions(&config).await?);
+    let metrics = Arc::new(credproxy::metrics::Metrics::default());
+    let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
+    let connector = Connector::new(&config, refresher);
+    let provider = connector.provider(&args.provider)?;
+    if provider.authorize_url.is_none() {
+        bail!(
+            "providers.{}.authorize_url is not configured",
+            args.provider
+        );
+    }
+    let label = provider.label.clone();
+    // A new session gets its key here, so this terminal can show it; the
+    // server only ever learns its hash.
+    let key = match &args.session {
+        Some(id) => {
+            match sessions.info(id).await? {
+                Some(info) if info.provider == args.provider => {}
+                Some(info) => bail!("session {id} belongs to provider {}", info.provider),
+                None => bail!("no session with id {id}"),
+            }
+            None
+        }
+        None => Some(SessionKey::generate()),
+    };
+    let state = connector
+        .begin(
+            &args.provider,
+            args.session.clone(),
+            key.as_ref().map(SessionKey::hash),
+        )
+        .await?;
+    let hash = state_hash(state.state.expose_secret());
+    let mut url = config.server.public_url.clone();
+    url.set_path(&format!("/connect/{}", args.provider));
+    url.query_pairs_mut()
+        .append_pair("link", state.state.expose_secret());
+    eprintln!("Open this link in a browser to connect {label} (valid for 10 minutes, once):");
+    println!("{url}");
+    if args.open {
+        if let Err(e) = webbrowser::open(url.as_str()) {
+            eprintln!("(could not open a browser: {e}; open the link by hand)");
+        }
+    }
+    eprintln!(
+        "Waiting for the sign-in to complete (a credproxy server must be running at {})…",
+        config.server.public_url
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    let outcome = loop {
+        match sessions.store().oauth_outcome(&hash).await? {
+            OAuthOutcome::Pending => {}
+            done => break done,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "no sign-in completed within {} s; run `credproxy connect` again",
+                args.timeout
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    match outcome {
+        OAuthOutcome::Stored { session_id } => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": session_id,
+                        "session_key": key.as_ref().map(|k| k.expose()),
+                        "provider": args.provider,
+                    })
+                );
+            } else if let Some(key) = key {
+                println!(
+                    "session {session_id} connected for provider {}",
+                    args.provider
+                );
+                println!("session key (shown only now): {}", key.expose());
+            } else {
+                println!("session {session_id} reconnected; its session key is unchanged");
+            }
+            Ok(())
+        }
+        OAuthOutcome::Failed { reason } => bail!("the sign-in did not complete: {reason}"),
+        OAuthOutcome::Unknown | OAuthOutcome::Pending => {
+            bail!("the sign-in link was lost; run `credproxy connect` again")
+        }
+    }
 }
 
 async fn check(config: Config) -> anyhow::Result<()> {

@@ -98,6 +98,11 @@ impl Refresher {
         &self.sessions
     }
 
+    /// A provider's configuration and token endpoint.
+    pub fn endpoint(&self, provider: &str) -> Option<(&ProviderConfig, &TokenEndpoint)> {
+        self.endpoints.get(provider).map(|(p, e)| (p, e))
+    }
+
     /// Refreshes the session `seen` was read from, unless its tokens changed
     /// since then (another request, process or operator got there first), in
     /// which case the current ones are returned. With `force`, refreshes even

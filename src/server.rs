@@ -128,7 +128,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown.clone(),
         ));
     }
-    let admin_state = admin::AdminState::new(&config, Arc::clone(&refresher), Arc::clone(&metrics));
+    let admin_state = admin::AdminState::new(
+        &config,
+        Arc::clone(&refresher),
+        Arc::clone(&metrics),
+        proxy_addr,
+    );
     let stop = shutdown.clone();
     tasks.spawn(async move {
         let app = admin::router(admin_state);

@@ -300,35 +300,34 @@ impl Sessions {
         label: Option<String>,
         key: Option<SessionKey>,
     ) -> Result<Added, SessionError> {
-        use secrecy::ExposeSecret;
-        let provider_cfg = self
-            .providers
-            .get(provider)
-            .ok_or_else(|| SessionError::UnknownProvider(provider.to_owned()))?;
-        if tokens.access_token.expose_secret().is_empty() {
-            return Err(SessionError::EmptyToken);
-        }
-        // Refuse tokens that could never be injected, now rather than per request.
-        Credentials::new(provider_cfg, &tokens.access_token)?;
-        let now = store::now();
         let key = key.unwrap_or_else(SessionKey::generate);
-        let hash = key.hash();
+        let (id, replaced) = self.add_hashed(provider, tokens, label, key.hash()).await?;
+        Ok(Added {
+            id,
+            provider: provider.to_owned(),
+            key,
+            replaced,
+        })
+    }
+
+    /// [`Sessions::add`] for a key known only by its hash (one chosen by
+    /// `credproxy connect`, which shows the key itself). Returns the session
+    /// id and whether an existing session's tokens were replaced.
+    pub async fn add_hashed(
+        &self,
+        provider: &str,
+        tokens: NewTokens,
+        label: Option<String>,
+        hash: KeyHash,
+    ) -> Result<(String, bool), SessionError> {
+        self.check_tokens(provider, &tokens)?;
+        let now = store::now();
         if let Some(existing) = self.store.session_by_key(&hash).await? {
             if existing.provider != provider {
                 return Err(SessionError::KeyOfOtherProvider(existing.provider));
             }
-            let sealed = self.seal_tokens(&existing.id, &tokens, now);
-            self.store
-                .replace_tokens(&existing.id, sealed, None, now)
-                .await?
-                .ok_or_else(|| SessionError::NotFound(existing.id.clone()))?;
-            self.invalidate(&existing.id);
-            return Ok(Added {
-                id: existing.id,
-                provider: provider.to_owned(),
-                key,
-                replaced: true,
-            });
+            self.replace(&existing.id, provider, tokens).await?;
+            return Ok((existing.id, true));
         }
         let id = new_session_id();
         let sealed = self.seal_tokens(&id, &tokens, now);
@@ -342,12 +341,48 @@ impl Sessions {
                 now,
             })
             .await?;
-        Ok(Added {
-            id,
-            provider: provider.to_owned(),
-            key,
-            replaced: false,
-        })
+        Ok((id, false))
+    }
+
+    /// Replaces the tokens of session `id` (a reconnect, or `add --key`),
+    /// keeping its key, and makes it active again.
+    pub async fn replace(
+        &self,
+        id: &str,
+        provider: &str,
+        tokens: NewTokens,
+    ) -> Result<(), SessionError> {
+        self.check_tokens(provider, &tokens)?;
+        let existing = self
+            .store
+            .session_by_id(id)
+            .await?
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+        if existing.provider != provider {
+            return Err(SessionError::KeyOfOtherProvider(existing.provider));
+        }
+        let now = store::now();
+        let sealed = self.seal_tokens(id, &tokens, now);
+        self.store
+            .replace_tokens(id, sealed, None, now)
+            .await?
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+        self.invalidate(id);
+        Ok(())
+    }
+
+    fn check_tokens(&self, provider: &str, tokens: &NewTokens) -> Result<(), SessionError> {
+        use secrecy::ExposeSecret;
+        let provider_cfg = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| SessionError::UnknownProvider(provider.to_owned()))?;
+        if tokens.access_token.expose_secret().is_empty() {
+            return Err(SessionError::EmptyToken);
+        }
+        // Refuse tokens that could never be injected, now rather than per request.
+        Credentials::new(provider_cfg, &tokens.access_token)?;
+        Ok(())
     }
 
     pub async fn list(&self) -> Result<Vec<SessionInfo>, SessionError> {

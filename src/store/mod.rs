@@ -78,6 +78,31 @@ pub enum Lease {
     Gone,
 }
 
+/// A pending OAuth authorisation, keyed by the hash of its one-time state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthState {
+    pub provider: String,
+    /// Reconnect: the session whose tokens the callback replaces.
+    pub session_id: Option<String>,
+    /// The key `credproxy connect` chose for the new session (only its hash).
+    pub key_hash: Option<KeyHash>,
+    pub created_at: i64,
+}
+
+/// How a connect flow ended, as `credproxy connect` learns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OAuthOutcome {
+    Pending,
+    Stored {
+        session_id: String,
+    },
+    Failed {
+        reason: String,
+    },
+    /// Unknown state (never created, or pruned).
+    Unknown,
+}
+
 /// Sessions counted by provider and status, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionCount {
@@ -147,6 +172,41 @@ pub trait Store: Send + Sync + 'static {
         expected_version: i64,
         now: i64,
     ) -> Result<bool, StoreError>;
+
+    /// Records a new one-time OAuth state.
+    async fn insert_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+    ) -> Result<(), StoreError>;
+
+    /// The state, if it exists, is unused and was created at or after `not_before`.
+    async fn peek_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError>;
+
+    /// Consumes the state (marks it used) and returns it, only if it exists,
+    /// is unused and was created at or after `not_before`: a state works once.
+    async fn take_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        now: i64,
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError>;
+
+    /// Records how a consumed state's flow ended.
+    async fn finish_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        outcome: &OAuthOutcome,
+    ) -> Result<(), StoreError>;
+
+    async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError>;
+
+    /// Forgets states created before `before`.
+    async fn prune_oauth_states(&self, before: i64) -> Result<(), StoreError>;
 
     /// Deletes a session; `false` when there was none.
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError>;

@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{Lease, NewSession, SealedTokens, SessionCount, SessionRecord, Store, StoreError};
+use super::{
+    Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens, SessionCount, SessionRecord, Store,
+    StoreError,
+};
 use crate::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -342,6 +345,23 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
     })
 }
 
+fn oauth_state(row: &SqliteRow) -> Result<OAuthState, StoreError> {
+    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
+    let key_hash = key_hash
+        .map(|h| {
+            h.try_into()
+                .map(KeyHash)
+                .map_err(|_| StoreError::Corrupt("oauth state".into()))
+        })
+        .transpose()?;
+    Ok(OAuthState {
+        provider: row.try_get("provider")?,
+        session_id: row.try_get("session_id")?,
+        key_hash,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
 fn record(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
@@ -563,6 +583,106 @@ impl Store for SqliteStore {
             Written::Row(rec) => Ok(rec.is_some()),
             _ => Err(StoreError::Closed),
         }
+    }
+
+    async fn insert_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&state_hash[..])
+        .bind(&state.provider)
+        .bind(&state.session_id)
+        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
+        .bind(state.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn peek_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError> {
+        let row = sqlx::query(
+            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
+             WHERE state_hash = ? AND used_at IS NULL AND created_at >= ?",
+        )
+        .bind(&state_hash[..])
+        .bind(not_before)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(oauth_state).transpose()
+    }
+
+    async fn take_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        now: i64,
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE oauth_states SET used_at = ?
+             WHERE state_hash = ? AND used_at IS NULL AND created_at >= ?
+             RETURNING provider, session_id, key_hash, created_at",
+        )
+        .bind(now)
+        .bind(&state_hash[..])
+        .bind(not_before)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(oauth_state).transpose()
+    }
+
+    async fn finish_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        outcome: &OAuthOutcome,
+    ) -> Result<(), StoreError> {
+        let (session, failure) = match outcome {
+            OAuthOutcome::Stored { session_id } => (Some(session_id.as_str()), None),
+            OAuthOutcome::Failed { reason } => (None, Some(reason.as_str())),
+            OAuthOutcome::Pending | OAuthOutcome::Unknown => (None, None),
+        };
+        sqlx::query(
+            "UPDATE oauth_states SET result_session_id = ?, failure = ? WHERE state_hash = ?",
+        )
+        .bind(session)
+        .bind(failure)
+        .bind(&state_hash[..])
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
+        let row =
+            sqlx::query("SELECT result_session_id, failure FROM oauth_states WHERE state_hash = ?")
+                .bind(&state_hash[..])
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else {
+            return Ok(OAuthOutcome::Unknown);
+        };
+        let session: Option<String> = row.try_get("result_session_id")?;
+        let failure: Option<String> = row.try_get("failure")?;
+        Ok(match (session, failure) {
+            (Some(session_id), _) => OAuthOutcome::Stored { session_id },
+            (None, Some(reason)) => OAuthOutcome::Failed { reason },
+            (None, None) => OAuthOutcome::Pending,
+        })
+    }
+
+    async fn prune_oauth_states(&self, before: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM oauth_states WHERE created_at < ?")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {

@@ -1,0 +1,344 @@
+//! The people-facing pages of the admin listener: the start page,
+//! `/connect/{provider}` and `/callback/{provider}`.
+//!
+//! Server-rendered with askama (auto-escaping every value), one stylesheet,
+//! and one small script that only adds a Copy button: everything works with
+//! JavaScript off. Pages that show a session key are `no-store` and carry a
+//! strict Content-Security-Policy.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use secrecy::SecretString;
+
+use crate::admin::AdminState;
+use crate::connect::{CallbackError, ConnectError, Connected};
+use crate::provider::ProviderKind;
+
+struct ProviderView {
+    name: String,
+    label: String,
+    connectable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "index.html")]
+struct IndexPage {
+    providers: Vec<ProviderView>,
+}
+
+#[derive(Template)]
+#[template(path = "connected.html")]
+struct ConnectedPage {
+    provider_label: String,
+    session_id: String,
+    key: Option<String>,
+    curl: String,
+    reconnected: bool,
+}
+
+#[derive(Template)]
+#[template(path = "problem.html")]
+struct ProblemPage {
+    heading: String,
+    message: String,
+    retry: Option<String>,
+}
+
+/// An HTML answer with the headers every page carries.
+fn page(status: StatusCode, body: Result<String, askama::Error>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "a page failed to render");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "page rendering failed").into_response();
+        }
+    };
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+fn problem(
+    status: StatusCode,
+    heading: &str,
+    message: impl Into<String>,
+    retry: Option<String>,
+) -> Response {
+    page(
+        status,
+        ProblemPage {
+            heading: heading.to_owned(),
+            message: message.into(),
+            retry,
+        }
+        .render(),
+    )
+}
+
+pub async fn index(State(state): State<AdminState>) -> Response {
+    let providers = state
+        .connector()
+        .providers()
+        .map(|p| ProviderView {
+            name: p.name.clone(),
+            label: p.label.clone(),
+            connectable: p.authorize_url.is_some(),
+        })
+        .collect();
+    page(StatusCode::OK, IndexPage { providers }.render())
+}
+
+pub async fn stylesheet() -> Response {
+    static_file(
+        "text/css; charset=utf-8",
+        include_str!("../static/style.css"),
+    )
+}
+
+pub async fn script() -> Response {
+    static_file(
+        "text/javascript; charset=utf-8",
+        include_str!("../static/copy.js"),
+    )
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    let mut resp = body.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    resp
+}
+
+/// `GET /connect/{provider}`: a new session; `?session=ID` reconnects one
+/// (admin token required); `?link=STATE` continues a `credproxy connect`.
+pub async fn connect(
+    State(state): State<AdminState>,
+    Path(provider): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let connector = state.connector();
+    let cfg = match connector.provider(&provider) {
+        Ok(cfg) => cfg,
+        Err(_) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Unknown provider",
+                "No provider of that name is configured.",
+                None,
+            )
+        }
+    };
+    if cfg.authorize_url.is_none() {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "Cannot connect",
+            format!("providers.{provider}.authorize_url is not configured."),
+            None,
+        );
+    }
+    let started = if let Some(link) = query.get("link") {
+        // The state was made by `credproxy connect`; check it and send the person on with it.
+        match connector.check_link(&provider, link).await {
+            Ok(()) => Ok(SecretString::from(link.clone())),
+            Err(e) => Err(e),
+        }
+    } else if let Some(session) = query.get("session") {
+        if !state.admin_enabled() {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "Reconnecting needs the admin API, which is off.",
+                None,
+            );
+        }
+        if !state.admin_authorised(&headers) {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "Admin token required",
+                "Reconnecting a session needs the admin token (Authorization: Bearer), or the one-time link printed by `credproxy connect PROVIDER --session ID`.",
+                None,
+            );
+        }
+        match state.sessions().info(session).await {
+            Ok(Some(info)) if info.provider == provider => connector
+                .begin(&provider, Some(session.clone()), None)
+                .await
+                .map(|s| s.state),
+            Ok(_) => {
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "Unknown session",
+                    "No session of this provider has that id.",
+                    None,
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "connect: store error");
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Try again later",
+                    "The session store is unavailable.",
+                    None,
+                );
+            }
+        }
+    } else {
+        connector
+            .begin(&provider, None, None)
+            .await
+            .map(|s| s.state)
+    };
+    let state_value = match started {
+        Ok(s) => s,
+        Err(ConnectError::BadLink) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Link expired",
+                "This link is unknown, was already used, or is older than 10 minutes. Run `credproxy connect` again.",
+                None,
+            )
+        }
+        Err(e) => {
+            tracing::warn!(provider = %provider, error = %e, "connect: cannot start");
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "Try again later", "The flow could not be started.", None);
+        }
+    };
+    match connector.authorize_url(&provider, &state_value) {
+        Ok(url) => {
+            tracing::info!(provider = %provider, "connect: sending a person to the provider");
+            let mut resp = Redirect::to(url.as_str()).into_response();
+            *resp.status_mut() = StatusCode::FOUND;
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp.headers_mut().insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            resp
+        }
+        Err(e) => problem(StatusCode::NOT_FOUND, "Cannot connect", e.to_string(), None),
+    }
+}
+
+/// `GET /callback/{provider}`: the provider sends the person back here.
+pub async fn callback(
+    State(state): State<AdminState>,
+    Path(provider): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let connector = state.connector();
+    let label = match connector.provider(&provider) {
+        Ok(cfg) => cfg.label.clone(),
+        Err(_) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Unknown provider",
+                "No provider of that name is configured.",
+                None,
+            )
+        }
+    };
+    let again = |plain: bool| plain.then(|| format!("/connect/{provider}"));
+    match connector.complete(&provider, &query).await {
+        Ok(connected) => {
+            let (session_id, key, reconnected) = match connected {
+                Connected::New { id, key } => (id, Some(key.expose().to_owned()), false),
+                Connected::KeyWithCli { id } => (id, None, false),
+                Connected::Reconnected { id } => (id, None, true),
+            };
+            tracing::info!(provider = %provider, session = %session_id, reconnected, "connect: session stored");
+            let curl = key
+                .as_deref()
+                .map(|k| state.curl_line(&provider, k))
+                .unwrap_or_default();
+            page(
+                StatusCode::OK,
+                ConnectedPage {
+                    provider_label: label,
+                    session_id,
+                    key,
+                    curl,
+                    reconnected,
+                }
+                .render(),
+            )
+        }
+        Err((CallbackError::BadState, plain)) => problem(
+            StatusCode::BAD_REQUEST,
+            "This sign-in link is not valid",
+            CallbackError::BadState.to_string() + ". No code was exchanged.",
+            again(plain),
+        ),
+        Err((CallbackError::Refused, plain)) => problem(
+            StatusCode::FORBIDDEN,
+            "Access was refused",
+            format!("{label} reports that access was refused, so no session was stored."),
+            again(plain),
+        ),
+        Err((e @ (CallbackError::NoCode | CallbackError::Exchange(_)), plain)) => {
+            tracing::warn!(provider = %provider, error = %e, "connect: code exchange failed");
+            problem(
+                StatusCode::BAD_GATEWAY,
+                "The account could not be connected",
+                format!("{e}. No session was stored."),
+                again(plain),
+            )
+        }
+        Err((e @ CallbackError::Store(_), plain)) => {
+            tracing::error!(provider = %provider, error = %e, "connect: cannot store the session");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The session could not be stored",
+                e.to_string(),
+                again(plain),
+            )
+        }
+    }
+}
+
+/// The curl line shown after connecting, as a person would type it.
+pub fn curl_line(listen: SocketAddr, provider: &str, kind: ProviderKind, key: &str) -> String {
+    let host = if listen.ip().is_unspecified() {
+        format!("127.0.0.1:{}", listen.port())
+    } else {
+        listen.to_string()
+    };
+    match kind {
+        ProviderKind::Spark => format!(
+            "curl -H 'Authorization: OAuth {key}' 'http://{host}/{provider}/v1/listings?_limit=1'"
+        ),
+        ProviderKind::Zillow => {
+            format!("curl 'http://{host}/{provider}/listings/v1/listingsForUser?accessToken={key}'")
+        }
+    }
+}
