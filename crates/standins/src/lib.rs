@@ -2,8 +2,8 @@
 //! credproxy's integration tests (in-process) and its demo.
 //!
 //! A [`Standin`] is one running HTTP/1.1 server on 127.0.0.1 that plays one
-//! provider: its token endpoint (see `token.rs`), a placeholder authorisation
-//! page, and an API (see `api.rs`) that checks credentials the way the
+//! provider: its token endpoint (see `token.rs`), its authorisation pages
+//! (login, consent and redirect; see `authorize.rs`), and an API (see `api.rs`) that checks credentials the way the
 //! provider does, records every request it receives and offers a few special
 //! paths (`/download`, `/upload`, `/slow`, `/status/{code}`) to exercise a
 //! proxy's streaming, timeouts and status handling. Tests steer it through
@@ -11,6 +11,7 @@
 //! make the token endpoint fail or hang, and inspect what arrived.
 
 mod api;
+mod authorize;
 mod token;
 
 pub use api::pattern_byte;
@@ -201,8 +202,30 @@ impl Standin {
         format!("{}{}", self.base_url(), self.kind().token_path())
     }
 
+    /// The authorisation page: Spark's OpenID+OAuth 2 hybrid flow (`/openid`),
+    /// or Zillow's OAuth 2 flow (`/oauth/authorize`).
     pub fn authorize_url(&self) -> String {
         format!("{}{}", self.base_url(), self.kind().authorize_path())
+    }
+
+    /// The plain OAuth 2 authorisation page: Spark's `/oauth2`. Zillow has only
+    /// one authorisation page, already plain OAuth 2: its [`Standin::authorize_url`].
+    pub fn authorize_url_oauth2(&self) -> String {
+        match self.kind() {
+            Kind::Spark => format!("{}/oauth2", self.base_url()),
+            Kind::Zillow => self.authorize_url(),
+        }
+    }
+
+    /// The raw query (without the `?`) of the last `GET` of an authorisation
+    /// page, whether or not it was acceptable; `None` before the first.
+    pub fn last_authorize_query(&self) -> Option<String> {
+        lock(&self.shared.authorize.last_query).clone()
+    }
+
+    /// Successful `authorization_code` grants answered by the token endpoint.
+    pub fn codes_redeemed(&self) -> u64 {
+        self.shared.codes_redeemed.load(Ordering::SeqCst)
     }
 
     /// Mints a valid access + refresh token pair, as if a code had been exchanged.
@@ -212,9 +235,7 @@ impl Standin {
 
     /// Mints a single-use authorisation code for the token endpoint.
     pub fn issue_code(&self) -> String {
-        let code = random_token(&format!("{}-code-", self.kind().name()));
-        self.shared.tokens().codes.insert(code.clone());
-        code
+        self.shared.mint_code()
     }
 
     /// Every access token issued so far answers 401 "expired" from now on.
@@ -317,6 +338,8 @@ pub(crate) struct Shared {
     tokens: Mutex<TokenStore>,
     pub(crate) mode: watch::Sender<TokenMode>,
     pub(crate) grants: AtomicU64,
+    pub(crate) codes_redeemed: AtomicU64,
+    pub(crate) authorize: authorize::State,
     pub(crate) token_calls: watch::Sender<u64>,
     pub(crate) last_redirect_uri: Mutex<Option<String>>,
     requests: Mutex<Vec<Recorded>>,
@@ -330,6 +353,8 @@ impl Shared {
             tokens: Mutex::new(TokenStore::default()),
             mode: watch::Sender::new(TokenMode::Normal),
             grants: AtomicU64::new(0),
+            codes_redeemed: AtomicU64::new(0),
+            authorize: authorize::State::default(),
             token_calls: watch::Sender::new(0),
             last_redirect_uri: Mutex::new(None),
             requests: Mutex::new(Vec::new()),
@@ -339,6 +364,13 @@ impl Shared {
 
     pub(crate) fn tokens(&self) -> MutexGuard<'_, TokenStore> {
         lock(&self.tokens)
+    }
+
+    /// A single-use authorisation code for the token endpoint.
+    pub(crate) fn mint_code(&self) -> String {
+        let code = random_token(&format!("{}-code-", self.opts.kind.name()));
+        self.tokens().codes.insert(code.clone());
+        code
     }
 
     pub(crate) fn record(&self, rec: Recorded) {
@@ -507,25 +539,9 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     if path == kind.token_path() {
         token::handle(shared, req).await
-    } else if path == kind.authorize_path() {
-        authorize_page(kind)
+    } else if let Some((page, flow, step)) = authorize::route(kind, path) {
+        authorize::handle(shared, req, page, flow, step).await
     } else {
         api::handle(shared, req).await
     }
-}
-
-/// Placeholder for the provider's login and consent page.
-fn authorize_page(kind: Kind) -> Response<Body> {
-    let html = format!(
-        "<!doctype html><html><head><title>{0} stand-in</title></head>\
-         <body><h1>{0} stand-in: authorisation page</h1>\
-         <p>Placeholder: this stand-in has no login page yet.</p></body></html>",
-        kind.name()
-    );
-    let mut resp = Response::new(Body::from(html));
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp
 }

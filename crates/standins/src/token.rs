@@ -3,8 +3,8 @@
 //! Spark (`POST /v1/oauth2/grant`) takes a JSON body carrying the client
 //! credentials; Zillow (`POST /oauth/token`) takes a form body and accepts the
 //! client credentials only as HTTP Basic. Both grant `authorization_code`
-//! (codes from `Standin::issue_code`) and `refresh_token` with strict
-//! rotation: a refresh token works once. [`TokenMode`] can make the endpoint
+//! (codes from `Standin::issue_code` or the authorisation pages) and
+//! `refresh_token` with strict rotation: a refresh token works once. [`TokenMode`] can make the endpoint
 //! fail, hang or refuse every grant.
 
 use std::sync::atomic::Ordering;
@@ -128,7 +128,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
                     "code is required",
                 );
             };
-            shared.tokens().redeem_code(code, opts)
+            let issued = shared.tokens().redeem_code(code, opts);
+            if issued.is_some() {
+                shared.codes_redeemed.fetch_add(1, Ordering::SeqCst);
+            }
+            issued
         }
         Some(_) => {
             return error(
