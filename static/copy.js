@@ -1,5 +1,5 @@
 // Progressive enhancement: a Copy button for the session key. Without
-// JavaScript the key is still there, selectable, in a read-only field.
+// JavaScript the key is still there, selectable, in a read-only text area.
 (function () {
   var button = document.getElementById("copy");
   var field = document.getElementById("session-key");

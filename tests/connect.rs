@@ -49,8 +49,9 @@ fn hybrid_state(q: &HashMap<String, String>) -> String {
 fn key_on_page(html: &str) -> Option<String> {
     let at = html.find("id=\"session-key\"")?;
     let rest = &html[at..];
-    let v = rest.find("value=\"")? + 7;
-    Some(rest[v..rest[v..].find('"')? + v].to_owned())
+    let start = rest.find('>')? + 1;
+    let end = rest.find("</textarea>")?;
+    Some(rest[start..end].to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
