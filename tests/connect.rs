@@ -459,3 +459,87 @@ async fn cli_connect_prints_the_key_when_the_callback_completes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_connect_reconnects_a_session_and_times_out_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let w = World::new().await;
+    let srv = w.start(&Extra::default()).await;
+    let (id, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    // The CLI's links must point at the running server's admin address.
+    let text = w.config_text(&Extra {
+        server: format!("public_url = \"http://{}\"", srv.admin_addr),
+        ..Extra::default()
+    });
+    let cfg = w.path("cli.toml");
+    std::fs::write(&cfg, text).expect("write");
+
+    // Nobody opens the link: a clear failure after the timeout.
+    let out = std::process::Command::new(BIN)
+        .args(["connect", "spark", "--timeout", "1", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sign-in completed within 1 s"));
+
+    // Reconnect through the CLI's one-time link: no admin token needed.
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "connect",
+            "spark",
+            "--session",
+            &id,
+            "--timeout",
+            "30",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut link = String::new();
+    out.read_line(&mut link).expect("link");
+    let c = no_redirects();
+    let r = c.get(link.trim()).send().await.expect("send");
+    assert_eq!(r.status(), 302);
+    let q = query_of(r.headers()["location"].to_str().expect("ascii"));
+    let code = w.spark.issue_code();
+    let r = c
+        .get(url(
+            srv.admin_addr,
+            &format!(
+                "/callback/spark?state={}&openid.mode=id_res&openid.spark.code={code}",
+                hybrid_state(&q)
+            ),
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
+    assert!(tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait")
+        .success());
+    assert!(
+        rest.contains(&format!("session {id} reconnected")),
+        "{rest}"
+    );
+    // The old key now carries the new tokens.
+    let r = support::client()
+        .get(url(srv.proxy_addr, "/spark/v1/x"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let tokens_now = w.spark.last_request().expect("rec");
+    assert_ne!(tokens_now.header("authorization"), None);
+    assert_eq!(w.spark.codes_redeemed(), 1);
+    srv.shutdown().await;
+}
