@@ -539,9 +539,13 @@ fn refresh_error(session: &ActiveSession, e: RefreshError) -> ProxyError {
         RefreshError::NotRefreshable => ProxyError::TokenRefreshFailed {
             retry_after_secs: 1,
         },
+        // Without the store no refresh is attempted (a rotated token that
+        // cannot be stored would be lost): the caller may retry shortly.
         RefreshError::Store(e) => {
-            tracing::warn!(session = %session.id, error = %e, "refresh: store error");
-            ProxyError::StoreUnavailable
+            tracing::warn!(session = %session.id, error = %e, "refresh: store unavailable");
+            ProxyError::TokenRefreshFailed {
+                retry_after_secs: 1,
+            }
         }
         RefreshError::Session(e) => {
             tracing::error!(session = %session.id, error = %e, "refresh: session cannot be used");

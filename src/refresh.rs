@@ -190,10 +190,7 @@ impl Refresher {
                 let sealed = self.sessions.seal_refreshed(&rec, &tokens, store::now());
                 // The provider has rotated the refresh token: from here until
                 // this commit returns is the one window a crash loses the session.
-                match store
-                    .commit_refresh(id, &self.owner, sealed, rec.version, store::now())
-                    .await
-                {
+                match self.commit_with_retries(id, sealed, rec.version).await {
                     Ok(Some(new)) => {
                         let window = started.elapsed() - took;
                         self.metrics.refresh(&rec.provider, "ok", Some(took));
@@ -246,6 +243,35 @@ impl Refresher {
                 flight.retry_at = Some(Instant::now() + wait);
                 tracing::warn!(session = %id, provider = %rec.provider, reason = %reason, retry_in_ms = wait.as_millis() as u64, "refresh failed; session intact");
                 Err(RefreshError::Failed { retry_after: wait })
+            }
+        }
+    }
+
+    /// Commits rotated tokens, retrying while the store is unreachable: the
+    /// provider has already rotated the refresh token, so giving up loses
+    /// the session. Bounded well within our lease (`token_timeout` + 10 s).
+    async fn commit_with_retries(
+        &self,
+        id: &str,
+        sealed: crate::store::SealedTokens,
+        version: i64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let mut wait = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self
+                .sessions
+                .store()
+                .commit_refresh(id, &self.owner, sealed.clone(), version, store::now())
+                .await
+            {
+                Err(e) if attempt < COMMIT_ATTEMPTS => {
+                    tracing::warn!(session = %id, error = %e, attempt, "cannot store refreshed tokens yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                result => return result,
             }
         }
     }
@@ -352,6 +378,9 @@ impl Refresher {
         }
     }
 }
+
+/// Tries to store rotated tokens (about 8 s of retries in all).
+const COMMIT_ATTEMPTS: u32 = 7;
 
 /// A session counts as in use for refresh-ahead if a request used it this recently.
 const RECENT_USE: Duration = Duration::from_secs(15 * 60);

@@ -444,13 +444,11 @@ impl Sessions {
                 }
             }
         };
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut polls: u64 = 0;
         loop {
             tokio::select! {
                 () = &mut stop => return,
-                _ = tick.tick() => {}
+                () = self.store.wait_for_change(every) => {}
             }
             match self.store.changes_since(cursor).await {
                 Ok((next, ids)) => {

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 
 use crate::session::{KeyHash, Status};
 
+pub mod postgres;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +24,7 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store: a session with this key already exists")]
     DuplicateKey,
-    #[error("store: unsupported url (expected sqlite:...)")]
+    #[error("store: unsupported url (expected sqlite:... or postgres://...)")]
     UnsupportedUrl,
     #[error("store: the store is shutting down")]
     Closed,
@@ -219,12 +220,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets change-log entries older than `before` (unix seconds).
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError>;
+
+    /// Returns when another process may have changed a session, or after
+    /// `max`. Polling stores just wait; PostgreSQL wakes on NOTIFY.
+    async fn wait_for_change(&self, max: std::time::Duration) {
+        tokio::time::sleep(max).await;
+    }
 }
 
 /// Opens the store named by `url`, applying migrations.
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(postgres::PgStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl)
     }

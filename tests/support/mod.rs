@@ -22,6 +22,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
 /// Extra TOML lines for each table of the generated config.
 #[derive(Default, Clone)]
 pub struct Extra {
+    /// Replaces the SQLite store (e.g. with a PostgreSQL URL from [`postgres_db`]).
+    pub store_url: Option<String>,
     pub server: String,
     pub store: String,
     pub admin: Option<String>,
@@ -69,7 +71,7 @@ shutdown_grace = 10
 {server}
 
 [store]
-url = "sqlite://{db}"
+url = "{db}"
 key_file = "{key}"
 {store}
 
@@ -97,7 +99,10 @@ api_key = "{zillow_key}"
 {zillow_extra}
 "#,
             server = extra.server,
-            db = self.path("credproxy.db").display(),
+            db = extra
+                .store_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", self.path("credproxy.db").display())),
             key = self.path("credproxy.key").display(),
             store = extra.store,
             spark_base = self.spark.base_url(),
@@ -391,4 +396,42 @@ fn response_complete(buf: &[u8]) -> bool {
         })
         .unwrap_or(0);
     buf.len() >= end + 4 + len
+}
+
+/// A fresh PostgreSQL database for one test (tests run in parallel), made on
+/// the server named by `CREDPROXY_TEST_DATABASE_URL` (see
+/// scripts/test-postgres.sh). Without that variable the test is skipped with
+/// a printed reason, except in CI, where it must run.
+pub async fn postgres_db(test: &str) -> Option<String> {
+    let Ok(base) = std::env::var("CREDPROXY_TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the PostgreSQL tests: export CREDPROXY_TEST_DATABASE_URL=$(scripts/test-postgres.sh)"
+        );
+        println!(
+            "SKIPPED {test}: CREDPROXY_TEST_DATABASE_URL is not set (run scripts/test-postgres.sh)"
+        );
+        return None;
+    };
+    let suffix: String = test
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(30)
+        .collect();
+    let name = format!(
+        "cp_t_{}_{:08x}",
+        suffix.to_ascii_lowercase(),
+        rand::random::<u32>()
+    );
+    let admin = sqlx::PgPool::connect(&base)
+        .await
+        .expect("connect to CREDPROXY_TEST_DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&admin)
+        .await
+        .expect("create a database for the test");
+    admin.close().await;
+    let mut url = url::Url::parse(&base).expect("CREDPROXY_TEST_DATABASE_URL is a URL");
+    url.set_path(&format!("/{name}"));
+    Some(url.to_string())
 }

@@ -1,0 +1,507 @@
+//! The shared store: PostgreSQL, for several credproxy instances behind a
+//! load balancer.
+//!
+//! sqlx (already the SQLite store's driver) with its built-in pool and
+//! migrations: one dependency, one query style, and `PgListener` for
+//! LISTEN/NOTIFY. Row-level compare-and-set updates do the coordinating:
+//! the refresh lease (`UPDATE ... WHERE lease expired RETURNING`) admits
+//! one instance at a time to spend a refresh token, and commits check the
+//! version and the lease owner. PostgreSQL's MVCC needs none of the SQLite
+//! store's write ordering: writers to different rows do not block each other.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use super::{
+    Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens, SessionCount, SessionRecord, Store,
+    StoreError,
+};
+use crate::session::{KeyHash, Status};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
+
+/// The NOTIFY channel the `session_changes` trigger signals.
+const CHANNEL: &str = "credproxy_session_changes";
+
+/// Changes whose sequence number was taken before a later one's but that
+/// committed after it are caught by re-reading this many seconds of the log.
+const LOOKBACK_SECS: i64 = 3;
+
+pub struct PgStore {
+    pool: PgPool,
+    /// LISTEN connection for change notifications; (re)made on demand.
+    listener: tokio::sync::Mutex<Option<PgListener>>,
+}
+
+impl PgStore {
+    pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            // Fail fast while the database is down: requests for cached
+            // sessions go on; others get a clear 503.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await?;
+        // Takes an advisory lock: instances starting together migrate once.
+        MIGRATOR.run(&pool).await?;
+        Ok(PgStore {
+            pool,
+            listener: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+fn record(row: &PgRow) -> Result<SessionRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let status = Status::parse(&status).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    let key_hash = KeyHash(
+        hash.try_into()
+            .map_err(|_| StoreError::Corrupt(id.clone()))?,
+    );
+    Ok(SessionRecord {
+        key_hash,
+        provider: row.try_get("provider")?,
+        label: row.try_get("label")?,
+        status,
+        access_token: row.try_get("access_token")?,
+        refresh_token: row.try_get("refresh_token")?,
+        expires_at: row.try_get("expires_at")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_refresh_at: row.try_get("last_refresh_at")?,
+        id,
+    })
+}
+
+fn oauth_state(row: &PgRow) -> Result<OAuthState, StoreError> {
+    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
+    let key_hash = key_hash
+        .map(|h| {
+            h.try_into()
+                .map(KeyHash)
+                .map_err(|_| StoreError::Corrupt("oauth state".into()))
+        })
+        .transpose()?;
+    Ok(OAuthState {
+        provider: row.try_get("provider")?,
+        session_id: row.try_get("session_id")?,
+        key_hash,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+async fn log_change(tx: &mut sqlx::PgConnection, id: &str, now: i64) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO session_changes (session_id, at) VALUES ($1, $2)")
+        .bind(id)
+        .bind(now)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "INSERT INTO sessions (id, provider, label, key_hash, access_token, refresh_token, expires_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&new.id)
+            .bind(&new.provider)
+            .bind(&new.label)
+            .bind(&new.key_hash.0[..])
+            .bind(&new.tokens.access_token)
+            .bind(&new.tokens.refresh_token)
+            .bind(new.tokens.expires_at)
+            .bind(new.now)
+            .fetch_one(&mut *tx)
+            .await;
+        let row = match row {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::DuplicateKey)
+            }
+            other => other?,
+        };
+        let rec = record(&row)?;
+        log_change(&mut tx, &new.id, new.now).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = $1");
+        let row = sqlx::query(&sql)
+            .bind(&hash.0[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM sessions ORDER BY created_at, seq");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok(SessionCount {
+                    provider: r.try_get("provider")?,
+                    status: Status::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn replace_tokens(
+        &self,
+        id: &str,
+        tokens: SealedTokens,
+        expected_version: Option<i64>,
+        now: i64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE sessions SET access_token = $1, refresh_token = $2, expires_at = $3, status = 'active',
+                 version = version + 1, updated_at = $4
+             WHERE id = $5 AND ($6::BIGINT IS NULL OR version = $6)
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&tokens.access_token)
+            .bind(&tokens.refresh_token)
+            .bind(tokens.expires_at)
+            .bind(now)
+            .bind(id)
+            .bind(expected_version)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let rec = record(&row)?;
+        log_change(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(Some(rec))
+    }
+
+    async fn acquire_refresh_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Lease, StoreError> {
+        let sql = format!(
+            "UPDATE sessions SET refresh_lease_owner = $1, refresh_lease_until = $2
+             WHERE id = $3 AND (refresh_lease_until IS NULL OR refresh_lease_until < $4 OR refresh_lease_owner = $1)
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(owner)
+            .bind(until_ms)
+            .bind(id)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Lease::Acquired(record(&row)?));
+        }
+        let held = sqlx::query("SELECT refresh_lease_until, version FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match held {
+            None => Lease::Gone,
+            Some(r) => Lease::Held {
+                until_ms: r
+                    .try_get::<Option<i64>, _>("refresh_lease_until")?
+                    .unwrap_or(0),
+                version: r.try_get("version")?,
+            },
+        })
+    }
+
+    async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE id = $1 AND refresh_lease_owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit_refresh(
+        &self,
+        id: &str,
+        owner: &str,
+        tokens: SealedTokens,
+        expected_version: i64,
+        now: i64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE sessions SET access_token = $1, refresh_token = $2, expires_at = $3, status = 'active',
+                 version = version + 1, updated_at = $4, last_refresh_at = $4,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE id = $5 AND version = $6 AND refresh_lease_owner = $7
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&tokens.access_token)
+            .bind(&tokens.refresh_token)
+            .bind(tokens.expires_at)
+            .bind(now)
+            .bind(id)
+            .bind(expected_version)
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let rec = record(&row)?;
+        log_change(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(Some(rec))
+    }
+
+    async fn mark_reauthorization_required(
+        &self,
+        id: &str,
+        expected_version: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE sessions SET status = 'reauthorization_required', version = version + 1, updated_at = $1,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE id = $2 AND version = $3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            log_change(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&state_hash[..])
+        .bind(&state.provider)
+        .bind(&state.session_id)
+        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
+        .bind(state.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn peek_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError> {
+        let row = sqlx::query(
+            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
+             WHERE state_hash = $1 AND used_at IS NULL AND created_at >= $2",
+        )
+        .bind(&state_hash[..])
+        .bind(not_before)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(oauth_state).transpose()
+    }
+
+    async fn take_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        now: i64,
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE oauth_states SET used_at = $1
+             WHERE state_hash = $2 AND used_at IS NULL AND created_at >= $3
+             RETURNING provider, session_id, key_hash, created_at",
+        )
+        .bind(now)
+        .bind(&state_hash[..])
+        .bind(not_before)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(oauth_state).transpose()
+    }
+
+    async fn finish_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        outcome: &OAuthOutcome,
+    ) -> Result<(), StoreError> {
+        let (session, failure) = match outcome {
+            OAuthOutcome::Stored { session_id } => (Some(session_id.as_str()), None),
+            OAuthOutcome::Failed { reason } => (None, Some(reason.as_str())),
+            OAuthOutcome::Pending | OAuthOutcome::Unknown => (None, None),
+        };
+        sqlx::query(
+            "UPDATE oauth_states SET result_session_id = $1, failure = $2 WHERE state_hash = $3",
+        )
+        .bind(session)
+        .bind(failure)
+        .bind(&state_hash[..])
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
+        let row = sqlx::query(
+            "SELECT result_session_id, failure FROM oauth_states WHERE state_hash = $1",
+        )
+        .bind(&state_hash[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(OAuthOutcome::Unknown);
+        };
+        let session: Option<String> = row.try_get("result_session_id")?;
+        let failure: Option<String> = row.try_get("failure")?;
+        Ok(match (session, failure) {
+            (Some(session_id), _) => OAuthOutcome::Stored { session_id },
+            (None, Some(reason)) => OAuthOutcome::Failed { reason },
+            (None, None) => OAuthOutcome::Pending,
+        })
+    }
+
+    async fn prune_oauth_states(&self, before: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM oauth_states WHERE created_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("DELETE FROM sessions WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n > 0 {
+            log_change(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM session_changes")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError> {
+        // A sequence number is taken at insert but becomes visible at commit,
+        // so a smaller one can appear after a larger one was read: re-read
+        // the last few seconds too. Dropping a cached session twice is harmless.
+        let rows = sqlx::query(
+            "SELECT seq, session_id FROM session_changes WHERE seq > $1 OR at >= $2 ORDER BY seq LIMIT 10000",
+        )
+        .bind(cursor)
+        .bind(super::now() - LOOKBACK_SECS)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut next = cursor;
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            next = next.max(r.try_get::<i64, _>("seq")?);
+            ids.push(r.try_get("session_id")?);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok((next, ids))
+    }
+
+    async fn prune_changes(&self, before: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM session_changes WHERE at < $1 AND seq < (SELECT MAX(seq) FROM session_changes)")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for a NOTIFY from another instance's change, or `max`.
+    async fn wait_for_change(&self, max: Duration) {
+        let mut guard = self.listener.lock().await;
+        if guard.is_none() {
+            match PgListener::connect_with(&self.pool).await {
+                Ok(mut l) => match l.listen(CHANNEL).await {
+                    Ok(()) => *guard = Some(l),
+                    Err(e) => tracing::debug!(error = %e, "LISTEN failed; polling only"),
+                },
+                Err(e) => tracing::debug!(error = %e, "no LISTEN connection; polling only"),
+            }
+        }
+        let Some(listener) = guard.as_mut() else {
+            drop(guard);
+            tokio::time::sleep(max).await;
+            return;
+        };
+        match tokio::time::timeout(max, listener.try_recv()).await {
+            Err(_) | Ok(Ok(Some(_))) => {}
+            // The connection dropped (notifications may be lost meanwhile:
+            // the poll that follows catches up); make a new one next time.
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                *guard = None;
+                drop(guard);
+                tokio::time::sleep(max).await;
+            }
+        }
+    }
+}

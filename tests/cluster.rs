@@ -1,0 +1,265 @@
+//! Several credproxy instances sharing one PostgreSQL database: one refresh
+//! per session across all of them, revocations seen everywhere within 2 s,
+//! and a database outage survived without a restart.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use credproxy_standins::TokenMode;
+use support::{client, error_code, run_cli, url, BinServer, Extra, World, ADMIN_TOKEN};
+
+const HDR: &str = "X-Credproxy-Session";
+
+async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("timed out waiting for an event")
+}
+
+/// A world whose config points at a fresh PostgreSQL database.
+async fn pg_world(test: &str) -> Option<(World, std::path::PathBuf, String)> {
+    let db = support::postgres_db(test).await?;
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra {
+        store_url: Some(db.clone()),
+        ..Extra::default()
+    });
+    Some((w, cfg, db))
+}
+
+fn add(cfg: &std::path::Path, provider: &str, t: &credproxy_standins::Tokens) -> (String, String) {
+    let out = run_cli(
+        cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            provider,
+            "--access-token",
+            &t.access_token,
+            "--refresh-token",
+            &t.refresh_token,
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    (
+        v["id"].as_str().expect("id").to_owned(),
+        v["session_key"].as_str().expect("key").to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_requests_across_two_instances_cause_one_refresh() {
+    let Some((w, cfg, _)) = pg_world("hundred_two_instances").await else {
+        return;
+    };
+    let (_, key) = add(&cfg, "spark", &w.spark.issue_tokens());
+    let a = BinServer::spawn(&cfg, "warn");
+    let b = BinServer::spawn(&cfg, "warn");
+    w.spark.expire_access_tokens();
+    // Hold the token endpoint until all hundred have met their 401, so both
+    // instances are refreshing the same session at once.
+    w.spark.set_token_mode(TokenMode::Hang);
+    let c = client();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let addr = if i % 2 == 0 {
+            a.proxy_addr
+        } else {
+            b.proxy_addr
+        };
+        let req = c
+            .get(url(addr, &format!("/spark/v1/n{i}")))
+            .header(HDR, &key);
+        set.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+    }
+    within(30, w.spark.wait_for_requests(100)).await;
+    within(30, w.spark.wait_for_token_calls(1)).await;
+    w.spark.set_token_mode(TokenMode::Normal);
+    let mut statuses = Vec::new();
+    while let Some(r) = set.join_next().await {
+        statuses.push(r.expect("join").expect("send"));
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(statuses.len(), 100);
+    assert_eq!(
+        w.spark.token_calls(),
+        1,
+        "one call to the token endpoint across both instances"
+    );
+    assert_eq!(w.spark.grant_count(), 1);
+    assert_eq!(w.spark.reused_refresh_tokens(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_refresh_on_one_instance_are_seen_by_the_other() {
+    let Some((w, cfg, _)) = pg_world("revocation_two_instances").await else {
+        return;
+    };
+    let original = w.zillow.issue_tokens();
+    let (id, key) = add(&cfg, "zillow", &original);
+    let a = BinServer::spawn(&cfg, "warn");
+    let b = BinServer::spawn(&cfg, "warn");
+    let c = client();
+    let get = |addr| {
+        c.get(url(addr, &format!("/zillow/v1?accessToken={key}")))
+            .send()
+    };
+    assert_eq!(get(a.proxy_addr).await.expect("send").status(), 200);
+    assert_eq!(
+        get(b.proxy_addr).await.expect("send").status(),
+        200,
+        "cached on both"
+    );
+
+    // A refresh on A: within 2 s B sends the new token, without a refresh of its own.
+    let r = c
+        .post(url(a.admin_addr, &format!("/admin/sessions/{id}/refresh")))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let refreshed = Instant::now();
+    loop {
+        assert_eq!(get(b.proxy_addr).await.expect("send").status(), 200);
+        let q = w.zillow.last_request().expect("rec").query.expect("query");
+        if !q.contains(&original.access_token) {
+            break;
+        }
+        assert!(
+            refreshed.elapsed() < Duration::from_secs(2),
+            "B still sends the old token"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!(
+        "refresh on A picked up by B after {:?}",
+        refreshed.elapsed()
+    );
+    assert_eq!(w.zillow.token_calls(), 1, "B did not refresh on its own");
+
+    // Revoke on A (admin API); B stops honouring the key within 2 s.
+    let r = c
+        .delete(url(a.admin_addr, &format!("/admin/sessions/{id}")))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 204);
+    let revoked = Instant::now();
+    loop {
+        let r = get(b.proxy_addr).await.expect("send");
+        if r.status() == 401 {
+            assert_eq!(error_code(&r).as_deref(), Some("unknown_session"));
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "B still honours a key revoked on A"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!("revocation on A seen by B after {:?}", revoked.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_is_survived_without_a_restart() {
+    let Some((w, cfg, db)) = pg_world("database_outage").await else {
+        return;
+    };
+    let (_, cached_key) = add(&cfg, "spark", &w.spark.issue_tokens());
+    let (_, expired_key) = add(&cfg, "zillow", &w.zillow.issue_tokens());
+    let srv = BinServer::spawn(&cfg, "info");
+    let c = client();
+    let spark = || {
+        c.get(url(srv.proxy_addr, "/spark/v1/x"))
+            .header(HDR, &cached_key)
+            .send()
+    };
+    let zillow = || {
+        c.get(url(
+            srv.proxy_addr,
+            &format!("/zillow/v1?accessToken={expired_key}"),
+        ))
+        .send()
+    };
+    assert_eq!(spark().await.expect("send").status(), 200);
+    assert_eq!(zillow().await.expect("send").status(), 200);
+    let ready = || c.get(url(srv.admin_addr, "/readyz")).send();
+    assert_eq!(ready().await.expect("send").status(), 200);
+
+    // The database goes away: no new connections, existing ones killed.
+    let name = url::Url::parse(&db)
+        .expect("url")
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    let base = std::env::var("CREDPROXY_TEST_DATABASE_URL").expect("set");
+    let admin = sqlx::PgPool::connect(&base)
+        .await
+        .expect("admin connection");
+    let outage = |allow: bool| {
+        let admin = admin.clone();
+        let name = name.clone();
+        async move {
+            sqlx::query(&format!(
+                "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}"
+            ))
+            .execute(&admin)
+            .await
+            .expect("alter database");
+            if !allow {
+                sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+                    .bind(&name)
+                    .execute(&admin)
+                    .await
+                    .expect("terminate backends");
+            }
+        }
+    };
+    outage(false).await;
+    assert_eq!(
+        ready().await.expect("send").status(),
+        503,
+        "/readyz says the store is gone"
+    );
+    // A cached session whose token is valid keeps working.
+    assert_eq!(spark().await.expect("send").status(), 200);
+    // A session that needs a refresh: none is attempted (its rotated token
+    // could not be stored); the caller is told to retry.
+    w.zillow.expire_access_tokens();
+    let calls = w.zillow.token_calls();
+    let r = zillow().await.expect("send");
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(&r).as_deref(), Some("token_refresh_failed"));
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        w.zillow.token_calls(),
+        calls,
+        "no refresh without the store"
+    );
+
+    // The database returns: the pool reconnects by itself.
+    outage(true).await;
+    let back = Instant::now();
+    loop {
+        if ready().await.expect("send").status() == 200 {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = zillow().await.expect("send");
+    assert_eq!(r.status(), 200, "refreshed once the store is back");
+    assert_eq!(w.zillow.grant_count(), 1);
+    assert_eq!(w.zillow.reused_refresh_tokens(), 0);
+    admin.close().await;
+}
