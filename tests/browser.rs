@@ -4,9 +4,9 @@
 //! use the key for a proxied request. Screenshots of every page, at phone
 //! and desktop widths, go to target/screenshots/.
 
-mod support;
 #[path = "support/browser.rs"]
 mod browser;
+mod support;
 
 use std::net::SocketAddr;
 
@@ -32,30 +32,40 @@ async fn shots(b: &Browser, name: &str) {
             .expect("script")
             .as_u64()
             .expect("number");
-        assert!(scroll_width <= u64::from(width), "{name} scrolls sideways at {width} px ({scroll_width})");
+        assert!(
+            scroll_width <= u64::from(width),
+            "{name} scrolls sideways at {width} px ({scroll_width})"
+        );
     }
     b.set_width(1280).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_in_a_real_browser_then_use_the_key() {
-    let Some(b) = Browser::start().await else { return };
+    let Some(b) = Browser::start().await else {
+        return;
+    };
     let w = World::new().await;
     let admin = free_port();
     let extra = Extra {
         server: format!("public_url = \"http://{admin}\""),
         ..Extra::default()
     };
-    let text = w
-        .config_text(&extra)
-        .replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"{admin}\""));
-    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t"), |_| None).expect("config");
+    let text = w.config_text(&extra).replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        &format!("admin_listen = \"{admin}\""),
+    );
+    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t"), |_| None)
+        .expect("config");
     let srv = credproxy::server::start(cfg).await.expect("start");
 
     // The start page.
     b.goto(&format!("http://{admin}/")).await;
     b.wait_for("#connect-spark").await;
-    assert_eq!(b.client.title().await.expect("title"), "Connect an account – credproxy");
+    assert_eq!(
+        b.client.title().await.expect("title"),
+        "Connect an account – credproxy"
+    );
     shots(&b, "credproxy-start").await;
 
     // Connect Spark: the stand-in's sign-in and consent pages.
@@ -71,13 +81,22 @@ async fn connect_in_a_real_browser_then_use_the_key() {
 
     // Back on credproxy: the key, once.
     let field = b.wait_for("#session-key").await;
-    assert!(b.current_url().await.starts_with(&format!("http://{admin}/callback/spark?")));
+    assert!(b
+        .current_url()
+        .await
+        .starts_with(&format!("http://{admin}/callback/spark?")));
     let key = field.prop("value").await.expect("value").expect("a key");
     assert!(key.starts_with("cpk_"), "{key}");
     let copy = b.wait_for("#copy").await;
-    assert!(copy.is_displayed().await.expect("displayed"), "the Copy button appears with JavaScript on");
+    assert!(
+        copy.is_displayed().await.expect("displayed"),
+        "the Copy button appears with JavaScript on"
+    );
     let curl = b.text("#curl").await;
-    assert!(curl.contains(&key) && curl.contains(&srv.proxy_addr.to_string()), "{curl}");
+    assert!(
+        curl.contains(&key) && curl.contains(&srv.proxy_addr.to_string()),
+        "{curl}"
+    );
     shots(&b, "credproxy-connected").await;
     assert_eq!(w.spark.codes_redeemed(), 1);
 
