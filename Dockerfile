@@ -25,6 +25,8 @@ RUN mkdir -p src benches examples crates/standins/src \
     && rm -rf src crates/standins/src
 COPY src src
 COPY migrations migrations
+COPY templates templates
+COPY static static
 COPY crates/standins/src crates/standins/src
 # Make sure cargo sees the real sources as newer than the placeholder build.
 RUN touch src/main.rs src/lib.rs \
