@@ -263,3 +263,132 @@ async fn database_outage_is_survived_without_a_restart() {
     assert_eq!(w.zillow.reused_refresh_tokens(), 0);
     admin.close().await;
 }
+
+/// Stops a `scripts/cluster.sh` topology when the test ends, however it ends.
+struct ClusterGuard(std::path::PathBuf);
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+            .args(["down", "--run-dir"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// docker-compose.yml's topology from local processes (scripts/cluster.sh):
+/// two instances and nginx in front, sharing one PostgreSQL database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_topology_from_local_processes() {
+    let Some(db) = support::postgres_db("compose_topology").await else {
+        return;
+    };
+    let w = World::new().await;
+    let text = w.config_text(&Extra::default());
+    let providers = &text[text.find("[providers.spark]").expect("providers")..];
+    let fragment = w.path("providers.toml");
+    std::fs::write(&fragment, providers).expect("write");
+    let run_dir = w.path("cluster");
+    let guard = ClusterGuard(run_dir.clone());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+    let ports: Vec<String> = (0..6).map(|_| free_port().to_string()).collect();
+    let up = tokio::task::spawn_blocking({
+        let (fragment, run_dir) = (fragment.clone(), run_dir.clone());
+        move || {
+            std::process::Command::new("bash")
+                .arg(script)
+                .args(["up", "--providers"])
+                .arg(&fragment)
+                .arg("--run-dir")
+                .arg(&run_dir)
+                .env("STORE_URL", &db)
+                .env("CREDPROXY_BIN", support::BIN)
+                .env("CLUSTER_LB_PROXY_PORT", &ports[0])
+                .env("CLUSTER_LB_ADMIN_PORT", &ports[1])
+                .env("CLUSTER_PROXY_PORT_1", &ports[2])
+                .env("CLUSTER_PROXY_PORT_2", &ports[3])
+                .env("CLUSTER_ADMIN_PORT_1", &ports[4])
+                .env("CLUSTER_ADMIN_PORT_2", &ports[5])
+                .output()
+                .expect("run cluster.sh")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        up.status.success(),
+        "cluster.sh up failed:\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let vars: std::collections::HashMap<String, String> = String::from_utf8_lossy(&up.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches(['\'', '"']).to_owned()))
+        .collect();
+    let proxy = vars["CLUSTER_PROXY_URL"].clone();
+    let admin_url = vars["CLUSTER_ADMIN_URL"].clone();
+    let admin_token =
+        std::fs::read_to_string(&vars["CLUSTER_ADMIN_TOKEN_FILE"]).expect("admin token");
+    let c = client();
+    let t = w.spark.issue_tokens();
+    let r = c
+        .post(format!("{admin_url}/admin/sessions"))
+        .header("Authorization", format!("Bearer {}", admin_token.trim()))
+        .json(&serde_json::json!({"provider": "spark", "access_token": t.access_token, "refresh_token": t.refresh_token}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.expect("json");
+    let (id, key) = (
+        v["id"].as_str().expect("id").to_owned(),
+        v["session_key"].as_str().expect("key").to_owned(),
+    );
+    w.spark.expire_access_tokens();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let req = c.get(format!("{proxy}/spark/v1/lb{i}")).header(HDR, &key);
+        set.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r.expect("join").expect("send"), 200);
+    }
+    assert_eq!(
+        w.spark.grant_count(),
+        1,
+        "one refresh behind the load balancer"
+    );
+
+    // Revoke through the load balancer's admin port: every instance refuses within 2 s.
+    let r = c
+        .delete(format!("{admin_url}/admin/sessions/{id}"))
+        .header("Authorization", format!("Bearer {}", admin_token.trim()))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 204);
+    let revoked = Instant::now();
+    let mut refused = 0;
+    while refused < 4 {
+        let r = c
+            .get(format!("{proxy}/spark/v1/after"))
+            .header(HDR, &key)
+            .send()
+            .await
+            .expect("send");
+        refused = if r.status() == 401 { refused + 1 } else { 0 };
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "a replica still honours the revoked key"
+        );
+    }
+    drop(guard);
+}
