@@ -156,7 +156,9 @@ psql -X -q -v ON_ERROR_STOP=1 "$URL" -tAc \
     "SELECT datname FROM pg_database d WHERE datname LIKE 'cp\_t\_%'
        AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)" |
     while read -r old; do
-        [ -n "$old" ] && psql -X -q "$URL" -c "DROP DATABASE IF EXISTS \"$old\"" >/dev/null 2>&1 || true
+        if [ -n "$old" ]; then
+            psql -X -q "$URL" -c "DROP DATABASE IF EXISTS \"$old\"" >/dev/null 2>&1 || true
+        fi
     done
 log "dropped the test databases of earlier runs"
 
