@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use credproxy_standins::TokenMode;
-use support::{client, error_code, run_cli, url, BinServer, Extra, World, ADMIN_TOKEN};
+use support::{client, error_code, url, BinServer, Extra, World, ADMIN_TOKEN};
 
 const HDR: &str = "X-Credproxy-Session";
 
@@ -29,26 +29,7 @@ async fn pg_world(test: &str) -> Option<(World, std::path::PathBuf, String)> {
 }
 
 fn add(cfg: &std::path::Path, provider: &str, t: &credproxy_standins::Tokens) -> (String, String) {
-    let out = run_cli(
-        cfg,
-        &[
-            "session",
-            "add",
-            "--provider",
-            provider,
-            "--access-token",
-            &t.access_token,
-            "--refresh-token",
-            &t.refresh_token,
-            "--json",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = support::cli_add(cfg, provider, t);
     (
         v["id"].as_str().expect("id").to_owned(),
         v["session_key"].as_str().expect("key").to_owned(),

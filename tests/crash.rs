@@ -12,7 +12,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{client, error_code, run_cli, url, BinServer, Extra, World};
+use support::{client, error_code, url, BinServer, Extra, World};
 
 /// Sessions in the storm.
 const N: usize = 30;
@@ -23,27 +23,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Adds a Spark session for fresh stand-in tokens with the CLI; returns its key.
 fn add_spark_session(cfg: &Path, w: &World) -> String {
-    let t = w.spark.issue_tokens();
-    let out = run_cli(
-        cfg,
-        &[
-            "session",
-            "add",
-            "--provider",
-            "spark",
-            "--access-token",
-            &t.access_token,
-            "--refresh-token",
-            &t.refresh_token,
-            "--json",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "session add failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let v = support::cli_add(cfg, "spark", &w.spark.issue_tokens());
     v["session_key"]
         .as_str()
         .expect("session_key in the JSON")

@@ -257,21 +257,7 @@ async fn invalid_grant_marks_the_session_until_its_tokens_are_replaced() {
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
     let t = w.spark.issue_tokens();
-    let out = run_cli(
-        &cfg,
-        &[
-            "session",
-            "add",
-            "--provider",
-            "spark",
-            "--access-token",
-            &t.access_token,
-            "--refresh-token",
-            &t.refresh_token,
-            "--json",
-        ],
-    );
-    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let added = support::cli_add(&cfg, "spark", &t);
     let key = added["session_key"].as_str().expect("key").to_owned();
     let id = added["id"].as_str().expect("id").to_owned();
     let srv = w.start(&Extra::default()).await;
@@ -460,21 +446,7 @@ async fn refresh_now_from_cli_and_admin_api_with_metrics() {
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
     let t = w.zillow.issue_tokens();
-    let out = run_cli(
-        &cfg,
-        &[
-            "session",
-            "add",
-            "--provider",
-            "zillow",
-            "--access-token",
-            &t.access_token,
-            "--refresh-token",
-            &t.refresh_token,
-            "--json",
-        ],
-    );
-    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let added = support::cli_add(&cfg, "zillow", &t);
     let id = added["id"].as_str().expect("id").to_owned();
     let key = added["session_key"].as_str().expect("key").to_owned();
 
@@ -526,21 +498,7 @@ async fn refresh_now_from_cli_and_admin_api_with_metrics() {
     w.zillow.set_token_mode(TokenMode::InvalidGrant);
     let (id2, _, _) = {
         let t = w.zillow.issue_tokens();
-        let out = run_cli(
-            &cfg,
-            &[
-                "session",
-                "add",
-                "--provider",
-                "zillow",
-                "--access-token",
-                &t.access_token,
-                "--refresh-token",
-                &t.refresh_token,
-                "--json",
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let v = support::cli_add(&cfg, "zillow", &t);
         (v["id"].as_str().expect("id").to_owned(), (), ())
     };
     let r = post(&id2).await.expect("send");
@@ -573,21 +531,7 @@ async fn cli_refresh_while_the_server_refreshes_never_reuses_a_refresh_token() {
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
     let t = w.spark.issue_tokens();
-    let out = run_cli(
-        &cfg,
-        &[
-            "session",
-            "add",
-            "--provider",
-            "spark",
-            "--access-token",
-            &t.access_token,
-            "--refresh-token",
-            &t.refresh_token,
-            "--json",
-        ],
-    );
-    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let added = support::cli_add(&cfg, "spark", &t);
     let id = added["id"].as_str().expect("id").to_owned();
     let key = added["session_key"].as_str().expect("key").to_owned();
     let srv = BinServer::spawn(&cfg, "info");

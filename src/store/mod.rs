@@ -104,6 +104,25 @@ pub enum OAuthOutcome {
     Unknown,
 }
 
+impl OAuthOutcome {
+    /// The outcome as the `result_session_id` and `failure` columns hold it.
+    fn columns(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            OAuthOutcome::Stored { session_id } => (Some(session_id), None),
+            OAuthOutcome::Failed { reason } => (None, Some(reason)),
+            OAuthOutcome::Pending | OAuthOutcome::Unknown => (None, None),
+        }
+    }
+
+    fn from_columns(session: Option<String>, failure: Option<String>) -> OAuthOutcome {
+        match (session, failure) {
+            (Some(session_id), _) => OAuthOutcome::Stored { session_id },
+            (None, Some(reason)) => OAuthOutcome::Failed { reason },
+            (None, None) => OAuthOutcome::Pending,
+        }
+    }
+}
+
 /// Sessions counted by provider and status, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionCount {

@@ -643,11 +643,7 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
     ) -> Result<(), StoreError> {
-        let (session, failure) = match outcome {
-            OAuthOutcome::Stored { session_id } => (Some(session_id.as_str()), None),
-            OAuthOutcome::Failed { reason } => (None, Some(reason.as_str())),
-            OAuthOutcome::Pending | OAuthOutcome::Unknown => (None, None),
-        };
+        let (session, failure) = outcome.columns();
         sqlx::query(
             "UPDATE oauth_states SET result_session_id = ?, failure = ? WHERE state_hash = ?",
         )
@@ -668,13 +664,10 @@ impl Store for SqliteStore {
         let Some(row) = row else {
             return Ok(OAuthOutcome::Unknown);
         };
-        let session: Option<String> = row.try_get("result_session_id")?;
-        let failure: Option<String> = row.try_get("failure")?;
-        Ok(match (session, failure) {
-            (Some(session_id), _) => OAuthOutcome::Stored { session_id },
-            (None, Some(reason)) => OAuthOutcome::Failed { reason },
-            (None, None) => OAuthOutcome::Pending,
-        })
+        Ok(OAuthOutcome::from_columns(
+            row.try_get("result_session_id")?,
+            row.try_get("failure")?,
+        ))
     }
 
     async fn prune_oauth_states(&self, before: i64) -> Result<(), StoreError> {

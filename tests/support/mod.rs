@@ -435,3 +435,28 @@ pub async fn postgres_db(test: &str) -> Option<String> {
     url.set_path(&format!("/{name}"));
     Some(url.to_string())
 }
+
+/// `credproxy session add --json` for stand-in tokens (access and refresh);
+/// the printed `{"id", "session_key", "provider"}`.
+pub fn cli_add(config: &Path, provider: &str, tokens: &Tokens) -> serde_json::Value {
+    let out = run_cli(
+        config,
+        &[
+            "session",
+            "add",
+            "--provider",
+            provider,
+            "--access-token",
+            &tokens.access_token,
+            "--refresh-token",
+            &tokens.refresh_token,
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "session add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("session add --json prints one JSON object")
+}
