@@ -133,6 +133,8 @@ api_key = "{zillow_key}"
         "curl 'http://{p}/zillow/listings/v1/listingsForUser?accessToken={}'",
         keys[1]
     );
+    println!("# Connect an account from a browser (the stand-ins accept any login):");
+    println!("#   open http://{}/", running.admin_addr);
     println!("# Health, metrics and the session list");
     println!("curl http://{}/metrics", running.admin_addr);
     println!(
