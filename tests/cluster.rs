@@ -373,3 +373,49 @@ async fn the_compose_topology_from_local_processes() {
     }
     drop(guard);
 }
+
+/// The OAuth state lives in the shared store: a flow started on one
+/// instance completes on another, and still works only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_started_on_one_instance_completes_on_the_other() {
+    let Some((w, cfg, _)) = pg_world("connect_across_instances").await else {
+        return;
+    };
+    let a = BinServer::spawn(&cfg, "warn");
+    let b = BinServer::spawn(&cfg, "warn");
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let r = c
+        .get(url(a.admin_addr, "/connect/zillow"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 302);
+    let location = url::Url::parse(r.headers()["location"].to_str().expect("ascii")).expect("url");
+    let state = location
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("state");
+    let callback = format!(
+        "/callback/zillow?code={}&state={state}",
+        w.zillow.issue_code()
+    );
+    let r = c
+        .get(url(b.admin_addr, &callback))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "B accepts A's state");
+    assert!(r.text().await.expect("text").contains("session-key"));
+    let r = c
+        .get(url(a.admin_addr, &callback))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400, "and it worked once, across instances");
+    assert_eq!(w.zillow.codes_redeemed(), 1);
+}
