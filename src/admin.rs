@@ -300,6 +300,11 @@ impl From<RefreshError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "not_refreshable", "this session has no refresh token")
             }
             RefreshError::Gone => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such session"),
+            RefreshError::TooSoon => ApiError::new(
+                StatusCode::CONFLICT,
+                "refreshed_recently",
+                "this session was refreshed moments ago",
+            ),
             RefreshError::Store(e) => SessionError::Store(e).into(),
             RefreshError::Session(e) => e.into(),
         }

@@ -150,6 +150,7 @@ struct RawProvider {
     token_timeout: Option<RawDuration>,
     refresh_ahead: Option<bool>,
     refresh_backoff_max: Option<RawDuration>,
+    min_refresh_interval: Option<RawDuration>,
     label: Option<String>,
 }
 
@@ -240,6 +241,9 @@ pub struct ProviderConfig {
     pub refresh_backoff_max: Duration,
     /// What people see on the connect pages, e.g. "Spark API".
     pub label: String,
+    /// A 401 within this long of a refresh passes through instead of
+    /// spending another rotation (the refusal is about something else).
+    pub min_refresh_interval: Duration,
 }
 
 impl Config {
@@ -574,6 +578,7 @@ fn validate_provider(
             ProviderKind::Zillow => "Zillow Rental Feeds".to_owned(),
         }),
         refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,
+        min_refresh_interval: dur(p.min_refresh_interval, "min_refresh_interval", 30.0)?,
     })
 }
 

@@ -407,7 +407,7 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
         }
         SessionCommand::Refresh { id } => {
             let metrics = Arc::new(credproxy::metrics::Metrics::default());
-            let refresher = Refresher::new(&config, Arc::clone(&sessions), metrics)?;
+            let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
             match refresher.refresh_now(&id).await {
                 Ok(_) => {}
                 Err(RefreshError::Gone) => bail!("no session with id {id}"),

@@ -259,12 +259,16 @@ impl Proxy {
         }
         // Reactive: the token was refused. Refresh (or pick up a refresh
         // another request made meanwhile) and replay once.
+        let fresh = match self.refresher.refresh(&session, false).await {
+            Ok(fresh) => fresh,
+            // Refreshed moments ago: the refusal is about something else.
+            Err(RefreshError::TooSoon) => return Ok(response_filter(resp)),
+            Err(e) => {
+                drain(resp).await;
+                return Err(refresh_error(&session, e));
+            }
+        };
         drain(resp).await;
-        let fresh = self
-            .refresher
-            .refresh(&session, false)
-            .await
-            .map_err(|e| refresh_error(&session, e))?;
         log.session = Some(Arc::clone(&fresh));
         log.replayed = true;
         let resp = self.send(route, &fresh, out, full(bytes), log).await?;
@@ -289,6 +293,7 @@ impl Proxy {
             Err(RefreshError::Failed { .. } | RefreshError::Store(_)) if !session.expired(now) => {
                 Ok(session)
             }
+            Err(RefreshError::TooSoon) => Ok(session),
             Err(e) => Err(refresh_error(&session, e)),
         }
     }
@@ -536,6 +541,10 @@ fn refresh_error(session: &ActiveSession, e: RefreshError) -> ProxyError {
             retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
         },
         RefreshError::Gone => ProxyError::UnknownSession,
+        // Callers handle this one before: the request goes on as it is.
+        RefreshError::TooSoon => ProxyError::TokenRefreshFailed {
+            retry_after_secs: 1,
+        },
         RefreshError::NotRefreshable => ProxyError::TokenRefreshFailed {
             retry_after_secs: 1,
         },

@@ -47,6 +47,11 @@ pub enum RefreshError {
     NotRefreshable,
     #[error("the session no longer exists")]
     Gone,
+    /// Refreshed moments ago: a refusal now is not about an expired token
+    /// (Spark also answers 401 for a disabled key), and spending another
+    /// rotation would not help.
+    #[error("the session was refreshed moments ago")]
+    TooSoon,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -108,16 +113,38 @@ impl Refresher {
     /// which case the current ones are returned. With `force`, refreshes even
     /// so (`session refresh`, the admin API).
     pub async fn refresh(
-        &self,
+        self: &Arc<Self>,
         seen: &ActiveSession,
         force: bool,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
-        self.refresh_id(&seen.id, Some(seen.version), force).await
+        self.spawn_refresh(seen.id.clone(), Some(seen.version), force)
+            .await
     }
 
     /// Refreshes session `id` now (`session refresh ID`).
-    pub async fn refresh_now(&self, id: &str) -> Result<Arc<ActiveSession>, RefreshError> {
-        self.refresh_id(id, None, true).await
+    pub async fn refresh_now(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
+        self.spawn_refresh(id.to_owned(), None, true).await
+    }
+
+    /// Runs the refresh in a task of its own: a caller that goes away (a
+    /// client hanging up, a shutdown) must not cancel it between the token
+    /// endpoint's answer and the commit, or the rotated token is lost.
+    async fn spawn_refresh(
+        self: &Arc<Self>,
+        id: String,
+        seen: Option<i64>,
+        force: bool,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
+        let me = Arc::clone(self);
+        match tokio::spawn(async move { me.refresh_id(&id, seen, force).await }).await {
+            Ok(result) => result,
+            Err(_) => Err(RefreshError::Failed {
+                retry_after: BACKOFF_BASE,
+            }),
+        }
     }
 
     async fn refresh_id(
@@ -128,6 +155,35 @@ impl Refresher {
     ) -> Result<Arc<ActiveSession>, RefreshError> {
         let flight = Arc::clone(self.flights.entry(id.to_owned()).or_default().value());
         let mut flight = flight.lock().await;
+        // During a back-off, fail at once: no store I/O, no endpoint call.
+        if let Some(at) = flight.retry_at {
+            let now = Instant::now();
+            if now < at {
+                return Err(RefreshError::Failed {
+                    retry_after: at - now,
+                });
+            }
+        }
+        let result = self.refresh_locked(&mut flight, id, seen, force).await;
+        if let Err(RefreshError::Store(e)) = &result {
+            // The store is unreachable: back off too, so requests for this
+            // session do not queue up behind one store timeout after another.
+            flight.failures += 1;
+            let wait = backoff(flight.failures, BACKOFF_BASE, STORE_BACKOFF_MAX);
+            flight.retry_at = Some(Instant::now() + wait);
+            tracing::warn!(session = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "refresh: store unavailable");
+        }
+        result
+    }
+
+    async fn refresh_locked(
+        &self,
+        flight: &mut Flight,
+        id: &str,
+        seen: Option<i64>,
+        force: bool,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
+        let generation = self.sessions.generation();
         let store = self.sessions.store();
         let rec = store.session_by_id(id).await?.ok_or(RefreshError::Gone)?;
         if flight.version != rec.version {
@@ -141,36 +197,37 @@ impl Refresher {
         }
         let moved = |version: i64| !force && seen.is_some_and(|v| v != version);
         if moved(rec.version) {
-            return Ok(self.sessions.install(&rec)?);
+            return Ok(self.sessions.install(&rec, generation)?);
         }
         if rec.refresh_token.is_none() {
             return Err(RefreshError::NotRefreshable);
-        }
-        if let Some(at) = flight.retry_at {
-            let now = Instant::now();
-            if now < at {
-                return Err(RefreshError::Failed {
-                    retry_after: at - now,
-                });
-            }
         }
         let (provider, endpoint) = self
             .endpoints
             .get(&rec.provider)
             .ok_or_else(|| SessionError::UnknownProvider(rec.provider.clone()))?;
+        let interval = provider.min_refresh_interval.as_secs_f64();
+        if !force
+            && rec
+                .last_refresh_at
+                .is_some_and(|at| ((store::now() - at) as f64) < interval)
+        {
+            return Err(RefreshError::TooSoon);
+        }
 
+        let leased_at = Instant::now();
         let rec = match self.lease(&rec, provider).await? {
             Leased::Mine(rec) => rec,
             Leased::Moved(rec) => {
                 if rec.status == Status::ReauthorizationRequired {
                     return Err(RefreshError::Reauthorization);
                 }
-                return Ok(self.sessions.install(&rec)?);
+                return Ok(self.sessions.install(&rec, generation)?);
             }
         };
         if moved(rec.version) {
             store.release_refresh_lease(id, &self.owner).await?;
-            return Ok(self.sessions.install(&rec)?);
+            return Ok(self.sessions.install(&rec, generation)?);
         }
         let Some(refresh_token) = self.sessions.refresh_token(&rec)? else {
             store.release_refresh_lease(id, &self.owner).await?;
@@ -190,7 +247,18 @@ impl Refresher {
                 let sealed = self.sessions.seal_refreshed(&rec, &tokens, store::now());
                 // The provider has rotated the refresh token: from here until
                 // this commit returns is the one window a crash loses the session.
-                match self.commit_with_retries(id, sealed, rec.version).await {
+                let lease_ends = leased_at + lease_hold(provider);
+                let committed = self
+                    .commit_with_retries(id, sealed, rec.version, lease_ends)
+                    .await;
+                if !matches!(committed, Ok(Some(_))) {
+                    self.metrics.refresh(&rec.provider, "failed", Some(took));
+                    // Let a later attempt (or a replaced token) proceed at once.
+                    if let Err(e) = store.release_refresh_lease(id, &self.owner).await {
+                        tracing::warn!(session = %id, error = %e, "cannot release the refresh lease; it expires on its own");
+                    }
+                }
+                match committed {
                     Ok(Some(new)) => {
                         let window = started.elapsed() - took;
                         self.metrics.refresh(&rec.provider, "ok", Some(took));
@@ -206,18 +274,17 @@ impl Refresher {
                             version: new.version,
                             ..Flight::default()
                         };
-                        Ok(self.sessions.install(&new)?)
+                        Ok(self.sessions.install(&new, generation)?)
                     }
                     Ok(None) => {
-                        // Only if our lease expired and another owner moved the row.
-                        self.metrics.refresh(&rec.provider, "failed", Some(took));
+                        // Only if the row moved under us (our lease ran out, or
+                        // an operator replaced the tokens meanwhile).
                         tracing::error!(session = %id, "refreshed tokens were not stored: the session changed while the token endpoint answered");
                         Err(RefreshError::Failed {
                             retry_after: BACKOFF_BASE,
                         })
                     }
                     Err(e) => {
-                        self.metrics.refresh(&rec.provider, "failed", Some(took));
                         tracing::error!(session = %id, error = %e, "refreshed tokens could not be stored; the session may need reauthorization");
                         Err(e.into())
                     }
@@ -249,15 +316,16 @@ impl Refresher {
 
     /// Commits rotated tokens, retrying while the store is unreachable: the
     /// provider has already rotated the refresh token, so giving up loses
-    /// the session. Bounded well within our lease (`token_timeout` + 10 s).
+    /// the session. Retries stop before our lease runs out: after that
+    /// another owner may take the session and the commit would fail anyway.
     async fn commit_with_retries(
         &self,
         id: &str,
         sealed: crate::store::SealedTokens,
         version: i64,
+        lease_ends: Instant,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let mut wait = Duration::from_millis(100);
-        let mut attempt = 1;
         loop {
             match self
                 .sessions
@@ -265,11 +333,10 @@ impl Refresher {
                 .commit_refresh(id, &self.owner, sealed.clone(), version, store::now())
                 .await
             {
-                Err(e) if attempt < COMMIT_ATTEMPTS => {
-                    tracing::warn!(session = %id, error = %e, attempt, "cannot store refreshed tokens yet; retrying");
+                Err(e) if Instant::now() + wait + COMMIT_ATTEMPT_BUDGET < lease_ends => {
+                    tracing::warn!(session = %id, error = %e, "cannot store refreshed tokens yet; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(2));
-                    attempt += 1;
                 }
                 result => return result,
             }
@@ -284,8 +351,7 @@ impl Refresher {
         provider: &ProviderConfig,
     ) -> Result<Leased, RefreshError> {
         let store = self.sessions.store();
-        // Longer than any token call of ours, so a live owner never loses it.
-        let hold = provider.token_timeout + Duration::from_secs(10);
+        let hold = lease_hold(provider);
         let give_up = Instant::now() + hold * 2;
         loop {
             let now = store::now_ms();
@@ -379,8 +445,18 @@ impl Refresher {
     }
 }
 
-/// Tries to store rotated tokens (about 8 s of retries in all).
-const COMMIT_ATTEMPTS: u32 = 7;
+/// Room left in the lease for one more commit attempt (a store call may
+/// wait this long for a connection).
+const COMMIT_ATTEMPT_BUDGET: Duration = Duration::from_secs(4);
+
+/// Longest back-off after the store failed during a refresh.
+const STORE_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How long a refresh lease lasts: longer than our token call plus the
+/// commit and its retries, so a live owner never loses it.
+fn lease_hold(provider: &ProviderConfig) -> Duration {
+    provider.token_timeout + Duration::from_secs(20)
+}
 
 /// A session counts as in use for refresh-ahead if a request used it this recently.
 const RECENT_USE: Duration = Duration::from_secs(15 * 60);

@@ -178,9 +178,7 @@ impl Sessions {
             return Ok(None);
         };
         let active = Arc::new(self.activate(&rec)?);
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.by_key.insert(*hash, Arc::clone(&active));
-        }
+        self.cache_if_unchanged(&self.by_key, *hash, &active, generation);
         Ok(Some(active))
     }
 
@@ -194,9 +192,7 @@ impl Sessions {
             return Ok(None);
         };
         let active = Arc::new(self.activate(&rec)?);
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.by_id.insert(id.to_owned(), Arc::clone(&active));
-        }
+        self.cache_if_unchanged(&self.by_id, id.to_owned(), &active, generation);
         Ok(Some(active))
     }
 
@@ -220,17 +216,51 @@ impl Sessions {
         })
     }
 
-    /// Puts a just-written row in the cache, replacing what was there, and
-    /// returns it ready for use. Bumps the generation first, so a lookup that
-    /// read the row before the write cannot cache its stale copy afterwards.
-    pub fn install(&self, rec: &SessionRecord) -> Result<Arc<ActiveSession>, SessionError> {
+    /// Puts a row just written (or read) by a refresh in the cache and
+    /// returns it ready for use. `generation` was read before the row: if
+    /// anything was invalidated since (a revocation, say), the row is used
+    /// for this request only and not cached. The bump first makes lookups
+    /// that read an older row discard their copy.
+    pub fn install(
+        &self,
+        rec: &SessionRecord,
+        generation: u64,
+    ) -> Result<Arc<ActiveSession>, SessionError> {
         let active = Arc::new(self.activate(rec)?);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.by_key.insert(rec.key_hash, Arc::clone(&active));
+        let before = self.generation.fetch_add(1, Ordering::AcqRel);
+        if before != generation {
+            return Ok(active);
+        }
+        self.cache_if_unchanged(&self.by_key, rec.key_hash, &active, before + 1);
         if self.by_id.contains_key(&rec.id) {
-            self.by_id.insert(rec.id.clone(), Arc::clone(&active));
+            self.cache_if_unchanged(&self.by_id, rec.id.clone(), &active, before + 1);
         }
         Ok(active)
+    }
+
+    /// The invalidation generation now; read it before reading a row that
+    /// may be cached later.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches `active` unless an invalidation happened since `generation`
+    /// was read, checking again after the insert (an invalidation may land
+    /// between the check and the insert) and taking the entry back if so.
+    fn cache_if_unchanged<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        map: &DashMap<K, Arc<ActiveSession>>,
+        key: K,
+        active: &Arc<ActiveSession>,
+        generation: u64,
+    ) {
+        if self.generation() != generation {
+            return;
+        }
+        map.insert(key.clone(), Arc::clone(active));
+        if self.generation() != generation {
+            map.remove_if(&key, |_, cached| Arc::ptr_eq(cached, active));
+        }
     }
 
     /// The session's refresh token, opened.

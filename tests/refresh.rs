@@ -668,3 +668,35 @@ async fn refresh_ahead_refreshes_recently_used_sessions_in_the_background() {
     );
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_401_right_after_a_refresh_does_not_spend_another_rotation() {
+    let w = World::new().await;
+    // Spark's table comes first in the generated config.
+    let text = w.config_text(&Extra::default()).replacen(
+        "min_refresh_interval = 0",
+        "min_refresh_interval = 30",
+        1,
+    );
+    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t"), |_| None)
+        .expect("config");
+    let srv = credproxy::server::start(cfg).await.expect("start");
+    let (_, key, _) = add_session(&srv, "spark", &w.spark).await;
+    w.spark.expire_access_tokens();
+    let get = |path: &'static str| {
+        client()
+            .get(url(srv.proxy_addr, path))
+            .header(HDR, &key)
+            .send()
+    };
+    assert_eq!(get("/spark/v1/a").await.expect("send").status(), 200);
+    assert_eq!(w.spark.grant_count(), 1);
+    // Spark also answers 401 for a disabled key: refreshing again would not help.
+    let before = w.spark.requests().len();
+    let r = get("/spark/status/401").await.expect("send");
+    assert_eq!(r.status(), 401);
+    assert!(error_code(&r).is_none(), "the upstream's own answer");
+    assert_eq!(w.spark.grant_count(), 1, "no second rotation");
+    assert_eq!(w.spark.requests().len(), before + 1, "and no replay");
+    srv.shutdown().await;
+}

@@ -86,6 +86,7 @@ authorize_url = "{spark_auth}"
 client_id = "{spark_id}"
 client_secret = "{spark_secret}"
 user_agent = "credproxy-tests/1.0"
+min_refresh_interval = 0
 {spark_extra}
 
 [providers.zillow]
@@ -96,6 +97,7 @@ authorize_url = "{zillow_auth}"
 client_id = "{zillow_id}"
 client_secret = "{zillow_secret}"
 api_key = "{zillow_key}"
+min_refresh_interval = 0
 {zillow_extra}
 "#,
             server = extra.server,
