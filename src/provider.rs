@@ -83,8 +83,42 @@ impl ProviderKind {
                 (slot, query.map(Cow::Borrowed))
             }
             ProviderKind::Zillow => {
+                // Zillow takes no Authorization header; a caller's (which may
+                // hold a session key) is not forwarded.
+                headers.remove(AUTHORIZATION);
                 let (rest, key) = split_zillow_query(query);
                 (Slot { key, bearer: false }, rest)
+            }
+        }
+    }
+
+    /// Removes injected credentials from the upstream's answer, where an
+    /// upstream may echo the request URL: a redirect's `Location` (Zillow
+    /// keeps the query, credentials included, in trailing-slash redirects).
+    pub fn scrub_response(self, headers: &mut HeaderMap) {
+        if self != ProviderKind::Zillow {
+            return;
+        }
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let Some((base, query)) = value.split_once('?') else {
+                continue;
+            };
+            let (rest, _) = split_zillow_query(Some(query));
+            let cleaned = match rest {
+                Some(q) if q.len() == query.len() => continue,
+                Some(q) => format!("{base}?{q}"),
+                None => base.to_owned(),
+            };
+            match HeaderValue::from_str(&cleaned) {
+                Ok(v) => {
+                    headers.insert(name, v);
+                }
+                Err(_) => {
+                    headers.remove(name);
+                }
             }
         }
     }
@@ -98,10 +132,14 @@ impl ProviderKind {
 /// re-encoded, so odd or invalid escapes pass through as they came.
 fn split_zillow_query(query: Option<&str>) -> (Option<Cow<'_, str>>, Option<KeyHash>) {
     let Some(q) = query else { return (None, None) };
+    // Case-insensitively too: whatever the upstream's parser makes of
+    // `AccessToken`, the caller must not get a credential past us with it.
     let owned = |seg: &str| {
         let name = seg.split_once('=').map_or(seg, |(n, _)| n);
         let name = percent_decode_str(name).decode_utf8_lossy();
-        ZILLOW_OWNED.iter().any(|o| *o == name)
+        ZILLOW_OWNED
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(name.trim()))
     };
     if !q.split('&').any(owned) {
         return (Some(Cow::Borrowed(q)), None);
@@ -113,7 +151,11 @@ fn split_zillow_query(query: Option<&str>) -> (Option<Cow<'_, str>>, Option<KeyH
         if owned(seg) {
             if key.is_none() {
                 if let Some((name, value)) = seg.split_once('=') {
-                    if percent_decode_str(name).decode_utf8_lossy() == "accessToken" {
+                    if percent_decode_str(name)
+                        .decode_utf8_lossy()
+                        .trim()
+                        .eq_ignore_ascii_case("accessToken")
+                    {
                         let value: Cow<[u8]> = percent_decode_str(value).into();
                         if !value.is_empty() {
                             key = Some(KeyHash::of(&value));
@@ -292,6 +334,42 @@ mod tests {
         let (rest, key) = zillow("access%54oken=K%2B&z=1&api%4Bey");
         assert_eq!(rest.as_deref(), Some("z=1"));
         assert_eq!(key, Some(KeyHash::of(b"K+")));
+    }
+
+    #[test]
+    fn zillow_owned_names_match_in_any_case() {
+        let (rest, key) = zillow("AccessToken=K&APIKEY=x&clientid=y&z=1");
+        assert_eq!(rest.as_deref(), Some("z=1"));
+        assert_eq!(key, Some(KeyHash::of(b"K")));
+    }
+
+    #[test]
+    fn zillow_redirects_lose_the_injected_credentials() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::LOCATION,
+            HeaderValue::from_static(
+                "https://z.example/listings/?a=1&accessToken=T&clientId=C&apiKey=K",
+            ),
+        );
+        h.insert(
+            http::header::CONTENT_LOCATION,
+            HeaderValue::from_static("/x?accessToken=T"),
+        );
+        ProviderKind::Zillow.scrub_response(&mut h);
+        assert_eq!(h[http::header::LOCATION], "https://z.example/listings/?a=1");
+        assert_eq!(h[http::header::CONTENT_LOCATION], "/x");
+        let mut spark = HeaderMap::new();
+        spark.insert(
+            http::header::LOCATION,
+            HeaderValue::from_static("/x?accessToken=T"),
+        );
+        ProviderKind::Spark.scrub_response(&mut spark);
+        assert_eq!(
+            spark[http::header::LOCATION],
+            "/x?accessToken=T",
+            "Spark's credentials are headers"
+        );
     }
 
     #[test]

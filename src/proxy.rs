@@ -247,7 +247,7 @@ impl Proxy {
                 if resp.status() == StatusCode::UNAUTHORIZED && session.has_refresh_token {
                     self.refresh_in_background(&session);
                 }
-                return Ok(response_filter(resp));
+                return Ok(response_filter(route, resp));
             }
             Prepared::Kept(bytes) => bytes,
         };
@@ -255,14 +255,14 @@ impl Proxy {
             .send(route, &session, out.clone_parts(), full(bytes.clone()), log)
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED || !session.has_refresh_token {
-            return Ok(response_filter(resp));
+            return Ok(response_filter(route, resp));
         }
         // Reactive: the token was refused. Refresh (or pick up a refresh
         // another request made meanwhile) and replay once.
         let fresh = match self.refresher.refresh(&session, false).await {
             Ok(fresh) => fresh,
             // Refreshed moments ago: the refusal is about something else.
-            Err(RefreshError::TooSoon) => return Ok(response_filter(resp)),
+            Err(RefreshError::TooSoon) => return Ok(response_filter(route, resp)),
             Err(e) => {
                 drain(resp).await;
                 return Err(refresh_error(&session, e));
@@ -272,7 +272,7 @@ impl Proxy {
         log.session = Some(Arc::clone(&fresh));
         log.replayed = true;
         let resp = self.send(route, &fresh, out, full(bytes), log).await?;
-        Ok(response_filter(resp))
+        Ok(response_filter(route, resp))
     }
 
     /// Proactive refresh: a token within `refresh_margin` of its expiry is
@@ -337,6 +337,16 @@ impl Proxy {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::BadRequest(
                 "CONNECT is not supported: credproxy is not an open proxy",
+            ));
+        }
+        // TRACE would echo the injected credentials back to the caller.
+        if parts.method == Method::TRACE {
+            return Err(ProxyError::BadRequest("TRACE is not supported"));
+        }
+        // Dot segments could step out of api_base's path on the upstream.
+        if parts.uri.path().split('/').any(is_dot_segment) {
+            return Err(ProxyError::BadRequest(
+                "the path may not contain . or .. segments",
             ));
         }
         if let Some(authority) = parts.uri.authority() {
@@ -429,6 +439,11 @@ impl Proxy {
         }
         Ok(session)
     }
+}
+
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+    decoded == "." || decoded == ".."
 }
 
 fn non_empty_hash(key: &[u8]) -> Option<KeyHash> {
@@ -602,9 +617,10 @@ fn upstream_request(
 }
 
 /// Passes the upstream's answer back with its hop-by-hop headers removed.
-fn response_filter(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn response_filter(route: &Route, resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    route.kind.scrub_response(&mut parts.headers);
     parts.extensions.clear();
     Response::from_parts(parts, Either::Left(body))
 }

@@ -243,6 +243,22 @@ async fn zillow_query_is_rewritten_byte_for_byte() {
             .as_str()
         )
     );
+    // A caller's Authorization header never reaches Zillow (it may hold the key).
+    client()
+        .get(url(
+            srv.proxy_addr,
+            &format!("/zillow/v3?accessToken={key}"),
+        ))
+        .header("Authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .expect("send");
+    assert!(w
+        .zillow
+        .last_request()
+        .expect("rec")
+        .header("authorization")
+        .is_none());
     // Key by header: a caller-sent accessToken is dropped, not forwarded.
     let r = client()
         .get(url(srv.proxy_addr, "/zillow/v2?accessToken=mine&q=1"))
@@ -312,6 +328,19 @@ async fn unknown_routes_and_foreign_hosts_are_refused() {
     let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", w.spark.addr());
     let resp = support::raw_request(srv.proxy_addr, connect.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // Dot segments (plain or encoded) and TRACE are refused.
+    for line in [
+        "GET /spark/../zillow/x",
+        "GET /spark/v1/%2e%2e/x",
+        "TRACE /spark/v1/x",
+    ] {
+        let req = format!(
+            "{line} HTTP/1.1\r\nHost: x\r\nX-Credproxy-Session: {key}\r\nConnection: close\r\n\r\n"
+        );
+        let resp = support::raw_request(srv.proxy_addr, req.as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{line}: {resp}");
+    }
+    assert!(w.spark.requests().is_empty() && w.zillow.requests().is_empty());
     // Absolute-form naming this proxy itself is fine.
     let own = format!(
         "GET http://{0}/spark/v1/own HTTP/1.1\r\nHost: {0}\r\nX-Credproxy-Session: {key}\r\nConnection: close\r\n\r\n",
