@@ -134,7 +134,7 @@ fn world() -> World {
         .build()
         .expect("tokio runtime");
     let sessions = rt.block_on(async {
-        let store = credproxy::store::open(&config.store.url)
+        let store = credproxy::store::open(secrecy::ExposeSecret::expose_secret(&config.store.url))
             .await
             .expect("store opens");
         let sessions = Arc::new(Sessions::new(store, Sealer::from_key(&[7; 32]), &config));

@@ -186,7 +186,8 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    pub url: String,
+    /// May carry a database password: shown only through [`StoreConfig::shown_url`].
+    pub url: SecretString,
     pub key: KeySource,
     /// How often the server looks for sessions changed by another process.
     pub invalidation_interval: Duration,
@@ -265,13 +266,52 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: parse_message(text, &e),
         })?;
         validate(raw, &env)
     }
 
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+impl StoreConfig {
+    /// The store URL with any password replaced, for messages.
+    pub fn shown_url(&self) -> String {
+        use secrecy::ExposeSecret;
+        let url = self.url.expose_secret();
+        match Url::parse(url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            _ => url.to_owned(),
+        }
+    }
+}
+
+/// A TOML error as "line N, key `k`: what is wrong". toml's own Display
+/// quotes the whole offending line, which may hold an inline secret; serde's
+/// "invalid type" messages quote the value, which may be one too.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let mut message = e.message().to_owned();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            if let Some(at) = rest.find(", expected ") {
+                message = format!("{}{}", prefix.trim_end_matches(": "), &rest[at..]);
+            }
+        }
+    }
+    let Some(span) = e.span() else { return message };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => {
+            format!("line {line_no}, key `{}`: {message}", key.trim())
+        }
+        _ => format!("line {line_no}: {message}"),
     }
 }
 
@@ -396,7 +436,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         (None, None) => KeySource::File(PathBuf::from("credproxy.key")),
     };
     let store = StoreConfig {
-        url,
+        url: SecretString::from(url),
         key,
         invalidation_interval: dur(st.invalidation_interval, "store.invalidation_interval", 0.5)?,
     };
@@ -678,6 +718,29 @@ mod tests {
         assert!(
             !dbg.contains("s3cret") && !dbg.contains("inline-secret") && !dbg.contains("apikey")
         );
+    }
+
+    #[test]
+    fn parse_errors_never_quote_a_value() {
+        let e = err(&GOOD.replace(
+            "client_secret = \"inline-secret\"",
+            "client_secret = 12345678\nclient_secrett = \"also-secret\"",
+        ));
+        assert!(!e.contains("12345678") && !e.contains("also-secret"), "{e}");
+        assert!(e.contains("line "), "{e}");
+        let e = err(&GOOD.replace(
+            "user_agent = \"MyApp/1.0\"",
+            "user_agent = \"MyApp/1.0\"\nuser_agnet = \"x-secret\"",
+        ));
+        assert!(e.contains("user_agnet") && !e.contains("x-secret"), "{e}");
+    }
+
+    #[test]
+    fn store_url_password_is_hidden() {
+        let c = parse(&GOOD.replace("sqlite://x.db", "postgres://u:hunter2@db:5432/cp"))
+            .expect("valid");
+        assert_eq!(c.store.shown_url(), "postgres://u:***@db:5432/cp");
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

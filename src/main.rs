@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use credproxy::config::{Config, DEFAULT_PATH};
 use credproxy::refresh::{RefreshError, Refresher};
@@ -205,16 +205,15 @@ async fn wait_for_signal() {
 
 async fn open_sessions(config: &Config) -> anyhow::Result<Sessions> {
     let sealer = Sealer::load(&config.store.key)?;
-    let store = store::open(&config.store.url)
+    let store = store::open(config.store.url.expose_secret())
         .await
-        .with_context(|| format!("store.url: cannot open {}", config.store.url))?;
+        .with_context(|| format!("store.url: cannot open {}", config.store.shown_url()))?;
     Ok(Sessions::new(store, sealer, config))
 }
 
 async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
     use credproxy::connect::{state_hash, Connector};
     use credproxy::store::OAuthOutcome;
-    use secrecy::ExposeSecret;
 
     let sessions = Arc::new(open_sessions(&config).await?);
     let metrics = Arc::new(credproxy::metrics::Metrics::default());

@@ -17,6 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -74,9 +75,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{w}");
     }
     let sealer = Sealer::load(&config.store.key)?;
-    let store = store::open(&config.store.url)
+    let store = store::open(config.store.url.expose_secret())
         .await
-        .with_context(|| format!("store.url: cannot open {}", config.store.url))?;
+        .with_context(|| format!("store.url: cannot open {}", config.store.shown_url()))?;
     let sessions = Arc::new(Sessions::new(store, sealer, &config));
     let metrics = Arc::new(Metrics::default());
     let refresher = Arc::new(Refresher::new(
