@@ -193,10 +193,9 @@ impl Connector {
         let store = self.sessions().store();
         let now = store::now();
         let pending = store
-            .take_oauth_state(&hash, now, now - STATE_TTL_SECS)
+            .take_oauth_state(&hash, provider, now, now - STATE_TTL_SECS)
             .await
             .map_err(|e| (CallbackError::Store(e.to_string()), true))?
-            .filter(|s| s.provider == provider)
             .ok_or((CallbackError::BadState, true))?;
         let plain = pending.session_id.is_none() && pending.key_hash.is_none();
         let result = self.exchange(cfg, callback.answer, pending).await;

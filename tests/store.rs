@@ -267,16 +267,30 @@ async fn oauth_states(s: Arc<dyn Store>) {
         OAuthOutcome::Pending
     );
     assert_eq!(
-        s.take_oauth_state(&hash, 1_100, 1_001).await.expect("take"),
+        s.take_oauth_state(&hash, "zillow", 1_100, 1_001)
+            .await
+            .expect("take"),
         None,
         "expired"
     );
     assert_eq!(
-        s.take_oauth_state(&hash, 1_100, 900).await.expect("take"),
-        Some(state)
+        s.take_oauth_state(&hash, "spark", 1_100, 900)
+            .await
+            .expect("take"),
+        None,
+        "bound to its provider"
     );
     assert_eq!(
-        s.take_oauth_state(&hash, 1_101, 900).await.expect("take"),
+        s.take_oauth_state(&hash, "zillow", 1_100, 900)
+            .await
+            .expect("take"),
+        Some(state),
+        "and not burnt by the wrong provider's callback"
+    );
+    assert_eq!(
+        s.take_oauth_state(&hash, "zillow", 1_101, 900)
+            .await
+            .expect("take"),
         None,
         "once"
     );

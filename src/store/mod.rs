@@ -208,10 +208,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<OAuthState>, StoreError>;
 
     /// Consumes the state (marks it used) and returns it, only if it exists,
-    /// is unused and was created at or after `not_before`: a state works once.
+    /// belongs to `provider`, is unused and was created at or after
+    /// `not_before`: a state works once, and only for its own provider.
     async fn take_oauth_state(
         &self,
         state_hash: &[u8; 32],
+        provider: &str,
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError>;

@@ -361,16 +361,18 @@ impl Store for PgStore {
     async fn take_oauth_state(
         &self,
         state_hash: &[u8; 32],
+        provider: &str,
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
         let row = sqlx::query(
             "UPDATE oauth_states SET used_at = $1
-             WHERE state_hash = $2 AND used_at IS NULL AND created_at >= $3
+             WHERE state_hash = $2 AND provider = $3 AND used_at IS NULL AND created_at >= $4
              RETURNING provider, session_id, key_hash, created_at",
         )
         .bind(now)
         .bind(&state_hash[..])
+        .bind(provider)
         .bind(not_before)
         .fetch_optional(&self.pool)
         .await?;

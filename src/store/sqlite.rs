@@ -87,9 +87,17 @@ impl SqliteStore {
                 &self.commits
             }
         };
-        writer
-            .send(WriteJob { op, reply })
-            .map_err(|_| StoreError::Closed)?;
+        let is_commit = matches!(
+            op,
+            WriteOp::CommitRefresh { .. } | WriteOp::MarkReauthorization { .. }
+        );
+        if writer.send(WriteJob { op, reply }).is_err() {
+            // The writer is gone: undo the count, or lease writes would wait forever.
+            if is_commit {
+                self.gate.committed(1);
+            }
+            return Err(StoreError::Closed);
+        }
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -622,16 +630,18 @@ impl Store for SqliteStore {
     async fn take_oauth_state(
         &self,
         state_hash: &[u8; 32],
+        provider: &str,
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
         let row = sqlx::query(
             "UPDATE oauth_states SET used_at = ?
-             WHERE state_hash = ? AND used_at IS NULL AND created_at >= ?
+             WHERE state_hash = ? AND provider = ? AND used_at IS NULL AND created_at >= ?
              RETURNING provider, session_id, key_hash, created_at",
         )
         .bind(now)
         .bind(&state_hash[..])
+        .bind(provider)
         .bind(not_before)
         .fetch_optional(&self.pool)
         .await?;
