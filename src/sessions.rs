@@ -478,7 +478,11 @@ impl Sessions {
         loop {
             tokio::select! {
                 () = &mut stop => return,
-                () = self.store.wait_for_change(every) => {}
+                notified = self.store.wait_for_change(every) => {
+                    for id in notified {
+                        self.invalidate(&id);
+                    }
+                }
             }
             match self.store.changes_since(cursor).await {
                 Ok((next, ids)) => {

@@ -126,32 +126,33 @@ async fn sessions_crud(s: Arc<dyn Store>) {
 
 async fn leases_and_commits(s: Arc<dyn Store>) {
     insert(&s, "s_l", b"key-l", 100).await;
-    let now = 1_000_000;
-    let Lease::Acquired(rec) = s
-        .acquire_refresh_lease("s_l", "one", now + 5_000, now)
-        .await
-        .expect("lease")
-    else {
+    // Deadlines are now + hold (PostgreSQL times them by its own clock).
+    let lease = |owner: &'static str, hold_ms: i64| {
+        let s = Arc::clone(&s);
+        async move {
+            let now = store::now_ms();
+            s.acquire_refresh_lease("s_l", owner, now + hold_ms, now)
+                .await
+                .expect("lease")
+        }
+    };
+    let Lease::Acquired(rec) = lease("one", 5_000).await else {
         panic!("free lease")
     };
     assert_eq!(rec.version, 1);
     // Another owner waits until the deadline; the same owner may renew.
-    match s
-        .acquire_refresh_lease("s_l", "two", now + 6_000, now + 1_000)
-        .await
-        .expect("lease")
-    {
-        Lease::Held { until_ms, version } => assert_eq!((until_ms, version), (now + 5_000, 1)),
+    match lease("two", 6_000).await {
+        Lease::Held { until_ms, version } => {
+            assert_eq!(version, 1);
+            let left = until_ms - store::now_ms();
+            assert!((3_000..=5_000).contains(&left), "{left} ms left");
+        }
         other => panic!("{other:?}"),
     }
+    assert!(matches!(lease("one", 7_000).await, Lease::Acquired(_)));
+    let now = store::now_ms();
     assert!(matches!(
-        s.acquire_refresh_lease("s_l", "one", now + 7_000, now + 1_000)
-            .await
-            .expect("lease"),
-        Lease::Acquired(_)
-    ));
-    assert!(matches!(
-        s.acquire_refresh_lease("s_gone", "one", now, now)
+        s.acquire_refresh_lease("s_gone", "one", now + 1_000, now)
             .await
             .expect("lease"),
         Lease::Gone
@@ -175,34 +176,18 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     assert_eq!((c.version, c.last_refresh_at), (2, Some(500)));
     assert_eq!(c.refresh_token, Some(vec![8; 40]));
     // The commit released the lease.
-    assert!(matches!(
-        s.acquire_refresh_lease("s_l", "two", now + 9_000, now + 1_000)
-            .await
-            .expect("lease"),
-        Lease::Acquired(_)
-    ));
+    assert!(matches!(lease("two", 9_000).await, Lease::Acquired(_)));
     s.release_refresh_lease("s_l", "one")
         .await
         .expect("release by a non-owner is a no-op");
-    assert!(matches!(
-        s.acquire_refresh_lease("s_l", "one", now + 9_000, now + 1_000)
-            .await
-            .expect("lease"),
-        Lease::Held { .. }
-    ));
+    assert!(matches!(lease("one", 9_000).await, Lease::Held { .. }));
     s.release_refresh_lease("s_l", "two")
         .await
         .expect("release");
     // An expired lease is free for anyone.
-    s.acquire_refresh_lease("s_l", "one", now + 2_000, now + 1_000)
-        .await
-        .expect("lease");
-    assert!(matches!(
-        s.acquire_refresh_lease("s_l", "two", now + 9_000, now + 3_000)
-            .await
-            .expect("lease"),
-        Lease::Acquired(_)
-    ));
+    assert!(matches!(lease("one", 1).await, Lease::Acquired(_)));
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    assert!(matches!(lease("two", 9_000).await, Lease::Acquired(_)));
     // Reauthorization: compare-and-swap too; it bumps the version and clears the lease.
     assert!(!s
         .mark_reauthorization_required("s_l", 1, 600)
@@ -214,6 +199,10 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
         .expect("mark"));
     let r = s.session_by_id("s_l").await.expect("read").expect("row");
     assert_eq!((r.status, r.version), (Status::ReauthorizationRequired, 3));
+    assert!(
+        matches!(lease("one", 9_000).await, Lease::Acquired(_)),
+        "marking released the lease"
+    );
     // Replacing the tokens makes it active again.
     let r = s
         .replace_tokens("s_l", tokens(9), None, 700)

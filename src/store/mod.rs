@@ -243,9 +243,12 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError>;
 
     /// Returns when another process may have changed a session, or after
-    /// `max`. Polling stores just wait; PostgreSQL wakes on NOTIFY.
-    async fn wait_for_change(&self, max: std::time::Duration) {
+    /// `max`, with the ids it knows changed (they are dropped from the cache
+    /// at once; the change-log poll that follows catches the rest). Polling
+    /// stores just wait; PostgreSQL wakes on NOTIFY.
+    async fn wait_for_change(&self, max: std::time::Duration) -> Vec<String> {
         tokio::time::sleep(max).await;
+        Vec::new()
     }
 }
 

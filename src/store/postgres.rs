@@ -29,8 +29,13 @@ const COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refr
 const CHANNEL: &str = "credproxy_session_changes";
 
 /// Changes whose sequence number was taken before a later one's but that
-/// committed after it are caught by re-reading this many seconds of the log.
-const LOOKBACK_SECS: i64 = 3;
+/// committed after it are caught by re-reading this many seconds of the log
+/// (NOTIFY, delivered at commit, normally gets there first).
+const LOOKBACK_SECS: i64 = 10;
+
+/// The database's clock in unix milliseconds: leases and the change log are
+/// timed by it, so instances whose clocks disagree still agree on them.
+const DB_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 pub struct PgStore {
     pool: PgPool,
@@ -98,12 +103,13 @@ fn oauth_state(row: &PgRow) -> Result<OAuthState, StoreError> {
     })
 }
 
-async fn log_change(tx: &mut sqlx::PgConnection, id: &str, now: i64) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO session_changes (session_id, at) VALUES ($1, $2)")
-        .bind(id)
-        .bind(now)
-        .execute(tx)
-        .await?;
+async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "INSERT INTO session_changes (session_id, at) VALUES ($1, {DB_NOW_MS} / 1000)"
+    ))
+    .bind(id)
+    .execute(tx)
+    .await?;
     Ok(())
 }
 
@@ -224,31 +230,32 @@ impl Store for PgStore {
         until_ms: i64,
         now_ms: i64,
     ) -> Result<Lease, StoreError> {
+        // The deadline is the database's clock plus our hold, not our clock.
         let sql = format!(
-            "UPDATE sessions SET refresh_lease_owner = $1, refresh_lease_until = $2
-             WHERE id = $3 AND (refresh_lease_until IS NULL OR refresh_lease_until < $4 OR refresh_lease_owner = $1)
+            "UPDATE sessions SET refresh_lease_owner = $1, refresh_lease_until = {DB_NOW_MS} + $2
+             WHERE id = $3 AND (refresh_lease_until IS NULL OR refresh_lease_until < {DB_NOW_MS} OR refresh_lease_owner = $1)
              RETURNING {COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(owner)
-            .bind(until_ms)
+            .bind(until_ms - now_ms)
             .bind(id)
-            .bind(now_ms)
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
             return Ok(Lease::Acquired(record(&row)?));
         }
-        let held = sqlx::query("SELECT refresh_lease_until, version FROM sessions WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        // Reported in our clock, for the caller's wait.
+        let held = sqlx::query(&format!(
+            "SELECT refresh_lease_until - {DB_NOW_MS} AS left_ms, version FROM sessions WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(match held {
             None => Lease::Gone,
             Some(r) => Lease::Held {
-                until_ms: r
-                    .try_get::<Option<i64>, _>("refresh_lease_until")?
-                    .unwrap_or(0),
+                until_ms: now_ms + r.try_get::<Option<i64>, _>("left_ms")?.unwrap_or(0),
                 version: r.try_get("version")?,
             },
         })
@@ -445,11 +452,12 @@ impl Store for PgStore {
         // A sequence number is taken at insert but becomes visible at commit,
         // so a smaller one can appear after a larger one was read: re-read
         // the last few seconds too. Dropping a cached session twice is harmless.
-        let rows = sqlx::query(
-            "SELECT seq, session_id FROM session_changes WHERE seq > $1 OR at >= $2 ORDER BY seq LIMIT 10000",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT seq, session_id FROM session_changes
+             WHERE seq > $1 OR at >= {DB_NOW_MS} / 1000 - $2 ORDER BY seq LIMIT 10000"
+        ))
         .bind(cursor)
-        .bind(super::now() - LOOKBACK_SECS)
+        .bind(LOOKBACK_SECS)
         .fetch_all(&self.pool)
         .await?;
         let mut next = cursor;
@@ -471,8 +479,9 @@ impl Store for PgStore {
         Ok(())
     }
 
-    /// Waits for a NOTIFY from another instance's change, or `max`.
-    async fn wait_for_change(&self, max: Duration) {
+    /// Waits for a NOTIFY from another instance's change, or `max`; returns
+    /// the id notified, to be dropped from the cache at once.
+    async fn wait_for_change(&self, max: Duration) -> Vec<String> {
         let mut guard = self.listener.lock().await;
         if guard.is_none() {
             match PgListener::connect_with(&self.pool).await {
@@ -486,16 +495,18 @@ impl Store for PgStore {
         let Some(listener) = guard.as_mut() else {
             drop(guard);
             tokio::time::sleep(max).await;
-            return;
+            return Vec::new();
         };
         match tokio::time::timeout(max, listener.try_recv()).await {
-            Err(_) | Ok(Ok(Some(_))) => {}
+            Err(_) => Vec::new(),
+            Ok(Ok(Some(notification))) => vec![notification.payload().to_owned()],
             // The connection dropped (notifications may be lost meanwhile:
             // the poll that follows catches up); make a new one next time.
             Ok(Ok(None)) | Ok(Err(_)) => {
                 *guard = None;
                 drop(guard);
                 tokio::time::sleep(max).await;
+                Vec::new()
             }
         }
     }
