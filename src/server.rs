@@ -136,15 +136,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         proxy_addr,
     );
     let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let app = admin::router(admin_state);
-        if let Err(e) = axum::serve(admin_listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+    let app = admin::router(admin_state);
+    tasks.spawn(serve(
+        admin_listener,
+        config.server.clone(),
+        stop,
+        move |_| hyper_util::service::TowerToHyperService::new(app.clone()),
+    ));
     tasks.spawn(Arc::clone(&sessions).follow_changes(
         config.store.invalidation_interval,
         shutdown.clone().cancelled_owned(),
@@ -169,6 +167,37 @@ async fn serve_proxy(
     cfg: ServerConfig,
     shutdown: CancellationToken,
 ) {
+    serve(listener, cfg, shutdown, move |local| {
+        let proxy = Arc::clone(&proxy);
+        service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
+        })
+    })
+    .await;
+}
+
+/// Accepts HTTP/1.1 connections on one listener until shutdown, then
+/// drains: the proxy listeners and the admin listener alike, so every
+/// listener has the connection cap, the head-size limit and the
+/// header-read timeout.
+async fn serve<S, B>(
+    listener: TcpListener,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+    make: impl Fn(SocketAddr) -> S,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
     let mut http = http1::Builder::new();
@@ -198,11 +227,7 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(cfg.listen);
-        let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
-        });
+        let service = make(local);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -47,6 +47,9 @@ async fn oversized_head_gets_431() {
     let req = format!("GET /spark/v1 HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
     let resp = raw_request(srv.proxy_addr, req.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp:?}");
+    // The admin listener (it faces browsers) has the same limits.
+    let resp = raw_request(srv.admin_addr, req.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "admin: {resp:?}");
     srv.shutdown().await;
 }
 
