@@ -700,3 +700,45 @@ async fn a_401_right_after_a_refresh_does_not_spend_another_rotation() {
     assert_eq!(w.spark.requests().len(), before + 1, "and no replay");
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_mid_refresh_does_not_lose_the_rotation() {
+    let w = World::new().await;
+    let srv = w.start(&Extra::default()).await;
+    let (_, key, _) = add_session(&srv, "zillow", &w.zillow).await;
+    w.zillow.expire_access_tokens();
+    w.zillow.set_token_mode(TokenMode::Hang);
+    // A client that gives up while the token endpoint is still thinking.
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("client");
+    let u = url(srv.proxy_addr, &format!("/zillow/v1?accessToken={key}"));
+    let gave_up = tokio::spawn(async move { impatient.get(u).send().await.is_err() });
+    within(10, w.zillow.wait_for_token_calls(1)).await;
+    assert!(gave_up.await.expect("join"), "the client hung up");
+    // The provider answers after the caller left: the rotation must still be stored.
+    w.zillow.set_token_mode(TokenMode::Normal);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while w.zillow.grant_count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh was abandoned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The next request finds the new tokens; the old refresh token is never reused.
+    let r = client()
+        .get(url(
+            srv.proxy_addr,
+            &format!("/zillow/v1?accessToken={key}"),
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(w.zillow.grant_count(), 1);
+    assert_eq!(w.zillow.reused_refresh_tokens(), 0);
+    srv.shutdown().await;
+}
