@@ -49,7 +49,7 @@ async fn open_store(db: &Path) -> sqlx::SqlitePool {
 
 /// Stands in for lease expiry. A process killed during a refresh leaves the
 /// session's refresh lease behind; it expires on its own at its deadline
-/// (token_timeout + 10 s), after which the next process takes over. The test
+/// (token_timeout + 20 s), after which the next process takes over. The test
 /// only shortens that wait, by clearing the dead owner's leases while no
 /// credproxy process is running.
 async fn clear_leases(db: &Path) {
