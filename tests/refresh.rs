@@ -25,21 +25,7 @@ async fn proactive_refresh_before_expiry() {
     let srv = w.start(&Extra::default()).await;
     // A token 30 s from expiry is inside the default 60 s margin.
     let t = w.spark.issue_tokens();
-    let added = srv
-        .sessions
-        .add(
-            "spark",
-            credproxy::sessions::NewTokens {
-                access_token: t.access_token.clone().into(),
-                refresh_token: Some(t.refresh_token.clone().into()),
-                expires_in: Some(30),
-            },
-            None,
-            None,
-        )
-        .await
-        .expect("add");
-    let key = added.key.expose().to_owned();
+    let key = support::add_tokens(&srv, "spark", &t, Some(30)).await.1;
     let r = client()
         .get(url(srv.proxy_addr, "/spark/v1/a"))
         .header(HDR, &key)
@@ -617,21 +603,7 @@ async fn refresh_ahead_refreshes_recently_used_sessions_in_the_background() {
     };
     let srv = w.start(&extra).await;
     let t = w.spark.issue_tokens();
-    let added = srv
-        .sessions
-        .add(
-            "spark",
-            credproxy::sessions::NewTokens {
-                access_token: t.access_token.clone().into(),
-                refresh_token: Some(t.refresh_token.clone().into()),
-                expires_in: Some(3),
-            },
-            None,
-            None,
-        )
-        .await
-        .expect("add");
-    let key = added.key.expose().to_owned();
+    let key = support::add_tokens(&srv, "spark", &t, Some(3)).await.1;
     // Used once: 3 s left is outside the 2 s margin, so no refresh in the request.
     let r = client()
         .get(url(srv.proxy_addr, "/spark/v1/a"))

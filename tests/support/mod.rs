@@ -162,6 +162,17 @@ pub async fn add_session(
     standin: &Standin,
 ) -> (String, String, Tokens) {
     let tokens = standin.issue_tokens();
+    let (id, key) = add_tokens(running, provider, &tokens, tokens.expires_in).await;
+    (id, key, tokens)
+}
+
+/// Adds a session for `tokens` with the given lifetime; returns (id, session key).
+pub async fn add_tokens(
+    running: &Running,
+    provider: &str,
+    tokens: &Tokens,
+    expires_in: Option<u64>,
+) -> (String, String) {
     let added = running
         .sessions
         .add(
@@ -169,18 +180,18 @@ pub async fn add_session(
             NewTokens {
                 access_token: SecretString::from(tokens.access_token.clone()),
                 refresh_token: Some(SecretString::from(tokens.refresh_token.clone())),
-                expires_in: tokens.expires_in,
+                expires_in,
             },
             Some(format!("{provider} test")),
             None,
         )
         .await
         .expect("session added");
-    (added.id, added.key.expose().to_owned(), tokens)
+    (added.id, added.key.expose().to_owned())
 }
 
 pub fn client() -> reqwest::Client {
-    // reqwest is built without a bundled crypto provider; tests use ring's.
+    // Several rustls providers are linked into the tests; make ring the default.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
