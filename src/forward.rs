@@ -40,6 +40,8 @@ pub enum TlsError {
     Roots { key: String, source: rustls::Error },
     #[error("{key}: the host and port cannot be used as an HTTP authority")]
     Authority { key: String },
+    #[error("{key}: the HTTP client for the token endpoint cannot be built")]
+    Client { key: String },
 }
 
 /// The rustls client configuration for one provider: webpki's roots, plus

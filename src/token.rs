@@ -88,7 +88,7 @@ impl TokenEndpoint {
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|_| TlsError::Authority {
+            .map_err(|_| TlsError::Client {
                 key: format!("providers.{}.token_url", provider.name),
             })?;
         Ok(TokenEndpoint {
