@@ -101,6 +101,7 @@ struct RawServer {
     listen: Option<String>,
     admin_listen: Option<String>,
     public_url: Option<String>,
+    proxy_url: Option<String>,
     session_header: Option<String>,
     shutdown_grace: Option<RawDuration>,
     header_read_timeout: Option<RawDuration>,
@@ -152,6 +153,7 @@ struct RawProvider {
     refresh_backoff_max: Option<RawDuration>,
     min_refresh_interval: Option<RawDuration>,
     label: Option<String>,
+    sessions_from: Option<String>,
 }
 
 /// The validated configuration.
@@ -171,6 +173,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub public_url: Url,
+    /// Base of the links credproxy rewrites in responses (`None`: `http://`
+    /// plus the request's own `Host`). No trailing slash, no query.
+    pub proxy_url: Option<Url>,
     pub session_header: http::HeaderName,
     /// How long in-flight requests may run on after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
@@ -242,9 +247,12 @@ pub struct ProviderConfig {
     pub refresh_backoff_max: Duration,
     /// What people see on the connect pages, e.g. "Spark API".
     pub label: String,
-    /// A 401 within this long of a refresh passes through instead of
-    /// spending another rotation (the refusal is about something else).
+    /// After a refresh whose replay was refused again (the 401 is not about
+    /// the token's age), later 401s within this long pass through as they are.
     pub min_refresh_interval: Duration,
+    /// The provider whose sessions this one uses (`sessions_from`), e.g. a
+    /// second host of the same API; `None`: its own sessions.
+    pub sessions_from: Option<String>,
 }
 
 impl Config {
@@ -273,6 +281,13 @@ impl Config {
 
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+impl ProviderConfig {
+    /// The provider whose sessions this one serves: `sessions_from`, or itself.
+    pub fn session_owner(&self) -> &str {
+        self.sessions_from.as_deref().unwrap_or(&self.name)
     }
 }
 
@@ -378,6 +393,19 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         Some(u) => http_url("server.public_url", &u)?,
         None => http_url("server.public_url", &format!("http://{admin_listen}"))?,
     };
+    let proxy_url = s
+        .proxy_url
+        .map(|u| {
+            let url = http_url("server.proxy_url", &u)?;
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(invalid(
+                    "server.proxy_url",
+                    "must not carry a query or fragment",
+                ));
+            }
+            Ok(url)
+        })
+        .transpose()?;
     let header_name = s.session_header.as_deref().unwrap_or("X-Credproxy-Session");
     let session_header = http::HeaderName::from_bytes(header_name.as_bytes()).map_err(|_| {
         invalid(
@@ -393,6 +421,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         listen,
         admin_listen,
         public_url,
+        proxy_url,
         session_header,
         shutdown_grace: dur(s.shutdown_grace, "server.shutdown_grace", 30.0)?,
         header_read_timeout: dur(s.header_read_timeout, "server.header_read_timeout", 10.0)?,
@@ -476,6 +505,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             &mut ports,
         )?);
     }
+    inherit_sessions(&mut providers)?;
     // Two listeners on one address would fail at bind time with a vaguer message.
     for (i, (ka, a)) in ports.iter().enumerate() {
         for (kb, b) in &ports[i + 1..] {
@@ -511,6 +541,26 @@ fn validate_provider(
             "a provider's name is its route: use lowercase letters, digits, '-' and '_'",
         ));
     }
+    // A provider that takes another's sessions also takes its client
+    // credentials (filled in by `inherit_sessions`): they must not differ.
+    let inherits = p.sessions_from.is_some();
+    if inherits {
+        for (given, k) in [
+            (p.client_id.is_some(), "client_id"),
+            (p.client_secret.is_some() || p.client_secret_env.is_some(), "client_secret"),
+            (p.api_key.is_some() || p.api_key_env.is_some(), "api_key"),
+            (p.token_url.is_some(), "token_url"),
+            (p.authorize_url.is_some(), "authorize_url"),
+            (p.redirect_uri.is_some(), "redirect_uri"),
+        ] {
+            if given {
+                return Err(invalid(
+                    key(k),
+                    "is taken from the provider named by sessions_from; remove it here",
+                ));
+            }
+        }
+    }
     let api_base = http_url(&key("api_base"), &p.api_base)?;
     if api_base.query().is_some() || api_base.fragment().is_some() {
         return Err(invalid(
@@ -535,18 +585,27 @@ fn validate_provider(
     };
     let client_id = match p.client_id {
         Some(id) if !id.is_empty() => id,
+        _ if inherits => String::new(),
         _ => return Err(invalid(key("client_id"), "is required")),
     };
-    let client_secret = secret(
+    let client_secret = match secret(
         &key("client_secret"),
         p.client_secret,
         p.client_secret_env,
         env,
-    )?
-    .ok_or_else(|| invalid(key("client_secret"), "is required (or client_secret_env)"))?;
+    )? {
+        Some(s) => s,
+        None if inherits => SecretString::from(String::new()),
+        None => {
+            return Err(invalid(
+                key("client_secret"),
+                "is required (or client_secret_env)",
+            ))
+        }
+    };
     let api_key = secret(&key("api_key"), p.api_key, p.api_key_env, env)?;
     match p.kind {
-        ProviderKind::Zillow if api_key.is_none() => {
+        ProviderKind::Zillow if api_key.is_none() && !inherits => {
             return Err(invalid(
                 key("api_key"),
                 "is required for kind = \"zillow\" (or api_key_env)",
@@ -619,7 +678,50 @@ fn validate_provider(
         }),
         refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,
         min_refresh_interval: dur(p.min_refresh_interval, "min_refresh_interval", 30.0)?,
+        sessions_from: p.sessions_from,
     })
+}
+
+/// Resolves `sessions_from`: the named provider must exist, be of the same
+/// kind and own its sessions (no chains); its client credentials, token
+/// endpoint and user agent become this provider's, so that both inject and
+/// refresh alike.
+fn inherit_sessions(providers: &mut [ProviderConfig]) -> Result<(), ConfigError> {
+    for i in 0..providers.len() {
+        let Some(from) = providers[i].sessions_from.clone() else {
+            continue;
+        };
+        let key = format!("providers.{}.sessions_from", providers[i].name);
+        let Some(root) = providers.iter().find(|p| p.name == from).cloned() else {
+            return Err(invalid(key, format!("no provider named `{from}` is configured")));
+        };
+        if root.name == providers[i].name {
+            return Err(invalid(key, "a provider cannot take its sessions from itself"));
+        }
+        if root.sessions_from.is_some() {
+            return Err(invalid(
+                key,
+                format!("`{from}` takes its own sessions from another provider; name that one"),
+            ));
+        }
+        if root.kind != providers[i].kind {
+            return Err(invalid(
+                key,
+                format!("`{from}` is of another kind; sessions only carry over within one kind"),
+            ));
+        }
+        let p = &mut providers[i];
+        p.client_id = root.client_id;
+        p.client_secret = root.client_secret;
+        p.api_key = root.api_key;
+        p.token_url = root.token_url;
+        p.authorize_url = root.authorize_url;
+        p.redirect_uri = root.redirect_uri;
+        if p.user_agent.is_none() {
+            p.user_agent = root.user_agent;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -741,6 +843,45 @@ mod tests {
             .expect("valid");
         assert_eq!(c.store.shown_url(), "postgres://u:***@db:5432/cp");
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sessions_from_takes_the_owners_credentials() {
+        let text = format!(
+            "{GOOD}\n[providers.replication]\nkind = \"spark\"\napi_base = \"https://replication.sparkapi.com\"\nsessions_from = \"spark\"\n"
+        );
+        let c = parse(&text).expect("valid");
+        let r = c.provider("replication").expect("replication");
+        assert_eq!(r.session_owner(), "spark");
+        assert_eq!(r.client_id, "cid");
+        assert_eq!(r.client_secret.expose_secret(), "s3cret");
+        assert_eq!(r.user_agent.as_ref().map(|v| v.as_bytes()), Some(&b"MyApp/1.0"[..]));
+        assert_eq!(c.provider("spark").map(|p| p.session_owner()), Some("spark"));
+
+        let e = err(&text.replace("sessions_from = \"spark\"", "sessions_from = \"nope\""));
+        assert!(e.contains("providers.replication.sessions_from"), "{e}");
+        let e = err(&text.replace("sessions_from = \"spark\"", "sessions_from = \"zillow\""));
+        assert!(e.contains("another kind"), "{e}");
+        let e = err(&text.replace(
+            "sessions_from = \"spark\"",
+            "sessions_from = \"spark\"\nclient_id = \"other\"",
+        ));
+        assert!(e.contains("providers.replication.client_id"), "{e}");
+    }
+
+    #[test]
+    fn proxy_url_is_checked() {
+        let c = parse(&GOOD.replace(
+            "[store]",
+            "proxy_url = \"https://credproxy.internal\"\n[store]",
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.server.proxy_url.as_ref().map(Url::as_str),
+            Some("https://credproxy.internal/")
+        );
+        let e = err(&GOOD.replace("[store]", "proxy_url = \"credproxy\"\n[store]"));
+        assert!(e.contains("server.proxy_url"), "{e}");
     }
 
     #[test]
