@@ -5,7 +5,10 @@
 //! request is recorded (rejected ones too), then its credentials are checked
 //! the way the provider does (Spark: `Authorization: OAuth|Bearer TOKEN`;
 //! Zillow: `accessToken`, `clientId` and `apiKey` query parameters) and it is
-//! answered by one of the special paths or by a JSON echo.
+//! answered by one of the special paths, the RESO Web API (Spark) or a JSON
+//! echo. Before the credentials, an [`crate::ApiFault`] in force and (Spark,
+//! with `require_user_agent`) a missing `X-SparkApi-User-Agent` refuse the
+//! request. JSON and XML answers are compressed when the client asks.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,23 +18,36 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION,
+    RETRY_AFTER,
 };
 use hyper::http::request::Parts;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::{hex, json as json_response, AccessCheck, Kind, Recorded, Shared};
+use crate::{
+    big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded, Shared,
+};
+
+/// Where `/redirect-away` points.
+const AWAY: &str = "https://elsewhere.example/x";
 
 /// `/download` sends its bytes in chunks of this size.
 const CHUNK: usize = 64 * 1024;
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    ctx: &Listener,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let kind = shared.opts.kind;
     let (parts, body) = req.into_parts();
+    let coding = encoding::negotiate(&parts.headers);
+    let head = parts.method == Method::HEAD;
     let (body_len, body_sha256, complete) = hash_body(body).await;
     let rec = Recorded {
+        host: ctx.host,
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
@@ -50,21 +66,23 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     };
     shared.record(rec.clone());
 
-    let mut resp = if !complete {
+    let resp = if !complete {
         json_response(
+            &shared,
             StatusCode::BAD_REQUEST,
             json!({"error": "the request body could not be read"}),
         )
     } else {
-        let denied = match kind {
+        let denied = fault(&shared).or_else(|| match kind {
             Kind::Spark => check_spark(&shared, &parts),
             Kind::Zillow => check_zillow(&shared, &parts),
-        };
+        });
         match denied {
             Some(resp) => resp,
-            None => serve(&rec, kind).await,
+            None => serve(&shared, ctx, &rec, &parts).await,
         }
     };
+    let mut resp = encoding::compress(resp, coding, head);
     resp.headers_mut()
         .insert("x-standin", HeaderValue::from_static(kind.name()));
     resp
@@ -89,8 +107,86 @@ async fn hash_body(mut body: Incoming) -> (u64, String, bool) {
     (len, hex(&hasher.finalize()), complete)
 }
 
-/// `None` when the request carries a valid Spark access token.
+/// A JSON answer of the API (`/` escaped if the options say so).
+fn json_response(shared: &Shared, status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    encoding::json_as(
+        status,
+        &value,
+        shared.opts.json_escape_slashes,
+        "application/json",
+    )
+}
+
+/// Spark's error envelope.
+fn spark_error(shared: &Shared, status: StatusCode, code: u32, message: &str) -> Response<Body> {
+    json_response(
+        shared,
+        status,
+        json!({"D": {"Success": false, "Code": code, "Message": message}}),
+    )
+}
+
+/// The answer of the [`ApiFault`] in force, if any.
+fn fault(shared: &Shared) -> Option<Response<Body>> {
+    let kind = shared.opts.kind;
+    match shared.take_fault()? {
+        ApiFault::DisabledKey => Some(match kind {
+            Kind::Spark => spark_error(
+                shared,
+                StatusCode::UNAUTHORIZED,
+                1010,
+                "API key is disabled",
+            ),
+            Kind::Zillow => json_response(
+                shared,
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "disabled_api_key", "error_description": "the API key is disabled"}),
+            ),
+        }),
+        ApiFault::RateLimited {
+            status,
+            retry_after,
+            ..
+        } => {
+            let status = match status {
+                503 => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::TOO_MANY_REQUESTS,
+            };
+            let mut resp = match kind {
+                Kind::Spark => spark_error(shared, status, 1550, "Over rate limit"),
+                Kind::Zillow => json_response(
+                    shared,
+                    status,
+                    json!({"error": "rate_limited", "error_description": "too many requests"}),
+                ),
+            };
+            if let Some(seconds) = retry_after {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            Some(resp)
+        }
+    }
+}
+
+/// `None` when the request carries a valid Spark access token (and, if
+/// required, an `X-SparkApi-User-Agent`).
 fn check_spark(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
+    if shared.opts.require_user_agent {
+        let has_agent = parts
+            .headers
+            .get_all("x-sparkapi-user-agent")
+            .iter()
+            .any(|v| !v.as_bytes().trim_ascii().is_empty());
+        if !has_agent {
+            return Some(spark_error(
+                shared,
+                StatusCode::BAD_REQUEST,
+                1016,
+                "X-SparkApi-User-Agent header must be provided",
+            ));
+        }
+    }
     let mut values = parts.headers.get_all(AUTHORIZATION).iter();
     let token = match (values.next(), values.next()) {
         (Some(value), None) => value.to_str().ok().and_then(|v| {
@@ -101,7 +197,7 @@ fn check_spark(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
         _ => None,
     };
     let check = match token {
-        Some(token) => shared.tokens().check_access(&token),
+        Some(token) => shared.tokens().present_access(&token),
         None => AccessCheck::Unknown,
     };
     let (code, message) = match check {
@@ -109,10 +205,7 @@ fn check_spark(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
         AccessCheck::Expired => (1020, "Session token has expired"),
         AccessCheck::Unknown => (1000, "Invalid API key"),
     };
-    Some(json_response(
-        StatusCode::UNAUTHORIZED,
-        json!({"D": {"Success": false, "Code": code, "Message": message}}),
-    ))
+    Some(spark_error(shared, StatusCode::UNAUTHORIZED, code, message))
 }
 
 /// `None` when the query carries a valid `accessToken`, the right `clientId`
@@ -133,6 +226,7 @@ fn check_zillow(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
     }
     let deny = |status: StatusCode, error: &str, description: &str| {
         Some(json_response(
+            shared,
             status,
             json!({"error": error, "error_description": description}),
         ))
@@ -159,7 +253,7 @@ fn check_zillow(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
         );
     }
     let check = match access_token.first() {
-        Some(token) => shared.tokens().check_access(token),
+        Some(token) => shared.tokens().present_access(token),
         None => AccessCheck::Unknown,
     };
     match check {
@@ -178,37 +272,102 @@ fn check_zillow(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
 }
 
 /// Answers an authorised request.
-async fn serve(rec: &Recorded, kind: Kind) -> Response<Body> {
+async fn serve(shared: &Shared, ctx: &Listener, rec: &Recorded, parts: &Parts) -> Response<Body> {
+    let kind = shared.opts.kind;
+    if kind == Kind::Spark {
+        if let Some(path) = reso::split(&rec.path) {
+            let method_override = parts
+                .headers
+                .get("x-http-method-override")
+                .and_then(|v| v.to_str().ok());
+            let origins = reso::Origins::new(shared, rec, &ctx.origin);
+            return reso::serve(shared, rec, method_override, &origins, path);
+        }
+    }
     match rec.path.as_str() {
         "/download" => match query_u64(rec, "bytes") {
             Some(n) => download(n),
-            None => bad_param("bytes"),
+            None => bad_param(shared, "bytes"),
         },
+        "/big-json" => match query_u64(rec, "bytes") {
+            Some(n) => big_json::response(
+                n,
+                &ctx.origin,
+                shared.opts.json_escape_slashes,
+                query_u64(rec, "content_length").is_some_and(|v| v != 0),
+            ),
+            None => bad_param(shared, "bytes"),
+        },
+        "/redirect" => redirect(shared, ctx, rec),
+        "/redirect-away" => found(AWAY),
         "/upload" => json_response(
+            shared,
             StatusCode::OK,
             json!({"len": rec.body_len, "sha256": rec.body_sha256}),
         ),
         "/slow" => match query_u64(rec, "ms") {
             Some(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                echo(rec, kind)
+                echo(shared, rec)
             }
-            None => bad_param("ms"),
+            None => bad_param(shared, "ms"),
         },
         path => match path.strip_prefix("/status/") {
             Some(code) => match code.parse::<u16>().ok().filter(|c| (200..=599).contains(c)) {
                 Some(code) => {
                     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
-                    json_response(status, json!({"status": code}))
+                    json_response(shared, status, json!({"status": code}))
                 }
                 None => json_response(
+                    shared,
                     StatusCode::BAD_REQUEST,
                     json!({"error": "the status must be a number from 200 to 599"}),
                 ),
             },
-            None => echo(rec, kind),
+            None => echo(shared, rec),
         },
     }
+}
+
+/// A 302 to `location` with an empty body.
+fn found(location: &str) -> Response<Body> {
+    match HeaderValue::from_str(location) {
+        Ok(value) => {
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::FOUND;
+            resp.headers_mut().insert(LOCATION, value);
+            resp
+        }
+        Err(_) => {
+            let mut resp = Response::new(Body::from(
+                "the redirect target is not a valid header value",
+            ));
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            resp
+        }
+    }
+}
+
+/// `/redirect?to=PATH`: 302 to PATH on this listener's origin. Zillow keeps
+/// the whole query of the request, credentials included, on the target.
+fn redirect(shared: &Shared, ctx: &Listener, rec: &Recorded) -> Response<Body> {
+    let query = rec.query.as_deref().unwrap_or("");
+    let to = form_urlencoded::parse(query.as_bytes())
+        .find(|(n, _)| n == "to")
+        .map(|(_, v)| v.into_owned());
+    let Some(to) = to.filter(|t| t.starts_with('/') && !t.starts_with("//")) else {
+        return json_response(
+            shared,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "query parameter to must be a path starting with a single /"}),
+        );
+    };
+    let mut location = format!("{}{to}", ctx.origin);
+    if shared.opts.kind == Kind::Zillow && !query.is_empty() {
+        location.push(if to.contains('?') { '&' } else { '?' });
+        location.push_str(query);
+    }
+    found(&location)
 }
 
 fn query_u64(rec: &Recorded, name: &str) -> Option<u64> {
@@ -218,8 +377,9 @@ fn query_u64(rec: &Recorded, name: &str) -> Option<u64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
-fn bad_param(name: &str) -> Response<Body> {
+fn bad_param(shared: &Shared, name: &str) -> Response<Body> {
     json_response(
+        shared,
         StatusCode::BAD_REQUEST,
         json!({"error": format!("query parameter {name} must be a non-negative integer")}),
     )
@@ -260,8 +420,10 @@ fn download(n: u64) -> Response<Body> {
 }
 
 /// The request as received, plus hop-by-hop headers for a proxy to strip.
-fn echo(rec: &Recorded, kind: Kind) -> Response<Body> {
+fn echo(shared: &Shared, rec: &Recorded) -> Response<Body> {
+    let kind = shared.opts.kind;
     let mut resp = json_response(
+        shared,
         StatusCode::OK,
         json!({
             "method": rec.method,

@@ -5,16 +5,103 @@
 //! provider: its token endpoint (see `token.rs`), its authorisation pages
 //! (login, consent and redirect; see `authorize.rs`), and an API (see `api.rs`) that checks credentials the way the
 //! provider does, records every request it receives and offers a few special
-//! paths (`/download`, `/upload`, `/slow`, `/status/{code}`) to exercise a
-//! proxy's streaming, timeouts and status handling. Tests steer it through
-//! the methods of [`Standin`]: mint tokens and codes, expire access tokens,
-//! make the token endpoint fail or hang, and inspect what arrived.
+//! paths to exercise a proxy's streaming, timeouts, status handling, link
+//! rewriting and compression. Tests steer it through the methods of
+//! [`Standin`]: mint tokens and codes, expire access tokens, make the token
+//! endpoint fail or hang, make the API refuse, and inspect what arrived.
+//!
+//! # The API's paths
+//!
+//! Every path that is not the token endpoint or an authorisation page is the
+//! API. It checks credentials first (Spark: `Authorization: OAuth TOKEN` or
+//! `Bearer TOKEN`; Zillow: `accessToken`, `clientId` and `apiKey` in the
+//! query), then answers:
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `/download?bytes=N` | N pattern bytes ([`pattern_byte`]), streamed in 64 KiB chunks, with `Content-Length` |
+//! | `/upload` | `{"len", "sha256"}` of the request body |
+//! | `/slow?ms=N` | the echo, after N ms |
+//! | `/status/{code}` | that status, `{"status": code}` |
+//! | `/redirect?to=PATH` | 302, `Location: ORIGIN PATH`; Zillow appends the request's whole query (credentials included), as its trailing-slash redirects do |
+//! | `/redirect-away` | 302, `Location: https://elsewhere.example/x` |
+//! | `/big-json?bytes=N[&content_length=1]` | about N bytes of `{"value":[...]}` streamed in 64 KiB chunks (see [`big_json_records`]) |
+//! | `…/Reso/OData/…` (Spark only) | the RESO Web API, below |
+//! | anything else | a JSON echo of the request (method, path, raw query, headers, body length and hash) |
+//!
+//! `ORIGIN` is always `http://127.0.0.1:PORT` of the listener that got the
+//! request: the API host ([`Standin::base_url`]) or the replication host
+//! ([`Standin::replication_url`]).
+//!
+//! # The RESO Web API (Spark)
+//!
+//! Any path with the segments `Reso/OData` (any case), e.g. `/Reso/OData` or
+//! `/Version/3/Reso/OData`, is a RESO prefix:
+//! - `PREFIX` or `PREFIX/`: the service document (the entity sets);
+//! - `PREFIX/$metadata`: an EDMX document (`application/xml`) whose `xml:base`
+//!   and a `Core.Links` annotation are absolute URLs on ORIGIN, and whose
+//!   vocabulary reference is on another origin;
+//! - `PREFIX/Property`, `PREFIX/Member`, `PREFIX/Office`: [`Options::reso_records`]
+//!   synthetic records each (keys `P000001`…, `M000001`…, `O000001`…), paged by
+//!   `$top` (default 10, at most 1000) and an opaque `$skiptoken`; `$count=true`
+//!   adds `@odata.count`; other query options are ignored. The answer is
+//!   `{"@odata.context": ORIGIN PREFIX/$metadata#Property, "value": [...],
+//!   "@odata.nextLink": ORIGIN PATH?$top=N&$skiptoken=T}`, the next link absent
+//!   on the last page (other query parameters of the request follow `$skiptoken`
+//!   in it, as received). Each record has `@odata.id` (ORIGIN, the record's URL), a
+//!   media URL on another origin (`MediaURL`, `MemberPhotoURL`,
+//!   `OfficeLogoURL`: `https://cdn.example.com/...`) and, on the replication
+//!   host only, `ApiHostURL`: the same record's URL on the API host's origin;
+//! - `PREFIX/Property('P000001')` (also `Member(...)`, `Office(...)`): that one
+//!   record, or 404;
+//! - any other entity set name: an empty collection; any deeper path: 404.
+//!
+//! Methods other than `GET` and `HEAD` (or `POST` with
+//! `X-HTTP-Method-Override: GET`) get 405. Errors of the RESO paths other than
+//! the credential checks are OData errors: `{"error": {"code", "message"}}`.
+//!
+//! # Wire details
+//!
+//! - JSON and XML answers of the API are compressed when the request's
+//!   `Accept-Encoding` allows it (`q=0` honoured): gzip when accepted, else
+//!   deflate (zlib format). Then `Content-Encoding` is set, `Content-Length` is
+//!   dropped (the body is compressed as it streams) and `Vary: Accept-Encoding`
+//!   is sent; `Vary` is sent on those answers in any case.
+//! - With [`Options::json_escape_slashes`], every `/` in the API's JSON is
+//!   written `\/` (valid JSON, as PHP and some .NET servers write it).
+//!
+//! # Controls
+//!
+//! - [`Standin::expire_access_tokens`]: every token issued so far is expired.
+//! - [`Standin::expire_access_after_uses`]: from now on an access token is
+//!   expired after it has been presented N times on the API (0 turns it off).
+//!   Presentations are counted only for requests that reach the token check
+//!   (not those refused by a fault or a missing user agent).
+//! - [`Standin::set_token_mode`]: the token endpoint fails, hangs or refuses.
+//! - [`Standin::set_api_fault`]: every API request is refused whatever its
+//!   token, while the token endpoint works: [`ApiFault::DisabledKey`] (Spark
+//!   401 code 1010; Zillow 401 `disabled_api_key`) or [`ApiFault::RateLimited`]
+//!   (Spark code 1550; Zillow `rate_limited`; with 429 or 503, an optional
+//!   `Retry-After`, for a number of requests or until cleared).
+//! - [`Options::require_user_agent`]: a Spark API request without
+//!   `X-SparkApi-User-Agent` gets 400 code 1016.
+//! - [`Options::replication`]: a second listener, the replication host, serves
+//!   the same API with the same tokens and counters. [`Recorded::host`] tells
+//!   which listener got a request.
+//!
+//! Spark's refusals are `{"D": {"Success": false, "Code": N, "Message": "..."}}`:
+//! 1000 invalid key (401), 1010 disabled key (401), 1016 user agent required
+//! (400), 1020 expired token (401), 1550 over the rate limit (429 or 503).
 
 mod api;
 mod authorize;
+mod big_json;
+mod encoding;
+mod reso;
 mod token;
 
 pub use api::pattern_byte;
+pub use big_json::big_json_records;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -78,6 +165,17 @@ pub struct Options {
     pub access_lifetime: Option<Duration>,
     /// 0 picks an ephemeral port.
     pub port: u16,
+    /// Records in each RESO collection (`Property`, `Member`, `Office`; Spark only).
+    pub reso_records: usize,
+    /// Write every `/` in the API's JSON strings as `\/`.
+    pub json_escape_slashes: bool,
+    /// Also serve the API on a second listener, the replication host, that
+    /// shares tokens and counters with the first.
+    pub replication: bool,
+    /// The replication host's port when [`Options::replication`] is set; 0 picks an ephemeral port.
+    pub replication_port: u16,
+    /// Spark only: refuse an API request without `X-SparkApi-User-Agent` (400, code 1016).
+    pub require_user_agent: bool,
 }
 
 impl Options {
@@ -89,6 +187,11 @@ impl Options {
             api_key: String::new(),
             access_lifetime: Some(Duration::from_secs(86400)),
             port: 0,
+            reso_records: 25,
+            json_escape_slashes: false,
+            replication: false,
+            replication_port: 0,
+            require_user_agent: false,
         }
     }
 
@@ -100,6 +203,11 @@ impl Options {
             api_key: "zillow-api-key-XYZ".into(),
             access_lifetime: None,
             port: 0,
+            reso_records: 25,
+            json_escape_slashes: false,
+            replication: false,
+            replication_port: 0,
+            require_user_agent: false,
         }
     }
 }
@@ -127,9 +235,28 @@ pub enum TokenMode {
     InvalidGrant,
 }
 
+/// How every API request is refused, whatever its credentials, while the
+/// token endpoint keeps working (see [`Standin::set_api_fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiFault {
+    /// Spark: 401 `{"D":{"Code":1010,...}}`; Zillow: 401 `disabled_api_key`.
+    DisabledKey,
+    /// Spark: code 1550; Zillow: `rate_limited`.
+    RateLimited {
+        /// 429 or 503 (anything else is sent as 429).
+        status: u16,
+        /// Seconds, sent as `Retry-After`.
+        retry_after: Option<u64>,
+        /// Answer this many requests so, then back to normal; `None`: until cleared.
+        times: Option<u32>,
+    },
+}
+
 /// One API request as the stand-in received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// Which listener got it: `"api"` or `"replication"`.
+    pub host: &'static str,
     pub method: String,
     pub path: String,
     /// The query exactly as received, without the `?`.
@@ -167,22 +294,73 @@ impl Recorded {
 pub struct Standin {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    replication_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
 }
 
 impl Standin {
-    /// Binds 127.0.0.1:`opts.port` and starts serving on the current Tokio runtime.
+    /// Binds 127.0.0.1:`opts.port` (and, with [`Options::replication`],
+    /// 127.0.0.1:`opts.replication_port`) and starts serving on the current
+    /// Tokio runtime.
     pub async fn start(opts: Options) -> std::io::Result<Standin> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, opts.port)).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(opts));
+        let replication = if opts.replication {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, opts.replication_port)).await?;
+            let addr = listener.local_addr()?;
+            Some((listener, addr))
+        } else {
+            None
+        };
+        let replication_addr = replication.as_ref().map(|(_, addr)| *addr);
+        let shared = Arc::new(Shared::new(
+            opts,
+            format!("http://{addr}"),
+            replication_addr.map(|a| format!("http://{a}")),
+        ));
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
-        Ok(Standin { shared, addr, stop })
+        let api = Arc::new(Listener {
+            host: HOST_API,
+            origin: shared.api_origin.clone(),
+        });
+        tokio::spawn(accept_loop(listener, shared.clone(), api, stop_rx.clone()));
+        if let Some((listener, _)) = replication {
+            let ctx = Arc::new(Listener {
+                host: HOST_REPLICATION,
+                origin: shared.replication_origin.clone().unwrap_or_default(),
+            });
+            tokio::spawn(accept_loop(listener, shared.clone(), ctx, stop_rx));
+        }
+        Ok(Standin {
+            shared,
+            addr,
+            replication_addr,
+            stop,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The replication host's address, when [`Options::replication`] is set.
+    pub fn replication_addr(&self) -> Option<SocketAddr> {
+        self.replication_addr
+    }
+
+    /// `http://127.0.0.1:PORT` of the replication host, when [`Options::replication`] is set.
+    pub fn replication_url(&self) -> Option<String> {
+        self.replication_addr.map(|a| format!("http://{a}"))
+    }
+
+    /// The RESO Web API's base on the API host: `http://127.0.0.1:PORT/Reso/OData`.
+    pub fn reso_url(&self) -> String {
+        format!("{}/Reso/OData", self.base_url())
+    }
+
+    /// Records in `{"value":[...]}` of `GET /big-json?bytes=n` on the API host.
+    pub fn big_json_records(&self, n: u64) -> u64 {
+        big_json_records(n, &self.base_url(), self.options().json_escape_slashes)
     }
 
     pub fn kind(&self) -> Kind {
@@ -243,6 +421,26 @@ impl Standin {
         for t in self.shared.tokens().access.values_mut() {
             t.expired = true;
         }
+    }
+
+    /// From now on, every access token (those issued so far and those issued
+    /// later) is expired once it has been presented `n` times on the API: its
+    /// next presentation answers 1020 (Zillow: `expired_token`). The counts
+    /// start at 0 now; `n = 0` turns the limit off (tokens already expired by
+    /// it stay expired).
+    pub fn expire_access_after_uses(&self, n: u32) {
+        self.shared.tokens().set_max_uses(n);
+    }
+
+    /// Makes every API request fail as `fault` says, whatever its token, or
+    /// (`None`) stops it. The token endpoint is not affected.
+    pub fn set_api_fault(&self, fault: Option<ApiFault>) {
+        *lock(&self.shared.fault) = fault;
+    }
+
+    /// The fault in force (a [`ApiFault::RateLimited`] with its remaining `times`).
+    pub fn api_fault(&self) -> Option<ApiFault> {
+        *lock(&self.shared.fault)
     }
 
     /// Successful `refresh_token` grants answered.
@@ -328,13 +526,32 @@ impl std::fmt::Debug for Standin {
         f.debug_struct("Standin")
             .field("kind", &self.kind())
             .field("addr", &self.addr)
+            .field("replication_addr", &self.replication_addr)
             .finish()
     }
+}
+
+/// [`Recorded::host`] of a request to the API host.
+pub(crate) const HOST_API: &str = "api";
+/// [`Recorded::host`] of a request to the replication host.
+pub(crate) const HOST_REPLICATION: &str = "replication";
+
+/// Which listener a connection came in on.
+pub(crate) struct Listener {
+    /// [`HOST_API`] or [`HOST_REPLICATION`].
+    pub(crate) host: &'static str,
+    /// `http://127.0.0.1:PORT` of this listener.
+    pub(crate) origin: String,
 }
 
 /// State shared by the handle and the server tasks.
 pub(crate) struct Shared {
     pub(crate) opts: Options,
+    /// `http://127.0.0.1:PORT` of the API host.
+    pub(crate) api_origin: String,
+    /// `http://127.0.0.1:PORT` of the replication host, if there is one.
+    pub(crate) replication_origin: Option<String>,
+    pub(crate) fault: Mutex<Option<ApiFault>>,
     tokens: Mutex<TokenStore>,
     pub(crate) mode: watch::Sender<TokenMode>,
     pub(crate) grants: AtomicU64,
@@ -347,9 +564,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(opts: Options) -> Shared {
+    fn new(opts: Options, api_origin: String, replication_origin: Option<String>) -> Shared {
         Shared {
             opts,
+            api_origin,
+            replication_origin,
+            fault: Mutex::new(None),
             tokens: Mutex::new(TokenStore::default()),
             mode: watch::Sender::new(TokenMode::Normal),
             grants: AtomicU64::new(0),
@@ -373,6 +593,30 @@ impl Shared {
         code
     }
 
+    /// The fault that answers this API request, if any; counts it against
+    /// a [`ApiFault::RateLimited`]'s `times`.
+    pub(crate) fn take_fault(&self) -> Option<ApiFault> {
+        let mut fault = lock(&self.fault);
+        let current = (*fault)?;
+        if let ApiFault::RateLimited {
+            status,
+            retry_after,
+            times: Some(times),
+        } = current
+        {
+            let left = times.saturating_sub(1);
+            *fault = (left > 0).then_some(ApiFault::RateLimited {
+                status,
+                retry_after,
+                times: Some(left),
+            });
+            if times == 0 {
+                return None;
+            }
+        }
+        Some(current)
+    }
+
     pub(crate) fn record(&self, rec: Recorded) {
         let mut reqs = lock(&self.requests);
         reqs.push(rec);
@@ -387,6 +631,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct AccessToken {
     expires_at: Option<Instant>,
     expired: bool,
+    /// Presentations on the API since the use limit was last set.
+    uses: u32,
 }
 
 /// What an access token presented to the API is worth.
@@ -405,6 +651,8 @@ pub(crate) struct TokenStore {
     consumed: HashSet<String>,
     reused: u64,
     codes: HashSet<String>,
+    /// Presentations after which an access token expires (`None`: no limit).
+    max_uses: Option<u32>,
 }
 
 impl TokenStore {
@@ -417,6 +665,7 @@ impl TokenStore {
             AccessToken {
                 expires_at: opts.access_lifetime.map(|d| Instant::now() + d),
                 expired: false,
+                uses: 0,
             },
         );
         self.refresh.insert(refresh_token.clone());
@@ -427,13 +676,30 @@ impl TokenStore {
         }
     }
 
-    pub(crate) fn check_access(&self, token: &str) -> AccessCheck {
-        match self.access.get(token) {
-            None => AccessCheck::Unknown,
-            Some(t) if t.expired || t.expires_at.is_some_and(|at| Instant::now() >= at) => {
-                AccessCheck::Expired
+    /// What `token`, presented on the API, is worth; a valid one's
+    /// presentation counts against the use limit.
+    pub(crate) fn present_access(&mut self, token: &str) -> AccessCheck {
+        let max_uses = self.max_uses;
+        let Some(t) = self.access.get_mut(token) else {
+            return AccessCheck::Unknown;
+        };
+        if t.expired || t.expires_at.is_some_and(|at| Instant::now() >= at) {
+            return AccessCheck::Expired;
+        }
+        if let Some(max) = max_uses {
+            if t.uses >= max {
+                t.expired = true;
+                return AccessCheck::Expired;
             }
-            Some(_) => AccessCheck::Valid,
+            t.uses += 1;
+        }
+        AccessCheck::Valid
+    }
+
+    fn set_max_uses(&mut self, n: u32) {
+        self.max_uses = (n > 0).then_some(n);
+        for t in self.access.values_mut() {
+            t.uses = 0;
         }
     }
 
@@ -501,7 +767,12 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    ctx: Arc<Listener>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             () = stopped(&mut stop) => return,
@@ -516,11 +787,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let ctx = ctx.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(shared, req).await) }
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(shared, ctx, req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.header_read_timeout(None);
@@ -534,7 +807,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
     }
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn route(shared: Arc<Shared>, ctx: Arc<Listener>, req: Request<Incoming>) -> Response<Body> {
     let kind = shared.opts.kind;
     let path = req.uri().path();
     if path == kind.token_path() {
@@ -542,6 +815,6 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     } else if let Some((page, flow, step)) = authorize::route(kind, path) {
         authorize::handle(shared, req, page, flow, step).await
     } else {
-        api::handle(shared, req).await
+        api::handle(shared, &ctx, req).await
     }
 }
