@@ -16,6 +16,8 @@ pub const ERROR_HEADER: &str = "x-credproxy-error";
 pub enum ProxyError {
     MissingSession,
     UnknownSession,
+    /// A valid key, presented on the route of a provider it does not belong to.
+    KeyOfOtherProvider,
     ReauthorizationRequired,
     UnknownRoute,
     BadRequest(&'static str),
@@ -35,7 +37,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::MissingSession => "missing_session",
-            ProxyError::UnknownSession => "unknown_session",
+            ProxyError::UnknownSession | ProxyError::KeyOfOtherProvider => "unknown_session",
             ProxyError::ReauthorizationRequired => "reauthorization_required",
             ProxyError::UnknownRoute => "unknown_route",
             ProxyError::BadRequest(_) => "bad_request",
@@ -52,6 +54,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingSession
             | ProxyError::UnknownSession
+            | ProxyError::KeyOfOtherProvider
             | ProxyError::ReauthorizationRequired => StatusCode::UNAUTHORIZED,
             ProxyError::UnknownRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -69,6 +72,7 @@ impl ProxyError {
         match self {
             ProxyError::MissingSession => "no session key: send X-Credproxy-Session, Proxy-Authorization: Bearer, or the provider's own credential slot",
             ProxyError::UnknownSession => "the session key is unknown or was revoked",
+            ProxyError::KeyOfOtherProvider => "this session key belongs to another provider; send it to that provider's route",
             ProxyError::ReauthorizationRequired => "the provider refused this session's refresh token; reconnect the account or replace its tokens",
             ProxyError::UnknownRoute => "no configured provider serves this path; use /{provider}/...",
             ProxyError::BadRequest(why) => why,

@@ -105,6 +105,12 @@ impl Upstream {
         })
     }
 
+    /// Time allowed from sending a request to the response head (also the
+    /// bound on reading a body that is rewritten whole).
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Sends the request and waits for the response head, within the
     /// provider's timeouts; the response body is left streaming.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {

@@ -92,6 +92,12 @@ impl ProviderKind {
         }
     }
 
+    /// Whether injected credentials travel in the query string (and so
+    /// must be removed from links the proxy rewrites).
+    pub fn credentials_in_query(self) -> bool {
+        self == ProviderKind::Zillow
+    }
+
     /// Removes injected credentials from the upstream's answer, where an
     /// upstream may echo the request URL: a redirect's `Location` (Zillow
     /// keeps the query, credentials included, in trailing-slash redirects).

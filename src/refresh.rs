@@ -18,6 +18,16 @@
 //! (exponential, capped, jittered), and callers queued behind the failed
 //! attempt get the same answer instead of calling the endpoint again.
 //! `invalid_grant` marks the session `reauthorization_required`.
+//!
+//! **The refresh-loop guard.** A 401 is normally cured by a refresh, however
+//! recent the last one (a token can expire, or be revoked, right after it was
+//! issued). Only when a refresh's replay is refused again (the 401 is about
+//! something else, such as Spark's 1010 disabled key) does the proxy call
+//! [`Refresher::refusal_survived_refresh`]; later 401s on those same tokens
+//! then pass through for `min_refresh_interval` without a refresh, and any
+//! accepted request ([`Refresher::accepted`]) lifts the guard. The guard is
+//! per process: each instance spends at most one rotation per interval on an
+//! incurable refusal.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,9 +57,9 @@ pub enum RefreshError {
     NotRefreshable,
     #[error("the session no longer exists")]
     Gone,
-    /// Refreshed moments ago: a refusal now is not about an expired token
-    /// (Spark also answers 401 for a disabled key), and spending another
-    /// rotation would not help.
+    /// Not refreshed: for a 401, a refresh moments ago did not cure this
+    /// session's refusals (the refresh-loop guard); for a token near expiry,
+    /// it was refreshed moments ago and is still valid.
     #[error("the session was refreshed moments ago")]
     TooSoon,
     #[error(transparent)]
@@ -67,8 +77,30 @@ struct Flight {
     retry_at: Option<Instant>,
 }
 
+/// Why a refresh is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// The token is within `refresh_margin` of its expiry.
+    Due,
+    /// The upstream refused the token (401).
+    Refused,
+    /// An operator asked (`session refresh`, the admin API).
+    Forced,
+}
+
+/// A session whose refusal survived a refresh: until `until`, 401s on
+/// tokens of `version` pass through.
+#[derive(Debug, Clone, Copy)]
+struct Guard {
+    version: i64,
+    until: Instant,
+}
+
 pub struct Refresher {
     sessions: Arc<Sessions>,
+    guards: DashMap<String, Guard>,
+    /// `guards.len()`, kept apart so the hot path's check is one atomic load.
+    guarded: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
     endpoints: HashMap<String, (ProviderConfig, TokenEndpoint)>,
     flights: DashMap<String, Arc<tokio::sync::Mutex<Flight>>>,
@@ -88,6 +120,8 @@ impl Refresher {
         }
         Ok(Refresher {
             sessions,
+            guards: DashMap::new(),
+            guarded: std::sync::atomic::AtomicUsize::new(0),
             metrics,
             endpoints,
             flights: DashMap::new(),
@@ -117,8 +151,66 @@ impl Refresher {
         seen: &ActiveSession,
         force: bool,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
-        self.spawn_refresh(seen.id.clone(), Some(seen.version), force)
+        let why = if force { Why::Forced } else { Why::Due };
+        self.spawn_refresh(seen.id.clone(), Some(seen.version), why)
             .await
+    }
+
+    /// Refreshes after the upstream refused `seen`'s token, unless another
+    /// request already did, or the refresh-loop guard holds.
+    pub async fn refresh_refused(
+        self: &Arc<Self>,
+        seen: &ActiveSession,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
+        if self.guard_holds(&seen.id, seen.version) {
+            return Err(RefreshError::TooSoon);
+        }
+        self.spawn_refresh(seen.id.clone(), Some(seen.version), Why::Refused)
+            .await
+    }
+
+    /// The replay with `fresh` tokens was refused too: hold later 401s on
+    /// them for the provider's `min_refresh_interval`.
+    pub fn refusal_survived_refresh(&self, fresh: &ActiveSession) {
+        let interval = self
+            .endpoints
+            .get(&fresh.provider)
+            .map_or(Duration::from_secs(30), |(p, _)| p.min_refresh_interval);
+        let guard = Guard {
+            version: fresh.version,
+            until: Instant::now() + interval,
+        };
+        if self.guards.insert(fresh.id.clone(), guard).is_none() {
+            self.guarded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tracing::info!(session = %fresh.id, hold_s = interval.as_secs(), "a 401 survived a refresh; later 401s pass through without one for a while");
+    }
+
+    /// The upstream accepted a request of session `id`: lifts its guard.
+    pub fn accepted(&self, id: &str) {
+        if self.guarded.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return;
+        }
+        if self.guards.remove(id).is_some() {
+            self.guarded
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn guard_holds(&self, id: &str, version: i64) -> bool {
+        if self.guarded.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let holds = match self.guards.get(id) {
+            None => return false,
+            // Newer tokens exist than those the guard was set on: try them.
+            Some(g) => g.version == version && Instant::now() < g.until,
+        };
+        if !holds {
+            self.accepted(id);
+        }
+        holds
     }
 
     /// Refreshes session `id` now (`session refresh ID`).
@@ -126,7 +218,7 @@ impl Refresher {
         self: &Arc<Self>,
         id: &str,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
-        self.spawn_refresh(id.to_owned(), None, true).await
+        self.spawn_refresh(id.to_owned(), None, Why::Forced).await
     }
 
     /// Runs the refresh in a task of its own: a caller that goes away (a
@@ -136,10 +228,10 @@ impl Refresher {
         self: &Arc<Self>,
         id: String,
         seen: Option<i64>,
-        force: bool,
+        why: Why,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
         let me = Arc::clone(self);
-        match tokio::spawn(async move { me.refresh_id(&id, seen, force).await }).await {
+        match tokio::spawn(async move { me.refresh_id(&id, seen, why).await }).await {
             Ok(result) => result,
             Err(_) => Err(RefreshError::Failed {
                 retry_after: BACKOFF_BASE,
@@ -151,7 +243,7 @@ impl Refresher {
         &self,
         id: &str,
         seen: Option<i64>,
-        force: bool,
+        why: Why,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
         let flight = Arc::clone(self.flights.entry(id.to_owned()).or_default().value());
         let mut flight = flight.lock().await;
@@ -164,7 +256,7 @@ impl Refresher {
                 });
             }
         }
-        let result = self.refresh_locked(&mut flight, id, seen, force).await;
+        let result = self.refresh_locked(&mut flight, id, seen, why).await;
         if let Err(RefreshError::Store(e)) = &result {
             // The store is unreachable: back off too, so requests for this
             // session do not queue up behind one store timeout after another.
@@ -181,8 +273,9 @@ impl Refresher {
         flight: &mut Flight,
         id: &str,
         seen: Option<i64>,
-        force: bool,
+        why: Why,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
+        let force = why == Why::Forced;
         let generation = self.sessions.generation();
         let store = self.sessions.store();
         let rec = store.session_by_id(id).await?.ok_or(RefreshError::Gone)?;
@@ -206,8 +299,11 @@ impl Refresher {
             .endpoints
             .get(&rec.provider)
             .ok_or_else(|| SessionError::UnknownProvider(rec.provider.clone()))?;
+        // A token that comes due again right after a refresh (a lifetime
+        // shorter than refresh_margin) is used while it lasts, not refreshed
+        // on every request. Refusals are not held back here: see the guard.
         let interval = provider.min_refresh_interval.as_secs_f64();
-        if !force
+        if why == Why::Due
             && rec
                 .last_refresh_at
                 .is_some_and(|at| ((store::now() - at) as f64) < interval)

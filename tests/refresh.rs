@@ -641,35 +641,109 @@ async fn refresh_ahead_refreshes_recently_used_sessions_in_the_background() {
     srv.shutdown().await;
 }
 
+/// The generated config with the contract's default guard interval (the
+/// test config sets 0 so unrelated tests never meet the guard).
+fn guarded_config(w: &World, store_url: Option<String>) -> credproxy::config::Config {
+    let extra = Extra {
+        store_url,
+        ..Extra::default()
+    };
+    let text = w
+        .config_text(&extra)
+        .replace("min_refresh_interval = 0", "min_refresh_interval = 30");
+    credproxy::config::Config::parse(&text, std::path::Path::new("t"), |_| None).expect("config")
+}
+
 #[tokio::test]
-async fn a_401_right_after_a_refresh_does_not_spend_another_rotation() {
+async fn a_401_that_a_refresh_does_not_cure_costs_one_rotation() {
     let w = World::new().await;
-    // Spark's table comes first in the generated config.
-    let text = w.config_text(&Extra::default()).replacen(
-        "min_refresh_interval = 0",
-        "min_refresh_interval = 30",
-        1,
-    );
-    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t"), |_| None)
-        .expect("config");
-    let srv = credproxy::server::start(cfg).await.expect("start");
+    let srv = credproxy::server::start(guarded_config(&w, None))
+        .await
+        .expect("start");
     let (_, key, _) = add_session(&srv, "spark", &w.spark).await;
-    w.spark.expire_access_tokens();
     let get = |path: &'static str| {
         client()
             .get(url(srv.proxy_addr, path))
             .header(HDR, &key)
             .send()
     };
-    assert_eq!(get("/spark/v1/a").await.expect("send").status(), 200);
-    assert_eq!(w.spark.grant_count(), 1);
-    // Spark also answers 401 for a disabled key: refreshing again would not help.
-    let before = w.spark.requests().len();
+    // An upstream that refuses whatever the token (Spark's 1010 disabled key).
     let r = get("/spark/status/401").await.expect("send");
     assert_eq!(r.status(), 401);
     assert!(error_code(&r).is_none(), "the upstream's own answer");
-    assert_eq!(w.spark.grant_count(), 1, "no second rotation");
-    assert_eq!(w.spark.requests().len(), before + 1, "and no replay");
+    assert_eq!(w.spark.grant_count(), 1, "one refresh, replayed once");
+    assert_eq!(w.spark.requests().len(), 2);
+    for _ in 0..5 {
+        let r = get("/spark/status/401").await.expect("send");
+        assert_eq!(r.status(), 401);
+    }
+    assert_eq!(w.spark.grant_count(), 1, "no rotation per request");
+    assert_eq!(w.spark.requests().len(), 7, "and no replays");
+    // An accepted request lifts the guard: the next refusal is refreshed again.
+    assert_eq!(get("/spark/v1/a").await.expect("send").status(), 200);
+    assert_eq!(get("/spark/status/401").await.expect("send").status(), 401);
+    assert_eq!(w.spark.grant_count(), 2);
+    srv.shutdown().await;
+}
+
+/// Tokens that expire right after each refresh: every request is still
+/// answered 200, however soon after the last refresh it comes.
+async fn expire_right_after_refreshes(
+    w: &World,
+    srv: &credproxy::server::Running,
+    key: &str,
+    provider: &str,
+    rounds: u64,
+    grants_before: u64,
+) {
+    let standin = if provider == "spark" {
+        &w.spark
+    } else {
+        &w.zillow
+    };
+    for i in 1..=rounds {
+        standin.expire_access_tokens();
+        let r = if provider == "spark" {
+            client()
+                .get(url(srv.proxy_addr, "/spark/v1/listings"))
+                .header(HDR, key)
+                .send()
+                .await
+        } else {
+            client()
+                .get(url(
+                    srv.proxy_addr,
+                    &format!("/zillow/v1/feeds?accessToken={key}"),
+                ))
+                .send()
+                .await
+        }
+        .expect("send");
+        assert_eq!(r.status(), 200, "{provider}: round {i}");
+        assert_eq!(
+            standin.grant_count(),
+            grants_before + i,
+            "{provider}: one rotation per expiry"
+        );
+    }
+    assert_eq!(standin.reused_refresh_tokens(), 0);
+}
+
+#[tokio::test]
+async fn repeated_expiry_right_after_refreshes_is_always_cured() {
+    let w = World::new().await;
+    let cfg = guarded_config(&w, None);
+    let srv = credproxy::server::start(cfg.clone()).await.expect("start");
+    let (_, spark_key, _) = add_session(&srv, "spark", &w.spark).await;
+    // Zillow's tokens carry no lifetime and rotate nothing but the access token.
+    let (_, zillow_key, _) = add_session(&srv, "zillow", &w.zillow).await;
+    expire_right_after_refreshes(&w, &srv, &spark_key, "spark", 4, 0).await;
+    expire_right_after_refreshes(&w, &srv, &zillow_key, "zillow", 4, 0).await;
+    srv.shutdown().await;
+    // After a restart the last refresh is seconds old: still cured.
+    let srv = credproxy::server::start(cfg).await.expect("restart");
+    expire_right_after_refreshes(&w, &srv, &spark_key, "spark", 2, 4).await;
+    expire_right_after_refreshes(&w, &srv, &zillow_key, "zillow", 2, 4).await;
     srv.shutdown().await;
 }
 

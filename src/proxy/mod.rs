@@ -21,6 +21,12 @@
 //!   another request already did) and replay once (reactive). The second
 //!   answer goes back as it is. A streamed body's 401 goes back as it is,
 //!   and the refresh happens in the background for the next request.
+//! * `response_filter` drops hop-by-hop headers, moves links on the
+//!   provider's origins behind the proxy (`links.rs`: `Location`,
+//!   `Content-Location`, `Link`, JSON and XML bodies) and scrubs injected
+//!   credentials from what is left.
+
+mod links;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -31,7 +37,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH, HOST, PROXY_AUTHORIZATION};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH,
+    CONTENT_LOCATION, CONTENT_TYPE, HOST, LINK, LOCATION, PROXY_AUTHORIZATION,
+};
 use http::request::Parts;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -48,9 +57,14 @@ use crate::refresh::{RefreshError, Refresher};
 use crate::session::{KeyHash, Status};
 use crate::sessions::{ActiveSession, SessionError, Sessions};
 use crate::store;
+use links::{Bases, Coding, LinkBody, LinkMap, Origin, Rewriter};
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<Incoming, Either<LinkBody, Full<Bytes>>>;
+
+fn own(body: Full<Bytes>) -> ProxyBody {
+    Either::Right(Either::Right(body))
+}
 
 /// Which routes a listener serves.
 #[derive(Debug, Clone, Copy)]
@@ -75,10 +89,31 @@ struct Route {
     max_replay_body: usize,
     refresh_margin: Duration,
     upstream: Upstream,
+    /// Whose sessions this route serves (`sessions_from`, or its own name).
+    session_owner: &'static str,
+    /// The origins whose links this route's responses move behind the proxy:
+    /// its own and those of every provider sharing its sessions.
+    links: Option<Arc<LinkMap>>,
+    /// Route index of each target of `links`.
+    link_targets: Vec<usize>,
+}
+
+/// What the response phase needs to know about the request.
+struct Asked<'a> {
+    mount: Mount,
+    local: SocketAddr,
+    /// The request's `Host` (or absolute-form authority), if it is a plain
+    /// `host[:port]`; anything else falls back to the listener's address.
+    host: Option<&'a str>,
+    head: bool,
 }
 
 pub struct Proxy {
     routes: Vec<Route>,
+    /// `server.proxy_url` without its trailing slash.
+    proxy_url: Option<String>,
+    /// The main listener, for links from a dedicated listener to another provider.
+    listen: SocketAddr,
     session_header: HeaderName,
     sessions: Arc<Sessions>,
     refresher: Arc<Refresher>,
@@ -153,10 +188,46 @@ impl Proxy {
                 max_replay_body: p.max_replay_body,
                 refresh_margin: p.refresh_margin,
                 upstream: Upstream::new(p)?,
+                session_owner: Box::leak(p.session_owner().to_owned().into_boxed_str()),
+                links: None,
+                link_targets: Vec::new(),
             });
+        }
+        // A route's family: the providers that share its sessions.
+        for i in 0..routes.len() {
+            let owner = routes[i].session_owner;
+            let family: Vec<usize> = (0..routes.len())
+                .filter(|&j| routes[j].session_owner == owner)
+                .collect();
+            let origins: Vec<Origin> = family
+                .iter()
+                .enumerate()
+                .map(|(target, &j)| {
+                    let api = &config.providers[j].api_base;
+                    Origin {
+                        scheme: api.scheme().to_owned(),
+                        host: api.host_str().unwrap_or_default().to_owned(),
+                        port: api.port(),
+                        base_path: routes[j].base_path.clone(),
+                        target,
+                    }
+                })
+                .collect();
+            let strip = family
+                .iter()
+                .map(|&j| routes[j].kind.credentials_in_query())
+                .collect();
+            routes[i].links = LinkMap::new(&origins, strip).map(Arc::new);
+            routes[i].link_targets = family;
         }
         Ok(Proxy {
             routes,
+            proxy_url: config
+                .server
+                .proxy_url
+                .as_ref()
+                .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+            listen: config.server.listen,
             session_header: config.server.session_header.clone(),
             sessions,
             refresher,
@@ -188,7 +259,7 @@ impl Proxy {
         };
         let resp = match self.proxy(mount, local, parts, body, &mut log).await {
             Ok(resp) => resp,
-            Err(e) => e.to_response().map(Either::Right),
+            Err(e) => e.to_response().map(own),
         };
         let status = resp.status().as_u16();
         self.metrics.request(log.provider, status);
@@ -221,6 +292,13 @@ impl Proxy {
         let uri = parts.uri.clone();
         let rest = &uri.path()[rest_at..];
         let rest = if rest.is_empty() { "/" } else { rest };
+        let host = request_host(&parts);
+        let asked = Asked {
+            mount,
+            local,
+            host: host.as_deref(),
+            head: parts.method == Method::HEAD,
+        };
 
         let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query());
         let session = self.resolve(route, presented).await?;
@@ -231,6 +309,9 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // The client sets Host (or :authority) from the upstream URI.
         parts.headers.remove(HOST);
+        if route.links.is_some() {
+            limit_accept_encoding(&mut parts.headers);
+        }
         let body = prepare_body(route, &parts.headers, body, session.has_refresh_token).await?;
         let out = Outgoing {
             method: parts.method,
@@ -244,10 +325,14 @@ impl Proxy {
                 let resp = self
                     .send(route, &session, out.clone_parts(), body, log)
                     .await?;
-                if resp.status() == StatusCode::UNAUTHORIZED && session.has_refresh_token {
-                    self.refresh_in_background(&session);
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    if session.has_refresh_token {
+                        self.refresh_in_background(&session);
+                    }
+                } else {
+                    self.refresher.accepted(&session.id);
                 }
-                return Ok(response_filter(route, resp));
+                return self.response_filter(route, &asked, resp).await;
             }
             Prepared::Kept(bytes) => bytes,
         };
@@ -255,14 +340,18 @@ impl Proxy {
             .send(route, &session, out.clone_parts(), full(bytes.clone()), log)
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED || !session.has_refresh_token {
-            return Ok(response_filter(route, resp));
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                self.refresher.accepted(&session.id);
+            }
+            return self.response_filter(route, &asked, resp).await;
         }
         // Reactive: the token was refused. Refresh (or pick up a refresh
         // another request made meanwhile) and replay once.
-        let fresh = match self.refresher.refresh(&session, false).await {
+        let fresh = match self.refresher.refresh_refused(&session).await {
             Ok(fresh) => fresh,
-            // Refreshed moments ago: the refusal is about something else.
-            Err(RefreshError::TooSoon) => return Ok(response_filter(route, resp)),
+            // A refresh moments ago did not cure this session's refusals:
+            // it is about something else (Spark's 1010 disabled key).
+            Err(RefreshError::TooSoon) => return self.response_filter(route, &asked, resp).await,
             Err(e) => {
                 drain(resp).await;
                 return Err(refresh_error(&session, e));
@@ -272,7 +361,14 @@ impl Proxy {
         log.session = Some(Arc::clone(&fresh));
         log.replayed = true;
         let resp = self.send(route, &fresh, out, full(bytes), log).await?;
-        Ok(response_filter(route, resp))
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            // Fresh tokens were refused too: hold later 401s of this
+            // session for min_refresh_interval instead of rotating again.
+            self.refresher.refusal_survived_refresh(&fresh);
+        } else {
+            self.refresher.accepted(&fresh.id);
+        }
+        self.response_filter(route, &asked, resp).await
     }
 
     /// Proactive refresh: a token within `refresh_margin` of its expiry is
@@ -302,7 +398,7 @@ impl Proxy {
         let refresher = Arc::clone(&self.refresher);
         let session = Arc::clone(session);
         tokio::spawn(async move {
-            if let Err(e) = refresher.refresh(&session, false).await {
+            if let Err(e) = refresher.refresh_refused(&session).await {
                 tracing::debug!(session = %session.id, error = %e, "background refresh after a 401 did not refresh");
             }
         });
@@ -430,9 +526,9 @@ impl Proxy {
                 return Err(ProxyError::Internal);
             }
         };
-        // A key is only good for its own provider.
-        if session.provider != route.name {
-            return Err(ProxyError::UnknownSession);
+        // A key is only good for its own provider (and those sharing its sessions).
+        if session.provider != route.session_owner {
+            return Err(ProxyError::KeyOfOtherProvider);
         }
         if session.status == Status::ReauthorizationRequired {
             return Err(ProxyError::ReauthorizationRequired);
@@ -616,13 +712,303 @@ fn upstream_request(
     Ok(req)
 }
 
-/// Passes the upstream's answer back with its hop-by-hop headers removed.
-fn response_filter(route: &Route, resp: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    route.kind.scrub_response(&mut parts.headers);
-    parts.extensions.clear();
-    Response::from_parts(parts, Either::Left(body))
+/// Bodies up to this size with a known length are rewritten whole, so their
+/// `Content-Length` stays exact (and unchanged when no link was found);
+/// larger or unknown-length ones stream, chunked.
+const WHOLE_BODY_LIMIT: u64 = 256 * 1024;
+
+impl Proxy {
+    /// Passes the upstream's answer back: hop-by-hop headers removed, links
+    /// on the provider's origins moved behind the proxy, injected
+    /// credentials scrubbed.
+    async fn response_filter(
+        &self,
+        route: &Route,
+        asked: &Asked<'_>,
+        resp: Response<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.extensions.clear();
+        let Some(map) = &route.links else {
+            route.kind.scrub_response(&mut parts.headers);
+            return Ok(Response::from_parts(parts, Either::Left(body)));
+        };
+        let has_link_header = [LOCATION, CONTENT_LOCATION, LINK]
+            .iter()
+            .any(|h| parts.headers.contains_key(h));
+        let rewrite_body = !asked.head
+            && !matches!(parts.status.as_u16(), 100..=199 | 204 | 304)
+            && is_structured_text(&parts.headers);
+        if !has_link_header && !rewrite_body {
+            route.kind.scrub_response(&mut parts.headers);
+            return Ok(Response::from_parts(parts, Either::Left(body)));
+        }
+        let bases = self.bases(route, asked);
+        if has_link_header {
+            self.rewrite_link_headers(route, asked, map, &bases, &mut parts.headers);
+        }
+        route.kind.scrub_response(&mut parts.headers);
+        if !rewrite_body {
+            return Ok(Response::from_parts(parts, Either::Left(body)));
+        }
+        let Some(coding) = Coding::from_header(parts.headers.get(CONTENT_ENCODING)) else {
+            // A coding we cannot decode (the request asked for none): as it is.
+            return Ok(Response::from_parts(parts, Either::Left(body)));
+        };
+        let mut rewriter = Rewriter::new(Arc::clone(map), bases);
+        match content_length(&parts.headers) {
+            Some(len) if len <= WHOLE_BODY_LIMIT => {
+                let limited = Limited::new(body, WHOLE_BODY_LIMIT as usize);
+                let collected =
+                    tokio::time::timeout(route.upstream.response_timeout(), limited.collect())
+                        .await
+                        .map_err(|_| ProxyError::UpstreamTimeout)?
+                        .map_err(|e| {
+                            tracing::debug!(error = %e, "upstream body broke off");
+                            ProxyError::UpstreamUnreachable
+                        })?
+                        .to_bytes();
+                let out = match links::rewrite_whole(&mut rewriter, coding, collected.clone()) {
+                    Ok(Some(out)) => out,
+                    Ok(None) => collected,
+                    Err(e) => {
+                        tracing::debug!(provider = route.name, error = %e, "an upstream body could not be decoded; passed on as it came");
+                        collected
+                    }
+                };
+                parts
+                    .headers
+                    .insert(CONTENT_LENGTH, HeaderValue::from(out.len()));
+                Ok(Response::from_parts(
+                    parts,
+                    Either::Right(Either::Right(Full::new(out))),
+                ))
+            }
+            _ => {
+                parts.headers.remove(CONTENT_LENGTH);
+                Ok(Response::from_parts(
+                    parts,
+                    Either::Right(Either::Left(LinkBody::new(body, rewriter, coding))),
+                ))
+            }
+        }
+    }
+
+    /// Per link target, the base its origin becomes: the provider's
+    /// dedicated listener when the request came in on it, else the main
+    /// listener's `{proxy_url}/{provider}`.
+    fn bases(&self, route: &Route, asked: &Asked<'_>) -> Bases {
+        let this = match asked.host {
+            Some(h) => format!("http://{h}"),
+            None => format!("http://{}", asked.local),
+        };
+        let main = match (&self.proxy_url, asked.mount) {
+            (Some(url), _) => url.clone(),
+            (None, Mount::Prefixed) => this.clone(),
+            (None, Mount::Dedicated(_)) => {
+                // The main listener, named as the client named us.
+                let host = asked
+                    .host
+                    .map(host_without_port)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| asked.local.ip().to_string());
+                let host = if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                format!("http://{host}:{}", self.listen.port())
+            }
+        };
+        Bases::new(
+            route
+                .link_targets
+                .iter()
+                .map(|&j| match asked.mount {
+                    Mount::Dedicated(d) if d == j => this.clone(),
+                    _ => format!("{main}/{}", self.routes[j].name),
+                })
+                .collect(),
+        )
+    }
+
+    fn rewrite_link_headers(
+        &self,
+        route: &Route,
+        asked: &Asked<'_>,
+        map: &Arc<LinkMap>,
+        bases: &Bases,
+        headers: &mut HeaderMap,
+    ) {
+        for name in [LOCATION, CONTENT_LOCATION, LINK] {
+            let values: Vec<HeaderValue> = match headers.get_all(&name).iter().next() {
+                None => continue,
+                Some(_) => headers.get_all(&name).iter().cloned().collect(),
+            };
+            headers.remove(&name);
+            for value in values {
+                let mut rewriter = Rewriter::new(Arc::clone(map), bases.clone());
+                let mut out = rewriter.rewrite_all(Bytes::copy_from_slice(value.as_bytes()));
+                if name != LINK {
+                    if let Some(moved) = relative_behind_proxy(route, asked.mount, &out) {
+                        out = moved;
+                    }
+                }
+                match HeaderValue::from_maybe_shared(out) {
+                    Ok(v) => {
+                        headers.append(&name, v);
+                    }
+                    Err(_) => {
+                        tracing::debug!(header = %name, "a rewritten link header is not a valid value; dropped");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An absolute-path `Location` (`/v1/x`) means the provider's own origin:
+/// on the main listener it needs the route's prefix to stay behind us.
+fn relative_behind_proxy(route: &Route, mount: Mount, value: &[u8]) -> Option<Bytes> {
+    if !value.starts_with(b"/") || value.starts_with(b"//") || value.starts_with(b"/\\") {
+        return None;
+    }
+    let rest = value.strip_prefix(route.base_path.as_bytes())?;
+    if !(rest.is_empty()
+        || rest.starts_with(b"/")
+        || rest.starts_with(b"?")
+        || rest.starts_with(b"#"))
+    {
+        return None;
+    }
+    let prefix: &[u8] = match mount {
+        Mount::Prefixed => route.name.as_bytes(),
+        Mount::Dedicated(_) if route.base_path.is_empty() => return None,
+        Mount::Dedicated(_) => b"",
+    };
+    let mut out = BytesMut::with_capacity(value.len() + prefix.len() + 1);
+    if !prefix.is_empty() {
+        out.extend_from_slice(b"/");
+        out.extend_from_slice(prefix);
+    }
+    if rest.is_empty() || !rest.starts_with(b"/") {
+        out.extend_from_slice(b"/");
+    }
+    out.extend_from_slice(rest);
+    Some(out.freeze())
+}
+
+/// JSON and XML bodies carry links worth rewriting; other types pass as they are.
+fn is_structured_text(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or_default().trim();
+    let Some((_, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    let sub = sub.trim();
+    let sub = sub.as_bytes();
+    [&b"json"[..], &b"xml"[..]].iter().any(|t| {
+        sub.eq_ignore_ascii_case(t)
+            || (sub.len() > t.len()
+                && sub[sub.len() - t.len() - 1] == b'+'
+                && sub[sub.len() - t.len()..].eq_ignore_ascii_case(t))
+    })
+}
+
+/// Asks the upstream only for codings credproxy can decode to rewrite
+/// links (gzip, deflate, br): another one would carry links past us.
+fn limit_accept_encoding(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(ACCEPT_ENCODING) else {
+        return;
+    };
+    let Ok(text) = value.to_str() else {
+        headers.remove(ACCEPT_ENCODING);
+        return;
+    };
+    let coding = |item: &str| item.split(';').next().unwrap_or_default().trim().to_owned();
+    if text.split(',').all(|item| {
+        let c = coding(item);
+        c.is_empty() || Coding::accepted(&c)
+    }) {
+        return;
+    }
+    let kept: Vec<&str> = text
+        .split(',')
+        .filter(|item| Coding::accepted(&coding(item)))
+        .map(str::trim)
+        .collect();
+    match HeaderValue::from_str(&kept.join(", ")) {
+        Ok(v) if !kept.is_empty() => {
+            headers.insert(ACCEPT_ENCODING, v);
+        }
+        _ => {
+            headers.remove(ACCEPT_ENCODING);
+        }
+    }
+}
+
+/// The request's own name for us, if it is a plain `host[:port]` (a DNS
+/// name, an IPv4 address or a bracketed IPv6 one): it becomes the base of
+/// rewritten links, so nothing else (no path, userinfo or space) may pass.
+fn request_host(parts: &Parts) -> Option<String> {
+    let raw = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => parts.headers.get(HOST)?.to_str().ok()?,
+    };
+    is_plain_host(raw).then(|| raw.to_owned())
+}
+
+fn is_plain_host(value: &str) -> bool {
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => ("", None),
+            p => match p.strip_prefix(':') {
+                Some(p) => ("", Some(p)),
+                None => return false,
+            },
+        }
+    } else {
+        match value.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (value, None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok()
+    });
+    let host_ok = value.starts_with('[')
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }));
+    port_ok && host_ok
+}
+
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| h)
+            .trim_start_matches('[');
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
 #[cfg(test)]
