@@ -20,6 +20,10 @@ esac
 python="$venv/bin/python"
 
 {
+  # Tests may call this concurrently: one of them makes the venv, the others wait.
+  mkdir -p "$(dirname "$venv")"
+  exec 9>"$venv.lock"
+  flock 9
   if [ ! -x "$python" ]; then
     echo "flexmls-venv: creating $venv"
     mkdir -p "$(dirname "$venv")"
