@@ -179,6 +179,7 @@ impl From<SessionError> for ApiError {
             }
             SessionError::UnknownProvider(_)
             | SessionError::KeyOfOtherProvider(_)
+            | SessionError::SessionsFrom { .. }
             | SessionError::BadKey(_)
             | SessionError::EmptyToken
             | SessionError::Token(_) => {

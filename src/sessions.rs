@@ -42,6 +42,8 @@ pub enum SessionError {
     NotFound(String),
     #[error("that session key belongs to a session of provider `{0}`")]
     KeyOfOtherProvider(String),
+    #[error("provider `{provider}` uses the sessions of `{owner}` (sessions_from): add or connect the session there")]
+    SessionsFrom { provider: String, owner: String },
     #[error(transparent)]
     BadKey(#[from] BadKey),
     #[error("the access token is empty")]
@@ -407,6 +409,12 @@ impl Sessions {
             .providers
             .get(provider)
             .ok_or_else(|| SessionError::UnknownProvider(provider.to_owned()))?;
+        if let Some(owner) = &provider_cfg.sessions_from {
+            return Err(SessionError::SessionsFrom {
+                provider: provider.to_owned(),
+                owner: owner.clone(),
+            });
+        }
         if tokens.access_token.expose_secret().is_empty() {
             return Err(SessionError::EmptyToken);
         }

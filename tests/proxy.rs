@@ -557,3 +557,54 @@ async fn concurrent_requests_share_one_cached_session() {
         .await
         .expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_key_of_another_provider_is_told_so() {
+    let w = World::new().await;
+    let srv = w.start(&Extra::default()).await;
+    let (_, key, _) = add_session(&srv, "spark", &w.spark).await;
+    let resp = client()
+        .get(url(srv.proxy_addr, "/zillow/v1/feeds"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 401);
+    assert_eq!(error_code(&resp).as_deref(), Some("unknown_session"));
+    let body: serde_json::Value = resp.json().await.expect("json");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("belongs to another provider"), "{message}");
+    assert!(
+        w.zillow.requests().is_empty(),
+        "nothing reached the upstream"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn sessions_are_added_to_the_provider_that_owns_them() {
+    let w = World::new().await;
+    let srv = w
+        .start(&Extra {
+            zillow: "\n[providers.spark-two]\nkind = \"spark\"\napi_base = \"http://127.0.0.1:9\"\nsessions_from = \"spark\"\n".into(),
+            ..Extra::default()
+        })
+        .await;
+    let tokens = w.spark.issue_tokens();
+    let err = srv
+        .sessions
+        .add(
+            "spark-two",
+            credproxy::sessions::NewTokens {
+                access_token: secrecy::SecretString::from(tokens.access_token.clone()),
+                refresh_token: None,
+                expires_in: None,
+            },
+            None,
+            None,
+        )
+        .await
+        .expect_err("a provider with sessions_from has no sessions of its own");
+    assert!(err.to_string().contains("sessions of `spark`"), "{err}");
+    srv.shutdown().await;
+}
