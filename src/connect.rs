@@ -48,7 +48,9 @@ pub enum ConnectError {
 }
 
 /// Why a callback did not store a session. Texts are safe to show: they
-/// never carry a code, a token or a secret.
+/// never carry a code, a token or a secret. They are written to follow a
+/// colon (`credproxy connect` prints "the sign-in did not complete: ...");
+/// the pages make sentences of them.
 #[derive(Debug, thiserror::Error)]
 pub enum CallbackError {
     #[error("this sign-in link is missing its state, or the state is unknown, already used or older than 10 minutes")]
@@ -57,7 +59,10 @@ pub enum CallbackError {
     Refused,
     #[error("the provider sent no authorisation code")]
     NoCode,
-    #[error("the token endpoint {0}")]
+    #[error("the token endpoint refused the code ({0})")]
+    Rejected(String),
+    /// The token endpoint failed: why, in a few words (`answered 500`, `timed out`).
+    #[error("the code could not be exchanged at the token endpoint ({0})")]
     Exchange(String),
     #[error("the session could not be stored: {0}")]
     Store(String),
@@ -236,9 +241,7 @@ impl Connector {
             .grant(Grant::AuthorizationCode(&code))
             .await
             .map_err(|e| match e {
-                TokenError::Rejected { code } => {
-                    CallbackError::Exchange(format!("refused the code ({code})"))
-                }
+                TokenError::Rejected { code } => CallbackError::Rejected(code),
                 TokenError::Failed(why) => CallbackError::Exchange(why),
             })?;
         let tokens = NewTokens {

@@ -93,11 +93,27 @@ fn problem(
         status,
         ProblemPage {
             heading: heading.to_owned(),
-            message: message.into(),
+            message: sentence(&message.into()),
             retry,
         }
         .render(),
     )
+}
+
+/// `text` as a sentence: a capital first letter and a full stop. Error texts
+/// are written lowercase to fit in the middle of a chain (`the sign-in did
+/// not complete: the token endpoint answered 500`); a page shows them alone.
+fn sentence(text: &str) -> String {
+    let text = text.trim();
+    let mut chars = text.chars();
+    let mut out: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => return String::new(),
+    };
+    if !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
+    out
 }
 
 pub async fn index(State(state): State<AdminState>) -> Response {
@@ -162,7 +178,7 @@ pub async fn connect(
         return problem(
             StatusCode::NOT_FOUND,
             "Cannot connect",
-            format!("providers.{provider}.authorize_url is not configured."),
+            format!("This provider has no authorisation page configured (providers.{provider}.authorize_url)."),
             None,
         );
     }
@@ -246,7 +262,15 @@ pub async fn connect(
             );
             resp
         }
-        Err(e) => problem(StatusCode::NOT_FOUND, "Cannot connect", e.to_string(), None),
+        Err(e) => {
+            tracing::warn!(provider = %provider, error = %e, "connect: no authorisation URL");
+            problem(
+                StatusCode::NOT_FOUND,
+                "Cannot connect",
+                "This provider has no authorisation page configured.",
+                None,
+            )
+        }
     }
 }
 
@@ -296,7 +320,7 @@ pub async fn callback(
         Err((CallbackError::BadState, plain)) => problem(
             StatusCode::BAD_REQUEST,
             "This sign-in link is not valid",
-            CallbackError::BadState.to_string() + ". No code was exchanged.",
+            format!("{}. No code was exchanged.", CallbackError::BadState),
             again(plain),
         ),
         Err((CallbackError::Refused, plain)) => problem(
@@ -305,7 +329,10 @@ pub async fn callback(
             format!("{label} reports that access was refused, so no session was stored."),
             again(plain),
         ),
-        Err((e @ (CallbackError::NoCode | CallbackError::Exchange(_)), plain)) => {
+        Err((
+            e @ (CallbackError::NoCode | CallbackError::Rejected(_) | CallbackError::Exchange(_)),
+            plain,
+        )) => {
             tracing::warn!(provider = %provider, error = %e, "connect: code exchange failed");
             problem(
                 StatusCode::BAD_GATEWAY,
@@ -319,7 +346,7 @@ pub async fn callback(
             problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The session could not be stored",
-                e.to_string(),
+                "The session store did not answer, so no session was stored. Try again in a moment.",
                 again(plain),
             )
         }
@@ -340,5 +367,21 @@ pub fn curl_line(listen: SocketAddr, provider: &str, kind: ProviderKind, key: &s
         ProviderKind::Zillow => {
             format!("curl 'http://{host}/{provider}/listings/v1/listingsForUser?accessToken={key}'")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sentence;
+
+    #[test]
+    fn messages_become_sentences() {
+        assert_eq!(
+            sentence("the token endpoint answered 500"),
+            "The token endpoint answered 500."
+        );
+        assert_eq!(sentence("Already one."), "Already one.");
+        assert_eq!(sentence("  écrit  "), "Écrit.");
+        assert_eq!(sentence(""), "");
     }
 }

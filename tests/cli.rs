@@ -457,3 +457,66 @@ async fn store_holds_no_token_or_key_in_clear() {
         assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
     }
 }
+
+/// The text of the page's lead paragraph (the message).
+fn lead(html: &str) -> String {
+    let start = html.find("<p class=\"lead\">").expect("a lead paragraph") + 16;
+    let end = html[start..].find("</p>").expect("its end") + start;
+    html[start..end].trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_messages_are_sentences() {
+    let w = World::new().await;
+    let srv = w.start(&Extra::default()).await;
+    let c = support::client();
+    let admin = srv.admin_addr;
+    let get = |path: String| {
+        let c = c.clone();
+        async move {
+            let r = c.get(url(admin, &path)).send().await.expect("send");
+            (r.status().as_u16(), r.text().await.expect("text"))
+        }
+    };
+    let sentence = |status: u16, html: &str| {
+        let text = lead(html);
+        assert!(
+            text.chars().next().is_some_and(char::is_uppercase) && text.ends_with('.'),
+            "{status}: {text:?}"
+        );
+        text
+    };
+    let (status, html) = get("/callback/zillow?code=c&state=nope".into()).await;
+    assert_eq!(status, 400);
+    sentence(status, &html);
+
+    // A failing token endpoint.
+    w.zillow
+        .set_token_mode(credproxy_standins::TokenMode::Fail500);
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("client")
+        .get(url(admin, "/connect/zillow"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 302);
+    let location = r.headers()["location"].to_str().expect("ascii").to_owned();
+    let state = url::Url::parse(&location)
+        .expect("url")
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("state");
+    let code = w.zillow.issue_code();
+    let (status, html) = get(format!("/callback/zillow?code={code}&state={state}")).await;
+    assert_eq!(status, 502);
+    let text = sentence(status, &html);
+    assert!(
+        text.contains("answered 500") && text.contains("No session was stored."),
+        "{text}"
+    );
+    srv.shutdown().await;
+}
