@@ -20,17 +20,53 @@ use crate::provider::ProviderKind;
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_PATH: &str = "config.toml";
 
+/// Environment variables that take precedence over the file's values, for
+/// deployments (a container image) that share one config file: each names
+/// the key it overrides. An empty value counts as unset. Paths in them are
+/// relative to the working directory, as on a command line.
+pub const ENV_OVERRIDES: [(&str, &str); 4] = [
+    ("CREDPROXY_LISTEN", "server.listen"),
+    ("CREDPROXY_ADMIN_LISTEN", "server.admin_listen"),
+    ("CREDPROXY_STORE_URL", "store.url"),
+    ("CREDPROXY_KEY_FILE", "store.key_file"),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    /// The io error is part of the message, not a `source`: printed with
+    /// its chain (`{:#}`), it would otherwise appear twice.
+    #[error("cannot read {path}: {reason}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
+    /// Several problems found in one pass (e.g. every missing secret), one per line.
+    #[error("{}", join_lines(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn join_lines(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// One error as itself, several as [`ConfigError::Several`].
+    fn all(mut errors: Vec<ConfigError>) -> ConfigError {
+        if errors.len() == 1 {
+            if let Some(e) = errors.pop() {
+                return e;
+            }
+        }
+        ConfigError::Several(errors)
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -256,27 +292,61 @@ pub struct ProviderConfig {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`, with the process environment.
+    /// Relative paths in it (`store.url`'s SQLite file, `store.key_file`,
+    /// `ca_file`) are relative to the file's own directory, wherever
+    /// credproxy is started from.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            reason,
         })?;
-        Config::parse(&text, path, |name| std::env::var(name).ok())
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        // The directory, not the file, is made canonical: a symlinked config
+        // file (a mounted secret, say) still keeps its data next to where it
+        // was named.
+        let dir = std::fs::canonicalize(dir)
+            .or_else(|_| std::path::absolute(dir))
+            .unwrap_or_else(|_| dir.to_owned());
+        Config::parse_in(&text, path, Some(&dir), |name| std::env::var(name).ok())
     }
 
     /// Parses `text`; `env` looks up environment variables (a parameter so
-    /// tests need not touch the process environment).
+    /// tests need not touch the process environment). Relative paths stay
+    /// as they are, relative to the working directory.
     pub fn parse(
         text: &str,
         path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Config::parse_in(text, path, None, env)
+    }
+
+    /// [`Config::parse`], with relative paths made relative to `dir` when given.
+    pub fn parse_in(
+        text: &str,
+        path: &Path,
+        dir: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: parse_message(text, &e),
         })?;
-        validate(raw, &env)
+        // Problems that do not stop validation (missing secrets) are
+        // collected, so one run names them all.
+        let mut problems = Vec::new();
+        match validate(raw, &env, dir, &mut problems) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError::all(problems)),
+            Err(e) => {
+                problems.push(e);
+                Err(ConfigError::all(problems))
+            }
+        }
     }
 
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
@@ -379,19 +449,113 @@ fn secret(
     }
 }
 
-fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+/// The value of an [`ENV_OVERRIDES`] variable, if set and not empty, and the
+/// key to name in messages about it.
+fn env_override(
+    env: &dyn Fn(&str) -> Option<String>,
+    config_key: &str,
+) -> Option<(String, String)> {
+    let (var, _) = ENV_OVERRIDES.iter().find(|(_, k)| *k == config_key)?;
+    let value = env(var).filter(|v| !v.is_empty())?;
+    Some((value, format!("{var} (overrides {config_key})")))
+}
+
+/// `path` made relative to the config file's directory, when there is one.
+fn relative_to(dir: Option<&Path>, path: PathBuf) -> PathBuf {
+    match dir {
+        Some(dir) if path.is_relative() => {
+            let path = path.strip_prefix(".").unwrap_or(&path);
+            dir.join(path)
+        }
+        _ => path,
+    }
+}
+
+/// A `sqlite:` URL naming a relative file, made relative to `dir`; any
+/// query (`?mode=...`) is kept. In-memory databases, absolute paths and
+/// other stores are left alone.
+fn sqlite_relative_to(dir: &Path, url: &str) -> Result<String, ConfigError> {
+    // The same prefixes sqlx strips.
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return Ok(url.to_owned());
+    };
+    let (file, query) = match rest.split_once('?') {
+        Some((f, q)) => (f, Some(q)),
+        None => (rest, None),
+    };
+    let in_memory = file.is_empty()
+        || file == ":memory:"
+        || query.is_some_and(|q| q.split('&').any(|kv| kv == "mode=memory"));
+    let decoded = percent_encoding::percent_decode_str(file).decode_utf8_lossy();
+    if in_memory || Path::new(&*decoded).is_absolute() {
+        return Ok(url.to_owned());
+    }
+    let Some(dir) = dir.to_str() else {
+        return Err(invalid(
+            "store.url",
+            "the config file's directory is not valid UTF-8, so a relative SQLite path cannot be resolved: give an absolute one (sqlite:///path/credproxy.db)",
+        ));
+    };
+    // sqlx percent-decodes the file name: the directory must be encoded.
+    const FILE_NAME: &percent_encoding::AsciiSet =
+        &percent_encoding::CONTROLS.add(b'%').add(b'?').add(b'#');
+    let dir = percent_encoding::utf8_percent_encode(dir.trim_end_matches('/'), FILE_NAME);
+    let mut file = file;
+    while let Some(f) = file.strip_prefix("./") {
+        file = f;
+    }
+    Ok(match query {
+        Some(q) => format!("sqlite://{dir}/{file}?{q}"),
+        None => format!("sqlite://{dir}/{file}"),
+    })
+}
+
+/// The address a person (or a provider's redirect) reaches a listener at:
+/// a listener on every interface is reached on loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+/// Validates `raw`. A missing secret goes into `problems` and validation goes
+/// on (so that one run names every one); any other problem ends it.
+fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    dir: Option<&Path>,
+    problems: &mut Vec<ConfigError>,
+) -> Result<Config, ConfigError> {
     let s = raw.server;
-    let listen = addr(
-        "server.listen",
-        s.listen.as_deref().unwrap_or("127.0.0.1:8080"),
-    )?;
-    let admin_listen = addr(
-        "server.admin_listen",
-        s.admin_listen.as_deref().unwrap_or("127.0.0.1:8081"),
-    )?;
+    let listen = match env_override(env, "server.listen") {
+        Some((value, key)) => addr(&key, &value)?,
+        None => addr(
+            "server.listen",
+            s.listen.as_deref().unwrap_or("127.0.0.1:8080"),
+        )?,
+    };
+    let admin_listen = match env_override(env, "server.admin_listen") {
+        Some((value, key)) => addr(&key, &value)?,
+        None => addr(
+            "server.admin_listen",
+            s.admin_listen.as_deref().unwrap_or("127.0.0.1:8081"),
+        )?,
+    };
     let public_url = match s.public_url {
         Some(u) => http_url("server.public_url", &u)?,
-        None => http_url("server.public_url", &format!("http://{admin_listen}"))?,
+        None => http_url(
+            "server.public_url",
+            &format!("http://{}", reachable(admin_listen)),
+        )?,
     };
     let proxy_url = s
         .proxy_url
@@ -443,13 +607,23 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     }
 
     let st = raw.store;
-    let url = st.url.unwrap_or_else(|| "sqlite://credproxy.db".to_owned());
+    let (url, url_key) = match env_override(env, "store.url") {
+        Some((value, key)) => (value, key),
+        None => {
+            let url = st.url.unwrap_or_else(|| "sqlite://credproxy.db".to_owned());
+            let url = match dir {
+                Some(dir) => sqlite_relative_to(dir, &url)?,
+                None => url,
+            };
+            (url, "store.url".to_owned())
+        }
+    };
     if !(url.starts_with("sqlite:")
         || url.starts_with("postgres://")
         || url.starts_with("postgresql://"))
     {
         return Err(invalid(
-            "store.url",
+            url_key,
             "must start with sqlite: (e.g. sqlite://credproxy.db) or postgres://",
         ));
     }
@@ -461,9 +635,21 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             ))
         }
         (None, Some(var)) => KeySource::Env(var),
-        (Some(f), None) => KeySource::File(f),
-        (None, None) => KeySource::File(PathBuf::from("credproxy.key")),
+        (Some(f), None) => KeySource::File(relative_to(dir, f)),
+        (None, None) => KeySource::File(relative_to(dir, PathBuf::from("credproxy.key"))),
     };
+    let key = match env_override(env, "store.key_file") {
+        Some((file, _)) => KeySource::File(PathBuf::from(file)),
+        None => key,
+    };
+    if let KeySource::Env(var) = &key {
+        if env(var).is_none_or(|v| v.is_empty()) {
+            problems.push(invalid(
+                "store.key_env",
+                format!("environment variable {var} is not set or empty"),
+            ));
+        }
+    }
     let store = StoreConfig {
         url: SecretString::from(url),
         key,
@@ -487,7 +673,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             ));
             None
         }
-        _ => secret("admin.token", raw.admin.token, raw.admin.token_env, env)?,
+        _ => secret("admin.token", raw.admin.token, raw.admin.token_env, env).unwrap_or_else(|e| {
+            problems.push(e);
+            None
+        }),
     };
     let admin = AdminConfig { token: admin_token };
 
@@ -502,7 +691,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             p,
             &server.public_url,
             env,
+            dir,
             &mut ports,
+            problems,
         )?);
     }
     inherit_sessions(&mut providers)?;
@@ -523,12 +714,15 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn validate_provider(
     name: &str,
     p: RawProvider,
     public_url: &Url,
     env: &dyn Fn(&str) -> Option<String>,
+    dir: Option<&Path>,
     ports: &mut Vec<(String, SocketAddr)>,
+    problems: &mut Vec<ConfigError>,
 ) -> Result<ProviderConfig, ConfigError> {
     let key = |k: &str| format!("providers.{name}.{k}");
     if name.is_empty()
@@ -547,7 +741,10 @@ fn validate_provider(
     if inherits {
         for (given, k) in [
             (p.client_id.is_some(), "client_id"),
-            (p.client_secret.is_some() || p.client_secret_env.is_some(), "client_secret"),
+            (
+                p.client_secret.is_some() || p.client_secret_env.is_some(),
+                "client_secret",
+            ),
             (p.api_key.is_some() || p.api_key_env.is_some(), "api_key"),
             (p.token_url.is_some(), "token_url"),
             (p.authorize_url.is_some(), "authorize_url"),
@@ -588,34 +785,43 @@ fn validate_provider(
         _ if inherits => String::new(),
         _ => return Err(invalid(key("client_id"), "is required")),
     };
+    // A missing secret is noted and validation goes on, so that one run
+    // names every one (the placeholder is never used: the config is refused).
     let client_secret = match secret(
         &key("client_secret"),
         p.client_secret,
         p.client_secret_env,
         env,
-    )? {
-        Some(s) => s,
-        None if inherits => SecretString::from(String::new()),
-        None => {
-            return Err(invalid(
+    ) {
+        Ok(Some(s)) => s,
+        Ok(None) if inherits => SecretString::from(String::new()),
+        Ok(None) => {
+            problems.push(invalid(
                 key("client_secret"),
                 "is required (or client_secret_env)",
-            ))
+            ));
+            SecretString::from(String::new())
+        }
+        Err(e) => {
+            problems.push(e);
+            SecretString::from(String::new())
         }
     };
-    let api_key = secret(&key("api_key"), p.api_key, p.api_key_env, env)?;
+    let api_key_given = p.api_key.is_some() || p.api_key_env.is_some();
     match p.kind {
-        ProviderKind::Zillow if api_key.is_none() && !inherits => {
-            return Err(invalid(
-                key("api_key"),
-                "is required for kind = \"zillow\" (or api_key_env)",
-            ))
-        }
-        ProviderKind::Spark if api_key.is_some() => {
+        ProviderKind::Zillow if !api_key_given && !inherits => problems.push(invalid(
+            key("api_key"),
+            "is required for kind = \"zillow\" (or api_key_env)",
+        )),
+        ProviderKind::Spark if api_key_given => {
             return Err(invalid(key("api_key"), "is not used by kind = \"spark\""))
         }
         _ => {}
     }
+    let api_key = secret(&key("api_key"), p.api_key, p.api_key_env, env).unwrap_or_else(|e| {
+        problems.push(e);
+        None
+    });
     let user_agent = p
         .user_agent
         .map(|ua| {
@@ -643,7 +849,8 @@ fn validate_provider(
     if token_timeout.is_zero() {
         return Err(invalid(key("token_timeout"), "must be above zero"));
     }
-    if let Some(f) = &p.ca_file {
+    let ca_file = p.ca_file.map(|f| relative_to(dir, f));
+    if let Some(f) = &ca_file {
         if !f.is_file() {
             return Err(invalid(
                 key("ca_file"),
@@ -669,7 +876,7 @@ fn validate_provider(
         request_timeout,
         max_replay_body: p.max_replay_body.unwrap_or(1024 * 1024),
         max_request_body: p.max_request_body,
-        ca_file: p.ca_file,
+        ca_file,
         token_timeout,
         refresh_ahead: p.refresh_ahead.unwrap_or(false),
         label: p.label.unwrap_or_else(|| match p.kind {
@@ -693,10 +900,16 @@ fn inherit_sessions(providers: &mut [ProviderConfig]) -> Result<(), ConfigError>
         };
         let key = format!("providers.{}.sessions_from", providers[i].name);
         let Some(root) = providers.iter().find(|p| p.name == from).cloned() else {
-            return Err(invalid(key, format!("no provider named `{from}` is configured")));
+            return Err(invalid(
+                key,
+                format!("no provider named `{from}` is configured"),
+            ));
         };
         if root.name == providers[i].name {
-            return Err(invalid(key, "a provider cannot take its sessions from itself"));
+            return Err(invalid(
+                key,
+                "a provider cannot take its sessions from itself",
+            ));
         }
         if root.sessions_from.is_some() {
             return Err(invalid(
@@ -855,8 +1068,14 @@ mod tests {
         assert_eq!(r.session_owner(), "spark");
         assert_eq!(r.client_id, "cid");
         assert_eq!(r.client_secret.expose_secret(), "s3cret");
-        assert_eq!(r.user_agent.as_ref().map(|v| v.as_bytes()), Some(&b"MyApp/1.0"[..]));
-        assert_eq!(c.provider("spark").map(|p| p.session_owner()), Some("spark"));
+        assert_eq!(
+            r.user_agent.as_ref().map(|v| v.as_bytes()),
+            Some(&b"MyApp/1.0"[..])
+        );
+        assert_eq!(
+            c.provider("spark").map(|p| p.session_owner()),
+            Some("spark")
+        );
 
         let e = err(&text.replace("sessions_from = \"spark\"", "sessions_from = \"nope\""));
         assert!(e.contains("providers.replication.sessions_from"), "{e}");
@@ -882,6 +1101,185 @@ mod tests {
         );
         let e = err(&GOOD.replace("[store]", "proxy_url = \"credproxy\"\n[store]"));
         assert!(e.contains("server.proxy_url"), "{e}");
+    }
+
+    fn parse_in(text: &str, dir: &Path) -> Result<Config, ConfigError> {
+        Config::parse_in(text, Path::new("config.toml"), Some(dir), env)
+    }
+
+    fn store_url(c: &Config) -> &str {
+        c.store.url.expose_secret()
+    }
+
+    #[test]
+    fn relative_store_paths_are_relative_to_the_config_directory() {
+        let dir = Path::new("/etc/cp");
+        for (given, resolved) in [
+            ("sqlite://credproxy.db", "sqlite:///etc/cp/credproxy.db"),
+            ("sqlite:credproxy.db", "sqlite:///etc/cp/credproxy.db"),
+            ("sqlite://./x/y.db", "sqlite:///etc/cp/x/y.db"),
+            ("sqlite://x.db?mode=rwc", "sqlite:///etc/cp/x.db?mode=rwc"),
+            ("sqlite:///abs/path.db", "sqlite:///abs/path.db"),
+            ("sqlite:///abs/p.db?mode=ro", "sqlite:///abs/p.db?mode=ro"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("sqlite://?mode=memory", "sqlite://?mode=memory"),
+            ("postgres://u@db/cp", "postgres://u@db/cp"),
+        ] {
+            let c = parse_in(&GOOD.replace("sqlite://x.db", given), dir).expect(given);
+            assert_eq!(store_url(&c), resolved, "{given}");
+        }
+        let c = parse_in(GOOD, dir).expect("valid");
+        assert!(
+            matches!(&c.store.key, KeySource::File(f) if f == Path::new("/etc/cp/credproxy.key")),
+            "the default key file: {:?}",
+            c.store.key
+        );
+        let text = GOOD.replace("[store]", "[store]\nkey_file = \"./keys/k\"");
+        let c = parse_in(&text, dir).expect("valid");
+        assert!(matches!(&c.store.key, KeySource::File(f) if f == Path::new("/etc/cp/keys/k")));
+        let text = GOOD.replace("[store]", "[store]\nkey_file = \"/abs/k\"");
+        let c = parse_in(&text, dir).expect("valid");
+        assert!(matches!(&c.store.key, KeySource::File(f) if f == Path::new("/abs/k")));
+        // Without a directory (tests' Config::parse), paths stay as written.
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(store_url(&c), "sqlite://x.db");
+        assert!(matches!(&c.store.key, KeySource::File(f) if f == Path::new("credproxy.key")));
+    }
+
+    #[test]
+    fn a_directory_with_url_characters_still_names_the_file() {
+        use std::str::FromStr;
+        let dir = Path::new("/tmp/a b%41?c#d");
+        let c = parse_in(
+            &GOOD.replace("sqlite://x.db", "sqlite://x.db?mode=rwc"),
+            dir,
+        )
+        .expect("valid");
+        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(store_url(&c)).expect("sqlx");
+        assert_eq!(opts.get_filename(), Path::new("/tmp/a b%41?c#d/x.db"));
+    }
+
+    #[test]
+    fn relative_ca_file_is_relative_to_the_config_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("roots.pem"), "").expect("write");
+        let text = GOOD.replace(
+            "request_timeout = \"500ms\"",
+            "request_timeout = \"500ms\"\nca_file = \"roots.pem\"",
+        );
+        let c = parse_in(&text, dir.path()).expect("found next to the config");
+        assert_eq!(
+            c.provider("zillow").and_then(|p| p.ca_file.clone()),
+            Some(dir.path().join("roots.pem"))
+        );
+        let e = err(&text);
+        assert!(e.contains("providers.zillow.ca_file"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_take_precedence() {
+        let text = GOOD.replace(
+            "url = \"sqlite://x.db\"",
+            "url = \"sqlite://x.db\"\nkey_env = \"SEAL\"",
+        );
+        let with = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+                    .or_else(|| env(name))
+            }
+        };
+        let c = Config::parse_in(
+            &text,
+            Path::new("c.toml"),
+            Some(Path::new("/etc/cp")),
+            with(&[
+                ("SEAL", "k"),
+                ("CREDPROXY_LISTEN", "0.0.0.0:8080"),
+                ("CREDPROXY_ADMIN_LISTEN", "0.0.0.0:8081"),
+                ("CREDPROXY_STORE_URL", "sqlite://data/cp.db"),
+                ("CREDPROXY_KEY_FILE", "data/cp.key"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "0.0.0.0:8081");
+        // Reachable from a browser, unlike 0.0.0.0.
+        assert_eq!(c.server.public_url.as_str(), "http://127.0.0.1:8081/");
+        // Relative to the working directory, as any path on a command line.
+        assert_eq!(store_url(&c), "sqlite://data/cp.db");
+        assert!(matches!(&c.store.key, KeySource::File(f) if f == Path::new("data/cp.key")));
+
+        // Empty is unset; a bad value names the variable.
+        let c = Config::parse(
+            &text,
+            Path::new("c.toml"),
+            with(&[("SEAL", "k"), ("CREDPROXY_LISTEN", "")]),
+        )
+        .expect("valid");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:0");
+        let e = Config::parse(
+            &text,
+            Path::new("c.toml"),
+            with(&[("SEAL", "k"), ("CREDPROXY_ADMIN_LISTEN", "0.0.0.0")]),
+        )
+        .expect_err("bad address")
+        .to_string();
+        assert!(
+            e.contains("CREDPROXY_ADMIN_LISTEN (overrides server.admin_listen)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_missing_secret_is_named_at_once() {
+        let text = GOOD
+            .replace("SPARK_SECRET", "NOPE_1")
+            .replace("api_key_env = \"ZKEY\"", "")
+            .replace("[admin]", "")
+            .replace(
+                "[providers.spark]",
+                "key_env = \"NOPE_2\"\n[admin]\ntoken = \"\"\n[providers.spark]",
+            );
+        let e = err(&text);
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 4, "{e}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("store.key_env") && l.contains("NOPE_2")),
+            "{e}"
+        );
+        assert!(lines.iter().any(|l| l.starts_with("admin.token")), "{e}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("providers.spark.client_secret_env") && l.contains("NOPE_1")),
+            "{e}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("providers.zillow.api_key")),
+            "{e}"
+        );
+        // Along with a problem that stops validation, the ones found before it.
+        let e = err(&text.replace("kind = \"zillow\"", "kind = \"zillow\"\nlisten = \"x\""));
+        assert!(
+            e.contains("providers.zillow.listen") && e.contains("NOPE_1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named_once() {
+        let e = Config::load(Path::new("/nonexistent/credproxy/config.toml")).expect_err("missing");
+        assert!(std::error::Error::source(&e).is_none());
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            text.contains("/nonexistent/credproxy/config.toml"),
+            "{text}"
+        );
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
     }
 
     #[test]

@@ -19,7 +19,16 @@ use credproxy::{server, store, telemetry};
 /// A reverse proxy that injects OAuth 2 credentials, so applications call
 /// Spark and Zillow with a session key and never hold a token.
 #[derive(Parser)]
-#[command(name = "credproxy", version, about, long_about = None)]
+#[command(
+    name = "credproxy",
+    version,
+    about,
+    long_about = None,
+    after_help = "Relative paths in the config file are relative to its directory.\n\
+        These environment variables, when set, take precedence over the config file:\n  \
+        CREDPROXY_LISTEN (server.listen), CREDPROXY_ADMIN_LISTEN (server.admin_listen),\n  \
+        CREDPROXY_STORE_URL (store.url), CREDPROXY_KEY_FILE (store.key_file)"
+)]
 struct Cli {
     /// The configuration file.
     #[arg(long, global = true, env = "CREDPROXY_CONFIG", default_value = DEFAULT_PATH, value_name = "PATH")]
@@ -126,10 +135,31 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("credproxy: {e:#}");
+            // Several problems (e.g. every missing secret) come one per line.
+            for line in error_text(&e).lines() {
+                eprintln!("credproxy: {line}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each said once. Many errors repeat their
+/// source's text in their own (`cannot read x: No such file or directory`),
+/// which anyhow's `{:#}` would print a second time.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

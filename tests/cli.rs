@@ -520,3 +520,216 @@ async fn page_messages_are_sentences() {
     );
     srv.shutdown().await;
 }
+
+/// A config like the World's, but with the store and key given as paths
+/// relative to the config file, as config.toml has them.
+fn relative_store_config(w: &World, extra: &Extra) -> String {
+    w.config_text(extra)
+        .replace(
+            &format!("url = \"sqlite://{}\"", w.path("credproxy.db").display()),
+            "url = \"sqlite://./data.db?mode=rwc\"",
+        )
+        .replace(
+            &format!("key_file = \"{}\"", w.path("credproxy.key").display()),
+            "key_file = \"seal.key\"",
+        )
+}
+
+#[tokio::test]
+async fn relative_paths_are_relative_to_the_config_file() {
+    let w = World::new().await;
+    let conf = w.path("conf");
+    let elsewhere = w.path("elsewhere");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    let cfg = conf.join("config.toml");
+    std::fs::write(&cfg, relative_store_config(&w, &Extra::default())).expect("write");
+    let run = |cwd: &std::path::Path, args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .current_dir(cwd)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run")
+    };
+    let t = w.zillow.issue_tokens();
+    let out = run(
+        &elsewhere,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "zillow",
+            "--access-token",
+            &t.access_token,
+            "--label",
+            "made elsewhere",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        conf.join("data.db").is_file(),
+        "the store is next to the config"
+    );
+    assert!(conf.join("seal.key").is_file(), "so is the key");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).expect("dir").count(),
+        0,
+        "nothing is created in the working directory"
+    );
+    // From a third directory, through a relative --config: the same store.
+    let out = Command::new(BIN)
+        .args(["session", "list", "--config", "conf/config.toml"])
+        .current_dir(w.dir.path())
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("made elsewhere"), "{}", stdout(&out));
+    let out = run(&elsewhere, &["check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 session(s)"), "{}", stdout(&out));
+}
+
+#[tokio::test]
+async fn environment_overrides_the_listen_addresses_and_the_store() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (proxy, admin) = (free(), free());
+    let data = w.path("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .current_dir(&data)
+        .env("CREDPROXY_LISTEN", proxy.to_string())
+        .env("CREDPROXY_ADMIN_LISTEN", admin.to_string())
+        // Relative to the working directory, as on a command line.
+        .env("CREDPROXY_STORE_URL", "sqlite://elsewhere.db")
+        .env("CREDPROXY_KEY_FILE", "elsewhere.key")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+        lines.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = lines.concat();
+    assert!(
+        text.contains(&format!("proxy listening on http://{proxy}"))
+            && text.contains(&format!("admin listening on http://{admin}")),
+        "{text}"
+    );
+    assert!(data.join("elsewhere.db").is_file() && data.join("elsewhere.key").is_file());
+    assert!(!w.path("credproxy.db").exists(), "store.url was overridden");
+
+    // A bad value names the variable.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("CREDPROXY_LISTEN", "0.0.0.0")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("CREDPROXY_LISTEN"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn check_names_every_missing_secret_at_once() {
+    let w = World::new().await;
+    let (s, z) = (w.spark.options(), w.zillow.options());
+    let text = w
+        .config_text(&Extra {
+            admin: Some("token_env = \"CREDPROXY_TEST_NO_ADMIN\"".into()),
+            ..Extra::default()
+        })
+        .replace(
+            &format!("client_secret = \"{}\"", s.client_secret),
+            "client_secret_env = \"CREDPROXY_TEST_NO_SPARK\"",
+        )
+        .replace(
+            &format!("client_secret = \"{}\"", z.client_secret),
+            "client_secret_env = \"CREDPROXY_TEST_NO_ZILLOW\"",
+        )
+        .replace(&format!("api_key = \"{}\"\n", z.api_key), "");
+    let cfg = w.path("secrets.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env_remove("CREDPROXY_TEST_NO_SPARK")
+        .env_remove("CREDPROXY_TEST_NO_ZILLOW")
+        .env_remove("CREDPROXY_TEST_NO_ADMIN")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "one line per problem: {err}");
+    for (line, names) in lines.iter().zip([
+        "providers.spark.client_secret_env: environment variable CREDPROXY_TEST_NO_SPARK",
+        "providers.zillow.client_secret_env: environment variable CREDPROXY_TEST_NO_ZILLOW",
+        "providers.zillow.api_key",
+    ]) {
+        assert!(line.starts_with(&format!("credproxy: {names}")), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn errors_say_their_cause_once() {
+    let w = World::new().await;
+    let once = |out: &std::process::Output, what: &str| {
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let err = stderr(out);
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        let cause = err.rsplit(": ").next().map(str::trim).expect("a cause");
+        assert_eq!(err.matches(cause).count(), 1, "{what}: {err}");
+        err
+    };
+    let out = run_cli(&w.path("missing.toml"), &["check"]);
+    let err = once(&out, "a missing config");
+    assert!(
+        err.contains("missing.toml") && err.contains("os error 2"),
+        "{err}"
+    );
+
+    // A key file that is a directory.
+    let text = w.config_text(&Extra::default()).replace(
+        &w.path("credproxy.key").display().to_string(),
+        &w.path("").display().to_string(),
+    );
+    let cfg = w.path("dir-key.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let err = once(&run_cli(&cfg, &["check"]), "a key file that is a directory");
+    assert!(err.contains("store.key_file"), "{err}");
+
+    // A store in a directory that does not exist.
+    let text = w.config_text(&Extra {
+        store_url: Some(format!(
+            "sqlite://{}",
+            w.path("no/such/dir/credproxy.db").display()
+        )),
+        ..Extra::default()
+    });
+    let cfg = w.path("no-store.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let err = once(&run_cli(&cfg, &["check"]), "an unreachable store");
+    assert!(err.contains("store.url"), "{err}");
+}
