@@ -283,7 +283,12 @@ async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
     url.query_pairs_mut()
         .append_pair("link", state.state.expose_secret());
     eprintln!("Open this link in a browser to connect {label} (valid for 10 minutes, once):");
-    println!("{url}");
+    // With --json, stdout carries the one JSON object and nothing else.
+    if args.json {
+        eprintln!("{url}");
+    } else {
+        println!("{url}");
+    }
     if args.open {
         if let Err(e) = webbrowser::open(url.as_str()) {
             eprintln!("(could not open a browser: {e}; open the link by hand)");
@@ -442,11 +447,18 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
                 Err(RefreshError::Gone) => bail!("no session with id {id}"),
                 Err(e) => bail!("session {id}: {e}"),
             }
-            let info = sessions.info(&id).await?;
-            let expires = info
-                .and_then(|i| i.expires_at)
-                .unwrap_or_else(|| "unknown".into());
-            println!("session {id} refreshed; the access token expires {expires}");
+            match sessions.info(&id).await? {
+                Some(info) => match info.expires_at {
+                    Some(at) => {
+                        println!("session {id} refreshed; the new access token expires at {at}")
+                    }
+                    None => println!(
+                        "session {id} refreshed; the provider gave no lifetime, so it is refreshed when the provider refuses it"
+                    ),
+                },
+                // Revoked in the meantime, by someone else.
+                None => println!("session {id} refreshed (and since revoked)"),
+            }
         }
     }
     Ok(())

@@ -733,3 +733,43 @@ async fn errors_say_their_cause_once() {
     let err = once(&run_cli(&cfg, &["check"]), "an unreachable store");
     assert!(err.contains("store.url"), "{err}");
 }
+
+#[tokio::test]
+async fn connect_json_keeps_stdout_for_json() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    // Nobody completes the sign-in: the link and the failure go to stderr,
+    // and stdout, where the JSON would be, stays empty.
+    let out = run_cli(&cfg, &["connect", "zillow", "--json", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout(&out), "", "stdout holds only the JSON object");
+    let err = stderr(&out);
+    assert!(err.contains("/connect/zillow?link="), "{err}");
+    assert!(err.contains("no sign-in completed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_refresh_says_what_it_knows_of_the_lifetime() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let spark = support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let zillow = support::cli_add(&cfg, "zillow", &w.zillow.issue_tokens());
+    let refresh = |added: &serde_json::Value| {
+        let out = run_cli(
+            &cfg,
+            &["session", "refresh", added["id"].as_str().expect("id")],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let said = refresh(&zillow);
+    assert!(
+        said.contains("refreshed; the provider gave no lifetime, so it is refreshed when the provider refuses it"),
+        "{said}"
+    );
+    let said = refresh(&spark);
+    assert!(
+        said.contains("refreshed; the new access token expires at 20"),
+        "{said}"
+    );
+}

@@ -379,10 +379,27 @@ async fn cli_connect_prints_the_key_when_the_callback_completes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn connect");
+    // With --json the link goes to stderr (with the log): stdout is the JSON.
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut link = String::new();
-    out.read_line(&mut link).expect("the link");
-    let link = link.trim().to_owned();
+    let err = BufReader::new(child.stderr.take().expect("stderr"));
+    let (link_tx, link_rx) = std::sync::mpsc::channel();
+    let stderr_lines = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in err.lines() {
+            let Ok(line) = line else { break };
+            // The link is output for the person, not a log line: it
+            // carries the one-time state, which no log may.
+            if line.starts_with("http://") {
+                let _ = link_tx.send(line);
+            } else {
+                lines.push(line);
+            }
+        }
+        lines.join("\n")
+    });
+    let link = link_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the link, on stderr");
     assert!(
         link.starts_with(&format!("http://{}/connect/zillow?link=", srv.admin_addr)),
         "{link}"
@@ -411,13 +428,10 @@ async fn cli_connect_prints_the_key_when_the_callback_completes() {
 
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
-    let output = child.wait_with_output().expect("wait");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(rest.trim()).expect("json");
+    let status = child.wait().expect("wait");
+    let cli_log = stderr_lines.join().expect("stderr reader");
+    assert!(status.success(), "{cli_log}");
+    let v: serde_json::Value = serde_json::from_str(&rest).expect("stdout is one JSON object");
     let key = v["session_key"].as_str().expect("key").to_owned();
     let r = support::client()
         .get(url(
@@ -438,11 +452,7 @@ async fn cli_connect_prints_the_key_when_the_callback_completes() {
     srv.terminate();
     srv.stderr
         .wait_for(Duration::from_secs(5), |l| l == "\u{0}eof");
-    let logs = format!(
-        "{}\n{}",
-        srv.stderr.all().join("\n"),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let logs = format!("{}\n{cli_log}", srv.stderr.all().join("\n"));
     assert!(
         logs.contains("connect: session stored"),
         "the flow is in the log"
