@@ -6,10 +6,18 @@
 //!
 //! Starts local stand-ins of Spark and Zillow, then credproxy itself on the
 //! embedded SQLite store (in `./demo-data/`), adds a session for each
-//! provider, and prints curl lines that work as they are. Ctrl-C stops it.
+//! provider, and prints curl lines that work as they are, and `credproxy`
+//! commands that use the binary built next to this example
+//! (`target/release/credproxy`; `cargo run --release --` when there is none
+//! yet). Ctrl-C stops it.
+//!
+//! Each run starts from a fresh store: the stand-ins forget their tokens when
+//! they stop, so every session of an earlier run (those added here and any
+//! connected from the browser) is dead, and the store's file is deleted at
+//! start. The sealing key (`demo-data/credproxy.key`) is kept.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use credproxy::config::Config;
@@ -28,6 +36,60 @@ fn free_addr(preferred: u16) -> SocketAddr {
     }
 }
 
+/// How to run credproxy from the directory the demo was started in: the
+/// binary next to this example's (`target/release/examples/demo` sits
+/// beside `target/release/credproxy`), or cargo when it is not built yet.
+fn credproxy_command() -> String {
+    let built = std::env::current_exe().ok().and_then(|exe| {
+        let bin = exe
+            .parent()?
+            .parent()?
+            .join(format!("credproxy{}", std::env::consts::EXE_SUFFIX));
+        bin.is_file().then_some(bin)
+    });
+    match built {
+        Some(bin) => {
+            let shown = std::env::current_dir()
+                .ok()
+                .and_then(|cwd| bin.strip_prefix(cwd).ok().map(Path::to_owned))
+                .unwrap_or(bin);
+            shell_word(&shown)
+        }
+        None if cfg!(debug_assertions) => "cargo run --".to_owned(),
+        None => "cargo run --release --".to_owned(),
+    }
+}
+
+/// A path as one shell word.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    if text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
+/// Deletes the store left by an earlier run (its sessions are dead).
+fn fresh_store(dir: &Path) -> anyhow::Result<()> {
+    for name in ["credproxy.db", "credproxy.db-wal", "credproxy.db-shm"] {
+        let path: PathBuf = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot delete {}", path.display()))
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     credproxy::telemetry::init("info");
@@ -35,7 +97,8 @@ async fn main() -> anyhow::Result<()> {
     let zillow = Standin::start(Options::zillow()).await?;
 
     let dir = Path::new("demo-data");
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).context("cannot create demo-data")?;
+    fresh_store(dir)?;
     let (listen, admin) = (free_addr(8080), free_addr(8081));
     let (s, z) = (spark.options(), zillow.options());
     let text = format!(
@@ -44,9 +107,9 @@ async fn main() -> anyhow::Result<()> {
 listen = "{listen}"
 admin_listen = "{admin}"
 
-[store]
-url = "sqlite://demo-data/credproxy.db"
-key_file = "demo-data/credproxy.key"
+[store]                       # relative to this file's directory
+url = "sqlite://credproxy.db"
+key_file = "credproxy.key"
 
 [admin]
 token = "demo-admin-token"
@@ -88,7 +151,7 @@ api_key = "{zillow_key}"
         .await
         .context("starting credproxy")?;
 
-    let mut keys = Vec::new();
+    let (mut keys, mut ids) = (Vec::new(), Vec::new());
     for (name, standin) in [("spark", &spark), ("zillow", &zillow)] {
         let t = standin.issue_tokens();
         let added = running
@@ -105,6 +168,7 @@ api_key = "{zillow_key}"
             )
             .await?;
         keys.push(added.key.expose().to_owned());
+        ids.push(added.id);
     }
     let p = running.proxy_addr;
     println!();
@@ -137,9 +201,13 @@ api_key = "{zillow_key}"
     println!("#   open http://{}/", running.admin_addr);
     println!("# Health, metrics and the session list");
     println!("curl http://{}/metrics", running.admin_addr);
+    let credproxy = credproxy_command();
+    let config_arg = shell_word(&config_path);
+    println!("{credproxy} --config {config_arg} session list");
+    println!("# Refresh the Zillow session now (the stand-in, like Zillow, gives no lifetime)");
     println!(
-        "cargo run --release -- --config {} session list",
-        config_path.display()
+        "{credproxy} --config {config_arg} session refresh {}",
+        ids[1]
     );
     println!();
     println!("The stand-ins answer with what they received: look for the injected");

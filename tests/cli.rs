@@ -773,3 +773,126 @@ async fn session_refresh_says_what_it_knows_of_the_lifetime() {
         "{said}"
     );
 }
+
+/// `examples/demo.rs` as built by `cargo test` (which builds the examples
+/// too), run twice in a fresh directory: the commands it prints use the
+/// built binary and work as they are, and a second run leaves no dead
+/// sessions of the first behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_working_commands_and_starts_fresh() {
+    use std::io::BufRead;
+    let demo = std::path::Path::new(BIN)
+        .with_file_name("examples")
+        .join(format!("demo{}", std::env::consts::EXE_SUFFIX));
+    if !demo.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI builds the examples (cargo test --workspace)"
+        );
+        println!(
+            "SKIPPED demo test: {} is not built (cargo build --example demo)",
+            demo.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for run in 1..=2 {
+        let log = std::fs::File::create(dir.path().join(format!("demo-{run}.log"))).expect("log");
+        let mut child = Command::new(&demo)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the demo");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let done = line.contains("Ctrl-C stops the demo");
+                if tx.send(line).is_err() || done {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+            let done = line.contains("Ctrl-C stops the demo");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        let printed = lines.join("\n");
+        let log = || {
+            std::fs::read_to_string(dir.path().join(format!("demo-{run}.log"))).unwrap_or_default()
+        };
+        let Some(list) = lines
+            .iter()
+            .find(|l| !l.starts_with('#') && l.ends_with("session list"))
+            .cloned()
+        else {
+            let _ = child.kill();
+            panic!(
+                "run {run}: no session list command in:\n{printed}\nstderr:\n{}",
+                log()
+            );
+        };
+        assert!(!list.contains("cargo run"), "run {run}: {list}");
+        // The command as printed, with --json to count.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{list} --json"))
+            .current_dir(dir.path())
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "run {run}: {list}: {}", stderr(&out));
+        let sessions: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(
+            sessions.as_array().map(Vec::len),
+            Some(2),
+            "run {run}: only this run's sessions: {sessions}"
+        );
+        // And they are alive: the printed curl line's key works.
+        let curl = lines
+            .iter()
+            .find(|l| l.starts_with("curl -H 'Authorization: OAuth "))
+            .expect("a Spark curl line");
+        let key = curl["curl -H 'Authorization: OAuth ".len()..]
+            .split('\'')
+            .next()
+            .expect("key");
+        let target = curl.rsplit(' ').next().expect("url");
+        let r = support::client()
+            .get(target)
+            .header("Authorization", format!("OAuth {key}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "run {run}");
+        let refresh = lines
+            .iter()
+            .find(|l| !l.starts_with('#') && l.contains(" session refresh "))
+            .expect("a session refresh command");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(refresh)
+            .current_dir(dir.path())
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "run {run}: {refresh}: {}",
+            stderr(&out)
+        );
+        support::signal(child.id(), "INT");
+        let status = child.wait().expect("wait");
+        assert!(
+            status.success(),
+            "run {run}: the demo stops cleanly on Ctrl-C: {}",
+            log()
+        );
+    }
+}
