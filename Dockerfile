@@ -2,14 +2,22 @@
 # credproxy: multi-stage build, small non-root runtime image.
 #
 #   docker build -t credproxy .
-#   docker run --rm -p 8080:8080 -p 8081:8081 \
-#     -v credproxy-data:/data -v $PWD/config.toml:/etc/credproxy/config.toml:ro \
+#   docker run --rm --name credproxy -p 8080:8080 -p 8081:8081 \
+#     -v credproxy-data:/data -v "$PWD/config.toml:/etc/credproxy/config.toml:ro" \
+#     -e CREDPROXY_STORE_URL=sqlite:///data/credproxy.db -e CREDPROXY_KEY_FILE=/data/credproxy.key \
 #     -e SPARK_CLIENT_SECRET -e ZILLOW_CLIENT_SECRET -e ZILLOW_API_KEY -e CREDPROXY_ADMIN_TOKEN \
 #     credproxy
+#   docker exec credproxy credproxy session list
 #
-# In a container, listen on 0.0.0.0 (server.listen / server.admin_listen) and
-# keep the store and key under /data (store.url = "sqlite:///data/credproxy.db",
-# store.key_file = "/data/credproxy.key"), or give the key by store.key_env.
+# The image sets CREDPROXY_LISTEN=0.0.0.0:8080 and CREDPROXY_ADMIN_LISTEN=0.0.0.0:8081,
+# which take precedence over server.listen and server.admin_listen: inside a
+# container, 127.0.0.1 would be unreachable through -p. (Other ports: -e
+# CREDPROXY_LISTEN=0.0.0.0:PORT, and publish that.)
+# Relative paths in the config are relative to its directory, here the
+# read-only /etc/credproxy: the example's CREDPROXY_STORE_URL and
+# CREDPROXY_KEY_FILE put the SQLite store and the sealing key in the
+# credproxy-data volume instead (back it up: without the key the tokens are
+# lost). With PostgreSQL and store.key_env (docker-compose.yml) leave both out.
 
 ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
@@ -46,6 +54,7 @@ USER 10001
 WORKDIR /data
 VOLUME ["/data"]
 ENV CREDPROXY_CONFIG=/etc/credproxy/config.toml
+ENV CREDPROXY_LISTEN=0.0.0.0:8080 CREDPROXY_ADMIN_LISTEN=0.0.0.0:8081
 EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s CMD ["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8081 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q ' 200 ' <&3"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/credproxy"]

@@ -896,3 +896,131 @@ async fn demo_prints_working_commands_and_starts_fresh() {
         );
     }
 }
+
+/// The Dockerfile's `docker run` example, followed as Docker would: the
+/// image's ENV, the example's `-e`, `-v` and `-p`, and the repository's
+/// config.toml at the mounted path. Docker is not needed: what matters is
+/// what credproxy makes of that environment.
+#[test]
+fn dockerfile_run_example_works_as_written() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    // The example: comment lines from `docker run` to the one not ending in `\`.
+    let mut example = String::new();
+    for line in dockerfile
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim())
+        .skip_while(|l| !l.starts_with("docker run"))
+    {
+        example.push_str(line.trim_end_matches('\\'));
+        example.push(' ');
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    let words: Vec<String> = example
+        .split_whitespace()
+        .map(|w| w.trim_matches('"').to_owned())
+        .collect();
+    assert!(
+        words.len() > 3,
+        "a docker run example in the Dockerfile's header"
+    );
+    let mut env: std::collections::HashMap<String, String> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let (mut mounts, mut ports) = (Vec::new(), Vec::new());
+    for pair in words.windows(2) {
+        match pair[0].as_str() {
+            "-e" => {
+                let (k, v) = pair[1]
+                    .split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    // `-e NAME` passes the caller's value: any will do.
+                    .unwrap_or_else(|| (pair[1].clone(), "from-the-caller".into()));
+                env.insert(k, v);
+            }
+            "-v" => mounts.push(pair[1].clone()),
+            "-p" => ports.push(pair[1].clone()),
+            _ => {}
+        }
+    }
+    let config_path = env
+        .get("CREDPROXY_CONFIG")
+        .expect("the image names its config");
+    let config_mount = mounts
+        .iter()
+        .find_map(|m| {
+            let mut parts = m.split(':');
+            let (src, dst) = (parts.next()?, parts.next()?);
+            (dst == config_path).then(|| (src.to_owned(), parts.next() == Some("ro")))
+        })
+        .expect("the example mounts the config where the image looks for it");
+    assert!(config_mount.0.ends_with("/config.toml"), "{config_mount:?}");
+    let volume = mounts
+        .iter()
+        .find_map(|m| m.strip_prefix("credproxy-data:"))
+        .expect("a volume for the data");
+    let text = std::fs::read_to_string(root.join("config.toml")).expect("config.toml");
+    let config_dir = std::path::Path::new(config_path).parent().expect("dir");
+    let config = credproxy::config::Config::parse_in(
+        &text,
+        std::path::Path::new(config_path),
+        Some(config_dir),
+        |name| env.get(name).cloned(),
+    )
+    .expect("the repository's config.toml, in the container");
+
+    // Reachable through -p: listening on every interface, on the published ports.
+    for (addr, what) in [
+        (config.server.listen, "proxy"),
+        (config.server.admin_listen, "admin"),
+    ] {
+        assert!(addr.ip().is_unspecified(), "{what} listens on {addr}");
+        assert!(
+            ports
+                .iter()
+                .any(|p| p.ends_with(&format!(":{}", addr.port()))),
+            "{what}'s port {} is published: {ports:?}",
+            addr.port()
+        );
+        assert!(
+            dockerfile
+                .lines()
+                .any(|l| l.starts_with("EXPOSE") && l.contains(&addr.port().to_string())),
+            "{what}'s port is exposed"
+        );
+    }
+    // The store and the key land in the volume, not in the read-only config mount.
+    use secrecy::ExposeSecret;
+    let url = config.store.url.expose_secret();
+    let file = url.strip_prefix("sqlite://").expect("sqlite");
+    assert!(
+        file.starts_with(&format!("{volume}/")),
+        "the store is in the volume: {url}"
+    );
+    match &config.store.key {
+        credproxy::config::KeySource::File(f) => {
+            assert!(
+                f.starts_with(volume),
+                "the key is in the volume: {}",
+                f.display()
+            )
+        }
+        credproxy::config::KeySource::Env(_) => {}
+    }
+    let workdir = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("WORKDIR "))
+        .next_back()
+        .expect("WORKDIR");
+    assert_eq!(
+        workdir.trim(),
+        volume,
+        "relative paths in the environment land in the volume"
+    );
+}
