@@ -30,7 +30,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{
+    AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, Anchored, Input, MatchKind, StartKind,
+};
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -73,6 +75,8 @@ struct Pattern {
 /// The origins one route rewrites, compiled once.
 #[derive(Debug)]
 pub struct LinkMap {
+    plain_sep: memchr::memmem::Finder<'static>,
+    escaped_sep: memchr::memmem::Finder<'static>,
     ac: AhoCorasick,
     patterns: Vec<Pattern>,
     /// Per target: strip credential parameters from its links.
@@ -123,15 +127,57 @@ impl LinkMap {
         let ac = AhoCorasickBuilder::new()
             .ascii_case_insensitive(true)
             .match_kind(MatchKind::LeftmostLongest)
+            // Only anchored searches, at a scheme before "://" found by
+            // memchr: JSON is full of bytes a general prefilter trips on.
+            .start_kind(StartKind::Anchored)
+            .kind(Some(AhoCorasickKind::DFA))
             .build(patterns.iter().map(|p| &p.bytes))
             .ok()?;
         let max_len = patterns.iter().map(|p| p.bytes.len()).max().unwrap_or(0);
         Some(LinkMap {
+            plain_sep: memchr::memmem::Finder::new(b"://").into_owned(),
+            escaped_sep: memchr::memmem::Finder::new(b":\\/\\/").into_owned(),
             ac,
             patterns,
             strip,
             max_len,
         })
+    }
+}
+
+impl LinkMap {
+    /// Whether `bytes` hold anything that looks like an absolute URL; a
+    /// body without one is passed on without a rewriter.
+    pub fn may_contain_links(&self, bytes: &[u8]) -> bool {
+        self.plain_sep.find(bytes).is_some() || self.escaped_sep.find(bytes).is_some()
+    }
+
+    /// The next pattern match in `buf` whose scheme starts at or after
+    /// `floor`, looking at colons from `from` on: `(start, end, pattern,
+    /// colon)`.
+    fn next_match(
+        &self,
+        buf: &[u8],
+        mut from: usize,
+        floor: usize,
+    ) -> Option<(usize, usize, usize, usize)> {
+        loop {
+            let colon = from + memchr::memchr(b':', &buf[from..])?;
+            let after = &buf[colon + 1..];
+            if after.starts_with(b"//") || after.starts_with(b"\\/") || after.len() < 3 {
+                for scheme_len in [5, 4] {
+                    if colon < floor + scheme_len {
+                        continue;
+                    }
+                    let start = colon - scheme_len;
+                    let input = Input::new(buf).range(start..).anchored(Anchored::Yes);
+                    if let Some(m) = self.ac.find(input) {
+                        return Some((m.start(), m.end(), m.pattern().as_usize(), colon));
+                    }
+                }
+            }
+            from = colon + 1;
+        }
     }
 }
 
@@ -212,17 +258,16 @@ impl Rewriter {
         let map = Arc::clone(&self.map);
         let mut emitted = 0;
         let mut from = 0;
-        while let Some(m) = map.ac.find(&buf[from..]) {
-            let (s, e) = (from + m.start(), from + m.end());
-            let pat = &map.patterns[m.pattern().as_usize()];
+        while let Some((s, e, p, colon)) = map.next_match(&buf, from, emitted) {
+            let pat = &map.patterns[p];
             // The automaton ignores case; a base path does not.
             if buf[s + pat.origin_len..e] != pat.bytes[pat.origin_len..] {
-                from = s + 1;
+                from = colon + 1;
                 continue;
             }
             match boundary(&buf, e, last) {
                 Boundary::No => {
-                    from = s + 1;
+                    from = colon + 1;
                     continue;
                 }
                 Boundary::NeedMore => {

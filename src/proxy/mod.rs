@@ -26,7 +26,7 @@
 //!   `Content-Location`, `Link`, JSON and XML bodies) and scrubs injected
 //!   credentials from what is left.
 
-mod links;
+pub mod links;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -744,8 +744,8 @@ impl Proxy {
             route.kind.scrub_response(&mut parts.headers);
             return Ok(Response::from_parts(parts, Either::Left(body)));
         }
-        let bases = self.bases(route, asked);
         if has_link_header {
+            let bases = self.bases(route, asked);
             self.rewrite_link_headers(route, asked, map, &bases, &mut parts.headers);
         }
         route.kind.scrub_response(&mut parts.headers);
@@ -756,7 +756,6 @@ impl Proxy {
             // A coding we cannot decode (the request asked for none): as it is.
             return Ok(Response::from_parts(parts, Either::Left(body)));
         };
-        let mut rewriter = Rewriter::new(Arc::clone(map), bases);
         match content_length(&parts.headers) {
             Some(len) if len <= WHOLE_BODY_LIMIT => {
                 let limited = Limited::new(body, WHOLE_BODY_LIMIT as usize);
@@ -769,6 +768,11 @@ impl Proxy {
                             ProxyError::UpstreamUnreachable
                         })?
                         .to_bytes();
+                if coding == Coding::Identity && !map.may_contain_links(&collected) {
+                    // Most answers: nothing to rewrite, the same bytes and length.
+                    return Ok(Response::from_parts(parts, own(Full::new(collected))));
+                }
+                let mut rewriter = Rewriter::new(Arc::clone(map), self.bases(route, asked));
                 let out = match links::rewrite_whole(&mut rewriter, coding, collected.clone()) {
                     Ok(Some(out)) => out,
                     Ok(None) => collected,
@@ -787,6 +791,7 @@ impl Proxy {
             }
             _ => {
                 parts.headers.remove(CONTENT_LENGTH);
+                let rewriter = Rewriter::new(Arc::clone(map), self.bases(route, asked));
                 Ok(Response::from_parts(
                     parts,
                     Either::Right(Either::Left(LinkBody::new(body, rewriter, coding))),
