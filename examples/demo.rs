@@ -93,7 +93,12 @@ fn fresh_store(dir: &Path) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     credproxy::telemetry::init("info");
-    let spark = Standin::start(Options::spark()).await?;
+    // Spark with its replication host, as flex-mls and replication jobs use it.
+    let spark = Standin::start(Options {
+        replication: true,
+        ..Options::spark()
+    })
+    .await?;
     let zillow = Standin::start(Options::zillow()).await?;
 
     let dir = Path::new("demo-data");
@@ -123,6 +128,11 @@ client_id = "{spark_id}"
 client_secret = "{spark_secret}"
 user_agent = "credproxy-demo/1.0"
 
+[providers.spark-replication]  # same sessions, tokens and refreshes as spark
+kind = "spark"
+api_base = "{replication_base}"
+sessions_from = "spark"
+
 [providers.zillow]
 kind = "zillow"
 api_base = "{zillow_base}"
@@ -137,6 +147,7 @@ api_key = "{zillow_key}"
         spark_auth = spark.authorize_url(),
         spark_id = s.client_id,
         spark_secret = s.client_secret,
+        replication_base = spark.replication_url().unwrap_or_default(),
         zillow_base = zillow.base_url(),
         zillow_token = zillow.token_url(),
         zillow_auth = zillow.authorize_url(),
@@ -190,6 +201,16 @@ api_key = "{zillow_key}"
     println!("# Spark: the session key in credproxy's own header");
     println!(
         "curl -H 'X-Credproxy-Session: {}' 'http://{p}/spark/v1/listings?_limit=1'",
+        keys[0]
+    );
+    println!("# Spark's RESO Web API, paged: follow @odata.nextLink, it points back at credproxy");
+    println!(
+        "curl -s -H 'Authorization: Bearer {}' 'http://{p}/spark/Reso/OData/Property?$top=5' | grep -o '\"@odata.nextLink\":\"[^\"]*\"'",
+        keys[0]
+    );
+    println!("# The same key on Spark's replication host (flex-mls's default)");
+    println!(
+        "curl -H 'Authorization: Bearer {}' 'http://{p}/spark-replication/Version/3/Reso/OData/Member?$top=2'",
         keys[0]
     );
     println!("# Zillow: the session key as the accessToken parameter");
