@@ -41,6 +41,8 @@ pub enum ConnectError {
     UnknownProvider(String),
     #[error("providers.{0}.authorize_url is not configured")]
     NoAuthorizeUrl(String),
+    #[error("provider `{provider}` uses the sessions of `{owner}` (sessions_from): connect `{owner}` instead")]
+    SessionsFrom { provider: String, owner: String },
     #[error("the link is unknown, used or older than 10 minutes")]
     BadLink,
     #[error(transparent)]
@@ -131,6 +133,13 @@ impl Connector {
             .endpoint(name)
             .map(|(p, _)| p)
             .ok_or_else(|| ConnectError::UnknownProvider(name.to_owned()))
+            .and_then(|p| match &p.sessions_from {
+                Some(owner) => Err(ConnectError::SessionsFrom {
+                    provider: name.to_owned(),
+                    owner: owner.clone(),
+                }),
+                None => Ok(p),
+            })
     }
 
     /// Starts a flow: stores a fresh state for `provider` (bound to a

@@ -165,6 +165,14 @@ pub async fn connect(
     let connector = state.connector();
     let cfg = match connector.provider(&provider) {
         Ok(cfg) => cfg,
+        Err(ConnectError::SessionsFrom { owner, .. }) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Connect the other provider",
+                format!("This provider uses the sessions of {owner}: connect {owner} instead."),
+                Some(format!("/connect/{owner}")),
+            )
+        }
         Err(_) => {
             return problem(
                 StatusCode::NOT_FOUND,

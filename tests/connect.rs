@@ -553,3 +553,24 @@ async fn cli_connect_reconnects_a_session_and_times_out_cleanly() {
     assert_eq!(w.spark.codes_redeemed(), 1);
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_provider_with_sessions_from_is_connected_through_its_owner() {
+    let w = World::new().await;
+    let srv = w
+        .start(&Extra {
+            zillow: "\n[providers.spark-two]\nkind = \"spark\"\napi_base = \"http://127.0.0.1:9\"\nsessions_from = \"spark\"\n".into(),
+            ..Extra::default()
+        })
+        .await;
+    let r = no_redirects()
+        .get(url(srv.admin_addr, "/connect/spark-two"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    let page = r.text().await.expect("page");
+    assert!(page.contains("connect spark instead"), "{page}");
+    assert_eq!(w.spark.token_calls(), 0);
+    srv.shutdown().await;
+}
