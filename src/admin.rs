@@ -65,6 +65,15 @@ impl AdminState {
         &self.connector
     }
 
+    /// The task that forgets expired connect states (and the rate
+    /// limiter's quiet clients) on a timer, until `stop`.
+    pub fn connect_pruning(
+        &self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        Arc::clone(&self.connector).run_pruning(stop)
+    }
+
     pub fn sessions(&self) -> &Arc<Sessions> {
         &self.sessions
     }
@@ -95,6 +104,38 @@ impl AdminState {
             .map(|p| p.kind)
             .unwrap_or(crate::provider::ProviderKind::Spark);
         pages::curl_line(self.proxy_addr, provider, kind, key)
+    }
+}
+
+/// The admin router as a hyper service for one connection from `peer`:
+/// every request carries the peer's address (`ConnectInfo`), which
+/// `/connect`'s rate limit counts by.
+pub fn service(app: &Router, peer: SocketAddr) -> WithPeer {
+    WithPeer {
+        app: hyper_util::service::TowerToHyperService::new(app.clone()),
+        peer,
+    }
+}
+
+/// See [`service`].
+pub struct WithPeer {
+    app: hyper_util::service::TowerToHyperService<Router>,
+    peer: SocketAddr,
+}
+
+type Incoming = hyper::Request<hyper::body::Incoming>;
+
+impl hyper::service::Service<Incoming> for WithPeer {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = <hyper_util::service::TowerToHyperService<Router> as hyper::service::Service<
+        Incoming,
+    >>::Future;
+
+    fn call(&self, mut req: Incoming) -> Self::Future {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        self.app.call(req)
     }
 }
 

@@ -137,6 +137,8 @@ struct RawServer {
     listen: Option<String>,
     admin_listen: Option<String>,
     public_url: Option<String>,
+    connect_rate_limit: Option<u32>,
+    connect_pending_limit: Option<u64>,
     proxy_url: Option<String>,
     session_header: Option<String>,
     shutdown_grace: Option<RawDuration>,
@@ -209,6 +211,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub public_url: Url,
+    /// Limits of `/connect`, which anyone who reaches the admin listener may open.
+    pub connect: ConnectLimits,
     /// Base of the links credproxy rewrites in responses (`None`: `http://`
     /// plus the request's own `Host`). No trailing slash, no query.
     pub proxy_url: Option<Url>,
@@ -223,6 +227,32 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Tokio worker threads; `None`: one per core (or `TOKIO_WORKER_THREADS`).
     pub worker_threads: Option<usize>,
+}
+
+/// Limits of `/connect` (the CLI's `credproxy connect` writes its states
+/// itself and is not limited).
+#[derive(Debug, Clone)]
+pub struct ConnectLimits {
+    /// `server.connect_rate_limit`: `/connect` requests a minute from one
+    /// client address (an IPv6 address counts by its /64); 0: no limit.
+    pub rate_per_minute: u32,
+    /// `server.connect_pending_limit`: sign-ins begun in a browser and not
+    /// yet back (unused states under 10 minutes old, all providers); a
+    /// `/connect` beyond it answers 503.
+    pub max_pending: u64,
+    /// How often the server forgets states older than 10 minutes, and idle
+    /// entries of the rate limiter.
+    pub prune_interval: Duration,
+}
+
+impl Default for ConnectLimits {
+    fn default() -> ConnectLimits {
+        ConnectLimits {
+            rate_per_minute: 30,
+            max_pending: 10_000,
+            prune_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -581,10 +611,26 @@ fn validate(
         v.map(|d| d.resolve(key))
             .unwrap_or(Ok(Duration::from_secs_f64(default)))
     };
+    let connect = ConnectLimits {
+        rate_per_minute: s
+            .connect_rate_limit
+            .unwrap_or(ConnectLimits::default().rate_per_minute),
+        max_pending: s
+            .connect_pending_limit
+            .unwrap_or(ConnectLimits::default().max_pending),
+        ..ConnectLimits::default()
+    };
+    if connect.max_pending == 0 {
+        return Err(invalid(
+            "server.connect_pending_limit",
+            "must be at least 1",
+        ));
+    }
     let server = ServerConfig {
         listen,
         admin_listen,
         public_url,
+        connect,
         proxy_url,
         session_header,
         shutdown_grace: dur(s.shutdown_grace, "server.shutdown_grace", 30.0)?,

@@ -13,9 +13,23 @@
 //! ends in `/oauth2`; Zillow uses OAuth 2 (the state travels in `state`).
 //! `redirect_uri` (without the state) is what the code exchange and every
 //! refresh send.
+//!
+//! `/connect` is open to anyone who reaches the admin listener, so it is
+//! limited: per client address (`server.connect_rate_limit`, 429 beyond it),
+//! in the number of sign-ins pending at once (`server.connect_pending_limit`,
+//! 503 beyond it), and states older than 10 minutes are forgotten by a timer
+//! ([`Connector::run_pruning`]). A state made in a browser is bound to it:
+//! the browser gets a random value in a cookie (`Path=/callback`), the state's
+//! row keeps the value's hash, and a callback without the matching cookie is
+//! refused like an unknown state (login CSRF). The one-time links of
+//! `credproxy connect` and reconnects are meant to be opened elsewhere and
+//! stay unbound.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -24,7 +38,7 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::config::ProviderConfig;
+use crate::config::{ConnectLimits, ProviderConfig};
 use crate::provider::ProviderKind;
 use crate::refresh::Refresher;
 use crate::session::KeyHash;
@@ -45,6 +59,8 @@ pub enum ConnectError {
     SessionsFrom { provider: String, owner: String },
     #[error("the link is unknown, used or older than 10 minutes")]
     BadLink,
+    #[error("too many sign-ins are in progress")]
+    TooManyPending,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -55,7 +71,7 @@ pub enum ConnectError {
 /// the pages make sentences of them.
 #[derive(Debug, thiserror::Error)]
 pub enum CallbackError {
-    #[error("this sign-in link is missing its state, or the state is unknown, already used or older than 10 minutes")]
+    #[error("this sign-in link is missing its state, or the state is unknown, already used, older than 10 minutes or was started in another browser")]
     BadState,
     #[error("access was refused at the provider")]
     Refused,
@@ -90,6 +106,85 @@ pub fn state_hash(state: &str) -> [u8; 32] {
     Sha256::digest(state.as_bytes()).into()
 }
 
+/// The cookie that binds a state made in a browser to that browser. One
+/// cookie per flow (its name comes from the state's hash), so sign-ins
+/// begun in two tabs do not overwrite each other.
+pub struct BrowserBinding {
+    name: String,
+    value: SecretString,
+    secure: bool,
+}
+
+impl BrowserBinding {
+    /// The `Set-Cookie` value that gives the browser the binding: readable
+    /// only by credproxy's callback (`Path=/callback`, `HttpOnly`), sent on
+    /// the top-level redirect back from the provider (`SameSite=Lax`, not
+    /// `Strict`), for as long as the state is valid.
+    pub fn set_cookie(&self) -> String {
+        use secrecy::ExposeSecret;
+        cookie_line(
+            &self.name,
+            self.value.expose_secret(),
+            STATE_TTL_SECS,
+            self.secure,
+        )
+    }
+}
+
+const BINDING_COOKIE: &str = "credproxy_flow_";
+
+/// The name of the cookie that binds the state with hash `state_hash`.
+fn binding_cookie_name(state_hash: &[u8; 32]) -> String {
+    let mut name = String::from(BINDING_COOKIE);
+    for b in &state_hash[..8] {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
+}
+
+/// What the state's row keeps of a binding cookie's value.
+fn browser_hash(value: &str) -> [u8; 32] {
+    Sha256::digest(value.as_bytes()).into()
+}
+
+fn cookie_line(name: &str, value: &str, max_age: i64, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{name}={value}; Max-Age={max_age}; Path=/callback; HttpOnly; SameSite=Lax{secure}")
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// What one client's `/connect` requests count against: its address, an
+/// IPv6 address by its /64 (one host usually holds a whole /64), and an
+/// IPv4-mapped IPv6 address as the IPv4 address it is.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// Above this many clients in the rate limiter's map, a `/connect` first
+/// forgets the quiet ones (the timer does it too), so the map stays small
+/// even when many addresses take turns.
+const MAX_TRACKED_CLIENTS: usize = 100_000;
+
 /// What a completed callback stored.
 #[derive(Debug)]
 pub enum Connected {
@@ -108,13 +203,74 @@ pub struct Connector {
     refresher: Arc<Refresher>,
     /// Provider names in configuration order, for the start page.
     order: Vec<String>,
+    limits: ConnectLimits,
+    /// `/connect` requests per client address; `None`: no limit.
+    limiter: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
+    /// Binding cookies are `Secure` when `public_url` is https.
+    secure_cookies: bool,
 }
 
 impl Connector {
     pub fn new(config: &crate::config::Config, refresher: Arc<Refresher>) -> Connector {
+        let limits = config.server.connect.clone();
         Connector {
             refresher,
             order: config.providers.iter().map(|p| p.name.clone()).collect(),
+            limiter: NonZeroU32::new(limits.rate_per_minute)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
+            limits,
+            secure_cookies: config.server.public_url.scheme() == "https",
+        }
+    }
+
+    /// Counts a `/connect` request from `peer` against its rate limit:
+    /// `Err` with how long until the next one is admitted when it is over.
+    pub fn admit(&self, peer: IpAddr) -> Result<(), Duration> {
+        use governor::clock::Clock;
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        if limiter.len() > MAX_TRACKED_CLIENTS {
+            limiter.retain_recent();
+        }
+        limiter
+            .check_key(&client_key(peer))
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+    }
+
+    /// Forgets states older than 10 minutes (those whose flow ended within
+    /// the last 10 minutes stay, for `credproxy connect` to read) and the
+    /// rate limiter's entries of clients that went quiet; returns how many
+    /// states it forgot.
+    pub async fn prune(&self) -> Result<u64, StoreError> {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        self.sessions()
+            .store()
+            .prune_oauth_states(store::now() - STATE_TTL_SECS)
+            .await
+    }
+
+    /// Runs [`Connector::prune`] now and then every
+    /// `server.connect.prune_interval`, until `stop` completes.
+    pub async fn run_pruning(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval(self.limits.prune_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = tick.tick() => {}
+            }
+            match self.prune().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(forgotten = n, "connect: forgot expired sign-in states"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "connect: cannot forget expired sign-in states")
+                }
+            }
         }
     }
 
@@ -165,11 +321,61 @@ impl Connector {
                 },
             )
             .await?;
-        // Forget states nobody came back for, now and then.
-        if rand::random::<u8>() < 8 {
-            store.prune_oauth_states(now - 24 * 3600).await?;
-        }
         Ok(state)
+    }
+
+    /// Starts a flow in a browser: stores a fresh state for `provider`,
+    /// bound to a new cookie value for that browser, unless
+    /// `server.connect_pending_limit` sign-ins are already in progress
+    /// ([`ConnectError::TooManyPending`]: nothing is stored).
+    pub async fn begin_in_browser(
+        &self,
+        provider: &str,
+    ) -> Result<(NewState, BrowserBinding), ConnectError> {
+        use secrecy::ExposeSecret;
+        self.provider(provider)?;
+        let state = new_state();
+        let mut value = [0u8; 32];
+        rand::rng().fill_bytes(&mut value);
+        let binding = BrowserBinding {
+            name: binding_cookie_name(&state.hash),
+            value: SecretString::from(URL_SAFE_NO_PAD.encode(value)),
+            secure: self.secure_cookies,
+        };
+        let now = store::now();
+        let stored = self
+            .sessions()
+            .store()
+            .insert_browser_oauth_state(
+                &state.hash,
+                &OAuthState {
+                    provider: provider.to_owned(),
+                    session_id: None,
+                    key_hash: None,
+                    created_at: now,
+                },
+                &browser_hash(binding.value.expose_secret()),
+                now - STATE_TTL_SECS,
+                self.limits.max_pending,
+            )
+            .await?;
+        match stored {
+            true => Ok((state, binding)),
+            false => Err(ConnectError::TooManyPending),
+        }
+    }
+
+    /// The `Set-Cookie` value that removes the binding cookie of the
+    /// callback's state, when the request carries one.
+    pub fn clear_binding(
+        &self,
+        query: &HashMap<String, String>,
+        headers: &http::HeaderMap,
+    ) -> Option<String> {
+        let state = query.get("state")?;
+        let name = binding_cookie_name(&state_hash(state));
+        cookie(headers, &name)?;
+        Some(cookie_line(&name, "", 0, self.secure_cookies))
     }
 
     /// Checks a state made by `credproxy connect` before sending a person on with it.
@@ -193,10 +399,14 @@ impl Connector {
     /// Completes a flow from the callback's query parameters. On failure,
     /// also says whether the flow was a plain one, which a person can simply
     /// start again from `/connect` (a reconnect or a CLI flow cannot).
+    ///
+    /// A state bound to a browser is taken only with its cookie in `headers`;
+    /// without it the state is left as it was, for the right browser.
     pub async fn complete(
         &self,
         provider: &str,
         query: &HashMap<String, String>,
+        headers: &http::HeaderMap,
     ) -> Result<Connected, (CallbackError, bool)> {
         let cfg = self
             .provider(provider)
@@ -204,10 +414,17 @@ impl Connector {
         let callback = read_callback(cfg.kind, query);
         let state = callback.state.ok_or((CallbackError::BadState, true))?;
         let hash = state_hash(&state);
+        let browser = cookie(headers, &binding_cookie_name(&hash)).map(browser_hash);
         let store = self.sessions().store();
         let now = store::now();
         let pending = store
-            .take_oauth_state(&hash, provider, now, now - STATE_TTL_SECS)
+            .take_oauth_state_from_browser(
+                &hash,
+                provider,
+                browser.as_ref(),
+                now,
+                now - STATE_TTL_SECS,
+            )
             .await
             .map_err(|e| (CallbackError::Store(e.to_string()), true))?
             .ok_or((CallbackError::BadState, true))?;
@@ -416,6 +633,55 @@ mod tests {
             );
             assert!(q.contains_key("state") && q.contains_key("client_id"));
         }
+    }
+
+    #[test]
+    fn clients_count_by_address_and_ipv6_by_its_64() {
+        let key = |s: &str| client_key(s.parse().expect("ip"));
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn the_rate_limit_admits_a_burst_then_says_how_long_to_wait() {
+        let limiter = governor::RateLimiter::keyed(governor::Quota::per_minute(
+            NonZeroU32::new(3).expect("3"),
+        ));
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        for _ in 0..3 {
+            assert!(limiter.check_key(&ip).is_ok());
+        }
+        use governor::clock::Clock;
+        let wait = limiter
+            .check_key(&ip)
+            .expect_err("over")
+            .wait_time_from(limiter.clock().now());
+        assert!(
+            wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn binding_cookies_are_found_among_others() {
+        let mut h = http::HeaderMap::new();
+        h.append(
+            http::header::COOKIE,
+            "a=1; credproxy_flow_ab=v=x ; b=2".parse().expect("v"),
+        );
+        h.append(http::header::COOKIE, "c=3".parse().expect("v"));
+        assert_eq!(cookie(&h, "credproxy_flow_ab"), Some("v=x"));
+        assert_eq!(cookie(&h, "c"), Some("3"));
+        assert_eq!(cookie(&h, "credproxy_flow"), None);
+        let name = binding_cookie_name(&[0xab; 32]);
+        assert_eq!(name, "credproxy_flow_abababababababab");
+        assert_eq!(
+            cookie_line(&name, "v", 600, true),
+            "credproxy_flow_abababababababab=v; Max-Age=600; Path=/callback; HttpOnly; SameSite=Lax; Secure"
+        );
     }
 
     #[test]

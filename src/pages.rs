@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use askama::Template;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::Extension;
 use secrecy::SecretString;
 
 use crate::admin::AdminState;
@@ -156,13 +157,36 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 
 /// `GET /connect/{provider}`: a new session; `?session=ID` reconnects one
 /// (admin token required); `?link=STATE` continues a `credproxy connect`.
+///
+/// Every request counts against its client address's rate limit; a new
+/// session's flow (the one a browser opens, no link) also against the cap on
+/// sign-ins in progress, and binds its state to the browser with a cookie.
 pub async fn connect(
     State(state): State<AdminState>,
     Path(provider): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Response {
     let connector = state.connector();
+    // The accept loop always sets the peer; without it, every such request
+    // shares one budget rather than going unlimited.
+    let ip = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.0 .0.ip());
+    if let Err(wait) = connector.admit(ip) {
+        // debug: a flood of these must not flood the log too.
+        tracing::debug!(client = %ip, "connect: over the rate limit");
+        let mut resp = problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts",
+            "Too many sign-ins were started from this address. Wait a moment, then try again.",
+            None,
+        );
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+        );
+        return resp;
+    }
     let cfg = match connector.provider(&provider) {
         Ok(cfg) => cfg,
         Err(ConnectError::SessionsFrom { owner, .. }) => {
@@ -190,6 +214,7 @@ pub async fn connect(
             None,
         );
     }
+    let mut binding = None;
     let started = if let Some(link) = query.get("link") {
         // The state was made by `credproxy connect`; check it and send the person on with it.
         match connector.check_link(&provider, link).await {
@@ -237,13 +262,28 @@ pub async fn connect(
             }
         }
     } else {
-        connector
-            .begin(&provider, None, None)
-            .await
-            .map(|s| s.state)
+        match connector.begin_in_browser(&provider).await {
+            Ok((s, cookie)) => {
+                binding = Some(cookie);
+                Ok(s.state)
+            }
+            Err(e) => Err(e),
+        }
     };
     let state_value = match started {
         Ok(s) => s,
+        Err(ConnectError::TooManyPending) => {
+            tracing::warn!(provider = %provider, "connect: too many sign-ins in progress (server.connect_pending_limit)");
+            let mut resp = problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many sign-ins in progress",
+                "Too many sign-ins are in progress. Try again in a few minutes.",
+                None,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            return resp;
+        }
         Err(ConnectError::BadLink) => {
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -268,6 +308,9 @@ pub async fn connect(
                 header::REFERRER_POLICY,
                 HeaderValue::from_static("no-referrer"),
             );
+            if let Some(cookie) = binding.and_then(|b| HeaderValue::try_from(b.set_cookie()).ok()) {
+                resp.headers_mut().insert(header::SET_COOKIE, cookie);
+            }
             resp
         }
         Err(e) => {
@@ -287,7 +330,30 @@ pub async fn callback(
     State(state): State<AdminState>,
     Path(provider): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> Response {
+    let mut resp = callback_page(&state, &provider, &query, &headers).await;
+    // The state's binding cookie has served its purpose (or the state is
+    // gone): forget it, unless the state is still waiting for its browser.
+    if resp.status() != StatusCode::BAD_REQUEST {
+        if let Some(clear) = state
+            .connector()
+            .clear_binding(&query, &headers)
+            .and_then(|c| HeaderValue::try_from(c).ok())
+        {
+            resp.headers_mut().append(header::SET_COOKIE, clear);
+        }
+    }
+    resp
+}
+
+async fn callback_page(
+    state: &AdminState,
+    provider: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Response {
+    let provider = provider.to_owned();
     let connector = state.connector();
     let label = match connector.provider(&provider) {
         Ok(cfg) => cfg.label.clone(),
@@ -301,7 +367,7 @@ pub async fn callback(
         }
     };
     let again = |plain: bool| plain.then(|| format!("/connect/{provider}"));
-    match connector.complete(&provider, &query).await {
+    match connector.complete(&provider, query, headers).await {
         Ok(connected) => {
             let (session_id, key, reconnected) = match connected {
                 Connected::New { id, key } => (id, Some(key.expose().to_owned()), false),

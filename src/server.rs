@@ -136,12 +136,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         proxy_addr,
     );
     let stop = shutdown.clone();
+    tasks.spawn(admin_state.connect_pruning(shutdown.clone().cancelled_owned()));
     let app = admin::router(admin_state);
     tasks.spawn(serve(
         admin_listener,
         config.server.clone(),
         stop,
-        move |_| hyper_util::service::TowerToHyperService::new(app.clone()),
+        move |_, peer| admin::service(&app, peer),
     ));
     tasks.spawn(Arc::clone(&sessions).follow_changes(
         config.store.invalidation_interval,
@@ -167,7 +168,7 @@ async fn serve_proxy(
     cfg: ServerConfig,
     shutdown: CancellationToken,
 ) {
-    serve(listener, cfg, shutdown, move |local| {
+    serve(listener, cfg, shutdown, move |local, _peer| {
         let proxy = Arc::clone(&proxy);
         service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
@@ -185,7 +186,7 @@ async fn serve<S, B>(
     listener: TcpListener,
     cfg: ServerConfig,
     shutdown: CancellationToken,
-    make: impl Fn(SocketAddr) -> S,
+    make: impl Fn(SocketAddr, SocketAddr) -> S,
 ) where
     S: hyper::service::Service<
             hyper::Request<hyper::body::Incoming>,
@@ -213,7 +214,7 @@ async fn serve<S, B>(
                 Err(_) => break,
             },
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -227,7 +228,7 @@ async fn serve<S, B>(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(cfg.listen);
-        let service = make(local);
+        let service = make(local, peer);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

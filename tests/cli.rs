@@ -510,8 +510,20 @@ async fn page_messages_are_sentences() {
         .find(|(k, _)| k == "state")
         .map(|(_, v)| v.into_owned())
         .expect("state");
+    // The state is bound to this "browser" by the cookie /connect set.
+    let cookie = r.headers()["set-cookie"].to_str().expect("ascii");
+    let cookie = cookie.split(';').next().expect("name=value").to_owned();
     let code = w.zillow.issue_code();
-    let (status, html) = get(format!("/callback/zillow?code={code}&state={state}")).await;
+    let r = c
+        .get(url(
+            admin,
+            &format!("/callback/zillow?code={code}&state={state}"),
+        ))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("send");
+    let (status, html) = (r.status().as_u16(), r.text().await.expect("text"));
     assert_eq!(status, 502);
     let text = sentence(status, &html);
     assert!(

@@ -408,6 +408,9 @@ async fn a_connect_started_on_one_instance_completes_on_the_other() {
         .await
         .expect("send");
     assert_eq!(r.status(), 302);
+    // The browser's binding cookie goes wherever public_url's host is served.
+    let cookie = r.headers()["set-cookie"].to_str().expect("ascii");
+    let cookie = cookie.split(';').next().expect("name=value").to_owned();
     let location = url::Url::parse(r.headers()["location"].to_str().expect("ascii")).expect("url");
     let state = location
         .query_pairs()
@@ -420,6 +423,7 @@ async fn a_connect_started_on_one_instance_completes_on_the_other() {
     );
     let r = c
         .get(url(b.admin_addr, &callback))
+        .header("cookie", &cookie)
         .send()
         .await
         .expect("send");
@@ -427,6 +431,7 @@ async fn a_connect_started_on_one_instance_completes_on_the_other() {
     assert!(r.text().await.expect("text").contains("session-key"));
     let r = c
         .get(url(a.admin_addr, &callback))
+        .header("cookie", &cookie)
         .send()
         .await
         .expect("send");

@@ -29,16 +29,27 @@ fn query_of(u: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// Follows `/connect/...` to the provider: returns the authorisation URL's query.
+/// Follows `/connect/...` to the provider: returns the authorisation URL's
+/// query, and the cookie (`name=value`) that binds the flow to this "browser".
 async fn start(
     c: &reqwest::Client,
     admin: std::net::SocketAddr,
     path: &str,
-) -> HashMap<String, String> {
+) -> (HashMap<String, String>, String) {
     let r = c.get(url(admin, path)).send().await.expect("send");
     assert_eq!(r.status(), 302, "{path}");
     assert_eq!(r.headers()["cache-control"], "no-store");
-    query_of(r.headers()["location"].to_str().expect("ascii"))
+    let cookie = binding_cookie(&r).expect("a browser flow sets its binding cookie");
+    (
+        query_of(r.headers()["location"].to_str().expect("ascii")),
+        cookie,
+    )
+}
+
+/// The `name=value` of the binding cookie a `/connect` answer sets.
+fn binding_cookie(r: &reqwest::Response) -> Option<String> {
+    let line = r.headers().get("set-cookie")?.to_str().expect("ascii");
+    Some(line.split(';').next().expect("name=value").to_owned())
 }
 
 /// The state a Spark hybrid authorisation carries in return_to.
@@ -67,7 +78,7 @@ async fn spark_hybrid_flow_stores_a_session_and_shows_its_key_once() {
     assert!(html.contains("id=\"connect-spark\"") && html.contains("id=\"connect-zillow\""));
     assert!(html.contains("<title>Connect an account – credproxy</title>"));
 
-    let q = start(&c, srv.admin_addr, "/connect/spark").await;
+    let (q, cookie) = start(&c, srv.admin_addr, "/connect/spark").await;
     assert_eq!(q["openid.mode"], "checkid_setup");
     assert_eq!(q["openid.spark.client_id"], w.spark.options().client_id);
     assert_eq!(q["openid.spark.combined_flow"], "true");
@@ -76,7 +87,12 @@ async fn spark_hybrid_flow_stores_a_session_and_shows_its_key_once() {
 
     let code = w.spark.issue_code();
     let cb = format!("/callback/spark?state={state}&openid.mode=id_res&openid.spark.code={code}");
-    let r = c.get(url(srv.admin_addr, &cb)).send().await.expect("send");
+    let r = c
+        .get(url(srv.admin_addr, &cb))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["cache-control"], "no-store");
     assert!(r.headers()["content-security-policy"]
@@ -111,7 +127,12 @@ async fn spark_hybrid_flow_stores_a_session_and_shows_its_key_once() {
 
     // The state worked once: a replay of the callback is refused, no code exchanged.
     let calls = w.spark.token_calls();
-    let r = c.get(url(srv.admin_addr, &cb)).send().await.expect("send");
+    let r = c
+        .get(url(srv.admin_addr, &cb))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 400);
     assert!(key_on_page(&r.text().await.expect("text")).is_none());
     assert_eq!(w.spark.token_calls(), calls);
@@ -125,7 +146,7 @@ async fn missing_unknown_foreign_and_expired_states_get_400_and_no_exchange() {
     let c = no_redirects();
     let code = w.spark.issue_code();
     // A state for Zillow is no good for Spark.
-    let zq = start(&c, srv.admin_addr, "/connect/zillow").await;
+    let (zq, zcookie) = start(&c, srv.admin_addr, "/connect/zillow").await;
     // An expired one, written as if made 11 minutes ago.
     let old = credproxy::connect::new_state();
     srv.sessions
@@ -152,7 +173,12 @@ async fn missing_unknown_foreign_and_expired_states_get_400_and_no_exchange() {
         if let Some(s) = &state {
             cb.push_str(&format!("&state={s}"));
         }
-        let r = c.get(url(srv.admin_addr, &cb)).send().await.expect("send");
+        let r = c
+            .get(url(srv.admin_addr, &cb))
+            .header("cookie", &zcookie)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(r.status(), 400, "{state:?}");
         assert!(r
             .text()
@@ -180,7 +206,7 @@ async fn zillow_and_spark_oauth2_flows() {
     let srv = credproxy::server::start(cfg).await.expect("start");
     let c = no_redirects();
     for (provider, standin) in [("zillow", &w.zillow), ("spark", &w.spark)] {
-        let q = start(&c, srv.admin_addr, &format!("/connect/{provider}")).await;
+        let (q, cookie) = start(&c, srv.admin_addr, &format!("/connect/{provider}")).await;
         assert_eq!(q["response_type"], "code");
         assert_eq!(q["client_id"], standin.options().client_id);
         assert_eq!(
@@ -193,6 +219,7 @@ async fn zillow_and_spark_oauth2_flows() {
                 srv.admin_addr,
                 &format!("/callback/{provider}?code={code}&state={}", q["state"]),
             ))
+            .header("cookie", &cookie)
             .send()
             .await
             .expect("send");
@@ -220,7 +247,7 @@ async fn refusals_and_failing_token_endpoint_get_pages_that_say_so() {
     let srv = w.start(&Extra::default()).await;
     let c = no_redirects();
 
-    let q = start(&c, srv.admin_addr, "/connect/spark").await;
+    let (q, cookie) = start(&c, srv.admin_addr, "/connect/spark").await;
     let r = c
         .get(url(
             srv.admin_addr,
@@ -229,6 +256,7 @@ async fn refusals_and_failing_token_endpoint_get_pages_that_say_so() {
                 hybrid_state(&q)
             ),
         ))
+        .header("cookie", &cookie)
         .send()
         .await
         .expect("send");
@@ -239,12 +267,13 @@ async fn refusals_and_failing_token_endpoint_get_pages_that_say_so() {
         "{html}"
     );
 
-    let q = start(&c, srv.admin_addr, "/connect/zillow").await;
+    let (q, cookie) = start(&c, srv.admin_addr, "/connect/zillow").await;
     let r = c
         .get(url(
             srv.admin_addr,
             &format!("/callback/zillow?error=access_denied&state={}", q["state"]),
         ))
+        .header("cookie", &cookie)
         .send()
         .await
         .expect("send");
@@ -252,13 +281,14 @@ async fn refusals_and_failing_token_endpoint_get_pages_that_say_so() {
     assert_eq!(w.zillow.token_calls(), 0);
 
     w.zillow.set_token_mode(TokenMode::Fail500);
-    let q = start(&c, srv.admin_addr, "/connect/zillow").await;
+    let (q, cookie) = start(&c, srv.admin_addr, "/connect/zillow").await;
     let code = w.zillow.issue_code();
     let r = c
         .get(url(
             srv.admin_addr,
             &format!("/callback/zillow?code={code}&state={}", q["state"]),
         ))
+        .header("cookie", &cookie)
         .send()
         .await
         .expect("send");
@@ -574,3 +604,369 @@ async fn a_provider_with_sessions_from_is_connected_through_its_owner() {
     assert_eq!(w.spark.token_calls(), 0);
     srv.shutdown().await;
 }
+
+/// Like [`no_redirects`], sending from `local` (every 127/8 address is this machine).
+fn no_redirects_from(local: std::net::IpAddr) -> reqwest::Client {
+    let _ = support::client();
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(local)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+async fn pending_states(srv: &credproxy::server::Running) -> u64 {
+    srv.sessions
+        .store()
+        .count_pending_oauth_states(credproxy::store::now() - 600)
+        .await
+        .expect("count")
+}
+
+fn unbound_state(created_at: i64) -> credproxy::store::OAuthState {
+    credproxy::store::OAuthState {
+        provider: "spark".into(),
+        session_id: None,
+        key_hash: None,
+        created_at,
+    }
+}
+
+/// One unauthenticated client used to write thousands of states a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_rate_limited_per_client_address() {
+    let w = World::new().await;
+    // The default limit: 30 a minute.
+    let srv = w.start(&Extra::default()).await;
+    let c = no_redirects();
+    let began = std::time::Instant::now();
+    let (mut started, mut limited) = (0u64, 0u64);
+    for _ in 0..100 {
+        let r = c
+            .get(url(srv.admin_addr, "/connect/zillow"))
+            .send()
+            .await
+            .expect("send");
+        match r.status().as_u16() {
+            302 => started += 1,
+            429 => {
+                limited += 1;
+                let retry: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .expect("ascii")
+                    .parse()
+                    .expect("seconds");
+                assert!((1..=60).contains(&retry), "{retry}");
+                assert!(r.headers().get("set-cookie").is_none());
+                assert_eq!(r.headers()["cache-control"], "no-store");
+                let html = r.text().await.expect("text");
+                assert!(
+                    html.contains("Too many attempts") && html.contains("class=\"bar\""),
+                    "a page in the house style: {html}"
+                );
+            }
+            s => panic!("/connect answered {s}"),
+        }
+    }
+    // 30 at once, then one more every 2 s.
+    let slack = began.elapsed().as_secs() / 2 + 1;
+    assert!((30..=30 + slack).contains(&started), "{started} admitted");
+    assert_eq!(started + limited, 100);
+    assert_eq!(
+        pending_states(&srv).await,
+        started,
+        "a refused request writes no state"
+    );
+
+    // Another address has a budget of its own.
+    let r = no_redirects_from("127.0.0.2".parse().expect("ip"))
+        .get(url(srv.admin_addr, "/connect/zillow"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 302);
+    assert_eq!(pending_states(&srv).await, started + 1);
+
+    // `credproxy connect` writes its state itself: not limited.
+    let cfg = w.write_config(&Extra::default());
+    let out = support::run_cli(&cfg, &["connect", "zillow", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "it waits, then times out");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/connect/zillow?link="));
+    assert_eq!(pending_states(&srv).await, started + 2);
+    srv.shutdown().await;
+}
+
+async fn pending_sign_ins_are_capped(extra: Extra) {
+    let w = World::new().await;
+    let srv = w
+        .start(&Extra {
+            server: "connect_pending_limit = 3\nconnect_rate_limit = 1000".into(),
+            ..extra
+        })
+        .await;
+    let c = no_redirects();
+    let mut flows = Vec::new();
+    for _ in 0..3 {
+        flows.push(start(&c, srv.admin_addr, "/connect/zillow").await);
+    }
+    // Expired states are not in progress: they do not count.
+    srv.sessions
+        .store()
+        .insert_oauth_state(&[9u8; 32], &unbound_state(credproxy::store::now() - 700))
+        .await
+        .expect("insert");
+    for provider in ["spark", "zillow"] {
+        let r = c
+            .get(url(srv.admin_addr, &format!("/connect/{provider}")))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        assert!(r.headers().get("set-cookie").is_none());
+        let html = r.text().await.expect("text");
+        assert!(html.contains("Too many sign-ins in progress"), "{html}");
+    }
+    assert_eq!(
+        pending_states(&srv).await,
+        3,
+        "no state written beyond the cap"
+    );
+
+    // A flow that comes back frees its place.
+    let (q, cookie) = flows.pop().expect("a flow");
+    let code = w.zillow.issue_code();
+    let r = c
+        .get(url(
+            srv.admin_addr,
+            &format!("/callback/zillow?code={code}&state={}", q["state"]),
+        ))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    start(&c, srv.admin_addr, "/connect/spark").await;
+    assert_eq!(pending_states(&srv).await, 3);
+    srv.shutdown().await;
+}
+
+async fn expired_states_are_forgotten_by_a_timer(extra: Extra) {
+    use credproxy::store::OAuthOutcome;
+    let w = World::new().await;
+    let store_url = extra
+        .store_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", w.path("credproxy.db").display()));
+
+    // What a prune forgets: states over 10 minutes old, unless their flow
+    // ended (or is still running) within the last 10 minutes.
+    {
+        let store = credproxy::store::open(&store_url).await.expect("open");
+        let now = credproxy::store::now();
+        let (old, fresh, taken, taken_long_ago) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32]);
+        for (hash, created) in [
+            (old, now - 700),
+            (fresh, now),
+            (taken, now - 700),
+            (taken_long_ago, now - 1_300),
+        ] {
+            store
+                .insert_oauth_state(&hash, &unbound_state(created))
+                .await
+                .expect("insert");
+        }
+        // A callback 11 minutes after its /connect (its state older than
+        // 10 minutes at any rate when the prune runs) is still running.
+        for (hash, at) in [(taken, now), (taken_long_ago, now - 1_200)] {
+            assert!(store
+                .take_oauth_state(&hash, "spark", at, 0)
+                .await
+                .expect("take")
+                .is_some());
+        }
+        assert_eq!(store.prune_oauth_states(now - 600).await.expect("prune"), 2);
+        for (hash, gone) in [
+            (old, true),
+            (taken_long_ago, true),
+            (fresh, false),
+            (taken, false),
+        ] {
+            let outcome = store.oauth_outcome(&hash).await.expect("outcome");
+            assert_eq!(outcome == OAuthOutcome::Unknown, gone, "{hash:?}");
+        }
+    }
+
+    // The server prunes on a timer (every minute; here every 50 ms), not
+    // by chance.
+    let mut cfg = w.config(&extra);
+    cfg.server.connect.prune_interval = Duration::from_millis(50);
+    let srv = credproxy::server::start(cfg).await.expect("start");
+    let store = srv.sessions.store();
+    let expired = [5u8; 32];
+    store
+        .insert_oauth_state(&expired, &unbound_state(credproxy::store::now() - 601))
+        .await
+        .expect("insert");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.oauth_outcome(&expired).await.expect("outcome") != OAuthOutcome::Unknown {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired state was not forgotten within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.oauth_outcome(&[2u8; 32]).await.expect("outcome"),
+        OAuthOutcome::Pending,
+        "a fresh state stays"
+    );
+    srv.shutdown().await;
+}
+
+/// Login CSRF: a callback with a state made in another browser is refused.
+async fn a_browser_bound_state_needs_its_cookie(extra: Extra) {
+    let w = World::new().await;
+    let srv = w.start(&extra).await;
+    let c = no_redirects();
+    let r = c
+        .get(url(srv.admin_addr, "/connect/zillow"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 302);
+    let line = r.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/callback", "Max-Age=600"] {
+        assert!(
+            line.split("; ").any(|a| a == attribute),
+            "{attribute}: {line}"
+        );
+    }
+    assert!(!line.contains("Secure"), "public_url is http: {line}");
+    let cookie = binding_cookie(&r).expect("cookie");
+    let q = query_of(r.headers()["location"].to_str().expect("ascii"));
+    // Another flow in the same browser has a cookie of its own.
+    let (other_q, other_cookie) = start(&c, srv.admin_addr, "/connect/zillow").await;
+    assert_ne!(cookie.split('=').next(), other_cookie.split('=').next());
+
+    let code = w.zillow.issue_code();
+    let cb = format!("/callback/zillow?code={code}&state={}", q["state"]);
+    let (name, value) = cookie.split_once('=').expect("name=value");
+    for bad in [
+        None,
+        Some(format!("{name}=not-the-value")),
+        Some(format!("{name}={value}x")),
+        Some(format!("{name}=")),
+        Some(other_cookie.clone()),
+    ] {
+        let mut req = c.get(url(srv.admin_addr, &cb));
+        if let Some(b) = &bad {
+            req = req.header("cookie", b);
+        }
+        let r = req.send().await.expect("send");
+        assert_eq!(r.status(), 400, "{bad:?}");
+        let html = r.text().await.expect("text");
+        assert!(html.contains("No code was exchanged"), "{html}");
+        assert!(key_on_page(&html).is_none());
+    }
+    assert_eq!(w.zillow.token_calls(), 0, "no code was exchanged");
+
+    // The right cookie, among others, as a browser sends them: the state
+    // was left for it.
+    let r = c
+        .get(url(srv.admin_addr, &cb))
+        .header("cookie", format!("theme=dark; {other_cookie}; {cookie}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let cleared = r.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        cleared.starts_with(&format!("{name}=;")) && cleared.contains("Max-Age=0"),
+        "the used binding is cleared: {cleared}"
+    );
+    assert!(key_on_page(&r.text().await.expect("text")).is_some());
+    assert_eq!(w.zillow.token_calls(), 1);
+
+    // The other flow is still good in its browser.
+    let code = w.zillow.issue_code();
+    let r = c
+        .get(url(
+            srv.admin_addr,
+            &format!("/callback/zillow?code={code}&state={}", other_q["state"]),
+        ))
+        .header("cookie", &other_cookie)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+
+    // A reconnect (admin token) is meant to be handed on: unbound.
+    let (id, _, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let r = c
+        .get(url(srv.admin_addr, &format!("/connect/spark?session={id}")))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 302);
+    assert!(r.headers().get("set-cookie").is_none());
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binding_cookie_is_secure_behind_https() {
+    let w = World::new().await;
+    let srv = w
+        .start(&Extra {
+            server: "public_url = \"https://creds.example\"".into(),
+            ..Extra::default()
+        })
+        .await;
+    let r = no_redirects()
+        .get(url(srv.admin_addr, "/connect/spark"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 302);
+    let line = r.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(line.ends_with("; Secure"), "{line}");
+    srv.shutdown().await;
+}
+
+/// Runs each of these on SQLite and on PostgreSQL.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Extra::default()).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(url) = crate::support::postgres_db(stringify!($name)).await else { return };
+                    super::$name(super::Extra { store_url: Some(url), ..super::Extra::default() }).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    pending_sign_ins_are_capped,
+    expired_states_are_forgotten_by_a_timer,
+    a_browser_bound_state_needs_its_cookie,
+);

@@ -207,16 +207,51 @@ pub trait Store: Send + Sync + 'static {
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError>;
 
+    /// Records a new state made in a browser and bound to it (`browser_hash`:
+    /// the SHA-256 of the value in that browser's cookie), unless
+    /// `max_pending` states that are unused and were created at or after
+    /// `not_before` exist already: then nothing is written and the answer is
+    /// `false`. (On PostgreSQL, requests racing each other may overshoot the
+    /// cap by a few rows.)
+    async fn insert_browser_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+        browser_hash: &[u8; 32],
+        not_before: i64,
+        max_pending: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// How many states are unused and were created at or after `not_before`.
+    async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError>;
+
     /// Consumes the state (marks it used) and returns it, only if it exists,
-    /// belongs to `provider`, is unused and was created at or after
-    /// `not_before`: a state works once, and only for its own provider.
+    /// belongs to `provider`, is unused, was created at or after
+    /// `not_before`, and is either bound to no browser or bound to
+    /// `browser_hash`: a state works once, only for its own provider, and
+    /// only in the browser that started it. A refusal leaves the state as it
+    /// was.
+    async fn take_oauth_state_from_browser(
+        &self,
+        state_hash: &[u8; 32],
+        provider: &str,
+        browser_hash: Option<&[u8; 32]>,
+        now: i64,
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError>;
+
+    /// [`Store::take_oauth_state_from_browser`] without a browser: only a
+    /// state bound to no browser is taken.
     async fn take_oauth_state(
         &self,
         state_hash: &[u8; 32],
         provider: &str,
         now: i64,
         not_before: i64,
-    ) -> Result<Option<OAuthState>, StoreError>;
+    ) -> Result<Option<OAuthState>, StoreError> {
+        self.take_oauth_state_from_browser(state_hash, provider, None, now, not_before)
+            .await
+    }
 
     /// Records how a consumed state's flow ended.
     async fn finish_oauth_state(
@@ -227,8 +262,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError>;
 
-    /// Forgets states created before `before`.
-    async fn prune_oauth_states(&self, before: i64) -> Result<(), StoreError>;
+    /// Forgets states created before `before`, except those consumed at or
+    /// after `before` (their flow may still be running, and `credproxy
+    /// connect` reads its outcome); returns how many it forgot.
+    async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError>;
 
     /// Deletes a session; `false` when there was none.
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError>;

@@ -365,22 +365,64 @@ impl Store for PgStore {
         row.as_ref().map(oauth_state).transpose()
     }
 
-    async fn take_oauth_state(
+    async fn insert_browser_oauth_state(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+        browser_hash: &[u8; 32],
+        not_before: i64,
+        max_pending: u64,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at, browser_hash)
+             SELECT $1, $2, $3, $4, $5, $6
+             WHERE (SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= $7) < $8",
+        )
+        .bind(&state_hash[..])
+        .bind(&state.provider)
+        .bind(&state.session_id)
+        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
+        .bind(state.created_at)
+        .bind(&browser_hash[..])
+        .bind(not_before)
+        .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted > 0)
+    }
+
+    async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= $1",
+        )
+        .bind(not_before)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn take_oauth_state_from_browser(
         &self,
         state_hash: &[u8; 32],
         provider: &str,
+        browser_hash: Option<&[u8; 32]>,
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
+        // With no browser, `browser_hash = NULL` is never true: only an
+        // unbound state is taken.
         let row = sqlx::query(
             "UPDATE oauth_states SET used_at = $1
              WHERE state_hash = $2 AND provider = $3 AND used_at IS NULL AND created_at >= $4
+               AND (browser_hash IS NULL OR browser_hash = $5)
              RETURNING provider, session_id, key_hash, created_at",
         )
         .bind(now)
         .bind(&state_hash[..])
         .bind(provider)
         .bind(not_before)
+        .bind(browser_hash.map(|h| h.to_vec()))
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(oauth_state).transpose()
@@ -419,12 +461,16 @@ impl Store for PgStore {
         ))
     }
 
-    async fn prune_oauth_states(&self, before: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM oauth_states WHERE created_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
+        let forgotten = sqlx::query(
+            "DELETE FROM oauth_states WHERE created_at < $1 AND (used_at IS NULL OR used_at < $2)",
+        )
+        .bind(before)
+        .bind(before)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(forgotten)
     }
 
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
