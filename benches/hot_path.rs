@@ -94,7 +94,9 @@ fn extraction(c: &mut Criterion) {
         b.iter_batched(
             || spark.clone(),
             |mut h| {
-                let (slot, query) = ProviderKind::Spark.take_slot(&mut h, black_box(None));
+                let (slot, query) = ProviderKind::Spark
+                    .take_slot(&mut h, black_box(None))
+                    .expect("plain");
                 black_box((slot, query, h))
             },
             BatchSize::SmallInput,
@@ -105,8 +107,9 @@ fn extraction(c: &mut Criterion) {
         b.iter_batched(
             || zillow.clone(),
             |mut h| {
-                let (slot, query) =
-                    ProviderKind::Zillow.take_slot(&mut h, black_box(Some(ZILLOW_QUERY)));
+                let (slot, query) = ProviderKind::Zillow
+                    .take_slot(&mut h, black_box(Some(ZILLOW_QUERY)))
+                    .expect("plain");
                 black_box((slot, query.map(Cow::into_owned), h))
             },
             BatchSize::SmallInput,
@@ -187,7 +190,9 @@ fn injection(c: &mut Criterion, w: &World) {
     let spark_cfg = w.config.provider("spark").expect("spark provider");
     let spark = Credentials::new(spark_cfg, &token).expect("credentials");
     let mut spark_headers = spark_request();
-    let (spark_slot, _) = ProviderKind::Spark.take_slot(&mut spark_headers, None);
+    let (spark_slot, _) = ProviderKind::Spark
+        .take_slot(&mut spark_headers, None)
+        .expect("plain");
     g.bench_function("spark", |b| {
         b.iter_batched(
             || spark_headers.clone(),
@@ -207,8 +212,9 @@ fn injection(c: &mut Criterion, w: &World) {
     let zillow_cfg = w.config.provider("zillow").expect("zillow provider");
     let zillow = Credentials::new(zillow_cfg, &token).expect("credentials");
     let mut zillow_headers = zillow_request();
-    let (zillow_slot, rest) =
-        ProviderKind::Zillow.take_slot(&mut zillow_headers, Some(ZILLOW_QUERY));
+    let (zillow_slot, rest) = ProviderKind::Zillow
+        .take_slot(&mut zillow_headers, Some(ZILLOW_QUERY))
+        .expect("plain");
     let rest = rest.map(Cow::into_owned);
     g.bench_function("zillow", |b| {
         b.iter_batched(
@@ -237,7 +243,9 @@ fn whole(c: &mut Criterion, w: &World) {
         b.to_async(&w.rt).iter_batched(
             || request.clone(),
             |mut h| async move {
-                let (slot, query) = ProviderKind::Spark.take_slot(&mut h, Some(SPARK_QUERY));
+                let (slot, query) = ProviderKind::Spark
+                    .take_slot(&mut h, Some(SPARK_QUERY))
+                    .expect("plain");
                 let hash = slot.key.expect("key in the slot");
                 let session = sessions.by_key(&hash).await.unwrap().unwrap();
                 let q = session.credentials.inject(&mut h, query, &slot, SPARK_PATH);

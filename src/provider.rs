@@ -12,9 +12,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use memchr::memmem;
+use percent_encoding::{
+    percent_decode, percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC,
+};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -55,12 +59,13 @@ pub struct Slot {
 impl ProviderKind {
     /// Removes the provider's credential slot from the request and returns what
     /// it held, with the query string to forward (Zillow's owned parameters
-    /// taken out, every other byte kept in order).
+    /// taken out, every other byte kept in order). A query that names a
+    /// credential parameter in disguise is refused.
     pub fn take_slot<'q>(
         self,
         headers: &mut HeaderMap,
         query: Option<&'q str>,
-    ) -> (Slot, Option<Cow<'q, str>>) {
+    ) -> Result<(Slot, Option<Cow<'q, str>>), DisguisedCredential> {
         match self {
             ProviderKind::Spark => {
                 let mut slot = Slot::default();
@@ -80,14 +85,14 @@ impl ProviderKind {
                         }
                     }
                 }
-                (slot, query.map(Cow::Borrowed))
+                Ok((slot, query.map(Cow::Borrowed)))
             }
             ProviderKind::Zillow => {
                 // Zillow takes no Authorization header; a caller's (which may
                 // hold a session key) is not forwarded.
                 headers.remove(AUTHORIZATION);
-                let (rest, key) = split_zillow_query(query);
-                (Slot { key, bearer: false }, rest)
+                let (rest, key) = split_zillow_query(query)?;
+                Ok((Slot { key, bearer: false }, rest))
             }
         }
     }
@@ -97,37 +102,101 @@ impl ProviderKind {
     pub fn credentials_in_query(self) -> bool {
         self == ProviderKind::Zillow
     }
+}
 
-    /// Removes injected credentials from the upstream's answer, where an
-    /// upstream may echo the request URL: a redirect's `Location` (Zillow
-    /// keeps the query, credentials included, in trailing-slash redirects).
-    pub fn scrub_response(self, headers: &mut HeaderMap) {
-        if self != ProviderKind::Zillow {
-            return;
-        }
-        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
-            let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
-                continue;
-            };
-            let Some((base, query)) = value.split_once('?') else {
-                continue;
-            };
-            let (rest, _) = split_zillow_query(Some(query));
-            let cleaned = match rest {
-                Some(q) if q.len() == query.len() => continue,
-                Some(q) => format!("{base}?{q}"),
-                None => base.to_owned(),
-            };
-            match HeaderValue::from_str(&cleaned) {
-                Ok(v) => {
-                    headers.insert(name, v);
-                }
-                Err(_) => {
-                    headers.remove(name);
-                }
-            }
+/// A caller's query names a credential parameter in a form an upstream may
+/// read as one (`accessToken+=`, `accessToken[]=`, `accessToken%3D...`,
+/// `accessToken%00=`...): it would reach the upstream ahead of the injected
+/// one, so the request is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("a credential parameter is disguised in the query string")]
+pub struct DisguisedCredential;
+
+/// How a query parameter's name relates to the provider's credential names.
+#[derive(Debug, PartialEq, Eq)]
+enum ParamName {
+    /// Not a credential.
+    Other,
+    /// `accessToken`, `clientId` or `apiKey` in any case, percent-decoded
+    /// once: ours to remove (and, for `accessToken`, a session key).
+    Owned { access_token: bool },
+    /// A credential name in disguise: trailing `+`, spaces, control
+    /// characters or `[]`, an encoded `=` (`accessToken%3DKEY`), a NUL, or
+    /// encoded more than once.
+    Disguised,
+}
+
+/// Rounds of percent-decoding tried when looking for a disguised name or a
+/// dot segment: more than any server applies, and a bound on the work.
+pub(crate) const MAX_DECODE_ROUNDS: usize = 4;
+
+fn is_owned_name(name: &[u8]) -> Option<bool> {
+    ZILLOW_OWNED
+        .iter()
+        .position(|o| o.as_bytes().eq_ignore_ascii_case(name))
+        .map(|i| i == 0)
+}
+
+fn classify(name: &[u8]) -> ParamName {
+    let once: Cow<[u8]> = percent_decode(name).into();
+    if let Some(access_token) = is_owned_name(&once) {
+        return ParamName::Owned { access_token };
+    }
+    // Every spelling a lenient parser might reduce to a credential name:
+    // decoded until stable, cut where a parser might end the name, trimmed.
+    let mut decoded = once;
+    for _ in 0..MAX_DECODE_ROUNDS {
+        match Cow::from(percent_decode(&decoded)) {
+            Cow::Borrowed(_) => break,
+            Cow::Owned(next) => decoded = Cow::Owned(next),
         }
     }
+    let cut = decoded
+        .iter()
+        .position(|&b| matches!(b, b'=' | b'[' | b'&' | b';' | 0))
+        .unwrap_or(decoded.len());
+    let trimmable = |b: &u8| b.is_ascii_whitespace() || b.is_ascii_control() || *b == b'+';
+    let core = &decoded[..cut];
+    let start = core
+        .iter()
+        .position(|b| !trimmable(b))
+        .unwrap_or(core.len());
+    let end = core
+        .iter()
+        .rposition(|b| !trimmable(b))
+        .map_or(start, |i| i + 1);
+    if is_owned_name(&core[start..end]).is_some() {
+        ParamName::Disguised
+    } else {
+        ParamName::Other
+    }
+}
+
+/// The parameters of a query as `(separator before, segment)` byte ranges;
+/// both `&` and `;` separate (some servers split on either).
+fn param_spans(q: &[u8]) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+    let mut at = Some(0);
+    let mut sep = 0..0;
+    std::iter::from_fn(move || {
+        let from = at?;
+        let before = sep.clone();
+        match memchr::memchr2(b'&', b';', &q[from..]) {
+            Some(i) => {
+                sep = from + i..from + i + 1;
+                at = Some(from + i + 1);
+                Some((before, from..from + i))
+            }
+            None => {
+                at = None;
+                Some((before, from..q.len()))
+            }
+        }
+    })
+}
+
+/// A parameter's name: its bytes before the first `=`.
+fn name_of(segment: &[u8]) -> &[u8] {
+    memchr::memchr(b'=', segment).map_or(segment, |i| &segment[..i])
 }
 
 /// Splits Zillow's query into the caller's own parameters (bytes untouched)
@@ -135,49 +204,51 @@ impl ProviderKind {
 ///
 /// Names are compared after percent-decoding, so `access%54oken` cannot slip
 /// a caller's credential past us; values and other parameters are never
-/// re-encoded, so odd or invalid escapes pass through as they came.
-fn split_zillow_query(query: Option<&str>) -> (Option<Cow<'_, str>>, Option<KeyHash>) {
-    let Some(q) = query else { return (None, None) };
-    // Case-insensitively too: whatever the upstream's parser makes of
-    // `AccessToken`, the caller must not get a credential past us with it.
-    let owned = |seg: &str| {
-        let name = seg.split_once('=').map_or(seg, |(n, _)| n);
-        let name = percent_decode_str(name).decode_utf8_lossy();
-        ZILLOW_OWNED
-            .iter()
-            .any(|o| o.eq_ignore_ascii_case(name.trim()))
+/// re-encoded, so odd or invalid escapes pass through as they came. `&` and
+/// `;` both separate parameters; a credential name in disguise is refused.
+fn split_zillow_query(
+    query: Option<&str>,
+) -> Result<(Option<Cow<'_, str>>, Option<KeyHash>), DisguisedCredential> {
+    let Some(q) = query else {
+        return Ok((None, None));
     };
-    if !q.split('&').any(owned) {
-        return (Some(Cow::Borrowed(q)), None);
+    let bytes = q.as_bytes();
+    let mut owned_any = false;
+    for (_, seg) in param_spans(bytes) {
+        // Case-insensitively too: whatever the upstream's parser makes of
+        // `AccessToken`, the caller must not get a credential past us with it.
+        match classify(name_of(&bytes[seg])) {
+            ParamName::Other => {}
+            ParamName::Owned { .. } => owned_any = true,
+            ParamName::Disguised => return Err(DisguisedCredential),
+        }
+    }
+    if !owned_any {
+        return Ok((Some(Cow::Borrowed(q)), None));
     }
     let mut key = None;
     let mut kept = String::with_capacity(q.len());
     let mut first = true;
-    for seg in q.split('&') {
-        if owned(seg) {
-            if key.is_none() {
-                if let Some((name, value)) = seg.split_once('=') {
-                    if percent_decode_str(name)
-                        .decode_utf8_lossy()
-                        .trim()
-                        .eq_ignore_ascii_case("accessToken")
-                    {
-                        let value: Cow<[u8]> = percent_decode_str(value).into();
-                        if !value.is_empty() {
-                            key = Some(KeyHash::of(&value));
-                        }
+    for (sep, seg) in param_spans(bytes) {
+        let segment = q.get(seg).unwrap_or_default();
+        if let ParamName::Owned { access_token } = classify(name_of(segment.as_bytes())) {
+            if access_token && key.is_none() {
+                if let Some((_, value)) = segment.split_once('=') {
+                    let value: Cow<[u8]> = percent_decode_str(value).into();
+                    if !value.is_empty() {
+                        key = Some(KeyHash::of(&value));
                     }
                 }
             }
             continue;
         }
         if !first {
-            kept.push('&');
+            kept.push_str(q.get(sep).unwrap_or_default());
         }
-        kept.push_str(seg);
+        kept.push_str(segment);
         first = false;
     }
-    ((!kept.is_empty()).then_some(Cow::Owned(kept)), key)
+    Ok(((!kept.is_empty()).then_some(Cow::Owned(kept)), key))
 }
 
 /// Characters escaped in injected query values: everything but unreserved.
@@ -188,9 +259,16 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// A session's credentials in the exact form they are injected, computed once
-/// when the session enters the cache so the hot path only copies them.
+/// when the session enters the cache so the hot path only copies them, and
+/// the secret values among them, to find them again in the upstream's answers.
 #[derive(Clone)]
-pub enum Credentials {
+pub struct Credentials {
+    injection: Injection,
+    scrubber: Scrubber,
+}
+
+#[derive(Clone)]
+enum Injection {
     Spark {
         oauth: HeaderValue,
         bearer: HeaderValue,
@@ -227,10 +305,13 @@ impl Credentials {
                     v.set_sensitive(true);
                     Ok::<_, UnusableToken>(v)
                 };
-                Credentials::Spark {
-                    oauth: header("OAuth")?,
-                    bearer: header("Bearer")?,
-                    user_agent: provider.user_agent.clone(),
+                Credentials {
+                    injection: Injection::Spark {
+                        oauth: header("OAuth")?,
+                        bearer: header("Bearer")?,
+                        user_agent: provider.user_agent.clone(),
+                    },
+                    scrubber: Scrubber::new(&[token.as_bytes()], false),
                 }
             }
             ProviderKind::Zillow => {
@@ -238,15 +319,25 @@ impl Credentials {
                 let api_key = provider
                     .api_key
                     .as_ref()
-                    .map(|k| enc(k.expose_secret()))
+                    .map(|k| k.expose_secret())
                     .unwrap_or_default();
-                Credentials::Zillow {
-                    query: SecretString::from(format!(
-                        "accessToken={}&clientId={}&apiKey={}",
-                        enc(token),
-                        enc(&provider.client_id),
-                        api_key
-                    )),
+                Credentials {
+                    injection: Injection::Zillow {
+                        query: SecretString::from(format!(
+                            "accessToken={}&clientId={}&apiKey={}",
+                            enc(token),
+                            enc(&provider.client_id),
+                            enc(api_key)
+                        )),
+                    },
+                    scrubber: Scrubber::new(
+                        &[
+                            token.as_bytes(),
+                            provider.client_id.as_bytes(),
+                            api_key.as_bytes(),
+                        ],
+                        true,
+                    ),
                 }
             }
         })
@@ -262,8 +353,8 @@ impl Credentials {
         slot: &Slot,
         path: &str,
     ) -> Option<String> {
-        match self {
-            Credentials::Spark {
+        match &self.injection {
+            Injection::Spark {
                 oauth,
                 bearer,
                 user_agent,
@@ -286,7 +377,7 @@ impl Credentials {
                 }
                 query.map(Cow::into_owned)
             }
-            Credentials::Zillow { query: creds } => {
+            Injection::Zillow { query: creds } => {
                 let creds = creds.expose_secret();
                 Some(match query {
                     Some(q) if !q.is_empty() => {
@@ -301,6 +392,235 @@ impl Credentials {
             }
         }
     }
+
+    /// Removes the injected credentials from every header of the upstream's
+    /// answer, where an upstream may echo the request (a redirect's
+    /// `Location`, `Link`, `Refresh`, a login page's `?next=` with the URL
+    /// percent-encoded, a cookie, an error header...). Every occurrence of
+    /// every secret value goes, raw or percent-encoded (either case of hex,
+    /// encoded again and again), from every value whatever its bytes; for
+    /// Zillow, the credential parameters of URL-like values go too. A value
+    /// that does not settle is dropped. Nothing is allocated when nothing
+    /// matches: a memmem search per value and secret.
+    pub fn scrub_response(&self, headers: &mut HeaderMap) {
+        if headers
+            .values()
+            .all(|v| matches!(self.scrubber.scrub(v.as_bytes()), Scrubbed::Untouched))
+        {
+            return;
+        }
+        let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.len()));
+        let mut name: Option<http::HeaderName> = None;
+        for (n, value) in old {
+            if n.is_some() {
+                name = n;
+            }
+            let Some(name) = &name else { continue };
+            match self.scrubber.scrub(value.as_bytes()) {
+                Scrubbed::Untouched => {
+                    headers.append(name, value);
+                }
+                Scrubbed::Changed(bytes) => match HeaderValue::from_bytes(&bytes) {
+                    Ok(v) => {
+                        headers.append(name, v);
+                    }
+                    Err(_) => {
+                        tracing::debug!(header = %name, "a scrubbed response header is not a valid value; dropped");
+                    }
+                },
+                Scrubbed::Dropped => {
+                    tracing::debug!(header = %name, "a response header kept yielding credentials; dropped");
+                }
+            }
+        }
+    }
+}
+
+/// Secrets shorter than this are not searched for as free text (a short
+/// client id would match unrelated text, such as a date); Zillow's
+/// credential parameters are removed whatever their value.
+pub const MIN_SCRUBBED_SECRET: usize = 8;
+
+/// How often `%` may be encoded again (`%253D`, `%25253D`) in a match.
+const MAX_ESCAPE_DEPTH: usize = 4;
+
+/// Passes over one header value before it is given up and dropped: removing
+/// an occurrence may join the bytes around it into another one.
+const MAX_SCRUB_PASSES: usize = 4;
+
+/// Finds a session's secret values in the upstream's answers.
+#[derive(Clone)]
+struct Scrubber {
+    secrets: Vec<memmem::Finder<'static>>,
+    /// Zillow: credential parameters are removed from URL-like values too.
+    params: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Scrubbed {
+    Untouched,
+    Changed(Vec<u8>),
+    Dropped,
+}
+
+impl Scrubber {
+    fn new(secrets: &[&[u8]], params: bool) -> Scrubber {
+        let mut finders: Vec<memmem::Finder<'static>> = Vec::with_capacity(secrets.len());
+        for s in secrets {
+            if s.len() >= MIN_SCRUBBED_SECRET && !finders.iter().any(|f| f.needle() == *s) {
+                finders.push(memmem::Finder::new(s).into_owned());
+            }
+        }
+        Scrubber {
+            secrets: finders,
+            params,
+        }
+    }
+
+    fn scrub(&self, value: &[u8]) -> Scrubbed {
+        let mut current: Cow<[u8]> = Cow::Borrowed(value);
+        for _ in 0..MAX_SCRUB_PASSES {
+            let mut changed = false;
+            if let Some(v) = self.remove_secrets(&current) {
+                current = Cow::Owned(v);
+                changed = true;
+            }
+            if self.params {
+                if let Some(v) = drop_credential_params(&current) {
+                    current = Cow::Owned(v);
+                    changed = true;
+                }
+            }
+            if !changed {
+                return match current {
+                    Cow::Borrowed(_) => Scrubbed::Untouched,
+                    Cow::Owned(v) => Scrubbed::Changed(v),
+                };
+            }
+        }
+        Scrubbed::Dropped
+    }
+
+    /// `value` without any occurrence (overlapping ones included) of a
+    /// secret, or `None` when there is none.
+    fn remove_secrets(&self, value: &[u8]) -> Option<Vec<u8>> {
+        let mut hits: Vec<Range<usize>> = Vec::new();
+        // Raw bytes only, unless an escape (or `+` for a space) could hide one.
+        let encoded = memchr::memchr2(b'%', b'+', value).is_some();
+        for finder in &self.secrets {
+            let secret = finder.needle();
+            if encoded {
+                for at in memchr::memchr3_iter(secret[0], b'%', b'+', value) {
+                    if let Some(end) = encoded_match(value, at, secret) {
+                        hits.push(at..end);
+                    }
+                }
+            } else {
+                let mut from = 0;
+                while let Some(i) = finder.find(&value[from..]) {
+                    hits.push(from + i..from + i + secret.len());
+                    from += i + 1;
+                }
+            }
+        }
+        if hits.is_empty() {
+            return None;
+        }
+        hits.sort_unstable_by_key(|r| r.start);
+        let mut out = Vec::with_capacity(value.len());
+        let mut copied = 0;
+        for hit in hits {
+            if hit.start > copied {
+                out.extend_from_slice(&value[copied..hit.start]);
+            }
+            copied = copied.max(hit.end);
+        }
+        out.extend_from_slice(&value[copied..]);
+        Some(out)
+    }
+}
+
+/// The end of an occurrence of `secret` at `value[at..]`, each of its bytes
+/// either raw or percent-encoded (either case, `%` itself encoded up to
+/// [`MAX_ESCAPE_DEPTH`] times), a space also as `+`.
+fn encoded_match(value: &[u8], at: usize, secret: &[u8]) -> Option<usize> {
+    let mut i = at;
+    for &b in secret {
+        i = encoded_byte(value, i, b)?;
+    }
+    Some(i)
+}
+
+fn encoded_byte(value: &[u8], i: usize, b: u8) -> Option<usize> {
+    let c = *value.get(i)?;
+    if c == b || (b == b' ' && c == b'+') {
+        return Some(i + 1);
+    }
+    if c != b'%' {
+        return None;
+    }
+    let mut j = i + 1;
+    for _ in 0..=MAX_ESCAPE_DEPTH {
+        let h = hex_pair(value, j)?;
+        if h == b {
+            return Some(j + 2);
+        }
+        if h != b'%' {
+            return None;
+        }
+        j += 2;
+    }
+    None
+}
+
+fn hex_pair(value: &[u8], at: usize) -> Option<u8> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let hi = digit(*value.get(at)?)?;
+    let lo = digit(*value.get(at + 1)?)?;
+    Some(hi << 4 | lo)
+}
+
+/// Where the query of a URL in a header value ends (`Link: <...>`,
+/// `Refresh: 0; url=...`, a quoted URL).
+fn ends_query(b: u8) -> bool {
+    matches!(b, b'#' | b' ' | b'\t' | b'<' | b'>' | b'"' | b'\'')
+}
+
+/// `value` with every credential parameter (plain or disguised) removed
+/// from the queries of the URLs in it, or `None` when there is none.
+fn drop_credential_params(value: &[u8]) -> Option<Vec<u8>> {
+    let mut q = memchr::memchr(b'?', value)?;
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    loop {
+        let start = q + 1;
+        let end = value[start..]
+            .iter()
+            .position(|&b| ends_query(b))
+            .map_or(value.len(), |i| start + i);
+        let query = &value[start..end];
+        if param_spans(query).any(|(_, seg)| classify(name_of(&query[seg])) != ParamName::Other) {
+            let o = out.get_or_insert_with(|| Vec::with_capacity(value.len()));
+            o.extend_from_slice(&value[copied..q]);
+            let mut first = true;
+            for (sep, seg) in param_spans(query) {
+                if classify(name_of(&query[seg.clone()])) != ParamName::Other {
+                    continue;
+                }
+                o.extend_from_slice(if first { b"?" } else { &query[sep] });
+                o.extend_from_slice(&query[seg]);
+                first = false;
+            }
+            copied = end;
+        }
+        match memchr::memchr(b'?', &value[end..]) {
+            Some(i) => q = end + i,
+            None => break,
+        }
+    }
+    let mut out = out?;
+    out.extend_from_slice(&value[copied..]);
+    Some(out)
 }
 
 /// Spark's application identification header.
@@ -317,7 +637,7 @@ mod tests {
     use super::*;
 
     fn zillow(q: &str) -> (Option<String>, Option<KeyHash>) {
-        let (rest, key) = split_zillow_query(Some(q));
+        let (rest, key) = split_zillow_query(Some(q)).expect("not disguised");
         (rest.map(Cow::into_owned), key)
     }
 
@@ -330,7 +650,7 @@ mod tests {
 
     #[test]
     fn zillow_untouched_query_is_borrowed() {
-        let (rest, key) = split_zillow_query(Some("x=%ZZ&y"));
+        let (rest, key) = split_zillow_query(Some("x=%ZZ&y")).expect("plain");
         assert!(matches!(rest, Some(Cow::Borrowed("x=%ZZ&y"))));
         assert!(key.is_none());
     }
@@ -349,33 +669,275 @@ mod tests {
         assert_eq!(key, Some(KeyHash::of(b"K")));
     }
 
+    const TOKEN: &str = "zat-Secret+/=Token-42";
+    const CLIENT: &str = "zillow-client-id";
+    const API_KEY: &str = "zillow-api-key-XYZ";
+
+    fn credentials(kind: &str, api_key: &str, client_id: &str) -> Credentials {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [store]\nurl = \"sqlite://x.db\"\nkey_file = \"x.key\"\n\
+             [providers.p]\nkind = \"{kind}\"\napi_base = \"https://api.example\"\n\
+             token_url = \"https://api.example/token\"\nauthorize_url = \"https://api.example/auth\"\n\
+             client_id = \"{client_id}\"\nclient_secret = \"s\"\n{api_key}\n"
+        );
+        let config = crate::config::Config::parse(&text, std::path::Path::new("t.toml"), |_| None)
+            .expect("config");
+        let provider = config.provider("p").expect("provider");
+        Credentials::new(provider, &SecretString::from(TOKEN)).expect("credentials")
+    }
+
+    fn zillow_credentials() -> Credentials {
+        credentials("zillow", &format!("api_key = \"{API_KEY}\""), CLIENT)
+    }
+
+    /// What the upstream saw: the injected query, as an echo would quote it.
+    fn injected_query(c: &Credentials) -> String {
+        c.inject(
+            &mut HeaderMap::new(),
+            Some(Cow::Borrowed("a=1")),
+            &Slot::default(),
+            "/",
+        )
+        .expect("query")
+    }
+
+    fn leaks(value: &[u8]) -> bool {
+        let lower = String::from_utf8_lossy(value).to_ascii_lowercase();
+        [TOKEN, CLIENT, API_KEY].iter().any(|s| {
+            let enc = utf8_percent_encode(s, QUERY_VALUE).to_string();
+            [s.to_string(), enc.clone(), enc.replace('%', "%25")]
+                .iter()
+                .any(|f| lower.contains(&f.to_ascii_lowercase()))
+        })
+    }
+
     #[test]
-    fn zillow_redirects_lose_the_injected_credentials() {
+    fn every_header_every_occurrence_loses_the_injected_credentials() {
+        let c = zillow_credentials();
+        let q = injected_query(&c);
+        let uri = format!("/listings/?{q}");
+        let once = utf8_percent_encode(&uri, NON_ALPHANUMERIC).to_string();
+        let twice = utf8_percent_encode(&once, NON_ALPHANUMERIC).to_string();
+        let mut h = HeaderMap::new();
+        let add = |h: &mut HeaderMap, name: &'static str, v: Vec<u8>| {
+            h.append(name, HeaderValue::from_bytes(&v).expect("valid"));
+        };
+        add(
+            &mut h,
+            "location",
+            format!("https://z.example{uri}").into_bytes(),
+        );
+        add(&mut h, "location", uri.clone().into_bytes());
+        add(
+            &mut h,
+            "content-location",
+            format!("{uri}#frag").into_bytes(),
+        );
+        add(
+            &mut h,
+            "link",
+            format!("<{uri}>; rel=next, <https://o.example/{uri}>; rel=prev").into_bytes(),
+        );
+        add(&mut h, "refresh", format!("0; url={uri}").into_bytes());
+        add(&mut h, "x-next", format!("/login?next={once}").into_bytes());
+        add(
+            &mut h,
+            "x-next-lower",
+            format!("/login?next={}", once.to_ascii_lowercase()).into_bytes(),
+        );
+        add(
+            &mut h,
+            "x-twice",
+            format!("/login?next={twice}").into_bytes(),
+        );
+        let mut cafe = b"/caf\xc3\xa9".to_vec();
+        cafe.extend_from_slice(uri.as_bytes());
+        add(&mut h, "location", cafe);
+        add(
+            &mut h,
+            "set-cookie",
+            format!("t={TOKEN}; Path=/").into_bytes(),
+        );
+        add(&mut h, "x-plain", b"nothing to see".to_vec());
+        let before = h.len();
+        assert!(h.values().any(|v| leaks(v.as_bytes())));
+        c.scrub_response(&mut h);
+        assert_eq!(h.len(), before, "values are cleaned, not dropped");
+        for (name, v) in &h {
+            assert!(
+                !leaks(v.as_bytes()),
+                "{name}: {:?}",
+                String::from_utf8_lossy(v.as_bytes())
+            );
+        }
+        let locations: Vec<_> = h.get_all("location").iter().collect();
+        assert_eq!(locations[0], "https://z.example/listings/?a=1");
+        assert_eq!(locations[1], "/listings/?a=1");
+        assert_eq!(locations[2].as_bytes(), b"/caf\xc3\xa9/listings/?a=1");
+        assert_eq!(h["content-location"], "/listings/?a=1#frag");
+        assert_eq!(
+            h["link"],
+            "</listings/?a=1>; rel=next, <https://o.example//listings/?a=1>; rel=prev"
+        );
+        assert_eq!(h["refresh"], "0; url=/listings/?a=1");
+        assert_eq!(h["x-plain"], "nothing to see");
+        assert_eq!(h["set-cookie"], "t=; Path=/");
+    }
+
+    #[test]
+    fn untouched_answers_stay_as_they_are() {
+        let c = zillow_credentials();
+        let mut h = HeaderMap::new();
+        h.insert("location", HeaderValue::from_static("/x?a=1&b=%41+c"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let copy = h.clone();
+        c.scrub_response(&mut h);
+        assert_eq!(h, copy);
+    }
+
+    #[test]
+    fn occurrences_joined_by_a_removal_are_removed_too() {
+        let s = Scrubber::new(&[b"SECRET-VALUE"], false);
+        // A hostile echo nests the secret in itself: removing the inner one
+        // joins the outer halves.
+        let v = b"x=SECRET-SECRET-VALUEVALUE;y";
+        assert_eq!(s.scrub(v), Scrubbed::Changed(b"x=;y".to_vec()));
+        let deep = b"SESESECRET-VALUECRET-VALUECRET-VALUE!";
+        assert!(matches!(s.scrub(deep), Scrubbed::Changed(v) if v == b"!"));
+        let mut nest = b"SECRET-VALUE".to_vec();
+        for _ in 0..MAX_SCRUB_PASSES {
+            nest = [&b"SEC"[..], &nest, b"RET-VALUE"].concat();
+        }
+        assert_eq!(
+            s.scrub(&nest),
+            Scrubbed::Dropped,
+            "a value that never settles goes"
+        );
+        // Overlapping occurrences of a periodic secret.
+        let p = Scrubber::new(&[b"abcabcab"], false);
+        assert_eq!(p.scrub(b"<abcabcabcab>"), Scrubbed::Changed(b"<>".to_vec()));
+    }
+
+    #[test]
+    fn encoded_forms_are_found_in_any_case_and_depth() {
+        let s = Scrubber::new(&[b"a b/c=D"], false);
+        for v in [
+            "a b/c=D",
+            "a+b%2Fc%3DD",
+            "a%20b%2fc%3dD",
+            "%61%20%62%252F%25253dD",
+            "a+b/c=%44",
+        ] {
+            assert_eq!(
+                s.scrub(v.as_bytes()),
+                Scrubbed::Untouched,
+                "too short to search: {v}"
+            );
+        }
+        let s = Scrubber::new(&[b"tok en/c=D"], false);
+        for v in [
+            "tok en/c=D",
+            "tok+en%2Fc%3DD",
+            "tok%20en%2fc%3dD",
+            "%74ok%20en%252Fc%25253dD",
+            "%2574ok+en/%63=D",
+        ] {
+            let got = s.scrub(format!("<{v}>").as_bytes());
+            assert_eq!(got, Scrubbed::Changed(b"<>".to_vec()), "{v}");
+        }
+        // Bad escapes, a lone %, and near misses are left alone.
+        for v in ["%zz tok en/c=", "tok en/c=E", "100%", "%2"] {
+            assert_eq!(s.scrub(v.as_bytes()), Scrubbed::Untouched, "{v}");
+        }
+    }
+
+    #[test]
+    fn short_secrets_are_not_searched_but_their_parameters_go() {
+        let c = credentials("zillow", "api_key = \"k9\"", "c1");
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("19"));
+        h.insert(
+            "date",
+            HeaderValue::from_static("Tue, 1 Oct 2024 09:19:00 GMT"),
+        );
+        h.insert(
+            "location",
+            HeaderValue::from_static("/x?clientId=c1&APIKEY=k9&accessToken%5B%5D=z&b=c1"),
+        );
+        c.scrub_response(&mut h);
+        assert_eq!(h["content-length"], "19");
+        assert_eq!(h["date"], "Tue, 1 Oct 2024 09:19:00 GMT");
+        assert_eq!(h["location"], "/x?b=c1");
+    }
+
+    #[test]
+    fn spark_answers_lose_the_access_token() {
+        let c = credentials("spark", "", "spark-client");
         let mut h = HeaderMap::new();
         h.insert(
-            http::header::LOCATION,
-            HeaderValue::from_static(
-                "https://z.example/listings/?a=1&accessToken=T&clientId=C&apiKey=K",
-            ),
+            "x-echo-authorization",
+            HeaderValue::from_str(&format!("OAuth {TOKEN}")).expect("v"),
         );
-        h.insert(
-            http::header::CONTENT_LOCATION,
-            HeaderValue::from_static("/x?accessToken=T"),
-        );
-        ProviderKind::Zillow.scrub_response(&mut h);
-        assert_eq!(h[http::header::LOCATION], "https://z.example/listings/?a=1");
-        assert_eq!(h[http::header::CONTENT_LOCATION], "/x");
-        let mut spark = HeaderMap::new();
-        spark.insert(
-            http::header::LOCATION,
-            HeaderValue::from_static("/x?accessToken=T"),
-        );
-        ProviderKind::Spark.scrub_response(&mut spark);
+        h.insert("location", HeaderValue::from_static("/x?accessToken=T&a=1"));
+        c.scrub_response(&mut h);
+        assert_eq!(h["x-echo-authorization"], "OAuth ");
         assert_eq!(
-            spark[http::header::LOCATION],
-            "/x?accessToken=T",
-            "Spark's credentials are headers"
+            h["location"], "/x?accessToken=T&a=1",
+            "Spark owns no query parameter"
         );
+    }
+
+    #[test]
+    fn semicolons_separate_parameters_too() {
+        let (rest, key) = zillow("x=1;accessToken=KEY&b=2;clientId=c;z");
+        assert_eq!(rest.as_deref(), Some("x=1&b=2;z"));
+        assert_eq!(key, Some(KeyHash::of(b"KEY")));
+        let (rest, key) = zillow("accessToken=KEY;b=2");
+        assert_eq!(rest.as_deref(), Some("b=2"));
+        assert_eq!(key, Some(KeyHash::of(b"KEY")));
+    }
+
+    #[test]
+    fn disguised_credential_names_are_refused() {
+        for q in [
+            "accessToken+=KEY",
+            "accessToken%20=KEY",
+            "+accessToken=KEY",
+            "accessToken[]=KEY",
+            "accessToken%5B%5D=KEY",
+            "accessToken[0]=KEY",
+            "accessToken%3DKEY",
+            "x=1&accessToken%3dKEY",
+            "accessToken%00=KEY",
+            "accessToken%00junk=KEY",
+            "accessToken%09=KEY",
+            "access%2554oken=KEY",
+            "ACCESSTOKEN%2B=KEY",
+            "x=1;apiKey[]=k",
+            "clientId%20=c",
+            "accessToken%26=KEY",
+        ] {
+            assert!(split_zillow_query(Some(q)).is_err(), "{q}");
+        }
+    }
+
+    #[test]
+    fn names_that_only_look_alike_pass() {
+        for q in [
+            "accessTokens=1",
+            "myaccessToken=1",
+            "access_token=1",
+            "x=accessToken%3D1",
+            "x=accessToken+",
+            "access%20Token=1",
+        ] {
+            let (rest, key) = zillow(q);
+            assert_eq!(rest.as_deref(), Some(q));
+            assert!(key.is_none());
+        }
+        // A bare name (no value) is still a plain one: removed.
+        assert_eq!(zillow("accessToken&a=1"), (Some("a=1".into()), None));
     }
 
     #[test]
@@ -387,18 +949,20 @@ mod tests {
     fn spark_slot_reads_oauth_and_bearer() {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, HeaderValue::from_static("OAuth abc"));
-        let (slot, _) = ProviderKind::Spark.take_slot(&mut h, None);
+        let (slot, _) = ProviderKind::Spark.take_slot(&mut h, None).expect("spark");
         assert_eq!(slot.key, Some(KeyHash::of(b"abc")));
         assert!(!slot.bearer && h.is_empty());
         h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  xyz "));
-        let (slot, _) = ProviderKind::Spark.take_slot(&mut h, Some("q=1"));
+        let (slot, _) = ProviderKind::Spark
+            .take_slot(&mut h, Some("q=1"))
+            .expect("spark");
         assert_eq!(slot.key, Some(KeyHash::of(b"xyz")));
         assert!(slot.bearer);
         h.insert(
             AUTHORIZATION,
             HeaderValue::from_static("Basic dXNlcjpwYXNz"),
         );
-        let (slot, _) = ProviderKind::Spark.take_slot(&mut h, None);
+        let (slot, _) = ProviderKind::Spark.take_slot(&mut h, None).expect("spark");
         assert!(
             slot.key.is_none() && h.is_empty(),
             "other schemes are dropped, never forwarded"

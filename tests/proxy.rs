@@ -608,3 +608,143 @@ async fn sessions_are_added_to_the_provider_that_owns_them() {
     assert!(err.to_string().contains("sessions of `spark`"), "{err}");
     srv.shutdown().await;
 }
+
+/// Sends `line` (method and target) raw with the key in the session header.
+async fn raw_with_key(addr: std::net::SocketAddr, line: &str, key: &str) -> String {
+    let req = format!(
+        "{line} HTTP/1.1\r\nHost: x\r\nX-Credproxy-Session: {key}\r\nConnection: close\r\n\r\n"
+    );
+    support::raw_request(addr, req.as_bytes()).await
+}
+
+#[tokio::test]
+async fn dot_segments_in_every_spelling_and_trace_in_any_case_are_refused() {
+    let w = World::new().await;
+    let srv = w.start(&Extra::default()).await;
+    let (_, key, _) = add_session(&srv, "spark", &w.spark).await;
+    for line in [
+        "GET /spark/v1/..%2f..%2fzillow/x",
+        "GET /spark/v1/..%2Fx",
+        "GET /spark/v1/..;/x",
+        "GET /spark/v1/..;jsessionid=x/y",
+        "GET /spark/v1/.;x/y",
+        "GET /spark/v1/..\\x",
+        "GET /spark/v1\\..\\x",
+        "GET /spark/v1/%2e%2e%5cx",
+        "GET /spark/v1/%2E%2E%5Cx",
+        "GET /spark/v1/.%2e/x",
+        "GET /spark/v1/%2e/x",
+        "GET /spark/v1/%252e%252e/x",
+        "GET /spark/v1/%25252e%25252e%25252fx",
+        "GET /spark/v1/..%252fx",
+        "GET /spark/v1/%2e%2e%3bx/y",
+        "GET /spark/v1/..%00/x",
+        "GET /spark/v1/x/..",
+        "GET /spark/v1/x/%2e%2e%5c",
+        "trace /spark/v1/x",
+        "Trace /spark/v1/x",
+        "TRACK /spark/v1/x",
+        "track /spark/v1/x",
+    ] {
+        let resp = raw_with_key(srv.proxy_addr, line, &key).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{line}: {resp}");
+        assert!(resp.contains("bad_request"), "{line}: {resp}");
+    }
+    assert!(
+        w.spark.requests().is_empty() && w.zillow.requests().is_empty(),
+        "nothing reached an upstream"
+    );
+    // Dots that are not whole segments, and odd escapes, still pass.
+    for (line, path) in [
+        ("GET /spark/v1/a..b/...", "/v1/a..b/..."),
+        ("GET /spark/v1/..x/.x", "/v1/..x/.x"),
+        ("GET /spark/v1/%2e%2ex", "/v1/%2e%2ex"),
+        ("GET /spark/v1/a%2Fb;c=d", "/v1/a%2Fb;c=d"),
+        ("GET /spark/v1/%zz", "/v1/%zz"),
+    ] {
+        let resp = raw_with_key(srv.proxy_addr, line, &key).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{line}: {resp}");
+        assert_eq!(w.spark.last_request().expect("rec").path, path, "{line}");
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn disguised_credential_parameters_are_refused() {
+    let w = World::new().await;
+    let srv = w.start(&Extra::default()).await;
+    let (_, key, tokens) = add_session(&srv, "zillow", &w.zillow).await;
+    let c = client();
+    for query in [
+        "accessToken+=KEY",
+        "x=1&accessToken[]=KEY",
+        "accessToken%5B%5D=KEY",
+        "accessToken%3DKEY",
+        "x=1&accessToken%3dKEY",
+        "accessToken%00=KEY",
+        "accessToken%20=KEY",
+        "access%2554oken=KEY",
+        "x=1;clientId+=evil",
+        "APIKEY[]=evil",
+        "apiKey%09=evil",
+    ] {
+        let r = c
+            .get(url(srv.proxy_addr, &format!("/zillow/v1/feed?{query}")))
+            .header("X-Credproxy-Session", &key)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "{query}");
+        assert_eq!(error_code(&r).as_deref(), Some("bad_request"), "{query}");
+        let body: serde_json::Value = r.json().await.expect("json");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains("disguised"), "{query}: {message}");
+    }
+    assert!(
+        w.zillow.requests().is_empty(),
+        "nothing reached the upstream"
+    );
+    // `;` separates too: the key is taken out, the rest keeps its bytes.
+    let z = w.zillow.options().clone();
+    let r = c
+        .get(url(
+            srv.proxy_addr,
+            &format!("/zillow/v1/feed?x=1;accessToken={key};y=%41&clientId=evil"),
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let got = w.zillow.last_request().expect("rec");
+    assert_eq!(
+        got.query.as_deref(),
+        Some(
+            format!(
+                "x=1;y=%41&accessToken={}&clientId={}&apiKey={}",
+                tokens.access_token, z.client_id, z.api_key
+            )
+            .as_str()
+        )
+    );
+    // The plain forms keep working: any case, a percent-encoded name.
+    for query in [
+        format!("ACCESSTOKEN={key}&a=1"),
+        format!("access%54oken={key}&a=1"),
+    ] {
+        let r = c
+            .get(url(srv.proxy_addr, &format!("/zillow/v1/feed?{query}")))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{query}");
+        let got = w.zillow.last_request().expect("rec");
+        assert!(
+            got.query
+                .as_deref()
+                .is_some_and(|q| q.starts_with("a=1&accessToken=") && !q.contains(&key)),
+            "{query}: {:?}",
+            got.query
+        );
+    }
+    srv.shutdown().await;
+}

@@ -23,8 +23,8 @@
 //!   and the refresh happens in the background for the next request.
 //! * `response_filter` drops hop-by-hop headers, moves links on the
 //!   provider's origins behind the proxy (`links.rs`: `Location`,
-//!   `Content-Location`, `Link`, JSON and XML bodies) and scrubs injected
-//!   credentials from what is left.
+//!   `Content-Location`, `Link`, JSON and XML bodies); `send` has already
+//!   scrubbed the injected credentials from every header of the answer.
 
 pub mod links;
 
@@ -52,7 +52,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{strip_hop_by_hop, tls_config, TlsError, Upstream, UpstreamBody};
 use crate::metrics::Metrics;
-use crate::provider::{ProviderKind, Slot};
+use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
 use crate::refresh::{RefreshError, Refresher};
 use crate::session::{KeyHash, Status};
 use crate::sessions::{ActiveSession, SessionError, Sessions};
@@ -143,6 +143,10 @@ enum Presented<'a> {
     Key(KeyHash),
     Default(&'a str),
 }
+
+/// What `identify` found: the key presented (if any), what the provider's
+/// slot held, and the query to forward.
+type Identified<'q> = (Option<Presented<'q>>, Slot, Option<Cow<'q, str>>);
 
 /// The fields of the access log line, filled in as the phases learn them.
 struct AccessLog {
@@ -300,7 +304,7 @@ impl Proxy {
             head: parts.method == Method::HEAD,
         };
 
-        let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query());
+        let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query())?;
         let session = self.resolve(route, presented).await?;
         log.session = Some(Arc::clone(&session));
         let session = self.ensure_fresh(route, session).await?;
@@ -415,10 +419,15 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let req = upstream_request(route, session, out, body)?;
         let sent = Instant::now();
-        let resp = route.upstream.send(req).await;
+        let mut resp = route.upstream.send(req).await;
         let took = sent.elapsed();
         self.metrics.upstream_latency(route.name, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
+        // Before anything else reads the answer: no injected secret in any
+        // header, whatever the upstream echoed.
+        if let Ok(resp) = &mut resp {
+            session.credentials.scrub_response(resp.headers_mut());
+        }
         resp
     }
 
@@ -435,12 +444,15 @@ impl Proxy {
                 "CONNECT is not supported: credproxy is not an open proxy",
             ));
         }
-        // TRACE would echo the injected credentials back to the caller.
-        if parts.method == Method::TRACE {
-            return Err(ProxyError::BadRequest("TRACE is not supported"));
+        // TRACE would echo the injected credentials back to the caller, and
+        // so would TRACK (IIS); methods are case-sensitive, but a server may
+        // take `trace` for TRACE.
+        let method = parts.method.as_str();
+        if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
+            return Err(ProxyError::BadRequest("TRACE and TRACK are not supported"));
         }
         // Dot segments could step out of api_base's path on the upstream.
-        if parts.uri.path().split('/').any(is_dot_segment) {
+        if has_dot_segment(parts.uri.path()) {
             return Err(ProxyError::BadRequest(
                 "the path may not contain . or .. segments",
             ));
@@ -482,7 +494,7 @@ impl Proxy {
         route: &'q Route,
         headers: &mut http::HeaderMap,
         query: Option<&'q str>,
-    ) -> (Option<Presented<'q>>, Slot, Option<Cow<'q, str>>) {
+    ) -> Result<Identified<'q>, ProxyError> {
         let from_header = headers
             .remove(&self.session_header)
             .and_then(|v| non_empty_hash(v.as_bytes()));
@@ -493,13 +505,17 @@ impl Proxy {
                 .eq_ignore_ascii_case("bearer")
                 .then(|| non_empty_hash(key.as_bytes()))?
         });
-        let (slot, query) = route.kind.take_slot(headers, query);
+        let (slot, query) = route.kind.take_slot(headers, query).map_err(|_| {
+            ProxyError::BadRequest(
+                "a credential parameter is disguised in the query string (send accessToken=KEY, or the session header)",
+            )
+        })?;
         let presented = from_header
             .or(from_proxy_auth)
             .or(slot.key)
             .map(Presented::Key)
             .or_else(|| route.default_session.as_deref().map(Presented::Default));
-        (presented, slot, query)
+        Ok((presented, slot, query))
     }
 
     async fn resolve(
@@ -537,9 +553,35 @@ impl Proxy {
     }
 }
 
-fn is_dot_segment(segment: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-    decoded == "." || decoded == ".."
+/// Whether the path has a `.` or `..` segment in any spelling a server
+/// might normalise: percent-decoded again and again (`%2e`, `%252e`),
+/// split on `/`, `\` and their escapes (`..%2f`, `%2e%2e%5c`), with `;`
+/// parameters cut off (`..;jsessionid=x`). Still decoding after
+/// [`MAX_DECODE_ROUNDS`] rounds counts as one too. No allocation for a path
+/// without `%`.
+fn has_dot_segment(path: &str) -> bool {
+    let mut current: Cow<[u8]> = Cow::Borrowed(path.as_bytes());
+    for _ in 0..=MAX_DECODE_ROUNDS {
+        if current
+            .split(|&b| b == b'/' || b == b'\\')
+            .any(is_dot_segment)
+        {
+            return true;
+        }
+        let next = match Cow::from(percent_encoding::percent_decode(&current)) {
+            Cow::Borrowed(_) => return false,
+            Cow::Owned(next) => next,
+        };
+        current = Cow::Owned(next);
+    }
+    true
+}
+
+/// `.` or `..`, once `;` parameters (and anything after a NUL) are cut off
+/// and surrounding whitespace trimmed.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let end = memchr::memchr2(b';', 0, segment).unwrap_or(segment.len());
+    matches!(segment[..end].trim_ascii(), b"." | b"..")
 }
 
 fn non_empty_hash(key: &[u8]) -> Option<KeyHash> {
@@ -719,8 +761,8 @@ const WHOLE_BODY_LIMIT: u64 = 256 * 1024;
 
 impl Proxy {
     /// Passes the upstream's answer back: hop-by-hop headers removed, links
-    /// on the provider's origins moved behind the proxy, injected
-    /// credentials scrubbed.
+    /// on the provider's origins moved behind the proxy (`send` scrubbed
+    /// the injected credentials from its headers).
     async fn response_filter(
         &self,
         route: &Route,
@@ -731,7 +773,6 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.extensions.clear();
         let Some(map) = &route.links else {
-            route.kind.scrub_response(&mut parts.headers);
             return Ok(Response::from_parts(parts, Either::Left(body)));
         };
         let has_link_header = [LOCATION, CONTENT_LOCATION, LINK]
@@ -741,14 +782,12 @@ impl Proxy {
             && !matches!(parts.status.as_u16(), 100..=199 | 204 | 304)
             && is_structured_text(&parts.headers);
         if !has_link_header && !rewrite_body {
-            route.kind.scrub_response(&mut parts.headers);
             return Ok(Response::from_parts(parts, Either::Left(body)));
         }
         if has_link_header {
             let bases = self.bases(route, asked);
             self.rewrite_link_headers(route, asked, map, &bases, &mut parts.headers);
         }
-        route.kind.scrub_response(&mut parts.headers);
         if !rewrite_body {
             return Ok(Response::from_parts(parts, Either::Left(body)));
         }
