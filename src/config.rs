@@ -392,17 +392,11 @@ impl ProviderConfig {
 }
 
 impl StoreConfig {
-    /// The store URL with any password replaced, for messages.
+    /// The store URL for messages: PostgreSQL's host, port and database
+    /// only, never its user, password or query (see [`crate::store::describe_url`]).
     pub fn shown_url(&self) -> String {
         use secrecy::ExposeSecret;
-        let url = self.url.expose_secret();
-        match Url::parse(url) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("***"));
-                u.to_string()
-            }
-            _ => url.to_owned(),
-        }
+        crate::store::describe_url(self.url.expose_secret())
     }
 }
 
@@ -1100,8 +1094,11 @@ mod tests {
     fn store_url_password_is_hidden() {
         let c = parse(&GOOD.replace("sqlite://x.db", "postgres://u:hunter2@db:5432/cp"))
             .expect("valid");
-        assert_eq!(c.store.shown_url(), "postgres://u:***@db:5432/cp");
+        assert_eq!(c.store.shown_url(), "postgres://db:5432/cp");
         assert!(!format!("{c:?}").contains("hunter2"));
+        let c = parse(&GOOD.replace("sqlite://x.db", "postgres://u@db/cp?password=hunter2"))
+            .expect("valid");
+        assert_eq!(c.store.shown_url(), "postgres://db:5432/cp");
     }
 
     #[test]

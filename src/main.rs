@@ -11,10 +11,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use credproxy::config::{Config, DEFAULT_PATH};
 use credproxy::refresh::{RefreshError, Refresher};
-use credproxy::seal::Sealer;
 use credproxy::session::SessionKey;
 use credproxy::sessions::{NewTokens, SessionInfo, Sessions};
-use credproxy::{server, store, telemetry};
+use credproxy::{server, telemetry};
 
 /// A reverse proxy that injects OAuth 2 credentials, so applications call
 /// Spark and Zillow with a session key and never hold a token.
@@ -234,11 +233,11 @@ async fn wait_for_signal() {
 }
 
 async fn open_sessions(config: &Config) -> anyhow::Result<Sessions> {
-    let sealer = Sealer::load(&config.store.key)?;
-    let store = store::open(config.store.url.expose_secret())
-        .await
-        .with_context(|| format!("store.url: cannot open {}", config.store.shown_url()))?;
-    Ok(Sessions::new(store, sealer, config))
+    let (sessions, warnings) = Sessions::open(config).await?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(sessions)
 }
 
 async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
@@ -342,7 +341,9 @@ async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
 }
 
 async fn check(config: Config) -> anyhow::Result<()> {
-    let sessions = Arc::new(open_sessions(&config).await?);
+    // Opening proves the sealing key fits the store (one stored value opens).
+    let (sessions, key_warnings) = Sessions::open(&config).await?;
+    let sessions = Arc::new(sessions);
     // Building the proxy checks what parsing cannot: TLS roots, upstream authorities.
     let metrics = Arc::new(credproxy::metrics::Metrics::default());
     let refresher = Arc::new(Refresher::new(
@@ -351,20 +352,29 @@ async fn check(config: Config) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?);
     credproxy::proxy::Proxy::new(&config, Arc::clone(&sessions), refresher, metrics)?;
-    sessions.store().ping().await?;
+    sessions
+        .store()
+        .ping()
+        .await
+        .with_context(|| format!("store.url: cannot reach {}", config.store.shown_url()))?;
     let n = sessions.list().await?.len();
-    for w in &config.warnings {
+    for w in config.warnings.iter().chain(&key_warnings) {
         println!("warning: {w}");
     }
     println!(
-        "ok: {} provider(s) configured ({}), store reachable with {n} session(s)",
+        "ok: {} provider(s) configured ({}), store reachable with {n} session(s){}",
         config.providers.len(),
         config
             .providers
             .iter()
             .map(|p| p.name.as_str())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        if n > 0 {
+            ", and the sealing key opens them"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

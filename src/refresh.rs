@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::session::Status;
 use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions};
 use crate::store::{self, Lease, SessionRecord, StoreError};
-use crate::token::{backoff, Grant, TokenEndpoint, TokenError};
+use crate::token::{backoff, usable_access_token, Grant, TokenEndpoint, TokenError};
 
 /// First back-off after a failed refresh; doubles per failure up to the
 /// provider's `refresh_backoff_max`.
@@ -86,6 +86,29 @@ enum Why {
     Refused,
     /// An operator asked (`session refresh`, the admin API).
     Forced,
+    /// The endpoint's last answer held an access token that cannot be sent;
+    /// its refresh token is stored, and this attempt uses it at once.
+    Retry,
+}
+
+/// How one attempt at the token endpoint ended, when it did not fail.
+enum Attempt {
+    Done(Arc<ActiveSession>),
+    /// The answer's access token cannot be sent (see [`usable_access_token`]):
+    /// its refresh token was committed with the old access token marked
+    /// expired, at row `version`.
+    Unusable {
+        version: i64,
+        backoff_max: Duration,
+    },
+}
+
+/// Whether the row holds an access token marked unusable by a refresh: it
+/// "expired" before it was refreshed, which no provider's answer can say
+/// (`expires_in` is never negative). Such a token is refreshed whenever it
+/// is due, however recent the last refresh.
+fn marked_unusable(rec: &SessionRecord) -> bool {
+    matches!((rec.expires_at, rec.last_refresh_at), (Some(exp), Some(at)) if exp < at)
 }
 
 /// A session whose refusal survived a refresh: until `until`, 401s on
@@ -256,7 +279,23 @@ impl Refresher {
                 });
             }
         }
-        let result = self.refresh_locked(&mut flight, id, seen, why).await;
+        let mut result = self.refresh_locked(&mut flight, id, seen, why).await;
+        if let Ok(Attempt::Unusable { version, .. }) = result {
+            // The rotated refresh token is stored: spend it at once, so a
+            // one-off bad answer costs the caller nothing.
+            result = self
+                .refresh_locked(&mut flight, id, Some(version), Why::Retry)
+                .await;
+        }
+        let result = match result {
+            Ok(Attempt::Done(session)) => Ok(session),
+            Ok(Attempt::Unusable { backoff_max, .. }) => {
+                let wait = backoff(flight.failures, BACKOFF_BASE, backoff_max);
+                flight.retry_at = Some(Instant::now() + wait);
+                Err(RefreshError::Failed { retry_after: wait })
+            }
+            Err(e) => Err(e),
+        };
         if let Err(RefreshError::Store(e)) = &result {
             // The store is unreachable: back off too, so requests for this
             // session do not queue up behind one store timeout after another.
@@ -274,7 +313,7 @@ impl Refresher {
         id: &str,
         seen: Option<i64>,
         why: Why,
-    ) -> Result<Arc<ActiveSession>, RefreshError> {
+    ) -> Result<Attempt, RefreshError> {
         let force = why == Why::Forced;
         let generation = self.sessions.generation();
         let store = self.sessions.store();
@@ -290,7 +329,7 @@ impl Refresher {
         }
         let moved = |version: i64| !force && seen.is_some_and(|v| v != version);
         if moved(rec.version) {
-            return Ok(self.sessions.install(&rec, generation)?);
+            return Ok(Attempt::Done(self.sessions.install(&rec, generation)?));
         }
         if rec.refresh_token.is_none() {
             return Err(RefreshError::NotRefreshable);
@@ -304,6 +343,7 @@ impl Refresher {
         // on every request. Refusals are not held back here: see the guard.
         let interval = provider.min_refresh_interval.as_secs_f64();
         if why == Why::Due
+            && !marked_unusable(&rec)
             && rec
                 .last_refresh_at
                 .is_some_and(|at| ((store::now() - at) as f64) < interval)
@@ -318,12 +358,12 @@ impl Refresher {
                 if rec.status == Status::ReauthorizationRequired {
                     return Err(RefreshError::Reauthorization);
                 }
-                return Ok(self.sessions.install(&rec, generation)?);
+                return Ok(Attempt::Done(self.sessions.install(&rec, generation)?));
             }
         };
         if moved(rec.version) {
             store.release_refresh_lease(id, &self.owner).await?;
-            return Ok(self.sessions.install(&rec, generation)?);
+            return Ok(Attempt::Done(self.sessions.install(&rec, generation)?));
         }
         let Some(refresh_token) = self.sessions.refresh_token(&rec)? else {
             store.release_refresh_lease(id, &self.owner).await?;
@@ -335,26 +375,59 @@ impl Refresher {
         let took = started.elapsed();
         match answer {
             Ok(answer) => {
+                // An access token that cannot be sent is not stored (every
+                // request would fail on it); the refresh token that came
+                // with it is: the provider has rotated it.
+                let usable = usable_access_token(provider, &answer.access_token);
                 let tokens = NewTokens {
                     access_token: answer.access_token,
                     refresh_token: answer.refresh_token,
                     expires_in: answer.expires_in,
                 };
-                let sealed = self.sessions.seal_refreshed(&rec, &tokens, store::now());
+                let now = store::now();
+                let sealed = if usable {
+                    self.sessions.seal_refreshed(&rec, &tokens, now)
+                } else {
+                    self.sessions
+                        .seal_unusable(&rec, tokens.refresh_token.as_ref(), now)
+                };
                 // The provider has rotated the refresh token: from here until
                 // this commit returns is the one window a crash loses the session.
                 let lease_ends = leased_at + lease_hold(provider);
                 let committed = self
                     .commit_with_retries(id, sealed, rec.version, lease_ends)
                     .await;
-                if !matches!(committed, Ok(Some(_))) {
+                let stored = matches!(committed, Ok(Some(_)));
+                if !usable || !stored {
                     self.metrics.refresh(&rec.provider, "failed", Some(took));
+                }
+                if !stored {
                     // Let a later attempt (or a replaced token) proceed at once.
                     if let Err(e) = store.release_refresh_lease(id, &self.owner).await {
                         tracing::warn!(session = %id, error = %e, "cannot release the refresh lease; it expires on its own");
                     }
                 }
                 match committed {
+                    Ok(Some(new)) if !usable => {
+                        tracing::warn!(
+                            session = %id,
+                            provider = %rec.provider,
+                            retry = why == Why::Retry,
+                            "the token endpoint answered an access token that cannot be sent (empty, spaces, control or non-ASCII characters); kept its refresh token, the access token counts as expired"
+                        );
+                        *flight = Flight {
+                            version: new.version,
+                            failures: flight.failures + 1,
+                            retry_at: None,
+                        };
+                        // Cached copies hold the old expiry: drop them, so
+                        // the next request sees the token as expired.
+                        self.sessions.invalidate(id);
+                        Ok(Attempt::Unusable {
+                            version: new.version,
+                            backoff_max: provider.refresh_backoff_max,
+                        })
+                    }
                     Ok(Some(new)) => {
                         let window = started.elapsed() - took;
                         self.metrics.refresh(&rec.provider, "ok", Some(took));
@@ -370,7 +443,7 @@ impl Refresher {
                             version: new.version,
                             ..Flight::default()
                         };
-                        Ok(self.sessions.install(&new, generation)?)
+                        Ok(Attempt::Done(self.sessions.install(&new, generation)?))
                     }
                     Ok(None) => {
                         // Only if the row moved under us (our lease ran out, or

@@ -5,9 +5,9 @@
 //! a database writer cannot swap one session's refresh token into another's
 //! row without the open failing.
 //!
-//! The 32-byte key comes from a file (created 0600 on first use) or from an
-//! environment variable; both hold it as base64 (a file may also hold the 32
-//! raw bytes).
+//! The 32-byte key comes from a file (created 0600 on first use, and only
+//! while the store holds nothing sealed) or from an environment variable;
+//! both hold it as base64 (a file may also hold the 32 raw bytes).
 
 use std::io::Write;
 use std::path::Path;
@@ -63,18 +63,25 @@ impl Sealer {
         }
     }
 
-    /// Loads the key from where the configuration says, creating the key
-    /// file (mode 0600) when it does not exist yet.
-    pub fn load(source: &KeySource) -> Result<Sealer, KeyError> {
+    /// Loads the key from where the configuration says; `None` when the
+    /// key file does not exist. Nothing is created here: whether a new key
+    /// may be made depends on the store (see `Sessions::open`).
+    pub fn load_existing(source: &KeySource) -> Result<Option<Sealer>, KeyError> {
         match source {
             KeySource::Env(var) => {
                 let text = std::env::var(var).map_err(|_| KeyError::EnvMissing(var.clone()))?;
                 let key = decode_key(text.trim().as_bytes())
                     .ok_or_else(|| KeyError::EnvContent(var.clone()))?;
-                Ok(Sealer::from_key(&key))
+                Ok(Some(Sealer::from_key(&key)))
             }
-            KeySource::File(path) => Ok(Sealer::from_key(&load_or_create_key_file(path)?)),
+            KeySource::File(path) => Ok(read_key_file(path)?.map(|key| Sealer::from_key(&key))),
         }
+    }
+
+    /// Creates the key file (mode 0600) with a new random key; if another
+    /// process created it first, uses theirs.
+    pub fn create_key_file(path: &Path) -> Result<Sealer, KeyError> {
+        Ok(Sealer::from_key(&load_or_create_key_file(path)?))
     }
 
     pub fn seal(&self, plaintext: &SecretString, aad: &[u8]) -> Vec<u8> {
@@ -118,21 +125,57 @@ fn decode_key(bytes: &[u8]) -> Option<[u8; 32]> {
     decoded.try_into().ok()
 }
 
+/// The key in the file at `path`, or `None` when there is no such file.
+fn read_key_file(path: &Path) -> Result<Option<[u8; 32]>, KeyError> {
+    let shown = path.display().to_string();
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
+                return Ok(Some(raw));
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            decode_key(text.trim().as_bytes())
+                .map(Some)
+                .ok_or(KeyError::FileContent { path: shown })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(KeyError::File {
+            path: shown,
+            source,
+        }),
+    }
+}
+
+/// A warning when the key file can be read or written by anyone but its
+/// owner (Unix permission bits).
+pub fn key_file_warning(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "store.key_file {} is accessible by group or others (mode {mode:04o}); anyone who can read it can open the stored tokens: chmod 600 it",
+                path.display()
+            )
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
     let shown = path.display().to_string();
     let file_err = |source| KeyError::File {
         path: shown.clone(),
         source,
     };
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
-                return Ok(raw);
-            }
-            let text = String::from_utf8_lossy(&bytes);
-            decode_key(text.trim().as_bytes()).ok_or(KeyError::FileContent { path: shown })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match read_key_file(path)? {
+        Some(key) => Ok(key),
+        None => {
             let mut key = [0u8; 32];
             rand::rng().fill_bytes(&mut key);
             let mut opts = std::fs::OpenOptions::new();
@@ -156,7 +199,6 @@ fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
                 Err(e) => Err(file_err(e)),
             }
         }
-        Err(e) => Err(file_err(e)),
     }
 }
 

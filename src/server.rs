@@ -17,7 +17,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -28,9 +27,7 @@ use crate::config::{Config, ServerConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Mount, Proxy};
 use crate::refresh::Refresher;
-use crate::seal::Sealer;
 use crate::sessions::Sessions;
-use crate::store;
 
 /// A started server. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
@@ -74,11 +71,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let sealer = Sealer::load(&config.store.key)?;
-    let store = store::open(config.store.url.expose_secret())
-        .await
-        .with_context(|| format!("store.url: cannot open {}", config.store.shown_url()))?;
-    let sessions = Arc::new(Sessions::new(store, sealer, &config));
+    let (sessions, warnings) = Sessions::open(&config).await?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let sessions = Arc::new(sessions);
     let metrics = Arc::new(Metrics::default());
     let refresher = Arc::new(Refresher::new(
         &config,

@@ -22,9 +22,9 @@ use dashmap::DashMap;
 use secrecy::SecretString;
 use serde::Serialize;
 
-use crate::config::{Config, ProviderConfig};
+use crate::config::{Config, KeySource, ProviderConfig};
 use crate::provider::{Credentials, UnusableToken};
-use crate::seal::{OpenError, Sealer};
+use crate::seal::{KeyError, OpenError, Sealer};
 use crate::session::{new_session_id, BadKey, KeyHash, SessionKey, Status};
 use crate::store::{self, NewSession, SealedTokens, SessionRecord, Store, StoreError};
 
@@ -48,6 +48,29 @@ pub enum SessionError {
     BadKey(#[from] BadKey),
     #[error("the access token is empty")]
     EmptyToken,
+}
+
+/// Why the store and the sealing key could not be opened together. The
+/// texts name what is missing and where, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store.url: cannot open {shown}: {reason}")]
+    Store { shown: String, reason: StoreError },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{key} {path} does not exist, but the store ({store}) holds {sealed} session(s) sealed under the key it held, and a new key could not open them, so none is made. Restore the key file from your backup (or point {key} or store.key_env at the key). If the key is lost for good, so are the stored tokens: empty the store (delete its sessions, or start from a new database or SQLite file) and connect the accounts again; a new key is then made.")]
+    KeyMissing {
+        key: &'static str,
+        path: String,
+        store: String,
+        sealed: i64,
+    },
+    #[error("the sealing key ({key}) does not open the stored sessions: session {session} in {store} was sealed under another key. The key was replaced, or belongs to another store: restore the key this store was sealed with.")]
+    WrongKey {
+        key: String,
+        session: String,
+        store: String,
+    },
 }
 
 /// A session ready for the hot path.
@@ -170,6 +193,66 @@ impl Sessions {
         &self.store
     }
 
+    /// Opens the configured store and sealing key, and proves that they
+    /// belong together: the newest stored session's access token must open.
+    /// A key file is created only while the store holds no session (a new
+    /// key could open none of them). Returns warnings for the operator (a
+    /// key file others can read).
+    pub async fn open(config: &Config) -> Result<(Sessions, Vec<String>), StartError> {
+        use secrecy::ExposeSecret;
+        let shown = config.store.shown_url();
+        let in_store = |reason| StartError::Store {
+            shown: shown.clone(),
+            reason,
+        };
+        let store = store::open(config.store.url.expose_secret())
+            .await
+            .map_err(in_store)?;
+        let mut warnings = Vec::new();
+        let sealer = match (Sealer::load_existing(&config.store.key)?, &config.store.key) {
+            (Some(sealer), _) => sealer,
+            (None, KeySource::File(path)) => {
+                let sealed: i64 = store
+                    .count_sessions()
+                    .await
+                    .map_err(in_store)?
+                    .iter()
+                    .map(|c| c.count)
+                    .sum();
+                if sealed > 0 {
+                    return Err(StartError::KeyMissing {
+                        key: "store.key_file",
+                        path: path.display().to_string(),
+                        store: shown,
+                        sealed,
+                    });
+                }
+                Sealer::create_key_file(path)?
+            }
+            // An environment variable that is not set is an error of its own.
+            (None, KeySource::Env(var)) => return Err(KeyError::EnvMissing(var.clone()).into()),
+        };
+        if let KeySource::File(path) = &config.store.key {
+            warnings.extend(crate::seal::key_file_warning(path));
+        }
+        if let Some(rec) = store.newest_session().await.map_err(in_store)? {
+            if sealer
+                .open(&rec.access_token, &aad(&rec.id, "access"))
+                .is_err()
+            {
+                return Err(StartError::WrongKey {
+                    key: match &config.store.key {
+                        KeySource::File(path) => format!("store.key_file {}", path.display()),
+                        KeySource::Env(var) => format!("store.key_env {var}"),
+                    },
+                    session: rec.id,
+                    store: shown,
+                });
+            }
+        }
+        Ok((Sessions::new(store, sealer, config), warnings))
+    }
+
     /// The session a key names, from the cache or else the store.
     pub async fn by_key(&self, hash: &KeyHash) -> Result<Option<Arc<ActiveSession>>, SessionError> {
         if let Some(s) = self.by_key.get(hash) {
@@ -287,6 +370,25 @@ impl Sessions {
             sealed.refresh_token = rec.refresh_token.clone();
         }
         sealed
+    }
+
+    /// What a refresh stores when the endpoint answered an access token
+    /// that cannot be sent: the refresh token it rotated (or the old one),
+    /// and the old access token marked as having expired just before this
+    /// refresh, so it is refreshed again at its next use.
+    pub fn seal_unusable(
+        &self,
+        rec: &SessionRecord,
+        refresh_token: Option<&SecretString>,
+        now: i64,
+    ) -> SealedTokens {
+        SealedTokens {
+            access_token: rec.access_token.clone(),
+            refresh_token: refresh_token
+                .map(|r| self.sealer.seal(r, &aad(&rec.id, "refresh")))
+                .or_else(|| rec.refresh_token.clone()),
+            expires_at: Some(now - 1),
+        }
     }
 
     /// Notes that a request used `session`; the shared map is written at
@@ -418,8 +520,11 @@ impl Sessions {
         if tokens.access_token.expose_secret().is_empty() {
             return Err(SessionError::EmptyToken);
         }
-        // Refuse tokens that could never be injected, now rather than per request.
-        Credentials::new(provider_cfg, &tokens.access_token)?;
+        // Refuse tokens that could never be injected, now rather than per
+        // request: the same rule as for a token endpoint's answer.
+        if !crate::token::usable_access_token(provider_cfg, &tokens.access_token) {
+            return Err(UnusableToken.into());
+        }
         Ok(())
     }
 

@@ -147,8 +147,13 @@ impl TokenEndpoint {
                 })
             })?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|_| {
-            TokenError::Failed(format!("answered {status} but the body could not be read"))
+        let body = read_capped(resp, MAX_ANSWER_BYTES).await.map_err(|e| {
+            TokenError::Failed(match e {
+                BodyError::TooLarge => {
+                    format!("answered {status} with more than {MAX_ANSWER_BYTES} bytes")
+                }
+                BodyError::Read => format!("answered {status} but the body could not be read"),
+            })
         })?;
         if status.is_success() {
             return parse_answer(&body).ok_or_else(|| {
@@ -171,6 +176,31 @@ impl TokenEndpoint {
     }
 }
 
+/// The largest token-endpoint answer read: a real one is well under 4 KiB,
+/// and an endpoint that streams more must not grow memory.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+enum BodyError {
+    TooLarge,
+    Read,
+}
+
+/// Reads a body of at most `limit` bytes, chunk by chunk, giving up (and
+/// dropping the connection) as soon as it is known to be larger.
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|_| BodyError::Read)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn parse_answer(body: &[u8]) -> Option<TokenAnswer> {
     let raw: RawAnswer = serde_json::from_slice(body).ok()?;
     let access_token = raw.access_token.filter(|t| !t.expose_secret().is_empty())?;
@@ -185,6 +215,17 @@ fn parse_answer(body: &[u8]) -> Option<TokenAnswer> {
         refresh_token: raw.refresh_token.filter(|t| !t.expose_secret().is_empty()),
         expires_in,
     })
+}
+
+/// Whether an access token from a token endpoint can be used as issued:
+/// visible ASCII only (no spaces, no control characters; RFC 6750's
+/// `b64token` is a subset) and injectable for `provider`. Anything else
+/// would be committed only to fail every request that uses it.
+pub fn usable_access_token(provider: &ProviderConfig, token: &SecretString) -> bool {
+    let text = token.expose_secret();
+    !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_graphic())
+        && crate::provider::Credentials::new(provider, token).is_ok()
 }
 
 /// Exponential back-off with jitter: `base * 2^(failures-1)`, capped, times 0.8..1.2.

@@ -1036,3 +1036,229 @@ fn dockerfile_run_example_works_as_written() {
         "relative paths in the environment land in the volume"
     );
 }
+
+/// A config like `w`'s, with the store URL replaced; written to `name`.
+fn config_with_store(w: &World, name: &str, store_url: &str) -> std::path::PathBuf {
+    let path = w.path(name);
+    let text = w.config_text(&Extra {
+        store_url: Some(store_url.to_owned()),
+        ..Extra::default()
+    });
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Everything a run printed, stdout and stderr.
+fn printed(o: &std::process::Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_urls_credentials_are_never_printed() {
+    let w = World::new().await;
+    // Nothing listens on 127.0.0.1:1; none of these URLs can be opened.
+    let cases = [
+        // In the query, where sqlx takes it from.
+        "postgres://cpuser@127.0.0.1:1/cpdb?password=Hunter2-query",
+        // An unescaped `/`: the URL parser makes `cpuser` the host and the
+        // password's start a port (or the path).
+        "postgres://cpuser:Hunter2/slash@127.0.0.1:1/cpdb",
+        "postgres://cpuser:1234/Hunter2@127.0.0.1:1/cpdb",
+        // A misspelt parameter: sqlx would log its value.
+        "postgres://cpuser@127.0.0.1:1/cpdb?passwd=Hunter2-typo",
+        "postgres://cpuser:Hunter2%2Fescaped@127.0.0.1:1/cpdb?sslmode=Hunter2-mode",
+    ];
+    for (i, store_url) in cases.iter().enumerate() {
+        let cfg = config_with_store(&w, &format!("pg{i}.toml"), store_url);
+        let mut commands: Vec<Vec<&str>> = vec![vec!["check"]];
+        if i == 0 {
+            commands.extend([
+                vec!["serve"],
+                vec!["session", "list"],
+                vec!["session", "revoke", "s_nope"],
+                vec![
+                    "session",
+                    "add",
+                    "--provider",
+                    "spark",
+                    "--access-token",
+                    "tok-x",
+                ],
+                vec!["connect", "spark"],
+            ]);
+        }
+        for args in commands {
+            let out = Command::new(BIN)
+                .args(&args)
+                .arg("--config")
+                .arg(&cfg)
+                .env("RUST_LOG", "trace")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run");
+            let all = printed(&out);
+            assert_eq!(out.status.code(), Some(1), "{args:?} {store_url}: {all}");
+            assert!(all.contains("store.url"), "{args:?} {store_url}: {all}");
+            for secret in ["Hunter2", "1234", "cpuser", "password=", "cpdb?"] {
+                let said = all
+                    .lines()
+                    .filter(|l| l.contains("store") || l.contains("sqlx"))
+                    .any(|l| l.contains(secret));
+                assert!(!said, "{args:?} {store_url} printed {secret:?}: {all}");
+            }
+        }
+    }
+    let cfg = config_with_store(&w, "pg-shown.toml", cases[0]);
+    let out = run_cli(&cfg, &["check"]);
+    assert!(
+        stderr(&out).contains("postgres://127.0.0.1:1/cpdb"),
+        "host, port and database are shown: {}",
+        stderr(&out)
+    );
+
+    // A real server refusing a wrong password, and one accepting the right
+    // password given in the query.
+    let Some(db) = support::postgres_db("store_url_credentials").await else {
+        return;
+    };
+    let mut wrong = url::Url::parse(&db).expect("url");
+    wrong.set_password(Some("Hunter2-wrong")).expect("password");
+    let cfg = config_with_store(&w, "pg-wrong.toml", wrong.as_str());
+    let out = run_cli(&cfg, &["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(
+        !printed(&out).contains("Hunter2")
+            && stderr(&out).contains("password authentication failed"),
+        "{}",
+        printed(&out)
+    );
+    let mut in_query = url::Url::parse(&db).expect("url");
+    let password = in_query.password().expect("a password").to_owned();
+    in_query.set_password(None).expect("no password");
+    in_query.set_query(Some(&format!("password={password}")));
+    let cfg = config_with_store(&w, "pg-query.toml", in_query.as_str());
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(!printed(&out).contains(&password), "{}", printed(&out));
+}
+
+/// What `check` and the other commands do when the key file is gone, or
+/// another one is in its place, with sessions in the store.
+async fn missing_or_wrong_key(store_url: Option<String>) {
+    use base64::Engine;
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra {
+        store_url,
+        ..Extra::default()
+    });
+    let key_file = w.path("credproxy.key");
+    // An empty store: the key is made, as ever.
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(key_file.exists());
+    let t = w.spark.issue_tokens();
+    support::cli_add(&cfg, "spark", &t);
+    let out = run_cli(&cfg, &["check"]);
+    assert!(
+        stdout(&out).contains("the sealing key opens them"),
+        "{}",
+        printed(&out)
+    );
+
+    std::fs::remove_file(&key_file).expect("rm credproxy.key");
+    for args in [
+        &["check"][..],
+        &["serve"][..],
+        &["session", "list"][..],
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "tok-new",
+        ][..],
+    ] {
+        let out = run_cli(&cfg, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", printed(&out));
+        assert!(
+            err.contains("store.key_file")
+                && err.contains(&key_file.display().to_string())
+                && err.contains("does not exist")
+                && err.contains("1 session(s)")
+                && err.contains("Restore the key file"),
+            "{args:?}: the message says what is missing, where, and how to recover: {err}"
+        );
+        assert!(!key_file.exists(), "{args:?}: no new key is made");
+    }
+
+    // Another key in its place: refused too, with a clear message.
+    let other = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
+    std::fs::write(&key_file, format!("{other}\n")).expect("write key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    for args in [&["check"][..], &["serve"][..]] {
+        let out = run_cli(&cfg, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", printed(&out));
+        assert!(
+            err.contains("does not open the stored sessions") && err.contains("store.key_file"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_wrong_key_is_refused_while_sessions_are_stored() {
+    missing_or_wrong_key(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_wrong_key_is_refused_while_sessions_are_stored_postgres() {
+    let Some(db) = support::postgres_db("missing_or_wrong_key").await else {
+        return;
+    };
+    missing_or_wrong_key(Some(db)).await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(!printed(&out).contains("chmod"), "{}", printed(&out));
+    let key_file = w.path("credproxy.key");
+    let mode = std::fs::metadata(&key_file)
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "made 0600");
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run_cli(&cfg, &["check"]);
+    assert!(
+        out.status.success(),
+        "a warning, not a refusal: {}",
+        printed(&out)
+    );
+    assert!(
+        stdout(&out).contains("warning: store.key_file")
+            && stdout(&out).contains("0644")
+            && stdout(&out).contains("chmod 600"),
+        "{}",
+        printed(&out)
+    );
+    let srv = BinServer::spawn(&cfg, "info");
+    srv.stderr
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("WARN") && l.contains("store.key_file") && l.contains("chmod 600")
+        })
+        .expect("serve warns at start-up");
+}

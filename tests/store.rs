@@ -5,6 +5,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use credproxy::session::{KeyHash, Status};
 use credproxy::store::{
@@ -368,3 +369,92 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(sessions_crud, leases_and_commits, change_log, oauth_states);
+
+// The SQLite file on disk, with the server running.
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_files_are_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = support::World::new().await;
+    let srv = w.start(&support::Extra::default()).await;
+    // A write, so that the -wal and -shm files exist.
+    support::add_session(&srv, "spark", &w.spark).await;
+    for name in [
+        "credproxy.db",
+        "credproxy.db-wal",
+        "credproxy.db-shm",
+        "credproxy.key",
+    ] {
+        let mode = std::fs::metadata(w.path(name))
+            .expect(name)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {:o}", mode & 0o777);
+    }
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_sqlite_file_fails_readiness_and_every_write_loudly() {
+    let w = support::World::new().await;
+    let cfg = w.write_config(&support::Extra::default());
+    let srv = support::BinServer::spawn(&cfg, "info");
+    let c = support::client();
+    let admin = |path: &str| support::url(srv.admin_addr, path);
+    let ready = || async {
+        c.get(admin("/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .status()
+    };
+    assert_eq!(ready().await, 200);
+    let add = || async {
+        c.post(admin("/admin/sessions"))
+            .bearer_auth(support::ADMIN_TOKEN)
+            .json(&serde_json::json!({"provider": "spark", "access_token": "tok-deleted-file"}))
+            .send()
+            .await
+            .expect("add")
+    };
+    let r = add().await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let db = w.path("credproxy.db");
+    std::fs::remove_file(&db).expect("rm credproxy.db");
+    assert_eq!(
+        ready().await,
+        503,
+        "the store is not ready without its file"
+    );
+    assert!(!add().await.status().is_success(), "an insert is refused");
+    let r = c
+        .post(admin(&format!("/admin/sessions/{id}/refresh")))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("refresh");
+    assert!(!r.status().is_success(), "a refresh is refused");
+    assert_eq!(
+        w.spark.token_calls(),
+        0,
+        "no refresh token is spent on a commit that would be lost"
+    );
+    let path = db.display().to_string();
+    let line = srv
+        .stderr
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("ERROR") && l.contains(&path) && l.contains("deleted or replaced")
+        })
+        .expect("an error log line naming the file");
+    assert!(line.contains("store write refused"), "{line}");
+
+    // A new file in its place is not the one the server has open either.
+    std::fs::write(&db, b"").expect("a new file");
+    assert_eq!(ready().await, 503);
+}

@@ -30,6 +30,17 @@ pub enum StoreError {
     Closed,
     #[error("store: corrupt row for session {0}")]
     Corrupt(String),
+    /// The store could not be opened; the text has had the URL's
+    /// credentials taken out (see [`scrub`]).
+    #[error("store: {0}")]
+    Open(String),
+    /// The URL is malformed; says what is wrong without quoting it.
+    #[error("{0}")]
+    BadUrl(String),
+    /// The SQLite file was deleted or replaced while it was open: what is
+    /// written now would be lost, so nothing is.
+    #[error("store: the SQLite file {path} was deleted or replaced while credproxy had it open; nothing more is written to it (restore the file and restart credproxy)")]
+    FileReplaced { path: String },
 }
 
 /// A session row as stored: tokens still sealed.
@@ -145,6 +156,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// All sessions, oldest first.
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// The session updated last, if any: the one a start-up check opens to
+    /// prove the sealing key fits.
+    async fn newest_session(&self) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self
+            .list_sessions()
+            .await?
+            .into_iter()
+            .max_by_key(|r| r.updated_at))
+    }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError>;
 
@@ -300,6 +321,185 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     }
 }
 
+/// The store URL as it may be shown: for PostgreSQL only host, port and
+/// database (`postgres://db:5432/credproxy`), never the user, the password
+/// or the query; for SQLite the file, without the query. A PostgreSQL URL
+/// that does not parse cleanly (a password with an unescaped `/`, `?`, `#`
+/// or `@` spills into the host, port or path) is not shown at all.
+pub fn describe_url(url: &str) -> String {
+    if url.starts_with("sqlite:") {
+        return url.split(['?', '#']).next().unwrap_or(url).to_owned();
+    }
+    match PgUrl::parse(url, false) {
+        Ok(pg) => format!("postgres://{}:{}/{}", pg.host, pg.port, pg.database),
+        Err(_) if is_postgres(url) => "postgres://(not shown: the URL does not parse)".to_owned(),
+        Err(_) => "(an unsupported store URL, not shown)".to_owned(),
+    }
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The parts of a PostgreSQL URL that may be shown.
+struct PgUrl {
+    host: String,
+    port: String,
+    database: String,
+}
+
+/// What a PostgreSQL URL may be told to hold in its query (sqlx's list);
+/// anything else is refused, because sqlx logs an unknown parameter's value.
+const PG_PARAMS: [&str; 17] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+];
+
+impl PgUrl {
+    /// Parses a `postgres://` URL; with `strict`, also checks its
+    /// parameters. The error says what is wrong without quoting any of it.
+    fn parse(url: &str, strict: bool) -> Result<PgUrl, String> {
+        const MALFORMED: &str = "the URL does not parse as postgres://USER:PASSWORD@HOST:PORT/DATABASE: percent-encode `/ ? # @ : %` in the user name and password";
+        if !is_postgres(url) {
+            return Err("expected sqlite:... or postgres://...".into());
+        }
+        let parsed = url::Url::parse(url).map_err(|_| MALFORMED.to_owned())?;
+        let path = parsed.path().strip_prefix('/').unwrap_or(parsed.path());
+        // `postgres://u:pa/ss@h/db` parses as host `u`, port `pa`... or,
+        // with a numeric password start, as a path holding `@`.
+        if path.contains(['/', '@']) || parsed.fragment().is_some() {
+            return Err(MALFORMED.to_owned());
+        }
+        let mut host = parsed.host_str().unwrap_or_default().to_owned();
+        let mut port = parsed.port().map(|p| p.to_string());
+        let mut database = path.to_owned();
+        for (key, value) in parsed.query_pairs() {
+            let known = PG_PARAMS.contains(&key.as_ref())
+                || key == "options"
+                || (key.starts_with("options[") && key.ends_with(']'));
+            if strict && !known {
+                let shown = if key.len() <= 40
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_[]".contains(&b))
+                {
+                    format!("`{key}`")
+                } else {
+                    "(not shown)".to_owned()
+                };
+                return Err(format!(
+                    "the URL has an unknown parameter {shown} (known: {})",
+                    PG_PARAMS.join(", ")
+                ));
+            }
+            match key.as_ref() {
+                "sslmode" | "ssl-mode"
+                    if strict
+                        && ![
+                            "disable",
+                            "allow",
+                            "prefer",
+                            "require",
+                            "verify-ca",
+                            "verify-full",
+                        ]
+                        .contains(&value.to_ascii_lowercase().as_str()) =>
+                {
+                    return Err(
+                        "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"
+                            .into(),
+                    );
+                }
+                "port" if strict && value.parse::<u16>().is_err() => {
+                    return Err("the `port` parameter must be a port number".into());
+                }
+                "port" if value.parse::<u16>().is_err() => {}
+                "host" | "hostaddr" if host.is_empty() => host = value.into_owned(),
+                "port" if port.is_none() => port = Some(value.into_owned()),
+                "dbname" => database = value.into_owned(),
+                _ => {}
+            }
+        }
+        if host.is_empty() {
+            host = "localhost".to_owned();
+        }
+        Ok(PgUrl {
+            host,
+            port: port.unwrap_or_else(|| "5432".to_owned()),
+            database,
+        })
+    }
+}
+
+/// Checks a PostgreSQL URL before sqlx sees it (see [`PgUrl::parse`]).
+pub(crate) fn check_postgres_url(url: &str) -> Result<(), StoreError> {
+    PgUrl::parse(url, true)
+        .map(|_| ())
+        .map_err(StoreError::BadUrl)
+}
+
+/// `text` (an error message) with every credential the store URL holds
+/// replaced by `***`: the URL itself, its user information, the password
+/// (as written and decoded) and every `password` parameter.
+pub(crate) fn scrub(text: &str, url: &str) -> String {
+    let mut needles: Vec<String> = vec![url.to_owned()];
+    if let Ok(parsed) = url::Url::parse(url) {
+        if let Some(password) = parsed.password() {
+            needles.push(password.to_owned());
+            needles.push(
+                percent_encoding::percent_decode_str(password)
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            );
+        }
+        for (key, value) in parsed.query_pairs() {
+            if key == "password" {
+                needles.push(value.into_owned());
+            }
+        }
+        if let Some(query) = parsed.query() {
+            for pair in query.split('&') {
+                if let Some(("password", raw)) = pair.split_once('=') {
+                    needles.push(raw.to_owned());
+                }
+            }
+        }
+    }
+    // Also whatever sits between the scheme and the last `@`, in case the
+    // URL does not parse the way it was meant to.
+    if let Some(rest) = url.split_once("://").map(|(_, r)| r) {
+        if let Some((userinfo, _)) = rest.rsplit_once('@') {
+            needles.push(userinfo.to_owned());
+            if let Some((_, password)) = userinfo.split_once(':') {
+                needles.push(password.to_owned());
+            }
+        }
+    }
+    needles.retain(|n| !n.is_empty());
+    // Longest first, so a part never leaves the rest of a longer needle behind.
+    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    let mut out = text.to_owned();
+    for n in &needles {
+        out = out.replace(n.as_str(), "***");
+    }
+    out
+}
+
 /// Seconds since the Unix epoch.
 pub fn now() -> i64 {
     now_ms() / 1000
@@ -311,4 +511,80 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        for (url, shown) in [
+            ("postgres://u:hunter2@db:5432/cp", "postgres://db:5432/cp"),
+            (
+                "postgres://u@db/cp?password=hunter2",
+                "postgres://db:5432/cp",
+            ),
+            (
+                "postgresql://u:p%2Fw@db:6543/cp?sslmode=require",
+                "postgres://db:6543/cp",
+            ),
+            (
+                "postgres:///cp?host=/run/postgresql&user=u",
+                "postgres:///run/postgresql:5432/cp",
+            ),
+            ("postgres://db", "postgres://db:5432/"),
+            (
+                "sqlite:///var/lib/credproxy.db?mode=rwc",
+                "sqlite:///var/lib/credproxy.db",
+            ),
+            ("sqlite::memory:", "sqlite::memory:"),
+        ] {
+            assert_eq!(describe_url(url), shown, "{url}");
+        }
+        // An unescaped `/` in the password: host `u`, port or path taken
+        // from the password. Nothing of it is shown.
+        for url in [
+            "postgres://u:hun/ter2@db/cp",
+            "postgres://u:1234/ter2@db/cp",
+            "postgres://u:12#ter2@db/cp",
+            "postgres://u:hun?ter2@db/cp",
+        ] {
+            let shown = describe_url(url);
+            assert!(
+                !shown.contains("ter2") && !shown.contains("hun") && !shown.contains("1234"),
+                "{url}: {shown}"
+            );
+            let e = check_postgres_url(url).expect_err(url).to_string();
+            assert!(
+                !e.contains("ter2") && !e.contains("hun") && !e.contains("1234"),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused_by_name_only() {
+        let e = check_postgres_url("postgres://db/cp?passwd=hunter2")
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("`passwd`") && !e.contains("hunter2"), "{e}");
+        let e = check_postgres_url("postgres://db/cp?sslmode=hunter2")
+            .expect_err("bad sslmode")
+            .to_string();
+        assert!(e.contains("sslmode") && !e.contains("hunter2"), "{e}");
+        check_postgres_url("postgres://u:p@db:5432/cp?sslmode=verify-full&application_name=x&options[statement_timeout]=5s")
+            .expect("known parameters");
+    }
+
+    #[test]
+    fn scrub_takes_out_every_form_of_the_password() {
+        let url = "postgres://u:p%40ss%2Fword@db/cp?password=other";
+        let text = format!("failed for {url}: p@ss/word, p%40ss%2Fword, other");
+        let out = scrub(&text, url);
+        for secret in ["p@ss/word", "p%40ss%2Fword", "other"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(out.starts_with("failed for ***"), "{out}");
+    }
 }

@@ -12,7 +12,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
 use super::{
@@ -44,14 +46,21 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Connects and migrates. Errors never quote the URL's credentials:
+    /// the URL is checked first (sqlx would log an unknown parameter's
+    /// value), and sqlx's own messages are scrubbed of it.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        super::check_postgres_url(url)?;
+        let scrubbed = |e: sqlx::Error| StoreError::Open(super::scrub(&e.to_string(), url));
+        let options = PgConnectOptions::from_str(url).map_err(scrubbed)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // Fail fast while the database is down: requests for cached
             // sessions go on; others get a clear 503.
             .acquire_timeout(Duration::from_secs(3))
-            .connect(url)
-            .await?;
+            .connect_with(options)
+            .await
+            .map_err(scrubbed)?;
         // Takes an advisory lock: instances starting together migrate once.
         MIGRATOR.run(&pool).await?;
         Ok(PgStore {
@@ -172,6 +181,13 @@ impl Store for PgStore {
         let sql = format!("SELECT {COLUMNS} FROM sessions ORDER BY created_at, seq");
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         rows.iter().map(record).collect()
+    }
+
+    async fn newest_session(&self) -> Result<Option<SessionRecord>, StoreError> {
+        let sql =
+            format!("SELECT {COLUMNS} FROM sessions ORDER BY updated_at DESC, seq DESC LIMIT 1");
+        let row = sqlx::query(&sql).fetch_optional(&self.pool).await?;
+        row.as_ref().map(record).transpose()
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {

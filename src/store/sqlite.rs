@@ -5,6 +5,7 @@
 //! refresh token must survive a power cut), and `busy_timeout` lets a CLI
 //! write wait for the server's instead of failing.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -39,6 +40,74 @@ pub struct SqliteStore {
     /// lease writes never hold up a commit's fsync behind them.
     leases: mpsc::UnboundedSender<WriteJob>,
     gate: Arc<WriteGate>,
+    /// The file as opened (none in memory): checked before every write and
+    /// by `ping`, so a deleted or replaced file is noticed.
+    file: Option<DbFile>,
+}
+
+/// The database file and its identity (device and inode) when opened.
+#[derive(Debug)]
+struct DbFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl DbFile {
+    /// The file `opts` names, unless the database lives in memory.
+    fn path_of(opts: &SqliteConnectOptions, url: &str) -> Option<PathBuf> {
+        let name = opts.get_filename();
+        let text = name.to_string_lossy();
+        let params = url.split_once('?').map_or("", |(_, q)| q);
+        let memory = text.is_empty()
+            || text.starts_with("file:sqlx-in-memory")
+            || url::form_urlencoded::parse(params.as_bytes())
+                .any(|(k, v)| k == "mode" && v == "memory");
+        (!memory).then(|| name.to_path_buf())
+    }
+
+    /// Creates the file, empty and 0600, if it does not exist yet: SQLite
+    /// gives the `-wal` and `-shm` files it makes the database file's mode.
+    fn create_private(path: &Path, url: &str) -> Result<(), StoreError> {
+        let params = url.split_once('?').map_or("", |(_, q)| q);
+        if url::form_urlencoded::parse(params.as_bytes()).any(|(k, v)| k == "mode" && v == "ro") {
+            return Ok(());
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        match opts.open(path) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(StoreError::Open(format!("cannot create the file: {e}"))),
+        }
+    }
+
+    fn identity(path: &Path) -> Option<(u64, u64)> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+        }
+        #[cfg(not(unix))]
+        {
+            std::fs::metadata(path).ok().map(|_| (0, 0))
+        }
+    }
+
+    /// Whether the path still names the file that was opened.
+    fn unchanged(&self) -> Result<(), StoreError> {
+        if DbFile::identity(&self.path) == Some(self.id) {
+            Ok(())
+        } else {
+            Err(StoreError::FileReplaced {
+                path: self.path.display().to_string(),
+            })
+        }
+    }
 }
 
 impl SqliteStore {
@@ -49,6 +118,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let path = DbFile::path_of(&opts, url);
+        if let Some(path) = &path {
+            DbFile::create_private(path, url)?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -65,6 +138,18 @@ impl SqliteStore {
             .connect_with(opts.clone().synchronous(SqliteSynchronous::Normal))
             .await?;
         let commit_conn = single().connect_with(opts).await?;
+        // Every connection is open: this is the file they all write to.
+        let file = match path {
+            Some(path) => match DbFile::identity(&path) {
+                Some(id) => Some(DbFile { path, id }),
+                None => {
+                    return Err(StoreError::FileReplaced {
+                        path: path.display().to_string(),
+                    })
+                }
+            },
+            None => None,
+        };
         let (commits, commit_jobs) = mpsc::unbounded_channel();
         let (leases, lease_jobs) = mpsc::unbounded_channel();
         let gate = Arc::new(WriteGate::default());
@@ -75,10 +160,24 @@ impl SqliteStore {
             commits,
             leases,
             gate,
+            file,
         })
     }
 
+    /// Refuses a write, loudly, once the file has been deleted or replaced:
+    /// SQLite would go on writing to the unlinked file, and every change
+    /// (a rotated refresh token too) would vanish at the next start.
+    fn writable(&self) -> Result<(), StoreError> {
+        match &self.file {
+            Some(file) => file.unchanged().inspect_err(|e| {
+                tracing::error!(error = %e, "store write refused");
+            }),
+            None => Ok(()),
+        }
+    }
+
     async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
+        self.writable()?;
         let (reply, answer) = oneshot::channel();
         let writer = match op {
             WriteOp::AcquireLease { .. } | WriteOp::ReleaseLease { .. } => &self.leases,
@@ -408,10 +507,15 @@ async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Resu
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // Answering is not enough: the file must still be the one written to.
+        if let Some(file) = &self.file {
+            file.unchanged()?;
+        }
         Ok(())
     }
 
     async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+        self.writable()?;
         let mut tx = self.pool.begin().await?;
         let res = sqlx::query(
             "INSERT INTO sessions (id, provider, label, key_hash, access_token, refresh_token, expires_at, status, version, created_at, updated_at)
@@ -479,6 +583,15 @@ impl Store for SqliteStore {
         rows.iter().map(record).collect()
     }
 
+    async fn newest_session(&self) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM sessions ORDER BY updated_at DESC, rowid DESC LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
         let rows = sqlx::query(
             "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
@@ -505,6 +618,7 @@ impl Store for SqliteStore {
         expected_version: Option<i64>,
         now: i64,
     ) -> Result<Option<SessionRecord>, StoreError> {
+        self.writable()?;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
@@ -735,6 +849,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        self.writable()?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query("DELETE FROM sessions WHERE id = ?")
             .bind(id)
