@@ -143,6 +143,8 @@ struct RawServer {
     session_header: Option<String>,
     shutdown_grace: Option<RawDuration>,
     header_read_timeout: Option<RawDuration>,
+    write_timeout: Option<RawDuration>,
+    body_read_timeout: Option<RawDuration>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
     worker_threads: Option<usize>,
@@ -221,7 +223,14 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// A client must send its whole request head within this time.
     pub header_read_timeout: Duration,
-    /// The largest request head (request line and headers) accepted; above it: 431.
+    /// A response that makes no progress for this long (the client does not
+    /// read) closes its connection.
+    pub write_timeout: Duration,
+    /// A request body that makes no progress for this long gets 408 (or,
+    /// once the response has started, its connection is closed).
+    pub body_read_timeout: Duration,
+    /// The largest request head accepted, counted as sent: request line,
+    /// header lines and the blank line that ends them. Above it: 431.
     pub max_header_bytes: usize,
     /// Connections served at once per listener; further accepts wait.
     pub max_connections: usize,
@@ -629,6 +638,8 @@ fn validate(
         session_header,
         shutdown_grace: dur(s.shutdown_grace, "server.shutdown_grace", 30.0)?,
         header_read_timeout: dur(s.header_read_timeout, "server.header_read_timeout", 10.0)?,
+        write_timeout: dur(s.write_timeout, "server.write_timeout", 30.0)?,
+        body_read_timeout: dur(s.body_read_timeout, "server.body_read_timeout", 30.0)?,
         max_header_bytes: s.max_header_bytes.unwrap_or(64 * 1024),
         max_connections: s.max_connections.unwrap_or(10_000),
         worker_threads: s.worker_threads,
@@ -644,6 +655,12 @@ fn validate(
     }
     if server.header_read_timeout.is_zero() {
         return Err(invalid("server.header_read_timeout", "must be above zero"));
+    }
+    if server.write_timeout.is_zero() {
+        return Err(invalid("server.write_timeout", "must be above zero"));
+    }
+    if server.body_read_timeout.is_zero() {
+        return Err(invalid("server.body_read_timeout", "must be above zero"));
     }
 
     let st = raw.store;
@@ -1099,6 +1116,23 @@ mod tests {
         let c = parse(&GOOD.replace("sqlite://x.db", "postgres://u@db/cp?password=hunter2"))
             .expect("valid");
         assert_eq!(c.store.shown_url(), "postgres://db:5432/cp");
+    }
+    #[test]
+    fn listener_timeouts_have_defaults_and_must_be_above_zero() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.server.write_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+        let c = parse(&GOOD.replace(
+            "[store]",
+            "write_timeout = \"2s\"\nbody_read_timeout = 90\n[store]",
+        ))
+        .expect("valid");
+        assert_eq!(c.server.write_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(90));
+        for key in ["write_timeout", "body_read_timeout"] {
+            let e = err(&GOOD.replace("[store]", &format!("{key} = 0\n[store]")));
+            assert!(e.contains(&format!("server.{key}")), "{e}");
+        }
     }
 
     #[test]

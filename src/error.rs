@@ -22,6 +22,8 @@ pub enum ProxyError {
     UnknownRoute,
     BadRequest(&'static str),
     BodyTooLarge,
+    /// The request body made no progress for `server.body_read_timeout`.
+    RequestTimeout,
     TokenRefreshFailed {
         retry_after_secs: u64,
     },
@@ -42,6 +44,7 @@ impl ProxyError {
             ProxyError::UnknownRoute => "unknown_route",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::RequestTimeout => "request_timeout",
             ProxyError::TokenRefreshFailed { .. } => "token_refresh_failed",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
@@ -59,6 +62,7 @@ impl ProxyError {
             ProxyError::UnknownRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TokenRefreshFailed { .. } | ProxyError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -77,6 +81,7 @@ impl ProxyError {
             ProxyError::UnknownRoute => "no configured provider serves this path; use /{provider}/...",
             ProxyError::BadRequest(why) => why,
             ProxyError::BodyTooLarge => "the request body is larger than this provider's limit",
+            ProxyError::RequestTimeout => "the request body stopped arriving; send it again",
             ProxyError::TokenRefreshFailed { .. } => "the provider's token endpoint failed; the session is intact, retry later",
             ProxyError::UpstreamUnreachable => "the upstream API could not be reached",
             ProxyError::UpstreamTimeout => "the upstream API did not answer in time",
@@ -124,6 +129,7 @@ mod tests {
             ProxyError::UnknownRoute,
             ProxyError::BadRequest("x"),
             ProxyError::BodyTooLarge,
+            ProxyError::RequestTimeout,
             ProxyError::TokenRefreshFailed {
                 retry_after_secs: 3,
             },

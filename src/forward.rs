@@ -130,6 +130,9 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
         if err.is::<http_body_util::LengthLimitError>() {
             return ProxyError::BodyTooLarge;
         }
+        if err.is::<crate::server::BodyReadTimeout>() {
+            return ProxyError::RequestTimeout;
+        }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return ProxyError::UpstreamTimeout;

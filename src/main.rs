@@ -185,6 +185,8 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Before anything opens a descriptor; `start` fits max_connections to it.
+    server::raise_nofile_limit();
     let running = server::start(config).await?;
     // Printed whatever the log level, so people and scripts learn the ports
     // (also when a listen address asks for port 0).

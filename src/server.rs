@@ -2,24 +2,36 @@
 //! the admin listener and the background tasks, tied to one shutdown token.
 //!
 //! Limits are in plain sight here: a semaphore caps connections per
-//! listener, hyper's `max_buf_size` caps the request head (over it: 431),
-//! and `header_read_timeout` cuts off clients that send their head too
-//! slowly. On shutdown, listeners stop accepting, in-flight requests get
+//! listener (and the proxy listeners together to what `RLIMIT_NOFILE`
+//! allows), hyper's `max_header_size` caps the request head exactly (over
+//! it: 431) and `max_buf_size` what a connection buffers each way,
+//! `header_read_timeout` cuts off clients that send their head too slowly
+//! (and idle keep-alive connections), [`WriteTimeout`] closes connections
+//! whose peer stops reading, and [`ReadTimeout`] ends request bodies that
+//! stop arriving. Accept errors (out of file descriptors) back off. On
+//! shutdown, listeners stop accepting, in-flight requests get
 //! `shutdown_grace` to finish, then the rest are dropped.
 
 use std::convert::Infallible;
+use std::future::Future as _;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
@@ -100,6 +112,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     }
 
+    let (proxy_limits, admin_limits) =
+        connection_limits(config.server.max_connections, 1 + dedicated.len());
+
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let proxy_addr = proxy_listener.local_addr()?;
@@ -111,6 +126,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Arc::clone(&proxy),
         Mount::Prefixed,
         config.server.clone(),
+        proxy_limits.clone(),
         shutdown.clone(),
     ));
     let mut provider_addrs = Vec::new();
@@ -123,6 +139,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Arc::clone(&proxy),
             Mount::Dedicated(index),
             config.server.clone(),
+            proxy_limits.clone(),
             shutdown.clone(),
         ));
     }
@@ -138,6 +155,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tasks.spawn(serve(
         admin_listener,
         config.server.clone(),
+        admin_limits,
         stop,
         move |_, peer| admin::service(&app, peer),
     ));
@@ -163,9 +181,10 @@ async fn serve_proxy(
     proxy: Arc<Proxy>,
     mount: Mount,
     cfg: ServerConfig,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
-    serve(listener, cfg, shutdown, move |local, _peer| {
+    serve(listener, cfg, limits, shutdown, move |local, _peer| {
         let proxy = Arc::clone(&proxy);
         service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
@@ -177,11 +196,12 @@ async fn serve_proxy(
 
 /// Accepts HTTP/1.1 connections on one listener until shutdown, then
 /// drains: the proxy listeners and the admin listener alike, so every
-/// listener has the connection cap, the head-size limit and the
-/// header-read timeout.
+/// listener has the connection cap, the head-size limit, the header-read
+/// and write timeouts, and the accept back-off.
 async fn serve<S, B>(
     listener: TcpListener,
     cfg: ServerConfig,
+    limits: Limits,
     shutdown: CancellationToken,
     make: impl Fn(SocketAddr, SocketAddr) -> S,
 ) where
@@ -197,36 +217,52 @@ async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let connections = Arc::new(Semaphore::new(limits.per_listener));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
+        // The head limit, exact: request line, headers and the blank line,
+        // as sent. `max_buf_size` alone is a buffer size that reads may
+        // overshoot; it stays as the cap on what a connection buffers in
+        // each direction (hyper answers one request at a time, so a peer
+        // that pipelines without reading holds at most this much here,
+        // besides the kernel's socket buffers, until `write_timeout`).
+        .max_header_size(cfg.max_header_bytes)
         .max_buf_size(cfg.max_header_bytes)
         .keep_alive(true);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
-            p = Arc::clone(&connections).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
+            p = limits.acquire(&connections) => match p {
+                Some(p) => p,
+                None => break,
             },
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.succeeded(&listener);
+                    a
+                }
                 Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // Usually out of file descriptors (EMFILE, ENFILE): wait
+                    // for some to be freed instead of spinning and logging.
+                    let delay = backoff.failed(&listener, &e);
+                    drop(permit);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
                 }
             },
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(cfg.listen);
         let service = make(local, peer);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(WriteTimeout::new(stream, cfg.write_timeout));
+        let conn = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -240,5 +276,420 @@ async fn serve<S, B>(
         () = tokio::time::sleep(cfg.shutdown_grace) => {
             tracing::warn!(grace_secs = cfg.shutdown_grace.as_secs_f64(), "shutdown grace period over; closing remaining connections");
         }
+    }
+}
+
+/// File descriptors kept back from client connections: the listeners,
+/// stdio, the store's pool, the token endpoint's and notify's clients, and
+/// the admin listener's connections.
+const FD_RESERVE: u64 = 128;
+/// The admin listener's connections at once when descriptors are short.
+const ADMIN_CONNECTIONS_WHEN_SHORT: usize = 64;
+
+/// Connection caps that fit the open-file limit: each proxied connection
+/// may hold an upstream socket too, so the proxy listeners together get
+/// `(RLIMIT_NOFILE - FD_RESERVE) / 2` connections at most.
+#[derive(Debug, PartialEq, Eq)]
+struct Budget {
+    /// Connections at once on each proxy listener.
+    per_listener: usize,
+    /// Connections at once on all proxy listeners together.
+    proxy_total: usize,
+    /// Connections at once on the admin listener.
+    admin: usize,
+    /// Descriptors the configuration would need at most.
+    wanted_files: u64,
+    /// Whether the limit cut the configuration down.
+    clamped: bool,
+}
+
+impl Budget {
+    fn new(max_connections: usize, proxy_listeners: usize, nofile: Option<u64>) -> Budget {
+        let max = max_connections.min(Semaphore::MAX_PERMITS);
+        let wanted = max
+            .saturating_mul(proxy_listeners)
+            .min(Semaphore::MAX_PERMITS);
+        let wanted_files = (wanted as u64).saturating_mul(2).saturating_add(FD_RESERVE);
+        let fit =
+            nofile.map(|n| usize::try_from(n.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX));
+        match fit {
+            Some(fit) if fit < wanted => {
+                let total = fit.max(1);
+                Budget {
+                    per_listener: max.min(total),
+                    proxy_total: total,
+                    admin: max.min(ADMIN_CONNECTIONS_WHEN_SHORT),
+                    wanted_files,
+                    clamped: true,
+                }
+            }
+            _ => Budget {
+                per_listener: max,
+                proxy_total: wanted,
+                admin: max,
+                wanted_files,
+                clamped: false,
+            },
+        }
+    }
+}
+
+/// A listener's connection caps: its own, and one shared by the proxy
+/// listeners.
+#[derive(Clone)]
+struct Limits {
+    per_listener: usize,
+    shared: Option<Arc<Semaphore>>,
+}
+
+/// What one connection holds for its life.
+struct Permits {
+    _own: OwnedSemaphorePermit,
+    _shared: Option<OwnedSemaphorePermit>,
+}
+
+impl Limits {
+    async fn acquire(&self, own: &Arc<Semaphore>) -> Option<Permits> {
+        let mine = Arc::clone(own).acquire_owned().await.ok()?;
+        let shared = match &self.shared {
+            Some(s) => Some(Arc::clone(s).acquire_owned().await.ok()?),
+            None => None,
+        };
+        Some(Permits {
+            _own: mine,
+            _shared: shared,
+        })
+    }
+}
+
+/// The caps of the proxy listeners and of the admin listener, cut down
+/// (with a warning) to what `RLIMIT_NOFILE` allows.
+fn connection_limits(max_connections: usize, proxy_listeners: usize) -> (Limits, Limits) {
+    let nofile = nofile_limit();
+    let b = Budget::new(max_connections, proxy_listeners, nofile);
+    if b.clamped {
+        tracing::warn!(
+            "server.max_connections = {max_connections} on {proxy_listeners} proxy listener(s) \
+             needs up to {} open files (its connections, an upstream connection each, \
+             {FD_RESERVE} in reserve) but RLIMIT_NOFILE is {}: serving at most {} proxied \
+             connections at once and {} on the admin listener; raise the limit (systemd \
+             LimitNOFILE=, docker run --ulimit nofile=)",
+            b.wanted_files,
+            nofile.unwrap_or_default(),
+            b.proxy_total,
+            b.admin,
+        );
+    }
+    (
+        Limits {
+            per_listener: b.per_listener,
+            shared: Some(Arc::new(Semaphore::new(b.proxy_total))),
+        },
+        Limits {
+            per_listener: b.admin,
+            shared: None,
+        },
+    )
+}
+
+/// The soft `RLIMIT_NOFILE`, if there is a finite one.
+fn nofile_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rlimit::Resource::NOFILE
+            .get()
+            .ok()
+            .map(|(soft, _)| soft)
+            .filter(|&soft| soft != rlimit::INFINITY)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, so that a default
+/// soft limit (often 1024) does not cut `max_connections` short. `serve`
+/// calls it once at start-up; [`start`] then fits the connection caps to
+/// the limit.
+pub fn raise_nofile_limit() {
+    #[cfg(unix)]
+    {
+        let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft);
+        match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+            (Ok(before), Ok(now)) if now > before => {
+                tracing::info!(
+                    from = before,
+                    to = now,
+                    "raised the open-file limit (RLIMIT_NOFILE)"
+                );
+            }
+            (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+            }
+            _ => {}
+        }
+    }
+}
+
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Failed accepts (out of descriptors) are retried after 10 ms, doubling up
+/// to 1 s, with one warning per episode.
+#[derive(Default)]
+struct AcceptBackoff {
+    delay: Option<Duration>,
+    failures: u64,
+}
+
+impl AcceptBackoff {
+    fn next(delay: Option<Duration>) -> Duration {
+        delay.map_or(ACCEPT_BACKOFF_FIRST, |d| (d * 2).min(ACCEPT_BACKOFF_MAX))
+    }
+
+    /// How long to wait before the next attempt.
+    fn failed(&mut self, listener: &TcpListener, e: &io::Error) -> Duration {
+        if self.delay.is_none() {
+            tracing::warn!(
+                addr = ?listener.local_addr().ok(),
+                error = %e,
+                "accept failed; retrying with a back-off of up to 1 s until it works again"
+            );
+        }
+        self.failures += 1;
+        let delay = Self::next(self.delay);
+        self.delay = Some(delay);
+        delay
+    }
+
+    fn succeeded(&mut self, listener: &TcpListener) {
+        if self.delay.take().is_some() {
+            tracing::info!(
+                addr = ?listener.local_addr().ok(),
+                failures = self.failures,
+                "accepting connections again"
+            );
+            self.failures = 0;
+        }
+    }
+}
+
+/// A client connection whose writes fail once one has made no progress
+/// for `timeout`: a peer that stops reading (its receive window and our
+/// send buffer full) is cut off instead of holding the connection, and
+/// what is buffered for it, for ever. On that failure the socket is set
+/// to close with a reset, so the kernel drops what it still holds for
+/// the peer at once instead of trying to deliver it for minutes.
+struct WriteTimeout {
+    stream: TcpStream,
+    timeout: Duration,
+    /// Set while a write is pending: when it fails.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(stream: TcpStream, timeout: Duration) -> WriteTimeout {
+        WriteTimeout {
+            stream,
+            timeout,
+            deadline: None,
+        }
+    }
+
+    /// Passes a write's result on; a write still pending after `timeout`
+    /// of no progress becomes an error.
+    fn guard<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.deadline = None;
+            return r;
+        }
+        let timeout = self.timeout;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let _ = self.stream.set_zero_linger();
+        tracing::debug!(
+            peer = ?self.stream.peer_addr().ok(),
+            "closing a connection: its peer read nothing for write_timeout"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer read nothing for write_timeout",
+        )))
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.guard(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.guard(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_flush(cx);
+        this.guard(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.guard(cx, r)
+    }
+}
+
+/// A request body that made no progress for `server.body_read_timeout`.
+#[derive(Debug)]
+pub struct BodyReadTimeout;
+
+impl std::fmt::Display for BodyReadTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body made no progress for server.body_read_timeout")
+    }
+}
+
+impl std::error::Error for BodyReadTimeout {}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with [`BodyReadTimeout`] when no frame has
+    /// come for `timeout` while its reader waits: a no-progress limit, not
+    /// a total one, so a slow upload that keeps coming is never cut off.
+    /// Time the reader spends not asking (e.g. the upstream is slow to
+    /// take the body) does not count.
+    pub struct ReadTimeout<B> {
+        #[pin]
+        inner: B,
+        timeout: Duration,
+        // Set while the reader waits for a frame: when the body fails.
+        deadline: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<B> ReadTimeout<B> {
+    pub fn new(inner: B, timeout: Duration) -> ReadTimeout<B> {
+        ReadTimeout {
+            inner,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+impl<B> Body for ReadTimeout<B>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.deadline = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let timeout = *this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyReadTimeout)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_caps_fit_the_open_file_limit() {
+        // Ample: as configured.
+        let b = Budget::new(10_000, 1, Some(1 << 20));
+        assert!(!b.clamped);
+        assert_eq!(
+            (b.per_listener, b.proxy_total, b.admin),
+            (10_000, 10_000, 10_000)
+        );
+        assert_eq!(
+            Budget::new(10_000, 1, None),
+            Budget::new(10_000, 1, Some(u64::MAX))
+        );
+        // 1024: (1024 - 128) / 2 proxied connections, over every proxy listener.
+        let b = Budget::new(10_000, 2, Some(1024));
+        assert!(b.clamped);
+        assert_eq!((b.per_listener, b.proxy_total, b.admin), (448, 448, 64));
+        assert_eq!(b.wanted_files, 40_128);
+        // A small max_connections stays as it is.
+        let b = Budget::new(100, 1, Some(1024));
+        assert_eq!((b.per_listener, b.admin, b.clamped), (100, 100, false));
+        // Hopelessly low: still one at a time, never zero.
+        let b = Budget::new(10_000, 1, Some(50));
+        assert_eq!((b.per_listener, b.proxy_total), (1, 1));
+        // Absurd settings cannot overflow a semaphore.
+        let b = Budget::new(usize::MAX, 3, None);
+        assert_eq!(b.proxy_total, Semaphore::MAX_PERMITS);
+    }
+
+    #[test]
+    fn accept_back_off_doubles_up_to_a_second() {
+        let mut d = None;
+        let mut seen = Vec::new();
+        for _ in 0..9 {
+            let next = AcceptBackoff::next(d);
+            seen.push(next.as_millis());
+            d = Some(next);
+        }
+        assert_eq!(seen, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
     }
 }

@@ -54,6 +54,7 @@ use crate::forward::{strip_hop_by_hop, tls_config, TlsError, Upstream, UpstreamB
 use crate::metrics::Metrics;
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
 use crate::refresh::{RefreshError, Refresher};
+use crate::server::{BodyReadTimeout, ReadTimeout};
 use crate::session::{KeyHash, Status};
 use crate::sessions::{ActiveSession, SessionError, Sessions};
 use crate::store;
@@ -87,6 +88,8 @@ struct Route {
     default_session: Option<String>,
     max_request_body: Option<u64>,
     max_replay_body: usize,
+    /// `server.body_read_timeout`: a request body's no-progress limit.
+    body_read_timeout: Duration,
     refresh_margin: Duration,
     upstream: Upstream,
     /// Whose sessions this route serves (`sessions_from`, or its own name).
@@ -190,6 +193,7 @@ impl Proxy {
                 default_session: p.default_session.clone(),
                 max_request_body: p.max_request_body,
                 max_replay_body: p.max_replay_body,
+                body_read_timeout: config.server.body_read_timeout,
                 refresh_margin: p.refresh_margin,
                 upstream: Upstream::new(p)?,
                 session_owner: Box::leak(p.session_owner().to_owned().into_boxed_str()),
@@ -634,7 +638,10 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Decides whether the body is kept for a replay (up to `max_replay_body`)
 /// or streamed, and enforces `max_request_body`: a declared length over it
-/// is refused at once, a chunked body is cut off by [`Limited`].
+/// is refused at once, a chunked body is cut off by [`Limited`]. A body
+/// that stops arriving for `body_read_timeout` ends in 408 while it is
+/// being kept; streamed, its error reaches the upstream request (408 if
+/// the upstream has not answered yet, else the connection is closed).
 async fn prepare_body(
     route: &Route,
     headers: &HeaderMap,
@@ -646,6 +653,7 @@ async fn prepare_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge);
     }
+    let body = ReadTimeout::new(body, route.body_read_timeout);
     let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     if !replayable || declared.is_some_and(|n| n > route.max_replay_body as u64) {
         return Ok(Prepared::Streamed(body.boxed()));
@@ -660,6 +668,8 @@ async fn prepare_body(
         let frame = frame.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 ProxyError::BodyTooLarge
+            } else if e.is::<BodyReadTimeout>() {
+                ProxyError::RequestTimeout
             } else {
                 ProxyError::BadRequest("the request body could not be read")
             }
