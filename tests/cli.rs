@@ -1099,6 +1099,8 @@ async fn a_store_urls_credentials_are_never_printed() {
             let all = printed(&out);
             assert_eq!(out.status.code(), Some(1), "{args:?} {store_url}: {all}");
             assert!(all.contains("store.url"), "{args:?} {store_url}: {all}");
+            // Every line, at trace level too, of every kind.
+            assert!(!all.contains("Hunter2"), "{args:?} {store_url}: {all}");
             for secret in ["Hunter2", "1234", "cpuser", "password=", "cpdb?"] {
                 let said = all
                     .lines()
