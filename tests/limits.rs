@@ -147,6 +147,25 @@ async fn a_stalled_body_gets_408_within_body_read_timeout() {
     let started = Instant::now();
     let answer = raw_request(srv.proxy_addr, stalled_post(&key).as_bytes()).await;
     assert_request_timeout(&answer, started);
+    // Chunked, stalled mid-chunk; and a client that asks for 100-continue
+    // and then sends nothing.
+    for stalled in [
+        "Transfer-Encoding: chunked\r\n\r\na\r\n01234",
+        "Content-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+    ] {
+        let req = format!(
+            "POST /spark/upload HTTP/1.1\r\nHost: x\r\nX-Credproxy-Session: {key}\r\n{stalled}"
+        );
+        let started = Instant::now();
+        let mut s = TcpStream::connect(srv.proxy_addr).await.expect("connect");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        // Until the server closes: after a 100 Continue, the real answer.
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer.trim_start_matches("HTTP/1.1 100 Continue\r\n\r\n");
+        assert_request_timeout(answer, started);
+    }
     assert!(w.spark.requests().iter().all(|r| r.path != "/upload"));
     srv.shutdown().await;
 }
