@@ -509,6 +509,10 @@ impl Scrubber {
         let encoded = memchr::memchr2(b'%', b'+', value).is_some();
         for finder in &self.secrets {
             let secret = finder.needle();
+            // Every spelling of a secret is at least as long as the secret.
+            if value.len() < secret.len() {
+                continue;
+            }
             if encoded {
                 for at in memchr::memchr3_iter(secret[0], b'%', b'+', value) {
                     if let Some(end) = encoded_match(value, at, secret) {

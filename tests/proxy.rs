@@ -641,6 +641,18 @@ async fn dot_segments_in_every_spelling_and_trace_in_any_case_are_refused() {
         "GET /spark/v1/..%00/x",
         "GET /spark/v1/x/..",
         "GET /spark/v1/x/%2e%2e%5c",
+        "GET /spark/v1/%u002e%u002e/x",
+        "GET /spark/v1/..%u2215x",
+        "GET /spark/v1/x/%U002E",
+        "GET /spark/v1/..%e2%88%95x",
+        "GET /spark/v1/%c0%ae%c0%ae/x",
+        "GET /spark/v1/..%c0%afx",
+        "GET /spark/v1/..%c1%9cx",
+        "GET /spark/v1/%25c0%25ae%25c0%25ae/x",
+        "GET /spark/v1/%ef%bc%8e%ef%bc%8e/x",
+        "GET /spark/v1/..%ef%bc%8fx",
+        "GET /spark/v1/%e2%80%a5/x",
+        "GET /spark/v1/%uff0e%uff0e/x",
         "trace /spark/v1/x",
         "Trace /spark/v1/x",
         "TRACK /spark/v1/x",
@@ -661,6 +673,11 @@ async fn dot_segments_in_every_spelling_and_trace_in_any_case_are_refused() {
         ("GET /spark/v1/%2e%2ex", "/v1/%2e%2ex"),
         ("GET /spark/v1/a%2Fb;c=d", "/v1/a%2Fb;c=d"),
         ("GET /spark/v1/%zz", "/v1/%zz"),
+        (
+            "GET /spark/v1/caf%C3%A9/%E2%80%A6",
+            "/v1/caf%C3%A9/%E2%80%A6",
+        ),
+        ("GET /spark/v1/%u00e9t%c3%a9", "/v1/%u00e9t%c3%a9"),
     ] {
         let resp = raw_with_key(srv.proxy_addr, line, &key).await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{line}: {resp}");

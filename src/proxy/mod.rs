@@ -560,12 +560,16 @@ impl Proxy {
 /// Whether the path has a `.` or `..` segment in any spelling a server
 /// might normalise: percent-decoded again and again (`%2e`, `%252e`),
 /// split on `/`, `\` and their escapes (`..%2f`, `%2e%2e%5c`), with `;`
-/// parameters cut off (`..;jsessionid=x`). Still decoding after
-/// [`MAX_DECODE_ROUNDS`] rounds counts as one too. No allocation for a path
-/// without `%`.
+/// parameters cut off (`..;jsessionid=x`), look-alikes folded (IIS's
+/// `%u002e`, overlong UTF-8 `%c0%ae`, fullwidth `%ef%bc%8e`). Still decoding
+/// after [`MAX_DECODE_ROUNDS`] rounds counts as one too. No allocation for
+/// a plain ASCII path without `%`.
 fn has_dot_segment(path: &str) -> bool {
     let mut current: Cow<[u8]> = Cow::Borrowed(path.as_bytes());
     for _ in 0..=MAX_DECODE_ROUNDS {
+        if let Some(folded) = fold_lookalikes(&current) {
+            current = Cow::Owned(folded);
+        }
         if current
             .split(|&b| b == b'/' || b == b'\\')
             .any(is_dot_segment)
@@ -579,6 +583,89 @@ fn has_dot_segment(path: &str) -> bool {
         current = Cow::Owned(next);
     }
     true
+}
+
+/// Byte sequences some servers read as `.`, `/` or `\`: overlong UTF-8
+/// (which lenient decoders accept), fullwidth and other compatibility forms
+/// (which Unicode normalisation or best-fit mapping folds).
+const LOOKALIKES: [(&[u8], &[u8]); 16] = [
+    (b"\xc0\xae", b"."),
+    (b"\xc0\xaf", b"/"),
+    (b"\xc1\x9c", b"\\"),
+    (b"\xe0\x80\xae", b"."),
+    (b"\xe0\x80\xaf", b"/"),
+    (b"\xe0\x81\x9c", b"\\"),
+    (b"\xf0\x80\x80\xae", b"."),
+    (b"\xf0\x80\x80\xaf", b"/"),
+    (b"\xef\xbc\x8e", b"."),  // U+FF0E fullwidth full stop
+    (b"\xef\xbc\x8f", b"/"),  // U+FF0F fullwidth solidus
+    (b"\xef\xbc\xbc", b"\\"), // U+FF3C fullwidth reverse solidus
+    (b"\xef\xb9\x92", b"."),  // U+FE52 small full stop
+    (b"\xe2\x80\xa4", b"."),  // U+2024 one dot leader
+    (b"\xe2\x80\xa5", b".."), // U+2025 two dot leader
+    (b"\xe2\x88\x95", b"/"),  // U+2215 division slash
+    (b"\xe2\x81\x84", b"/"),  // U+2044 fraction slash
+];
+
+/// The path with IIS's `%uXXXX` escapes decoded and look-alikes of `.`,
+/// `/` and `\` replaced by them; `None` when there is neither.
+fn fold_lookalikes(path: &[u8]) -> Option<Vec<u8>> {
+    let decoded = decode_percent_u(path);
+    match replace_lookalikes(decoded.as_deref().unwrap_or(path)) {
+        Some(folded) => Some(folded),
+        None => decoded,
+    }
+}
+
+fn decode_percent_u(path: &[u8]) -> Option<Vec<u8>> {
+    let escape = |at: usize| -> Option<char> {
+        let rest = path.get(at..at + 6)?;
+        if rest[0] != b'%' || !rest[1].eq_ignore_ascii_case(&b'u') {
+            return None;
+        }
+        let hex = std::str::from_utf8(&rest[2..]).ok()?;
+        char::from_u32(u32::from_str_radix(hex, 16).ok()?)
+    };
+    let first = memchr::memchr_iter(b'%', path).find(|&i| escape(i).is_some())?;
+    let mut out = Vec::with_capacity(path.len());
+    out.extend_from_slice(&path[..first]);
+    let mut i = first;
+    while i < path.len() {
+        if let Some(c) = escape(i) {
+            out.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes());
+            i += 6;
+        } else {
+            out.push(path[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+fn replace_lookalikes(path: &[u8]) -> Option<Vec<u8>> {
+    // Every look-alike starts with a byte of 0xc0 or more.
+    let first = path.iter().position(|&b| b >= 0xc0)?;
+    let mut out = Vec::with_capacity(path.len());
+    out.extend_from_slice(&path[..first]);
+    let mut i = first;
+    let mut changed = false;
+    while i < path.len() {
+        match LOOKALIKES
+            .iter()
+            .find(|(from, _)| path[i..].starts_with(from))
+        {
+            Some((from, to)) => {
+                out.extend_from_slice(to);
+                i += from.len();
+                changed = true;
+            }
+            None => {
+                out.push(path[i]);
+                i += 1;
+            }
+        }
+    }
+    changed.then_some(out)
 }
 
 /// `.` or `..`, once `;` parameters (and anything after a NUL) are cut off
