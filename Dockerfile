@@ -27,7 +27,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY crates/standins/Cargo.toml crates/standins/Cargo.toml
 RUN mkdir -p src benches examples crates/standins/src \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/hot_path.rs \
+    && echo 'fn main() {}' > benches/hot_path.rs && echo 'fn main() {}' > benches/links.rs \
     && touch crates/standins/src/lib.rs \
     && cargo build --release --locked --bin credproxy \
     && rm -rf src crates/standins/src
