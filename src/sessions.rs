@@ -134,9 +134,27 @@ pub struct SessionInfo {
     pub updated_at: String,
 }
 
+/// The longest token lifetime believed: a provider (or a hostile token
+/// endpoint) announcing more gets this, so `expires_at` stays a date that
+/// can be shown (and compared) without overflow.
+pub const MAX_LIFETIME_SECS: u64 = 10 * 366 * 24 * 3600;
+
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const MAX_RFC3339: i64 = 253_402_300_799;
+
 fn rfc3339(unix: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.clamp(0, MAX_RFC3339) as u64);
+    let mut out = String::new();
+    // humantime's Display cannot fail within its range; never panic on a stored value.
+    if std::fmt::Write::write_fmt(
+        &mut out,
+        format_args!("{}", humantime::format_rfc3339_seconds(t)),
+    )
+    .is_err()
+    {
+        out = "9999-12-31T23:59:59Z".to_owned();
+    }
+    out
 }
 
 impl From<&SessionRecord> for SessionInfo {
@@ -420,7 +438,7 @@ impl Sessions {
                 .map(|r| self.sealer.seal(r, &aad(id, "refresh"))),
             expires_at: tokens
                 .expires_in
-                .map(|s| now.saturating_add(s.min(i64::MAX as u64) as i64)),
+                .map(|s| now.saturating_add(s.min(MAX_LIFETIME_SECS) as i64)),
         }
     }
 
@@ -615,6 +633,18 @@ impl Sessions {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+
+    #[test]
+    fn absurd_dates_are_shown_not_panicked_on() {
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00Z");
+        assert!(store::now() + (MAX_LIFETIME_SECS as i64) < MAX_RFC3339);
     }
 }
 

@@ -1264,3 +1264,39 @@ async fn a_key_file_others_can_read_is_warned_about() {
         })
         .expect("serve warns at start-up");
 }
+
+#[tokio::test]
+async fn an_absurd_lifetime_is_believed_for_ten_years_and_listed() {
+    let w = World::new().await;
+    let config = w.write_config(&Extra::default());
+    let t = w.spark.issue_tokens();
+    let out = run_cli(
+        &config,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            &t.access_token,
+            "--expires-in",
+            "18446744073709551615",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_cli(&config, &["session", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "session list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let expires = list[0]["expires_at"].as_str().expect("expires_at");
+    let year: i32 = expires[..4].parse().expect("year");
+    let now_year = 1970 + (credproxy::store::now() / 31_556_952) as i32;
+    assert!((now_year + 9..=now_year + 11).contains(&year), "{expires}");
+}
