@@ -391,28 +391,57 @@ fn link_end(buf: &[u8], from: usize, last: bool) -> Option<usize> {
 /// text as well as in a plain URL; the longest first.
 const SEPARATORS: [&[u8]; 6] = [b"&amp;", b"\\u0026", b"&#x26;", b"&#38;", b"&", b";"];
 
-/// Removes credential parameters (any case, percent-encoded or not) from a
-/// link's path-and-query; every other byte is kept in order.
+/// Spellings of `?` that start a link's query in JSON or XML text.
+const QUERY_STARTS: [&[u8]; 4] = [b"?", b"\\u003f", b"&#63;", b"&#x3f;"];
+
+/// Removes credential parameters (any case, percent-encoded, JSON- or
+/// XML-escaped) from a link's path-and-query; every other byte is kept in order.
 pub fn strip_credentials(link: &[u8]) -> Cow<'_, [u8]> {
-    let Some(q) = link.iter().position(|&b| b == b'?') else {
+    let Some((q, q_len)) = (0..link.len()).find_map(|i| {
+        QUERY_STARTS
+            .iter()
+            .find(|s| starts_with_ignore_case(&link[i..], s))
+            .map(|s| (i, s.len()))
+    }) else {
         return Cow::Borrowed(link);
     };
-    let end = link[q..]
-        .iter()
-        .position(|&b| b == b'#')
-        .map_or(link.len(), |i| q + i);
-    let query = &link[q + 1..end];
+    // The fragment: a `#` that does not begin a character reference (`&#38;`).
+    let end = (q + q_len..link.len())
+        .find(|&i| link[i] == b'#' && link[i - 1] != b'&')
+        .unwrap_or(link.len());
+    let query = &link[q + q_len..end];
     // (separator before, segment) pairs.
     let mut parts: Vec<(&[u8], &[u8])> = Vec::new();
     let mut sep: &[u8] = b"";
     let mut start = 0;
     let mut i = 0;
     while i < query.len() {
-        if let Some(s) = SEPARATORS.iter().find(|s| query[i..].starts_with(s)) {
+        let entity = query[i] == b'&'
+            && query[i + 1..]
+                .iter()
+                .take(7)
+                .position(|&b| b == b';')
+                .is_some_and(|semi| {
+                    query[i + 1..i + 1 + semi]
+                        .iter()
+                        .all(|b| b.is_ascii_alphanumeric() || *b == b'#')
+                });
+        if let Some(s) = SEPARATORS
+            .iter()
+            .filter(|s| !(entity && **s == b"&"))
+            .find(|s| starts_with_ignore_case(&query[i..], s))
+        {
             parts.push((sep, &query[start..i]));
             sep = &query[i..i + s.len()];
             i += s.len();
             start = i;
+        } else if query[i] == b'&' {
+            // Another character reference (`&#61;`): its `;` separates nothing.
+            i += query[i..]
+                .iter()
+                .take(8)
+                .position(|&b| b == b';')
+                .map_or(1, |semi| semi + 1);
         } else {
             i += 1;
         }
@@ -428,7 +457,7 @@ pub fn strip_credentials(link: &[u8]) -> Cow<'_, [u8]> {
         if is_credential(seg) {
             continue;
         }
-        out.extend_from_slice(if first { b"?" } else { sep });
+        out.extend_from_slice(if first { &link[q..q + q_len] } else { sep });
         out.extend_from_slice(seg);
         first = false;
     }
@@ -436,11 +465,72 @@ pub fn strip_credentials(link: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
+fn starts_with_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.len() >= needle.len() && hay[..needle.len()].eq_ignore_ascii_case(needle)
+}
+
+/// Undoes JSON `\uXXXX` escapes and XML character references (`&#NN;`,
+/// `&#xHH;`, `&amp;`...) of ASCII characters, so a name spelt
+/// `\u0061ccessToken` or a value separator spelt `\u003d` is recognised.
+fn unescape_text(text: &[u8]) -> Cow<'_, [u8]> {
+    if !text.iter().any(|&b| b == b'\\' || b == b'&') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let rest = &text[i..];
+        if rest.len() >= 6 && (rest[0] == b'\\') && (rest[1] == b'u' || rest[1] == b'U') {
+            if let Some(c) = std::str::from_utf8(&rest[2..6])
+                .ok()
+                .and_then(|h| {
+                    u8::from_str_radix(h, 16).ok().or_else(|| {
+                        u16::from_str_radix(h, 16)
+                            .ok()
+                            .and_then(|v| u8::try_from(v).ok())
+                    })
+                })
+                .filter(u8::is_ascii)
+            {
+                out.push(c);
+                i += 6;
+                continue;
+            }
+        }
+        if rest[0] == b'&' {
+            if let Some(semi) = rest.iter().take(8).position(|&b| b == b';') {
+                let entity = &rest[1..semi];
+                let c = match entity {
+                    b"amp" => Some(b'&'),
+                    b"quot" => Some(b'"'),
+                    b"apos" => Some(b'\''),
+                    b"lt" => Some(b'<'),
+                    b"gt" => Some(b'>'),
+                    [b'#', b'x' | b'X', hex @ ..] => std::str::from_utf8(hex)
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok()),
+                    [b'#', dec @ ..] => std::str::from_utf8(dec).ok().and_then(|d| d.parse().ok()),
+                    _ => None,
+                };
+                if let Some(c) = c.filter(u8::is_ascii) {
+                    out.push(c);
+                    i += semi + 1;
+                    continue;
+                }
+            }
+        }
+        out.push(rest[0]);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
 fn is_credential(segment: &[u8]) -> bool {
+    let segment = unescape_text(segment);
     let name = segment
         .iter()
         .position(|&b| b == b'=')
-        .map_or(segment, |i| &segment[..i]);
+        .map_or(&segment[..], |i| &segment[..i]);
     let name: Vec<u8> = percent_decode(name).collect();
     let name = String::from_utf8_lossy(&name);
     let name = name
@@ -1000,6 +1090,37 @@ mod tests {
         assert_eq!(
             chunked("https://sparkapi.com/l?apiKey=K", true),
             "http://127.0.0.1:8080/spark/l"
+        );
+    }
+
+    #[test]
+    fn escaped_separators_and_names_do_not_keep_credentials() {
+        // Gson escapes & and = by default; XML may use character references.
+        assert_eq!(
+            chunked(
+                r#"["https:\/\/sparkapi.com\/l?x\u003d1\u0026accessToken\u003dT\u0026clientId\u003dC\u0026apiKey\u003dK"]"#,
+                true
+            ),
+            r#"["http:\/\/127.0.0.1:8080\/spark\/l?x\u003d1"]"#
+        );
+        assert_eq!(
+            chunked(
+                r#"["https://sparkapi.com/l\u003f\u0061ccessToken=T&p=1"]"#,
+                true
+            ),
+            r#"["http://127.0.0.1:8080/spark/l\u003fp=1"]"#
+        );
+        assert_eq!(
+            chunked(
+                "<a href=\"https://sparkapi.com/l?p=1&#38;apiKey&#61;K&#x26;q=2\"/>",
+                true
+            ),
+            "<a href=\"http://127.0.0.1:8080/spark/l?p=1&#x26;q=2\"/>"
+        );
+        assert_eq!(
+            chunked(r#"["https://sparkapi.com/l?a=%26&b=\u0026"]"#, true),
+            r#"["http://127.0.0.1:8080/spark/l?a=%26&b=\u0026"]"#,
+            "no credential: the same bytes"
         );
     }
 
