@@ -179,6 +179,28 @@ async fn default_session_is_used_without_a_key() {
         .await
         .expect("send");
     assert_eq!(error_code(&r).as_deref(), Some("missing_session"));
+    // A page in a browser must not ride on the default session (CSRF).
+    let before = w.spark.requests().len();
+    for (name, value) in [
+        ("origin", "http://attacker.example"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+    ] {
+        let r = client()
+            .post(url(srv.proxy_addr, "/spark/v1/x"))
+            .header(name, value)
+            .body("a=1")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "{name}: {value}");
+        assert_eq!(error_code(&r).as_deref(), Some("bad_request"));
+    }
+    assert_eq!(
+        w.spark.requests().len(),
+        before,
+        "nothing reached the upstream"
+    );
     srv.shutdown().await;
 }
 
@@ -653,6 +675,17 @@ async fn dot_segments_in_every_spelling_and_trace_in_any_case_are_refused() {
         "GET /spark/v1/..%ef%bc%8fx",
         "GET /spark/v1/%e2%80%a5/x",
         "GET /spark/v1/%uff0e%uff0e/x",
+        "GET /spark/v1/..%3f/x",
+        "GET /spark/v1/..%3F/x",
+        "GET /spark/v1/..%23/x",
+        "GET /spark/v1/..%253f/x",
+        "GET /spark/v1/...",
+        "GET /spark/v1/x/..../y",
+        "GET /spark/v1/%2e%2e%2e/x",
+        "POST /spark/v1/x?_method=TRACE",
+        "POST /spark/v1/x?a=1&_method=%20trace%20",
+        "POST /spark/v1/x?_method=Track",
+        "POST /spark/v1/x?_METHOD=CONNECT",
         "trace /spark/v1/x",
         "Trace /spark/v1/x",
         "TRACK /spark/v1/x",
@@ -666,9 +699,36 @@ async fn dot_segments_in_every_spelling_and_trace_in_any_case_are_refused() {
         w.spark.requests().is_empty() && w.zillow.requests().is_empty(),
         "nothing reached an upstream"
     );
+    // A method override naming TRACE, TRACK or CONNECT, in any of its headers.
+    for header in [
+        "X-HTTP-Method-Override",
+        "x-http-method-override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+    ] {
+        for method in ["TRACE", " trace ", "Track", "CONNECT"] {
+            let req = format!(
+                "POST /spark/v1/x HTTP/1.1\r\nHost: x\r\nX-Credproxy-Session: {key}\r\n\
+                 {header}: {method}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let resp = support::raw_request(srv.proxy_addr, req.as_bytes()).await;
+            assert!(
+                resp.starts_with("HTTP/1.1 400"),
+                "{header}: {method}: {resp}"
+            );
+            assert!(resp.contains("bad_request"), "{header}: {method}: {resp}");
+        }
+    }
+    assert!(
+        w.spark.requests().is_empty(),
+        "no override reached the upstream"
+    );
     // Dots that are not whole segments, and odd escapes, still pass.
     for (line, path) in [
-        ("GET /spark/v1/a..b/...", "/v1/a..b/..."),
+        ("GET /spark/v1/a..b/file...txt", "/v1/a..b/file...txt"),
+        ("GET /spark/v1.2/.well-known/x...", "/v1.2/.well-known/x..."),
+        ("GET /spark/v1/%3f../%23", "/v1/%3f../%23"),
+        ("POST /spark/v1/x?_method=PATCH", "/v1/x"),
         ("GET /spark/v1/..x/.x", "/v1/..x/.x"),
         ("GET /spark/v1/%2e%2ex", "/v1/%2e%2ex"),
         ("GET /spark/v1/a%2Fb;c=d", "/v1/a%2Fb;c=d"),

