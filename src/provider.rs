@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH};
 use memchr::memmem;
 use percent_encoding::{
     percent_decode, percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC,
@@ -311,7 +311,7 @@ impl Credentials {
                         bearer: header("Bearer")?,
                         user_agent: provider.user_agent.clone(),
                     },
-                    scrubber: Scrubber::new(&[token.as_bytes()], false),
+                    scrubber: Scrubber::new(&[token.as_bytes()], &[], false),
                 }
             }
             ProviderKind::Zillow => {
@@ -331,11 +331,8 @@ impl Credentials {
                         )),
                     },
                     scrubber: Scrubber::new(
-                        &[
-                            token.as_bytes(),
-                            provider.client_id.as_bytes(),
-                            api_key.as_bytes(),
-                        ],
+                        &[token.as_bytes()],
+                        &[provider.client_id.as_bytes(), api_key.as_bytes()],
                         true,
                     ),
                 }
@@ -400,22 +397,41 @@ impl Credentials {
     /// every secret value goes, raw or percent-encoded (either case of hex,
     /// encoded again and again), from every value whatever its bytes; for
     /// Zillow, the credential parameters of URL-like values go too. A value
-    /// that does not settle is dropped. Nothing is allocated when nothing
-    /// matches: a memmem search per value and secret.
+    /// that does not settle is dropped. A header whose *name* carries a
+    /// secret (in any case, since names arrive lowercased, raw or
+    /// percent-encoded) is dropped whole. `Content-Length` is left alone: it
+    /// holds only digits, which hyper has already read for framing, and a
+    /// very short token could otherwise change it. Nothing is allocated when
+    /// nothing matches: a memmem search per name, value and secret.
     pub fn scrub_response(&self, headers: &mut HeaderMap) {
-        if headers
-            .values()
-            .all(|v| matches!(self.scrubber.scrub(v.as_bytes()), Scrubbed::Untouched))
+        let untouched = |name: &http::HeaderName, v: &HeaderValue| {
+            name == CONTENT_LENGTH
+                || matches!(self.scrubber.scrub(v.as_bytes()), Scrubbed::Untouched)
+        };
+        if !headers.keys().any(|n| self.scrubber.in_name(n.as_str()))
+            && headers.iter().all(|(n, v)| untouched(n, v))
         {
             return;
         }
         let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.len()));
         let mut name: Option<http::HeaderName> = None;
+        let mut drop_name = false;
         for (n, value) in old {
-            if n.is_some() {
-                name = n;
+            if let Some(n) = n {
+                drop_name = self.scrubber.in_name(n.as_str());
+                if drop_name {
+                    tracing::debug!("a response header's name carries a credential; dropped");
+                }
+                name = Some(n);
             }
             let Some(name) = &name else { continue };
+            if drop_name {
+                continue;
+            }
+            if name == CONTENT_LENGTH {
+                headers.append(name, value);
+                continue;
+            }
             match self.scrubber.scrub(value.as_bytes()) {
                 Scrubbed::Untouched => {
                     headers.append(name, value);
@@ -436,9 +452,11 @@ impl Credentials {
     }
 }
 
-/// Secrets shorter than this are not searched for as free text (a short
-/// client id would match unrelated text, such as a date); Zillow's
-/// credential parameters are removed whatever their value.
+/// A client id or API key shorter than this is not searched for as free
+/// text (a short client id would match unrelated text, such as a date);
+/// Zillow's credential parameters are removed whatever their value. The
+/// access token is searched for whatever its length: it is the credential
+/// that matters most, and mangling unrelated text is the lesser harm.
 pub const MIN_SCRUBBED_SECRET: usize = 8;
 
 /// How often `%` may be encoded again (`%253D`, `%25253D`) in a match.
@@ -452,6 +470,9 @@ const MAX_SCRUB_PASSES: usize = 4;
 #[derive(Clone)]
 struct Scrubber {
     secrets: Vec<memmem::Finder<'static>>,
+    /// The same secrets lowercased, to find them in header names (which
+    /// hyper lowercases).
+    lower: Vec<Vec<u8>>,
     /// Zillow: credential parameters are removed from URL-like values too.
     params: bool,
 }
@@ -464,17 +485,47 @@ enum Scrubbed {
 }
 
 impl Scrubber {
-    fn new(secrets: &[&[u8]], params: bool) -> Scrubber {
-        let mut finders: Vec<memmem::Finder<'static>> = Vec::with_capacity(secrets.len());
-        for s in secrets {
-            if s.len() >= MIN_SCRUBBED_SECRET && !finders.iter().any(|f| f.needle() == *s) {
+    /// `always` are searched for whatever their length (the empty value
+    /// aside), `long` only from [`MIN_SCRUBBED_SECRET`] bytes.
+    fn new(always: &[&[u8]], long: &[&[u8]], params: bool) -> Scrubber {
+        let wanted = always
+            .iter()
+            .filter(|s| !s.is_empty())
+            .chain(long.iter().filter(|s| s.len() >= MIN_SCRUBBED_SECRET));
+        let mut finders: Vec<memmem::Finder<'static>> = Vec::with_capacity(3);
+        let mut lower: Vec<Vec<u8>> = Vec::with_capacity(3);
+        for s in wanted {
+            if !finders.iter().any(|f| f.needle() == *s) {
                 finders.push(memmem::Finder::new(s).into_owned());
+            }
+            let l = s.to_ascii_lowercase();
+            if !lower.contains(&l) {
+                lower.push(l);
             }
         }
         Scrubber {
             secrets: finders,
+            lower,
             params,
         }
+    }
+
+    /// Whether a (lowercase) header name contains a secret, compared
+    /// ASCII-case-insensitively, raw or percent-encoded.
+    fn in_name(&self, name: &str) -> bool {
+        let name = name.as_bytes();
+        let encoded = memchr::memchr2(b'%', b'+', name).is_some();
+        self.lower.iter().any(|secret| {
+            if name.len() < secret.len() {
+                return false;
+            }
+            if encoded {
+                memchr::memchr3_iter(secret[0], b'%', b'+', name)
+                    .any(|at| encoded_match_folded(name, at, secret).is_some())
+            } else {
+                memmem::find(name, secret).is_some()
+            }
+        })
     }
 
     fn scrub(&self, value: &[u8]) -> Scrubbed {
@@ -550,12 +601,22 @@ impl Scrubber {
 fn encoded_match(value: &[u8], at: usize, secret: &[u8]) -> Option<usize> {
     let mut i = at;
     for &b in secret {
-        i = encoded_byte(value, i, b)?;
+        i = encoded_byte(value, i, b, false)?;
     }
     Some(i)
 }
 
-fn encoded_byte(value: &[u8], i: usize, b: u8) -> Option<usize> {
+/// [`encoded_match`] for a lowercased `value` and `secret`: an escape
+/// matches a byte of the secret in either case (`%41` for `a`).
+fn encoded_match_folded(value: &[u8], at: usize, secret: &[u8]) -> Option<usize> {
+    let mut i = at;
+    for &b in secret {
+        i = encoded_byte(value, i, b, true)?;
+    }
+    Some(i)
+}
+
+fn encoded_byte(value: &[u8], i: usize, b: u8, fold: bool) -> Option<usize> {
     let c = *value.get(i)?;
     if c == b || (b == b' ' && c == b'+') {
         return Some(i + 1);
@@ -566,7 +627,7 @@ fn encoded_byte(value: &[u8], i: usize, b: u8) -> Option<usize> {
     let mut j = i + 1;
     for _ in 0..=MAX_ESCAPE_DEPTH {
         let h = hex_pair(value, j)?;
-        if h == b {
+        if h == b || (fold && h.to_ascii_lowercase() == b) {
             return Some(j + 2);
         }
         if h != b'%' {
@@ -678,6 +739,10 @@ mod tests {
     const API_KEY: &str = "zillow-api-key-XYZ";
 
     fn credentials(kind: &str, api_key: &str, client_id: &str) -> Credentials {
+        credentials_with(kind, api_key, client_id, TOKEN)
+    }
+
+    fn credentials_with(kind: &str, api_key: &str, client_id: &str, token: &str) -> Credentials {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [store]\nurl = \"sqlite://x.db\"\nkey_file = \"x.key\"\n\
@@ -688,7 +753,7 @@ mod tests {
         let config = crate::config::Config::parse(&text, std::path::Path::new("t.toml"), |_| None)
             .expect("config");
         let provider = config.provider("p").expect("provider");
-        Credentials::new(provider, &SecretString::from(TOKEN)).expect("credentials")
+        Credentials::new(provider, &SecretString::from(token)).expect("credentials")
     }
 
     fn zillow_credentials() -> Credentials {
@@ -802,7 +867,7 @@ mod tests {
 
     #[test]
     fn occurrences_joined_by_a_removal_are_removed_too() {
-        let s = Scrubber::new(&[b"SECRET-VALUE"], false);
+        let s = Scrubber::new(&[b"SECRET-VALUE"], &[], false);
         // A hostile echo nests the secret in itself: removing the inner one
         // joins the outer halves.
         let v = b"x=SECRET-SECRET-VALUEVALUE;y";
@@ -819,13 +884,13 @@ mod tests {
             "a value that never settles goes"
         );
         // Overlapping occurrences of a periodic secret.
-        let p = Scrubber::new(&[b"abcabcab"], false);
+        let p = Scrubber::new(&[b"abcabcab"], &[], false);
         assert_eq!(p.scrub(b"<abcabcabcab>"), Scrubbed::Changed(b"<>".to_vec()));
     }
 
     #[test]
     fn encoded_forms_are_found_in_any_case_and_depth() {
-        let s = Scrubber::new(&[b"a b/c=D"], false);
+        let s = Scrubber::new(&[], &[b"a b/c=D"], false);
         for v in [
             "a b/c=D",
             "a+b%2Fc%3DD",
@@ -839,7 +904,7 @@ mod tests {
                 "too short to search: {v}"
             );
         }
-        let s = Scrubber::new(&[b"tok en/c=D"], false);
+        let s = Scrubber::new(&[b"tok en/c=D"], &[], false);
         for v in [
             "tok en/c=D",
             "tok+en%2Fc%3DD",
@@ -873,6 +938,72 @@ mod tests {
         assert_eq!(h["content-length"], "19");
         assert_eq!(h["date"], "Tue, 1 Oct 2024 09:19:00 GMT");
         assert_eq!(h["location"], "/x?b=c1");
+    }
+
+    #[test]
+    fn a_short_access_token_is_scrubbed_whatever_its_length() {
+        for kind in ["spark", "zillow"] {
+            let api_key = if kind == "zillow" {
+                "api_key = \"k9\""
+            } else {
+                ""
+            };
+            let c = credentials_with(kind, api_key, "c1", "zQ7");
+            let mut h = HeaderMap::new();
+            h.insert("content-length", HeaderValue::from_static("19"));
+            h.insert("x-echo", HeaderValue::from_static("OAuth zQ7"));
+            h.insert("x-twice", HeaderValue::from_static("a%257A%2551%37b"));
+            h.insert("x-other", HeaderValue::from_static("zq7 c1 k9"));
+            c.scrub_response(&mut h);
+            assert_eq!(h["content-length"], "19", "{kind}");
+            assert_eq!(h["x-echo"], "OAuth ", "{kind}");
+            assert_eq!(h["x-twice"], "ab", "{kind}");
+            assert_eq!(h["x-other"], "zq7 c1 k9", "{kind}: short ids stay");
+        }
+        // The empty value is no secret to search for.
+        let c = credentials_with("spark", "", "c1", "");
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("kept"));
+        c.scrub_response(&mut h);
+        assert_eq!(h["x-a"], "kept");
+    }
+
+    #[test]
+    fn header_names_carrying_a_secret_are_dropped() {
+        let token = "Sat-Name-Token-42";
+        for kind in ["spark", "zillow"] {
+            let api_key = if kind == "zillow" {
+                format!("api_key = \"{API_KEY}\"")
+            } else {
+                String::new()
+            };
+            let c = credentials_with(kind, &api_key, CLIENT, token);
+            let mut h = HeaderMap::new();
+            // hyper lowercases names: compared in any case.
+            h.insert("x-sat-name-token-42", HeaderValue::from_static("1"));
+            h.append("x-sat-name-token-42", HeaderValue::from_static("2"));
+            h.insert("sat-name-token-42x", HeaderValue::from_static("1"));
+            // Percent-encoded, once and twice, escapes in either case.
+            h.insert("x-%53at%2dname-token-42", HeaderValue::from_static("1"));
+            h.insert("x-%2553at-name-token-4%32", HeaderValue::from_static("1"));
+            h.insert("x-sat-name-token-4", HeaderValue::from_static("kept"));
+            h.insert("x-innocent", HeaderValue::from_static("kept"));
+            if kind == "zillow" {
+                h.insert("x-zillow-api-key-xyz", HeaderValue::from_static("1"));
+                h.insert("zillow-client-id", HeaderValue::from_static("1"));
+            }
+            c.scrub_response(&mut h);
+            let mut names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, ["x-innocent", "x-sat-name-token-4"], "{kind}");
+            assert_eq!(h.get_all("x-innocent").iter().count(), 1);
+        }
+        // Nothing to drop: left as it is.
+        let c = credentials_with("spark", "", "c1", token);
+        let mut h = HeaderMap::new();
+        h.insert("x-sat-name", HeaderValue::from_static("1"));
+        c.scrub_response(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

@@ -99,6 +99,29 @@ async fn serve(mut stream: tokio::net::TcpStream, me: SocketAddr, seen: Arc<Mute
             resp.extend_from_slice(line.as_bytes());
             resp.extend_from_slice(b"\r\n");
         }
+        // The secrets in header names too (hyper lowercases them): the
+        // token raw where it is a valid name, percent-encoded once and twice,
+        // and Zillow's token as it came in the query.
+        let token = auth.split_once(' ').map_or("", |(_, t)| t);
+        let in_query = uri
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("accessToken="))
+            .unwrap_or("");
+        let mut names = vec![];
+        if !token.is_empty() {
+            names.push(format!("X-Pct-{}", pct(token)));
+            names.push(format!("X-Twice-{}", pct(&pct(token))));
+            if is_name(token) {
+                names.push(format!("X-{token}"));
+                names.push(format!("{token}-Suffix"));
+            }
+        }
+        if is_name(in_query) {
+            names.push(format!("X-Z-{in_query}"));
+        }
+        for name in names {
+            resp.extend_from_slice(format!("{name}: 1\r\n").as_bytes());
+        }
         // Not UTF-8, not ASCII: bytes the old scrubbing skipped.
         resp.extend_from_slice(b"Location: /caf\xc3\xa9");
         resp.extend_from_slice(uri.as_bytes());
@@ -109,6 +132,13 @@ async fn serve(mut stream: tokio::net::TcpStream, me: SocketAddr, seen: Arc<Mute
             return;
         }
     }
+}
+
+/// A non-empty HTTP token (what a header name may be made of).
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// `%2F` becomes `%2f`; every other byte stays.
@@ -148,9 +178,14 @@ fn assert_no_secret(headers: &reqwest::header::HeaderMap, secrets: &[&str]) {
         let text = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
         for secret in secrets {
             for s in spellings(secret) {
+                let s = s.to_ascii_lowercase();
                 assert!(
-                    !text.contains(&s.to_ascii_lowercase()),
+                    !text.contains(&s),
                     "{name} gives the caller a secret: {text:?}"
+                );
+                assert!(
+                    !name.as_str().contains(&s),
+                    "a header name gives the caller a secret: {name}"
                 );
             }
         }
@@ -285,5 +320,46 @@ async fn spark_token_never_comes_back_in_a_header() {
         assert_eq!(resp.headers()["location"], "/spark/v1/listings?_limit=1");
     }
     assert_eq!(echo.seen().len(), 2);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn secrets_in_header_names_and_short_tokens_never_come_back() {
+    let echo = Echo::start().await;
+    let (w, srv) = world_against(&echo).await;
+    // A token that is a valid header name (in mixed case, which hyper
+    // lowercases), and one far shorter than a client id.
+    for (i, access_token) in ["Sat-Name.Safe_Token~42", "zQ7x"].into_iter().enumerate() {
+        let t = Tokens {
+            access_token: access_token.to_owned(),
+            refresh_token: format!("refresh-{i}"),
+            expires_in: Some(3600),
+        };
+        let (_, key) = add_tokens(&srv, "spark", &t, t.expires_in).await;
+        let resp = no_redirects()
+            .get(format!("http://{}/spark/v1/listings", srv.proxy_addr))
+            .header("Authorization", format!("OAuth {key}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 302, "{access_token}");
+        assert_no_secret(resp.headers(), &[access_token]);
+        assert_eq!(resp.headers()["x-echo-authorization"], "OAuth");
+        assert_eq!(resp.headers()["x-innocent"], "kept as it is");
+        let (_, zkey) = add_tokens(&srv, "zillow", &t, t.expires_in).await;
+        let z = w.zillow.options().clone();
+        let resp = no_redirects()
+            .get(format!(
+                "http://{}/zillow/listings/?accessToken={zkey}",
+                srv.proxy_addr
+            ))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 302, "{access_token}");
+        assert_no_secret(resp.headers(), &[access_token, &z.client_id, &z.api_key]);
+        assert_eq!(resp.headers()["x-innocent"], "kept as it is");
+    }
+    assert_eq!(echo.seen().len(), 4);
     srv.shutdown().await;
 }

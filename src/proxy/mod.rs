@@ -686,10 +686,6 @@ fn replace_lookalikes(path: &[u8]) -> Option<Vec<u8>> {
 /// or a decoded `?` or `#` (where a server that decodes before splitting
 /// ends the path) are cut off and surrounding whitespace trimmed.
 fn is_dot_segment(segment: &[u8]) -> bool {
-    if std::env::var_os("NOFIX_DOTS").is_some() {
-        let end = memchr::memchr2(b';', 0, segment).unwrap_or(segment.len());
-        return matches!(segment[..end].trim_ascii(), b"." | b"..");
-    } // TMPNOFIX
     let end = segment
         .iter()
         .position(|&b| matches!(b, b';' | 0 | b'?' | b'#'))
@@ -711,9 +707,6 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 /// TRACE, TRACK or CONNECT, in any case, with surrounding whitespace, in a
 /// comma-separated list, or percent-encoded (again and again).
 fn overrides_to_refused_method(parts: &Parts) -> bool {
-    if std::env::var_os("NOFIX_OVERRIDE").is_some() {
-        return false;
-    } // TMPNOFIX
     let headers = METHOD_OVERRIDE_HEADERS
         .iter()
         .flat_map(|name| parts.headers.get_all(*name))
