@@ -979,16 +979,7 @@ impl Proxy {
         };
         match content_length(&parts.headers) {
             Some(len) if len <= WHOLE_BODY_LIMIT => {
-                let limited = Limited::new(body, WHOLE_BODY_LIMIT as usize);
-                let collected =
-                    tokio::time::timeout(route.upstream.response_timeout(), limited.collect())
-                        .await
-                        .map_err(|_| ProxyError::UpstreamTimeout)?
-                        .map_err(|e| {
-                            tracing::debug!(error = %e, "upstream body broke off");
-                            ProxyError::UpstreamUnreachable
-                        })?
-                        .to_bytes();
+                let collected = read_whole(body, route.upstream.response_timeout()).await?;
                 if coding == Coding::Identity && !map.may_contain_links(&collected) {
                     // Most answers: nothing to rewrite, the same bytes and length.
                     return Ok(Response::from_parts(parts, own(Full::new(collected))));
@@ -1092,6 +1083,54 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Reads a small upstream body whole. A body that has already arrived (the
+/// usual case: it came with the head) is taken frame by frame without a
+/// timer or a collecting buffer; only a frame that is not there yet is
+/// waited for, within `wait`.
+async fn read_whole(mut body: Incoming, wait: Duration) -> Result<Bytes, ProxyError> {
+    use futures_util::FutureExt;
+    let broke = |e: hyper::Error| {
+        tracing::debug!(error = %e, "upstream body broke off");
+        ProxyError::UpstreamUnreachable
+    };
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    while !body.is_end_stream() {
+        let frame = match body.frame().now_or_never() {
+            Some(frame) => frame,
+            None => tokio::time::timeout(wait, body.frame())
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout)?,
+        };
+        let Some(frame) = frame else { break };
+        let Ok(data) = frame.map_err(broke)?.into_data() else {
+            continue;
+        };
+        match &first {
+            None => first = Some(data),
+            Some(f) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(f);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+        let len = if rest.is_empty() {
+            first.as_ref().map_or(0, Bytes::len)
+        } else {
+            rest.len()
+        };
+        if len as u64 > WHOLE_BODY_LIMIT {
+            return Err(ProxyError::UpstreamUnreachable);
+        }
+    }
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    })
 }
 
 /// An absolute-path `Location` (`/v1/x`) means the provider's own origin:
