@@ -979,7 +979,7 @@ impl Proxy {
         };
         match content_length(&parts.headers) {
             Some(len) if len <= WHOLE_BODY_LIMIT => {
-                let collected = read_whole(body, route.upstream.response_timeout()).await?;
+                let collected = read_whole(body, len, route.upstream.response_timeout()).await?;
                 if coding == Coding::Identity && !map.may_contain_links(&collected) {
                     // Most answers: nothing to rewrite, the same bytes and length.
                     return Ok(Response::from_parts(parts, own(Full::new(collected))));
@@ -1085,11 +1085,17 @@ impl Proxy {
     }
 }
 
-/// Reads a small upstream body whole. A body that has already arrived (the
-/// usual case: it came with the head) is taken frame by frame without a
-/// timer or a collecting buffer; only a frame that is not there yet is
-/// waited for, within `wait`.
-async fn read_whole(mut body: Incoming, wait: Duration) -> Result<Bytes, ProxyError> {
+/// Reads a small upstream body of `declared` bytes whole. A body that has
+/// already arrived (the usual case: it came with the head) is taken frame by
+/// frame without a timer or a collecting buffer, and reading stops at the
+/// declared length instead of waiting for the connection task to signal the
+/// end (a wake-up and a timer per response); only a frame that is not there
+/// yet is waited for, within `wait`.
+async fn read_whole(
+    mut body: Incoming,
+    declared: u64,
+    wait: Duration,
+) -> Result<Bytes, ProxyError> {
     use futures_util::FutureExt;
     let broke = |e: hyper::Error| {
         tracing::debug!(error = %e, "upstream body broke off");
@@ -1122,8 +1128,11 @@ async fn read_whole(mut body: Incoming, wait: Duration) -> Result<Bytes, ProxyEr
         } else {
             rest.len()
         };
-        if len as u64 > WHOLE_BODY_LIMIT {
+        if len as u64 > WHOLE_BODY_LIMIT || len as u64 > declared {
             return Err(ProxyError::UpstreamUnreachable);
+        }
+        if len as u64 == declared {
+            break;
         }
     }
     Ok(if rest.is_empty() {
