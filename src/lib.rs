@@ -3,21 +3,25 @@
 //! An application presents a session key; credproxy maps it to stored
 //! tokens, injects them the way the provider wants, and forwards the request
 //! streamed. See ARCHITECTURE.md for the map of this crate.
+//!
+//! The folders are the layers, each reading downward only:
+//! `control` (admin API, connect flows, pages) -> `proxy` (the hot path,
+//! providers, upstream, links) -> `tokens` (sessions, refresh, token
+//! endpoints) -> `store` -> `secrets` -> `config`.
 
-pub mod admin;
 pub mod config;
-pub mod connect;
+pub mod control;
 pub mod error;
-pub mod forward;
 pub mod metrics;
-pub mod pages;
-pub mod provider;
 pub mod proxy;
-pub mod refresh;
-pub mod seal;
+pub mod secrets;
 pub mod server;
-pub mod session;
-pub mod sessions;
 pub mod store;
 pub mod telemetry;
-pub mod token;
+pub mod tokens;
+
+// The modules' short paths, as used across the crate, its tests and benches.
+pub use control::{admin, connect, pages};
+pub use proxy::{forward, provider};
+pub use secrets::{seal, session};
+pub use tokens::{endpoint as token, refresh, sessions};

@@ -26,7 +26,9 @@
 //!   `Content-Location`, `Link`, JSON and XML bodies); `send` has already
 //!   scrubbed the injected credentials from every header of the answer.
 
+pub mod forward;
 pub mod links;
+pub mod provider;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;

@@ -133,14 +133,14 @@ pub async fn index(State(state): State<AdminState>) -> Response {
 pub async fn stylesheet() -> Response {
     static_file(
         "text/css; charset=utf-8",
-        include_str!("../static/style.css"),
+        include_str!("../../static/style.css"),
     )
 }
 
 pub async fn script() -> Response {
     static_file(
         "text/javascript; charset=utf-8",
-        include_str!("../static/copy.js"),
+        include_str!("../../static/copy.js"),
     )
 }
 

@@ -1,0 +1,6 @@
+//! People and operators: the admin listener's router and API (`admin`),
+//! the OAuth connect flows (`connect`) and the pages they show (`pages`).
+
+pub mod admin;
+pub mod connect;
+pub mod pages;
