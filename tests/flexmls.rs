@@ -9,33 +9,14 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
 use credproxy_standins::Options;
 use serde_json::Value;
 use support::{add_session, Extra, World};
 
-fn venv_python() -> Option<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts/flexmls-venv.sh"))
-        .current_dir(root)
-        .output()
-        .expect("run scripts/flexmls-venv.sh");
-    if out.status.success() {
-        return Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    }
-    let why = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the flex-mls test, but its venv could not be made:\n{why}"
-    );
-    println!("SKIPPED: flex-mls venv could not be made (no PyPI?):\n{why}");
-    None
-}
-
 async fn page_all(python: &str, base_url: String, key: &str) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/flexmls/page_all.py");
+    let script = credproxy_standins::flexmls::page_all_script();
     let (python, key) = (python.to_owned(), key.to_owned());
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
@@ -58,7 +39,10 @@ async fn page_all(python: &str, base_url: String, key: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flex_mls_pages_through_credproxy_and_never_sees_the_provider() {
-    let Some(python) = venv_python() else { return };
+    let Some(python) = credproxy_standins::flexmls::python("flex_mls_pages_through_credproxy")
+    else {
+        return;
+    };
     let w = World::with(
         Options {
             replication: true,

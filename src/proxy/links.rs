@@ -37,15 +37,10 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use percent_encoding::percent_decode;
 
 /// The longest link whose query is scrubbed of credentials; a longer one
 /// has its origin rewritten and its first `MAX_LINK` bytes scrubbed.
 pub const MAX_LINK: usize = 64 * 1024;
-
-/// Query parameters that carry credentials, removed from rewritten links of
-/// providers whose credentials travel in the query.
-const CREDENTIAL_PARAMS: [&str; 3] = ["accesstoken", "clientid", "apikey"];
 
 /// One origin a route rewrites, and where its links go.
 #[derive(Debug, Clone)]
@@ -527,18 +522,8 @@ fn unescape_text(text: &[u8]) -> Cow<'_, [u8]> {
 
 fn is_credential(segment: &[u8]) -> bool {
     let segment = unescape_text(segment);
-    let name = segment
-        .iter()
-        .position(|&b| b == b'=')
-        .map_or(&segment[..], |i| &segment[..i]);
-    let name: Vec<u8> = percent_decode(name).collect();
-    let name = String::from_utf8_lossy(&name);
-    let name = name
-        .trim_matches(|c: char| c.is_whitespace() || c.is_control() || c == '+')
-        .trim_end_matches("[]");
-    CREDENTIAL_PARAMS
-        .iter()
-        .any(|c| c.eq_ignore_ascii_case(name))
+    let name = memchr::memchr(b'=', &segment).map_or(&segment[..], |i| &segment[..i]);
+    crate::provider::is_credential_name(name)
 }
 
 fn concat(mut parts: Vec<Bytes>) -> Bytes {

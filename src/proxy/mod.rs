@@ -107,10 +107,23 @@ struct Route {
 struct Asked<'a> {
     mount: Mount,
     local: SocketAddr,
+    uri: &'a Uri,
+    /// The request's `Host` as sent (a shared-buffer clone, no copy); only
+    /// looked at when a link is rewritten: see [`Asked::host`].
+    host_header: Option<HeaderValue>,
+    head: bool,
+}
+
+impl Asked<'_> {
     /// The request's `Host` (or absolute-form authority), if it is a plain
     /// `host[:port]`; anything else falls back to the listener's address.
-    host: Option<&'a str>,
-    head: bool,
+    fn host(&self) -> Option<&str> {
+        let raw = match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self.host_header.as_ref()?.to_str().ok()?,
+        };
+        is_plain_host(raw).then_some(raw)
+    }
 }
 
 pub struct Proxy {
@@ -302,11 +315,11 @@ impl Proxy {
         let uri = parts.uri.clone();
         let rest = &uri.path()[rest_at..];
         let rest = if rest.is_empty() { "/" } else { rest };
-        let host = request_host(&parts);
         let asked = Asked {
             mount,
             local,
-            host: host.as_deref(),
+            uri: &uri,
+            host_header: parts.headers.get(HOST).cloned(),
             head: parts.method == Method::HEAD,
         };
 
@@ -1018,7 +1031,8 @@ impl Proxy {
     /// dedicated listener when the request came in on it, else the main
     /// listener's `{proxy_url}/{provider}`.
     fn bases(&self, route: &Route, asked: &Asked<'_>) -> Bases {
-        let this = match asked.host {
+        let host = asked.host();
+        let this = match host {
             Some(h) => format!("http://{h}"),
             None => format!("http://{}", asked.local),
         };
@@ -1027,8 +1041,7 @@ impl Proxy {
             (None, Mount::Prefixed) => this.clone(),
             (None, Mount::Dedicated(_)) => {
                 // The main listener, named as the client named us.
-                let host = asked
-                    .host
+                let host = host
                     .map(host_without_port)
                     .map(str::to_owned)
                     .unwrap_or_else(|| asked.local.ip().to_string());
@@ -1226,17 +1239,9 @@ fn limit_accept_encoding(headers: &mut HeaderMap) {
     }
 }
 
-/// The request's own name for us, if it is a plain `host[:port]` (a DNS
-/// name, an IPv4 address or a bracketed IPv6 one): it becomes the base of
-/// rewritten links, so nothing else (no path, userinfo or space) may pass.
-fn request_host(parts: &Parts) -> Option<String> {
-    let raw = match parts.uri.authority() {
-        Some(a) => a.as_str(),
-        None => parts.headers.get(HOST)?.to_str().ok()?,
-    };
-    is_plain_host(raw).then(|| raw.to_owned())
-}
-
+/// Whether a `Host` is a plain `host[:port]` (a DNS name, an IPv4 address
+/// or a bracketed IPv6 one): it becomes the base of rewritten links, so
+/// nothing else (no path, userinfo or space) may pass.
 fn is_plain_host(value: &str) -> bool {
     let (host, port) = if let Some(rest) = value.strip_prefix('[') {
         let Some((v6, after)) = rest.split_once(']') else {

@@ -194,6 +194,13 @@ fn param_spans(q: &[u8]) -> impl Iterator<Item = (Range<usize>, Range<usize>)> +
     })
 }
 
+/// Whether a query parameter named `name` (as it appears, percent-encoded
+/// or not) carries one of Zillow's credentials, plainly or in disguise: the
+/// one rule for the request's query, response headers and rewritten links.
+pub(crate) fn is_credential_name(name: &[u8]) -> bool {
+    classify(name) != ParamName::Other
+}
+
 /// A parameter's name: its bytes before the first `=`.
 fn name_of(segment: &[u8]) -> &[u8] {
     memchr::memchr(b'=', segment).map_or(segment, |i| &segment[..i])

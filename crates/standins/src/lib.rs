@@ -97,6 +97,7 @@ mod api;
 mod authorize;
 mod big_json;
 mod encoding;
+pub mod flexmls;
 mod reso;
 mod token;
 

@@ -10,32 +10,12 @@ use std::process::Command;
 use credproxy_standins::{Options, Standin};
 use serde_json::Value;
 
-/// The python to run flex-mls with, or `None` after printing a SKIPPED line.
 fn python(test: &str) -> Option<String> {
-    if let Ok(python) = std::env::var("CREDPROXY_FLEXMLS_PYTHON") {
-        if !python.is_empty() {
-            return Some(python);
-        }
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(root.join("scripts/flexmls-venv.sh"))
-        .current_dir(&root)
-        .output()
-        .expect("run scripts/flexmls-venv.sh");
-    if out.status.success() {
-        return Some(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    }
-    let why = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: CI must run flex-mls, but its venv could not be made:\n{why}"
-    );
-    println!("SKIPPED {test}: the flex-mls venv could not be made:\n{why}");
-    None
+    credproxy_standins::flexmls::python(test)
 }
 
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/flexmls/page_all.py")
+    credproxy_standins::flexmls::page_all_script()
 }
 
 /// Runs page_all.py; its exit status, stdout and stderr.
