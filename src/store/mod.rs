@@ -90,6 +90,38 @@ pub enum Lease {
     Gone,
 }
 
+/// What an instance asks for when it leases a share of a provider's request
+/// budget (see [`Store::lease_budget`]).
+#[derive(Debug, Clone)]
+pub struct BudgetAsk<'a> {
+    /// The provider whose budget this is (its table name).
+    pub provider: &'a str,
+    /// Who asks: this process's instance id (for operators reading the table).
+    pub instance: &'a str,
+    /// The budget: at most `requests` in any window of `window_ms`
+    /// (the configured `per`, safety margin included).
+    pub requests: u32,
+    pub window_ms: i64,
+    /// How long the share may be spent: requests sent from it leave the
+    /// instance before the lease ends.
+    pub lease_ms: i64,
+    /// How many requests the instance would like to send under this lease.
+    pub want: u32,
+}
+
+/// A share of a provider's budget, granted to one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetLease {
+    /// Identifies the lease for [`Store::settle_budget`]; 0 when nothing was granted.
+    pub id: i64,
+    /// Requests the instance may send until the lease ends (0: none now).
+    pub granted: u32,
+    /// When nothing was granted: milliseconds until some budget frees.
+    pub retry_in_ms: i64,
+    /// The budget left for other leases after this one, for the metrics.
+    pub remaining: u32,
+}
+
 /// A pending OAuth authorisation, keyed by the hash of its one-time state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthState {
@@ -299,6 +331,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets change-log entries older than `before` (unix seconds).
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError>;
+
+    /// Whether request budgets are kept here, shared by every instance
+    /// (PostgreSQL), rather than in each process's memory (SQLite, one process).
+    fn shares_budgets(&self) -> bool {
+        false
+    }
+
+    /// Leases a share of a provider's budget, atomically against every other
+    /// instance: the shares of leases that ended within the last `window_ms`
+    /// (or have not ended) count as spent, so at most `requests` are sent in
+    /// any window of that length. A lease whose instance dies stops counting
+    /// `window_ms` after it ends. Only stores that [`Store::shares_budgets`].
+    async fn lease_budget(&self, ask: &BudgetAsk<'_>) -> Result<BudgetLease, StoreError> {
+        let _ = ask;
+        Err(StoreError::Open(
+            "this store keeps no shared request budgets".into(),
+        ))
+    }
+
+    /// Records that a lease, now ended (or given back early: nothing more is
+    /// sent under it), was used for `used` requests, so its unused share
+    /// counts for nothing.
+    async fn settle_budget(&self, lease_id: i64, used: u32) -> Result<(), StoreError> {
+        let _ = (lease_id, used);
+        Ok(())
+    }
 
     /// Returns when another process may have changed a session, or after
     /// `max`, with the ids it knows changed (they are dropped from the cache
