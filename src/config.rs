@@ -194,6 +194,22 @@ struct RawProvider {
     min_refresh_interval: Option<RawDuration>,
     label: Option<String>,
     sessions_from: Option<String>,
+    rate_limit: Option<RawRateLimit>,
+    max_queue_wait: Option<RawDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    requests: i64,
+    per: RawDuration,
+}
+
+/// A provider's budget: at most `requests` in any window of `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
 }
 
 /// The validated configuration.
@@ -328,6 +344,10 @@ pub struct ProviderConfig {
     /// The provider whose sessions this one uses (`sessions_from`), e.g. a
     /// second host of the same API; `None`: its own sessions.
     pub sessions_from: Option<String>,
+    /// `rate_limit`: the provider's budget for this client.
+    pub rate_limit: Option<RateLimit>,
+    /// How long a request may wait for budget before 429 `rate_limited`.
+    pub max_queue_wait: Duration,
 }
 
 impl Config {
@@ -906,6 +926,23 @@ fn validate_provider(
     if token_timeout.is_zero() {
         return Err(invalid(key("token_timeout"), "must be above zero"));
     }
+    let rate_limit = p
+        .rate_limit
+        .map(|r| -> Result<RateLimit, ConfigError> {
+            let requests = u32::try_from(r.requests)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| {
+                    invalid(key("rate_limit.requests"), "must be a whole number from 1")
+                })?;
+            let per = r.per.resolve(&key("rate_limit.per"))?;
+            if per.is_zero() {
+                return Err(invalid(key("rate_limit.per"), "must be above zero"));
+            }
+            Ok(RateLimit { requests, per })
+        })
+        .transpose()?;
+    let max_queue_wait = dur(p.max_queue_wait, "max_queue_wait", 10.0)?;
     let ca_file = p.ca_file.map(|f| relative_to(dir, f));
     if let Some(f) = &ca_file {
         if !f.is_file() {
@@ -943,6 +980,8 @@ fn validate_provider(
         refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,
         min_refresh_interval: dur(p.min_refresh_interval, "min_refresh_interval", 30.0)?,
         sessions_from: p.sessions_from,
+        rate_limit,
+        max_queue_wait,
     })
 }
 

@@ -27,6 +27,10 @@ pub enum ProxyError {
     TokenRefreshFailed {
         retry_after_secs: u64,
     },
+    /// No budget for this request within the provider's `max_queue_wait`.
+    RateLimited {
+        retry_after_secs: u64,
+    },
     UpstreamUnreachable,
     UpstreamTimeout,
     /// The store could not be read for a session that is not cached.
@@ -46,6 +50,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::TokenRefreshFailed { .. } => "token_refresh_failed",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::StoreUnavailable => "store_unavailable",
@@ -66,6 +71,7 @@ impl ProxyError {
             ProxyError::TokenRefreshFailed { .. } | ProxyError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -83,6 +89,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "the request body is larger than this provider's limit",
             ProxyError::RequestTimeout => "the request body stopped arriving; send it again",
             ProxyError::TokenRefreshFailed { .. } => "the provider's token endpoint failed; the session is intact, retry later",
+            ProxyError::RateLimited { .. } => "the provider's request budget is spent for now; retry after Retry-After seconds",
             ProxyError::UpstreamUnreachable => "the upstream API could not be reached",
             ProxyError::UpstreamTimeout => "the upstream API did not answer in time",
             ProxyError::StoreUnavailable => "the session store is unavailable; retry later",
@@ -101,7 +108,8 @@ impl ProxyError {
         );
         h.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         match self {
-            ProxyError::TokenRefreshFailed { retry_after_secs } => {
+            ProxyError::TokenRefreshFailed { retry_after_secs }
+            | ProxyError::RateLimited { retry_after_secs } => {
                 h.insert(
                     http::header::RETRY_AFTER,
                     HeaderValue::from(*retry_after_secs),
@@ -132,6 +140,9 @@ mod tests {
             ProxyError::RequestTimeout,
             ProxyError::TokenRefreshFailed {
                 retry_after_secs: 3,
+            },
+            ProxyError::RateLimited {
+                retry_after_secs: 4,
             },
             ProxyError::UpstreamUnreachable,
             ProxyError::UpstreamTimeout,

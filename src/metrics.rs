@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::pacing::{Gate, GateMetrics};
 use crate::store::SessionCount;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +50,12 @@ pub struct Metrics {
     upstream_latency: Family<ProviderLabels, Histogram>,
     sessions: Family<SessionLabels, Gauge>,
     cached_sessions: Gauge,
+    rate_wait: Family<ProviderLabels, Histogram>,
+    upstream_refusals: Family<ProviderLabels, Counter>,
+    rate_limited: Family<ProviderLabels, Counter>,
+    budget_remaining: Family<ProviderLabels, Gauge>,
+    /// The gates whose remaining budget is read at each scrape.
+    gates: std::sync::Mutex<Vec<std::sync::Weak<Gate>>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -112,7 +119,38 @@ impl Default for Metrics {
             "From the token endpoint's answer to the durable commit of the rotated tokens (the crash window)",
             refresh_commit.clone(),
         );
+        let rate_wait = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "rate_limit_wait_seconds",
+            "How long requests held for the provider's budget (or after its refusal) waited; the count is how many were held",
+            rate_wait.clone(),
+        );
+        let upstream_refusals = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "upstream_rate_limited",
+            "Refusals for the rate limit from the provider (429, or Spark's 503 with code 1550)",
+            upstream_refusals.clone(),
+        );
+        let rate_limited = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests credproxy answered 429 rate_limited: no budget within max_queue_wait",
+            rate_limited.clone(),
+        );
+        let budget_remaining = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "rate_budget_remaining",
+            "Requests the provider's configured budget has left in the current window (as this instance knows it)",
+            budget_remaining.clone(),
+        );
         Metrics {
+            rate_wait,
+            upstream_refusals,
+            rate_limited,
+            budget_remaining,
+            gates: std::sync::Mutex::new(Vec::new()),
             registry,
             refresh_commit,
             refreshes,
@@ -162,8 +200,40 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// A provider's rate-limit metrics, resolved once so the hot path does
+    /// no label lookup; `budgeted` adds the remaining-budget gauge.
+    pub fn gate_metrics(&self, provider: &'static str, budgeted: bool) -> GateMetrics {
+        let labels = ProviderLabels { provider };
+        GateMetrics {
+            waited: Some(self.rate_wait.get_or_create(&labels).clone()),
+            upstream_refusals: self.upstream_refusals.get_or_create(&labels).clone(),
+            limited: self.rate_limited.get_or_create(&labels).clone(),
+            remaining: if budgeted {
+                self.budget_remaining.get_or_create(&labels).clone()
+            } else {
+                Gauge::default()
+            },
+        }
+    }
+
+    /// Reads `gate`'s remaining budget at every scrape.
+    pub fn watch_gate(&self, gate: &std::sync::Arc<Gate>) {
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.push(std::sync::Arc::downgrade(gate));
+        }
+    }
+
     /// Prometheus text exposition, with the session gauges set from `counts`.
     pub fn render(&self, counts: &[SessionCount], cached: usize) -> String {
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.retain(|g| match g.upgrade() {
+                Some(g) => {
+                    g.refresh_remaining();
+                    true
+                }
+                None => false,
+            });
+        }
         self.sessions.clear();
         for c in counts {
             self.sessions

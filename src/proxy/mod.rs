@@ -54,6 +54,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{strip_hop_by_hop, tls_config, TlsError, Upstream, UpstreamBody};
 use crate::metrics::Metrics;
+use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
 use crate::refresh::{RefreshError, Refresher};
 use crate::server::{BodyReadTimeout, ReadTimeout};
@@ -101,6 +102,8 @@ struct Route {
     links: Option<Arc<LinkMap>>,
     /// Route index of each target of `links`.
     link_targets: Vec<usize>,
+    /// The provider's rate-limit gate: a permit before every send.
+    gate: Arc<Gate>,
 }
 
 /// What the response phase needs to know about the request.
@@ -172,7 +175,29 @@ struct AccessLog {
     session: Option<Arc<ActiveSession>>,
     upstream_ms: Option<u128>,
     replayed: bool,
+    /// How long the request waited for the provider's budget, if it did.
+    queued_ms: Option<u128>,
+    /// Refusals for the rate limit the provider answered this request with.
+    upstream_refusals: u32,
 }
+
+/// A request's place in its provider's rate-limit queue.
+struct Pace {
+    /// Set at the first send: the request may wait until then.
+    deadline: Option<tokio::time::Instant>,
+    /// After the first send, every later one goes to the queue's front.
+    resend: bool,
+}
+
+/// An upstream answer: streaming, or read whole to be classified (Spark's
+/// 503, which says in its body whether it is the rate limit).
+enum Answer {
+    Stream(Response<Incoming>),
+    Read(Response<Bytes>),
+}
+
+/// How many rate-limit refusals a request is sent again after.
+const MAX_RESENDS: u32 = 3;
 
 impl Proxy {
     pub fn new(
@@ -182,6 +207,12 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, TlsError> {
         let mut routes = Vec::with_capacity(config.providers.len());
+        // Names this process in the shared budget's lease table.
+        let instance = format!(
+            "{}-{}",
+            std::process::id(),
+            crate::session::new_session_id()
+        );
         for p in &config.providers {
             // Validated at load: api_base is an http(s) URL with a host.
             let scheme = if p.api_base.scheme() == "https" {
@@ -195,8 +226,18 @@ impl Proxy {
                 None => host.to_owned(),
             };
             tls_config(p)?; // surface a bad ca_file before binding anything
+            let name: &'static str = Box::leak(p.name.clone().into_boxed_str());
+            let store = sessions.store();
+            let gate = Gate::new(
+                name,
+                p.rate_limit,
+                p.max_queue_wait,
+                store.shares_budgets().then_some((store, instance.as_str())),
+                metrics.gate_metrics(name, p.rate_limit.is_some()),
+            );
+            metrics.watch_gate(&gate);
             routes.push(Route {
-                name: Box::leak(p.name.clone().into_boxed_str()),
+                name,
                 kind: p.kind,
                 scheme,
                 authority: Authority::try_from(authority.as_str()).map_err(|_| {
@@ -214,6 +255,7 @@ impl Proxy {
                 session_owner: Box::leak(p.session_owner().to_owned().into_boxed_str()),
                 links: None,
                 link_targets: Vec::new(),
+                gate,
             });
         }
         // A route's family: the providers that share its sessions.
@@ -279,6 +321,8 @@ impl Proxy {
             session: None,
             upstream_ms: None,
             replayed: false,
+            queued_ms: None,
+            upstream_refusals: 0,
         };
         let resp = match self.proxy(mount, local, parts, body, &mut log).await {
             Ok(resp) => resp,
@@ -296,6 +340,8 @@ impl Proxy {
             total_ms = started.elapsed().as_millis() as u64,
             session = log.session.as_ref().map(|s| s.id.as_str()),
             replayed = log.replayed,
+            queued_ms = log.queued_ms.map(|m| m as u64),
+            upstream_refusals = (log.upstream_refusals > 0).then_some(log.upstream_refusals),
             error = resp.headers().get(crate::error::ERROR_HEADER).and_then(|v| v.to_str().ok()),
             "request"
         );
@@ -349,11 +395,19 @@ impl Proxy {
             rest,
             query,
         };
+        let mut pace = Pace {
+            deadline: None,
+            resend: false,
+        };
         let bytes = match body {
             Prepared::Streamed(body) => {
-                let resp = self
-                    .send(route, &session, out.clone_parts(), body, log)
+                let (answer, _) = self
+                    .send(route, &session, out.clone_parts(), body, log, &mut pace)
                     .await?;
+                let resp = match answer {
+                    Answer::Stream(resp) => resp,
+                    Answer::Read(resp) => return Ok(pass_read(resp)),
+                };
                 if resp.status() == StatusCode::UNAUTHORIZED {
                     if session.has_refresh_token {
                         self.refresh_in_background(&session);
@@ -365,9 +419,13 @@ impl Proxy {
             }
             Prepared::Kept(bytes) => bytes,
         };
-        let resp = self
-            .send(route, &session, out.clone_parts(), full(bytes.clone()), log)
-            .await?;
+        let resp = match self
+            .send_kept(route, &session, &out, &bytes, log, &mut pace)
+            .await?
+        {
+            Answer::Stream(resp) => resp,
+            Answer::Read(resp) => return Ok(pass_read(resp)),
+        };
         if resp.status() != StatusCode::UNAUTHORIZED || !session.has_refresh_token {
             if resp.status() != StatusCode::UNAUTHORIZED {
                 self.refresher.accepted(&session.id);
@@ -389,7 +447,13 @@ impl Proxy {
         drain(resp).await;
         log.session = Some(Arc::clone(&fresh));
         log.replayed = true;
-        let resp = self.send(route, &fresh, out, full(bytes), log).await?;
+        let resp = match self
+            .send_kept(route, &fresh, &out, &bytes, log, &mut pace)
+            .await?
+        {
+            Answer::Stream(resp) => resp,
+            Answer::Read(resp) => return Ok(pass_read(resp)),
+        };
         if resp.status() == StatusCode::UNAUTHORIZED {
             // Fresh tokens were refused too: hold later 401s of this
             // session for min_refresh_interval instead of rotating again.
@@ -398,6 +462,50 @@ impl Proxy {
             self.refresher.accepted(&fresh.id);
         }
         self.response_filter(route, &asked, resp).await
+    }
+
+    /// Sends a request whose body was kept; when the provider refuses it
+    /// for its rate limit, waits the hold out and sends it again, if it is
+    /// safe to send again ([`pacing::resendable`]) and the hold ends before
+    /// the request's `max_queue_wait` does. Otherwise the refusal goes back
+    /// as the provider gave it.
+    async fn send_kept(
+        &self,
+        route: &Route,
+        session: &ActiveSession,
+        out: &Outgoing<'_>,
+        bytes: &Bytes,
+        log: &mut AccessLog,
+        pace: &mut Pace,
+    ) -> Result<Answer, ProxyError> {
+        let resendable = pacing::resendable(&out.method, &out.headers);
+        let mut refusals = 0;
+        loop {
+            let (answer, verdict) = self
+                .send(
+                    route,
+                    session,
+                    out.clone_parts(),
+                    full(bytes.clone()),
+                    log,
+                    pace,
+                )
+                .await?;
+            if verdict == Verdict::Accepted {
+                return Ok(answer);
+            }
+            refusals += 1;
+            let in_time = match (route.gate.held_until(), pace.deadline) {
+                (Some(held), Some(deadline)) => held <= deadline,
+                _ => true,
+            };
+            if !resendable || !in_time || refusals > MAX_RESENDS {
+                return Ok(answer);
+            }
+            if let Answer::Stream(resp) = answer {
+                drain(resp).await;
+            }
+        }
     }
 
     /// Proactive refresh: a token within `refresh_margin` of its expiry is
@@ -433,7 +541,9 @@ impl Proxy {
         });
     }
 
-    /// Builds the upstream request with `session`'s credentials and sends it.
+    /// Takes a permit from the provider's gate, builds the upstream request
+    /// with `session`'s credentials and sends it; tells the gate whether the
+    /// provider refused it for its rate limit.
     async fn send(
         &self,
         route: &Route,
@@ -441,19 +551,51 @@ impl Proxy {
         out: Outgoing<'_>,
         body: UpstreamBody,
         log: &mut AccessLog,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        pace: &mut Pace,
+    ) -> Result<(Answer, Verdict), ProxyError> {
+        let deadline = *pace
+            .deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + route.gate.max_wait());
+        let mut permit = route
+            .gate
+            .acquire(deadline, pace.resend)
+            .await
+            .map_err(|l| ProxyError::RateLimited {
+                retry_after_secs: l.retry_after_secs,
+            })?;
+        pace.resend = true;
+        if !permit.waited.is_zero() {
+            log.queued_ms = Some(log.queued_ms.unwrap_or(0) + permit.waited.as_millis());
+        }
         let req = upstream_request(route, session, out, body)?;
+        permit.sent();
         let sent = Instant::now();
-        let mut resp = route.upstream.send(req).await;
+        let resp = route.upstream.send(req).await;
         let took = sent.elapsed();
         self.metrics.upstream_latency(route.name, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
+        let mut resp = resp?;
         // Before anything else reads the answer: no injected secret in any
         // header, whatever the upstream echoed.
-        if let Ok(resp) = &mut resp {
-            session.credentials.scrub_response(resp.headers_mut());
+        session.credentials.scrub_response(resp.headers_mut());
+        let (answer, verdict) = if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+            && route.kind == ProviderKind::Spark
+        {
+            let (parts, body) = resp.into_parts();
+            let bytes = read_error_body(body, route.upstream.response_timeout()).await?;
+            let verdict =
+                pacing::verdict(parts.status, &parts.headers, pacing::is_spark_1550(&bytes));
+            (Answer::Read(Response::from_parts(parts, bytes)), verdict)
+        } else {
+            let verdict = pacing::verdict(resp.status(), resp.headers(), false);
+            (Answer::Stream(resp), verdict)
+        };
+        if verdict != Verdict::Accepted {
+            log.upstream_refusals += 1;
         }
-        resp
+        route.gate.answered(verdict);
+        drop(permit);
+        Ok((answer, verdict))
     }
 
     /// Picks the provider; refuses CONNECT and absolute-form URIs naming
@@ -874,6 +1016,28 @@ async fn prepare_body(
         }
     }
     Ok(Prepared::Kept(kept.freeze()))
+}
+
+/// An answer read whole to be classified goes back as it came (no link
+/// rewriting: it is an error body).
+fn pass_read(resp: Response<Bytes>) -> Response<ProxyBody> {
+    let (mut parts, bytes) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.clear();
+    Response::from_parts(parts, own(Full::new(bytes)))
+}
+
+/// Reads an error body (up to 64 KiB) to see what it says.
+async fn read_error_body(body: Incoming, wait: Duration) -> Result<Bytes, ProxyError> {
+    let limited = Limited::new(body, 64 * 1024);
+    match tokio::time::timeout(wait, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upstream error body broke off or was too long");
+            Err(ProxyError::UpstreamUnreachable)
+        }
+        Err(_) => Err(ProxyError::UpstreamTimeout),
+    }
 }
 
 /// Reads (a little of) an answer that will be thrown away, so its
