@@ -1175,6 +1175,42 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_read_and_checked() {
+        let c = parse(GOOD).expect("valid");
+        let spark = c.provider("spark").expect("spark");
+        assert_eq!(spark.rate_limit, None);
+        assert_eq!(spark.max_queue_wait, Duration::from_secs(10));
+        let with = |extra: &str| {
+            GOOD.replacen("kind = \"spark\"", &format!("kind = \"spark\"\n{extra}"), 1)
+        };
+        let c = parse(&with(
+            "rate_limit = { requests = 1500, per = \"5m\" }\nmax_queue_wait = \"2s\"",
+        ))
+        .expect("valid");
+        let spark = c.provider("spark").expect("spark");
+        assert_eq!(
+            spark.rate_limit,
+            Some(RateLimit {
+                requests: 1500,
+                per: Duration::from_secs(300)
+            })
+        );
+        assert_eq!(spark.max_queue_wait, Duration::from_secs(2));
+        let e = err(&with("rate_limit = { requests = 0, per = \"5m\" }"));
+        assert!(e.contains("providers.spark.rate_limit.requests"), "{e}");
+        let e = err(&with("rate_limit = { requests = 10, per = 0 }"));
+        assert!(e.contains("providers.spark.rate_limit.per"), "{e}");
+        let e = err(&with("rate_limit = { requests = 10, per = \"soon\" }"));
+        assert!(e.contains("providers.spark.rate_limit.per"), "{e}");
+        let e = err(&with("rate_limit = { requests = 10 }"));
+        assert!(e.contains("per"), "{e}");
+        let e = err(&with(
+            "rate_limit = { requests = 10, per = \"1s\", burst = 3 }",
+        ));
+        assert!(e.contains("burst"), "{e}");
+    }
+
+    #[test]
     fn sessions_from_takes_the_owners_credentials() {
         let text = format!(
             "{GOOD}\n[providers.replication]\nkind = \"spark\"\napi_base = \"https://replication.sparkapi.com\"\nsessions_from = \"spark\"\n"
