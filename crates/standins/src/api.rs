@@ -6,8 +6,9 @@
 //! the way the provider does (Spark: `Authorization: OAuth|Bearer TOKEN`;
 //! Zillow: `accessToken`, `clientId` and `apiKey` query parameters) and it is
 //! answered by one of the special paths, the RESO Web API (Spark) or a JSON
-//! echo. Before the credentials, an [`crate::ApiFault`] in force and (Spark,
-//! with `require_user_agent`) a missing `X-SparkApi-User-Agent` refuse the
+//! echo. Before the credentials, in this order, an [`crate::ApiFault`] in
+//! force, the [`crate::Budget`] in force and (Spark, with
+//! `require_user_agent`) a missing `X-SparkApi-User-Agent` refuse the
 //! request. JSON and XML answers are compressed when the client asks.
 
 use std::sync::{Arc, OnceLock};
@@ -26,8 +27,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::budget::Verdict;
 use crate::{
-    big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded, Shared,
+    big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded, Refusal, Shared,
 };
 
 /// Where `/redirect-away` points.
@@ -73,10 +75,12 @@ pub(crate) async fn handle(
             json!({"error": "the request body could not be read"}),
         )
     } else {
-        let denied = fault(&shared).or_else(|| match kind {
-            Kind::Spark => check_spark(&shared, &parts),
-            Kind::Zillow => check_zillow(&shared, &parts),
-        });
+        let denied = fault(&shared)
+            .or_else(|| over_budget(&shared))
+            .or_else(|| match kind {
+                Kind::Spark => check_spark(&shared, &parts),
+                Kind::Zillow => check_zillow(&shared, &parts),
+            });
         match denied {
             Some(resp) => resp,
             None => serve(&shared, ctx, &rec, &parts).await,
@@ -152,21 +156,44 @@ fn fault(shared: &Shared) -> Option<Response<Body>> {
                 503 => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::TOO_MANY_REQUESTS,
             };
-            let mut resp = match kind {
-                Kind::Spark => spark_error(shared, status, 1550, "Over rate limit"),
-                Kind::Zillow => json_response(
-                    shared,
-                    status,
-                    json!({"error": "rate_limited", "error_description": "too many requests"}),
-                ),
-            };
-            if let Some(seconds) = retry_after {
-                resp.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(seconds));
-            }
-            Some(resp)
+            Some(rate_limited(shared, status, retry_after))
         }
     }
+}
+
+/// The answer of a request beyond the [`crate::Budget`] in force, if it is.
+fn over_budget(shared: &Shared) -> Option<Response<Body>> {
+    match shared.take_budget()? {
+        Verdict::Accepted => None,
+        Verdict::Refused {
+            refusal,
+            retry_after,
+        } => {
+            let status = match (shared.opts.kind, refusal) {
+                (Kind::Spark, Refusal::Spark1550) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::TOO_MANY_REQUESTS,
+            };
+            Some(rate_limited(shared, status, retry_after))
+        }
+    }
+}
+
+/// Over the rate limit: Spark's code 1550, or Zillow's `rate_limited`, with
+/// `Retry-After: seconds` if given.
+fn rate_limited(shared: &Shared, status: StatusCode, retry_after: Option<u64>) -> Response<Body> {
+    let mut resp = match shared.opts.kind {
+        Kind::Spark => spark_error(shared, status, 1550, "Over rate limit"),
+        Kind::Zillow => json_response(
+            shared,
+            status,
+            json!({"error": "rate_limited", "error_description": "too many requests"}),
+        ),
+    };
+    if let Some(seconds) = retry_after {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    resp
 }
 
 /// `None` when the request carries a valid Spark access token (and, if

@@ -76,13 +76,20 @@
 //! - [`Standin::expire_access_after_uses`]: from now on an access token is
 //!   expired after it has been presented N times on the API (0 turns it off).
 //!   Presentations are counted only for requests that reach the token check
-//!   (not those refused by a fault or a missing user agent).
+//!   (not those refused by a fault, the budget or a missing user agent).
 //! - [`Standin::set_token_mode`]: the token endpoint fails, hangs or refuses.
 //! - [`Standin::set_api_fault`]: every API request is refused whatever its
 //!   token, while the token endpoint works: [`ApiFault::DisabledKey`] (Spark
 //!   401 code 1010; Zillow 401 `disabled_api_key`) or [`ApiFault::RateLimited`]
 //!   (Spark code 1550; Zillow `rate_limited`; with 429 or 503, an optional
 //!   `Retry-After`, for a number of requests or until cleared).
+//! - [`Standin::set_budget`]: a request budget enforced as Spark does, at most
+//!   N API requests in any window of a given length (a sliding window; see
+//!   [`Budget`]). Beyond it a request is refused (429, or Spark's 503 with code
+//!   1550; Zillow 429 `rate_limited`), optionally with a `Retry-After`, and not
+//!   counted. [`Standin::budget_refusals`], [`Standin::max_in_any_window`],
+//!   [`Standin::accepted_arrivals`] and [`Standin::wait_for_refusals`] tell a
+//!   test what happened.
 //! - [`Options::require_user_agent`]: a Spark API request without
 //!   `X-SparkApi-User-Agent` gets 400 code 1016.
 //! - [`Options::replication`]: a second listener, the replication host, serves
@@ -96,6 +103,7 @@
 mod api;
 mod authorize;
 mod big_json;
+mod budget;
 mod encoding;
 pub mod flexmls;
 mod reso;
@@ -103,6 +111,7 @@ mod token;
 
 pub use api::pattern_byte;
 pub use big_json::big_json_records;
+pub use budget::{Budget, Refusal};
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -498,11 +507,69 @@ impl Standin {
         lock(&self.shared.requests).last().cloned()
     }
 
-    /// Forgets the recorded requests (the count of [`Standin::wait_for_requests`] restarts at 0).
+    /// Forgets the recorded requests (the count of [`Standin::wait_for_requests`] restarts at 0)
+    /// and what the budget observed: its accepted arrivals
+    /// ([`Standin::accepted_arrivals`], [`Standin::max_in_any_window`]) and
+    /// its refusals ([`Standin::budget_refusals`], [`Standin::wait_for_refusals`]).
+    /// The budget's window itself is not reset: requests accepted before
+    /// still count against it, as they would at the provider.
     pub fn clear_requests(&self) {
         let mut reqs = lock(&self.shared.requests);
         reqs.clear();
         self.shared.recorded.send_replace(0);
+        drop(reqs);
+        let mut budget = lock(&self.shared.budget);
+        budget.accepted.clear();
+        self.shared.refusals.send_replace(0);
+    }
+
+    /// Puts `budget` in force from now on, with an empty window, no recorded
+    /// arrivals and the refusal count at 0; or (`None`) stops enforcing one
+    /// (what it observed stays readable). See [`Budget`] for what counts.
+    pub fn set_budget(&self, budget: Option<Budget>) {
+        let mut state = lock(&self.shared.budget);
+        state.set(budget);
+        if budget.is_some() {
+            self.shared.refusals.send_replace(0);
+        }
+    }
+
+    /// The budget in force.
+    pub fn budget(&self) -> Option<Budget> {
+        lock(&self.shared.budget).budget
+    }
+
+    /// API requests the budget refused since it was set (or since
+    /// [`Standin::clear_requests`]).
+    pub fn budget_refusals(&self) -> u64 {
+        *self.shared.refusals.borrow()
+    }
+
+    /// Resolves `true` once the budget has refused at least `n` requests
+    /// (counted as [`Standin::budget_refusals`] counts them), or `false` after
+    /// `timeout`.
+    pub async fn wait_for_refusals(&self, n: u64, timeout: Duration) -> bool {
+        let mut rx = self.shared.refusals.subscribe();
+        // The sender lives in `shared`, which `self` holds: `wait_for` cannot fail.
+        let reached = async { rx.wait_for(|count| *count >= n).await.is_ok() };
+        tokio::time::timeout(timeout, reached)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// When each API request the budget accepted arrived, oldest first: every
+    /// one while a budget was in force, since it was set (or since
+    /// [`Standin::clear_requests`]). Refused requests are not in it. Times are
+    /// on Tokio's clock (they follow `tokio::time::pause`).
+    pub fn accepted_arrivals(&self) -> Vec<std::time::Instant> {
+        lock(&self.shared.budget).accepted.clone()
+    }
+
+    /// The most of [`Standin::accepted_arrivals`] that lie in any window of
+    /// length `per` (half-open: two arrivals exactly `per` apart are in no
+    /// window together). Under a budget of N per `per` this is at most N.
+    pub fn max_in_any_window(&self, per: Duration) -> u32 {
+        budget::max_in_any_window(&lock(&self.shared.budget).accepted, per)
     }
 
     /// Resolves once at least `n` API requests have been recorded.
@@ -553,6 +620,9 @@ pub(crate) struct Shared {
     /// `http://127.0.0.1:PORT` of the replication host, if there is one.
     pub(crate) replication_origin: Option<String>,
     pub(crate) fault: Mutex<Option<ApiFault>>,
+    budget: Mutex<budget::State>,
+    /// Requests refused by the budget.
+    refusals: watch::Sender<u64>,
     tokens: Mutex<TokenStore>,
     pub(crate) mode: watch::Sender<TokenMode>,
     pub(crate) grants: AtomicU64,
@@ -571,6 +641,8 @@ impl Shared {
             api_origin,
             replication_origin,
             fault: Mutex::new(None),
+            budget: Mutex::new(budget::State::default()),
+            refusals: watch::Sender::new(0),
             tokens: Mutex::new(TokenStore::default()),
             mode: watch::Sender::new(TokenMode::Normal),
             grants: AtomicU64::new(0),
@@ -616,6 +688,18 @@ impl Shared {
             }
         }
         Some(current)
+    }
+
+    /// What the budget in force (if any) says about an API request arriving
+    /// now; a refusal is counted.
+    pub(crate) fn take_budget(&self) -> Option<budget::Verdict> {
+        let mut state = lock(&self.budget);
+        // Read under the lock, so arrivals are recorded in order.
+        let verdict = state.decide(Instant::now().into_std())?;
+        if let budget::Verdict::Refused { .. } = verdict {
+            self.refusals.send_modify(|n| *n += 1);
+        }
+        Some(verdict)
     }
 
     pub(crate) fn record(&self, rec: Recorded) {
