@@ -1,64 +1,145 @@
 //! Runs a Spark and a Zillow stand-in for the demo until Ctrl-C.
 //!
-//! `credproxy-standins [--spark-port N] [--zillow-port N] [--replication-port N] [--spark-lifetime SECS]`
+//! `credproxy-standins [--spark-port N] [--zillow-port N] [--replication-port N]
+//! [--spark-lifetime SECS] [--budget N/DUR] [--spark-budget N/DUR]
+//! [--zillow-budget N/DUR] [--budget-refusal 429|1550] [--no-retry-after]`
 //! prints each stand-in's URLs, client credentials and one freshly issued
-//! token pair as `export` lines, then one line per API request on stderr.
+//! token pair as `export` lines, then one line per API request (and per
+//! request refused by the budget) on stderr.
 //! The Spark stand-in also serves its API on a replication host
 //! (`SPARK_REPLICATION_BASE`), as `replication.sparkapi.com` does.
+//!
+//! A budget (`--budget 1500/5m`, Spark's figure for an IDX key) makes a
+//! stand-in refuse API requests beyond N in any window of length DUR, as
+//! Spark does (see `credproxy_standins::Budget`).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use credproxy_standins::{Options, Standin};
+use credproxy_standins::{Budget, Kind, Options, Refusal, Standin};
 
 const USAGE: &str = concat!(
     "usage: credproxy-standins [--spark-port N] [--zillow-port N] [--replication-port N] ",
     "[--spark-lifetime SECS]\n",
+    "       [--budget N/DUR] [--spark-budget N/DUR] [--zillow-budget N/DUR] ",
+    "[--budget-refusal 429|1550] [--no-retry-after]\n",
     "  defaults: --spark-port 9001 --zillow-port 9002 --replication-port 9003 ",
-    "--spark-lifetime 86400\n",
+    "--spark-lifetime 86400, no budget\n",
     "  (port 0 = ephemeral; lifetime 0 = tokens never expire by time;\n",
-    "  --replication-port: Spark's replication host, same API and tokens)"
+    "  --replication-port: Spark's replication host, same API and tokens;\n",
+    "  --budget N/DUR: each stand-in refuses API requests beyond N in any window of DUR\n",
+    "  (DUR: a whole number with ms, s, m or h, e.g. 1500/5m, Spark's budget for an IDX key),\n",
+    "  --spark-budget and --zillow-budget set one stand-in's, overriding --budget;\n",
+    "  --budget-refusal: 429 (default) or 1550, Spark's 503 with code 1550 (Zillow: always 429);\n",
+    "  --no-retry-after: refuse without a Retry-After header)"
 );
 
-const FLAGS: [&str; 4] = [
+/// Flags that take a value.
+const FLAGS: [&str; 8] = [
     "--spark-port",
     "--zillow-port",
     "--replication-port",
     "--spark-lifetime",
+    "--budget",
+    "--spark-budget",
+    "--zillow-budget",
+    "--budget-refusal",
 ];
 
+#[derive(Debug, PartialEq)]
 struct Args {
     spark_port: u16,
     zillow_port: u16,
     replication_port: u16,
     spark_lifetime: u64,
+    /// The Spark stand-in's budget.
+    spark_budget: Option<Budget>,
+    /// The Zillow stand-in's budget.
+    zillow_budget: Option<Budget>,
 }
 
-fn parse_args() -> Result<Args, String> {
+/// `N/DUR`: N requests (at least 1) per DUR (a whole number followed by `ms`,
+/// `s`, `m` or `h`; not zero).
+fn parse_rate(value: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("not a budget (N/DUR, e.g. 1500/5m): {value}");
+    let (n, per) = value.split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    let per = per.trim();
+    let split = per.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (amount, unit) = per.split_at(split);
+    let amount: u64 = amount.parse().map_err(|_| bad())?;
+    let per = match unit {
+        "ms" => Duration::from_millis(amount),
+        "s" => Duration::from_secs(amount),
+        "m" => Duration::from_secs(amount.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(amount.checked_mul(3600).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    if n == 0 || per.is_zero() {
+        return Err(format!(
+            "a budget needs at least 1 request and a window longer than 0: {value}"
+        ));
+    }
+    Ok((n, per))
+}
+
+fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut args = Args {
         spark_port: 9001,
         zillow_port: 9002,
         replication_port: 9003,
         spark_lifetime: 86400,
+        spark_budget: None,
+        zillow_budget: None,
     };
-    let mut it = std::env::args().skip(1);
+    let mut both = None;
+    let mut spark = None;
+    let mut zillow = None;
+    let mut refusal = Refusal::TooManyRequests;
+    let mut retry_after = true;
+    let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Err(String::new());
+        }
+        if flag == "--no-retry-after" {
+            retry_after = false;
+            continue;
         }
         if !FLAGS.contains(&flag.as_str()) {
             return Err(format!("unknown argument: {flag}"));
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |_| format!("{flag}: not a valid number: {value}");
+        let rate = |value: &str| parse_rate(value).map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--spark-port" => args.spark_port = value.parse().map_err(bad)?,
             "--zillow-port" => args.zillow_port = value.parse().map_err(bad)?,
             "--replication-port" => args.replication_port = value.parse().map_err(bad)?,
             "--spark-lifetime" => args.spark_lifetime = value.parse().map_err(bad)?,
+            "--budget" => both = Some(rate(&value)?),
+            "--spark-budget" => spark = Some(rate(&value)?),
+            "--zillow-budget" => zillow = Some(rate(&value)?),
+            "--budget-refusal" => {
+                refusal = match value.as_str() {
+                    "429" => Refusal::TooManyRequests,
+                    "1550" | "503" => Refusal::Spark1550,
+                    _ => return Err(format!("{flag}: 429 or 1550, not {value}")),
+                }
+            }
             _ => return Err(format!("unknown argument: {flag}")),
         }
     }
+    let budget = |rate: Option<(u32, Duration)>| {
+        rate.map(|(requests, per)| Budget {
+            requests,
+            per,
+            refusal,
+            retry_after,
+        })
+    };
+    args.spark_budget = budget(spark.or(both));
+    args.zillow_budget = budget(zillow.or(both));
     Ok(args)
 }
 
@@ -86,6 +167,41 @@ fn print_exports(prefix: &str, standin: &Standin) {
     if let Some(expires_in) = tokens.expires_in {
         println!("export {prefix}_EXPIRES_IN={expires_in}");
     }
+    if let Some(b) = standin.budget() {
+        let refused = match (standin.kind(), b.refusal) {
+            (Kind::Spark, Refusal::Spark1550) => "503 code 1550",
+            (Kind::Spark, Refusal::TooManyRequests) => "429 code 1550",
+            (Kind::Zillow, _) => "429 rate_limited",
+        };
+        println!(
+            "# {} budget: {} requests in any {:?}, beyond it {refused}, {}",
+            standin.kind().name(),
+            b.requests,
+            b.per,
+            if b.retry_after {
+                "with Retry-After"
+            } else {
+                "without Retry-After"
+            }
+        );
+    }
+}
+
+/// One stderr line per request the budget refuses.
+async fn log_refusals(standin: &Standin) {
+    let mut seen = 0;
+    loop {
+        if standin
+            .wait_for_refusals(seen + 1, Duration::from_secs(3600))
+            .await
+        {
+            seen = standin.budget_refusals();
+            eprintln!(
+                "{}: over budget, refused ({seen} so far)",
+                standin.kind().name()
+            );
+        }
+    }
 }
 
 /// One stderr line per API request (method and path; the query may hold tokens).
@@ -109,7 +225,7 @@ async fn log_requests(standin: &Standin) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match parse_args(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(message) => {
             if !message.is_empty() {
@@ -151,6 +267,8 @@ async fn main() -> ExitCode {
         }
     };
 
+    spark.set_budget(args.spark_budget);
+    zillow.set_budget(args.zillow_budget);
     print_exports("SPARK", &spark);
     print_exports("ZILLOW", &zillow);
     println!("# running until Ctrl-C");
@@ -158,9 +276,84 @@ async fn main() -> ExitCode {
     tokio::select! {
         _ = log_requests(&spark) => {}
         _ = log_requests(&zillow) => {}
+        _ = log_refusals(&spark) => {}
+        _ = log_refusals(&zillow) => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     spark.shutdown();
     zillow.shutdown();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Args, String> {
+        parse_args(argv.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1500/5m"), Ok((1500, Duration::from_secs(300))));
+        assert_eq!(parse_rate("4/3s"), Ok((4, Duration::from_secs(3))));
+        assert_eq!(parse_rate("10/250ms"), Ok((10, Duration::from_millis(250))));
+        assert_eq!(parse_rate("4000/1h"), Ok((4000, Duration::from_secs(3600))));
+        for bad in [
+            "",
+            "1500",
+            "1500/",
+            "1500/5",
+            "/5m",
+            "x/5m",
+            "1500/5d",
+            "1500/m",
+            "0/5m",
+            "5/0s",
+            "-1/5m",
+            "1500/99999999999999999999h",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn budget_flags() {
+        let args = parse(&[]).expect("defaults");
+        assert_eq!((args.spark_budget, args.zillow_budget), (None, None));
+
+        let args = parse(&["--budget", "1500/5m"]).expect("budget");
+        let spark_idx = Some(Budget::spark_idx());
+        assert_eq!(
+            (args.spark_budget, args.zillow_budget),
+            (spark_idx, spark_idx)
+        );
+
+        let args = parse(&[
+            "--no-retry-after",
+            "--budget",
+            "4/3s",
+            "--zillow-budget",
+            "2/1s",
+            "--budget-refusal",
+            "1550",
+        ])
+        .expect("budgets");
+        let b = |requests, secs| Budget {
+            requests,
+            per: Duration::from_secs(secs),
+            refusal: Refusal::Spark1550,
+            retry_after: false,
+        };
+        assert_eq!(args.spark_budget, Some(b(4, 3)));
+        assert_eq!(args.zillow_budget, Some(b(2, 1)));
+
+        let args = parse(&["--spark-budget", "1/1m"]).expect("spark only");
+        assert_eq!(args.zillow_budget, None);
+        assert!(args.spark_budget.is_some());
+
+        assert!(parse(&["--budget-refusal", "500"]).is_err());
+        assert!(parse(&["--budget"]).is_err());
+        assert!(parse(&["--no-retry-after", "x"]).is_err());
+    }
 }
