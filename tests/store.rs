@@ -458,3 +458,310 @@ async fn a_deleted_sqlite_file_fails_readiness_and_every_write_loudly() {
     std::fs::write(&db, b"").expect("a new file");
     assert_eq!(ready().await, 503);
 }
+
+// Shared request budgets (issue 12): PostgreSQL leases shares of a
+// provider's budget to each instance; SQLite keeps budgets in memory.
+
+mod budgets {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use credproxy::store::{self, BudgetAsk, BudgetLease, Store};
+
+    fn ask(
+        provider: &str,
+        requests: u32,
+        window_ms: i64,
+        lease_ms: i64,
+        want: u32,
+    ) -> BudgetAsk<'_> {
+        BudgetAsk {
+            provider,
+            instance: "test-instance",
+            requests,
+            window_ms,
+            lease_ms,
+            want,
+        }
+    }
+
+    /// Leases are timed in whole milliseconds of the database's clock,
+    /// compared below with this process's: leeway for rounding.
+    const ROUNDING_MS: i64 = 5;
+
+    async fn lease(s: &Arc<dyn Store>, a: BudgetAsk<'_>) -> BudgetLease {
+        s.lease_budget(&a).await.expect("lease_budget")
+    }
+
+    async fn pg(test: &str) -> Option<(String, Arc<dyn Store>)> {
+        let url = crate::support::postgres_db(test).await?;
+        let s = store::open(&url).await.expect("open");
+        assert!(s.shares_budgets());
+        Some((url, s))
+    }
+
+    #[tokio::test]
+    async fn sqlite_keeps_budgets_in_memory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let s = store::open(&url).await.expect("open");
+        assert!(!s.shares_budgets());
+        assert!(s
+            .lease_budget(&ask("spark", 10, 1_000, 100, 1))
+            .await
+            .is_err());
+        s.settle_budget(1, 0).await.expect("settling is a no-op");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_grants_never_exceed_the_budget_across_concurrent_askers() {
+        let Some((url, one)) = pg("budget_concurrent").await else {
+            return;
+        };
+        concurrent_askers(&url, one).await;
+    }
+
+    /// The same with the database's default isolation raised: a lease's
+    /// reads must still see the lease committed while it waited for the lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_grants_never_exceed_the_budget_under_repeatable_read() {
+        let Some(url) = crate::support::postgres_db("budget_repeatable_read").await else {
+            return;
+        };
+        let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+        let name: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&admin)
+            .await
+            .expect("name");
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{name}\" SET default_transaction_isolation TO 'repeatable read'"
+        ))
+        .execute(&admin)
+        .await
+        .expect("alter database");
+        admin.close().await;
+        let one = store::open(&url).await.expect("open");
+        concurrent_askers(&url, one).await;
+    }
+
+    /// 8 askers at once, wanting 3 each of a budget of 10, half of them on
+    /// a second store (another instance's pool); three rounds.
+    async fn concurrent_askers(url: &str, one: Arc<dyn Store>) {
+        let two = store::open(url).await.expect("open again");
+        for round in 0..3 {
+            let provider = format!("spark{round}");
+            let barrier = Arc::new(tokio::sync::Barrier::new(8));
+            let tasks: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = Arc::clone(if i % 2 == 0 { &one } else { &two });
+                    let barrier = Arc::clone(&barrier);
+                    let provider = provider.clone();
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        lease(&s, ask(&provider, 10, 60_000, 60_000, 3)).await
+                    })
+                })
+                .collect();
+            let mut leases = Vec::new();
+            for t in tasks {
+                leases.push(t.await.expect("task"));
+            }
+            let total: u32 = leases.iter().map(|l| l.granted).sum();
+            assert_eq!(total, 10, "{leases:?}");
+            assert!(leases.iter().all(|l| l.granted <= 3), "{leases:?}");
+            let mut ids: Vec<i64> = leases
+                .iter()
+                .filter(|l| l.granted > 0)
+                .map(|l| l.id)
+                .collect();
+            assert!(ids.iter().all(|&id| id > 0), "{leases:?}");
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), 4, "3 + 3 + 3 + 1: {leases:?}");
+            for l in leases.iter().filter(|l| l.granted == 0) {
+                assert_eq!((l.id, l.remaining), (0, 0), "{l:?}");
+                assert!(
+                    (1..=120_000).contains(&l.retry_in_ms),
+                    "frees when the first lease has been over for a window: {l:?}"
+                );
+            }
+            // The grants, in the order they were made, leave 7, 4, 1, 0.
+            let mut left: Vec<u32> = leases
+                .iter()
+                .filter(|l| l.granted > 0)
+                .map(|l| l.remaining)
+                .collect();
+            left.sort_unstable();
+            assert_eq!(left, [0, 1, 4, 7], "{leases:?}");
+            let after = lease(&one, ask(&provider, 10, 60_000, 60_000, 1)).await;
+            assert_eq!((after.granted, after.remaining), (0, 0), "{after:?}");
+        }
+        // Each provider has its own budget.
+        let other = lease(&two, ask("zillow", 10, 60_000, 60_000, 10)).await;
+        assert_eq!((other.granted, other.remaining), (10, 0), "{other:?}");
+    }
+
+    #[tokio::test]
+    async fn postgres_a_settled_lease_gives_back_its_unused_share_at_once() {
+        let Some((_url, s)) = pg("budget_settle").await else {
+            return;
+        };
+        let a = lease(&s, ask("spark", 10, 60_000, 60_000, 10)).await;
+        assert_eq!((a.granted, a.remaining), (10, 0), "{a:?}");
+        assert_eq!(
+            lease(&s, ask("spark", 10, 60_000, 60_000, 1)).await.granted,
+            0
+        );
+        // Given back early, 4 used: the other 6 are free again at once.
+        s.settle_budget(a.id, 4).await.expect("settle");
+        let b = lease(&s, ask("spark", 10, 60_000, 60_000, 10)).await;
+        assert_eq!((b.granted, b.remaining), (6, 0), "{b:?}");
+        // Settling only ever lowers a share: a later, larger `used` changes nothing.
+        s.settle_budget(a.id, 9).await.expect("settle again");
+        s.settle_budget(b.id, 6).await.expect("settle fully used");
+        let none = lease(&s, ask("spark", 10, 60_000, 60_000, 1)).await;
+        assert_eq!((none.granted, none.remaining), (0, 0), "{none:?}");
+        s.settle_budget(b.id, 0).await.expect("settle unused");
+        let c = lease(&s, ask("spark", 10, 60_000, 60_000, 10)).await;
+        assert_eq!((c.granted, c.remaining), (6, 0), "{c:?}");
+        // No lease (0, as a refusal's id) or a forgotten one: nothing happens.
+        s.settle_budget(0, 0).await.expect("settle id 0");
+        s.settle_budget(i64::MAX, 0)
+            .await
+            .expect("settle an unknown id");
+        // Wanting nothing takes nothing, and says the budget is free now.
+        let d = lease(&s, ask("zillow", 10, 60_000, 60_000, 0)).await;
+        assert_eq!(
+            d,
+            BudgetLease {
+                id: 0,
+                granted: 0,
+                retry_in_ms: 0,
+                remaining: 10
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn postgres_a_lease_never_settled_stops_counting_a_window_after_it_ends() {
+        let Some((_url, s)) = pg("budget_dead_instance").await else {
+            return;
+        };
+        // Window 300 ms, lease 100 ms: an instance takes the whole budget
+        // and dies (never settles). The budget is free again 400 ms after
+        // the lease was granted, not before, and not much later.
+        let (window, lease_ms) = (300, 100);
+        let start = Instant::now();
+        let dead = lease(&s, ask("spark", 3, window, lease_ms, 3)).await;
+        assert_eq!(dead.granted, 3, "{dead:?}");
+        let deadline = start + Duration::from_secs(10);
+        let mut refusals = 0;
+        let granted = loop {
+            let l = lease(&s, ask("spark", 3, window, lease_ms, 3)).await;
+            if l.granted > 0 {
+                break l;
+            }
+            refusals += 1;
+            // The database timed both leases; both lie between `start` and now.
+            let elapsed = i64::try_from(start.elapsed().as_millis()).expect("ms");
+            assert!(
+                l.retry_in_ms >= 1 && l.retry_in_ms <= window + lease_ms,
+                "{l:?}"
+            );
+            assert!(
+                l.retry_in_ms >= window + lease_ms - elapsed - ROUNDING_MS,
+                "{l:?} after {elapsed} ms"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the dead lease never stopped counting"
+            );
+            tokio::time::sleep(Duration::from_millis(
+                u64::try_from(l.retry_in_ms.clamp(1, 50)).expect("ms"),
+            ))
+            .await;
+        };
+        assert!(refusals > 0, "the dead lease counted for a while");
+        assert_eq!((granted.granted, granted.remaining), (3, 0), "{granted:?}");
+        assert!(
+            start.elapsed() >= Duration::from_millis(400 - ROUNDING_MS as u64),
+            "freed after {:?}, before the lease had been over for a window",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn postgres_retry_in_is_when_a_request_fits_again() {
+        let Some((_url, s)) = pg("budget_retry_in").await else {
+            return;
+        };
+        let start = Instant::now();
+        let elapsed = || i64::try_from(start.elapsed().as_millis()).expect("ms");
+        // A lease settled unused frees nothing: the wait is for the one
+        // that holds the budget (5 s + the window), not the older one.
+        let short = lease(&s, ask("spark", 10, 300, 100, 2)).await;
+        s.settle_budget(short.id, 0).await.expect("settle");
+        let long = lease(&s, ask("spark", 10, 300, 5_000, 10)).await;
+        assert_eq!((long.granted, long.remaining), (10, 0), "{long:?}");
+        let r = lease(&s, ask("spark", 10, 300, 100, 1)).await;
+        assert_eq!((r.id, r.granted), (0, 0), "{r:?}");
+        assert!(
+            r.retry_in_ms <= 5_300 && r.retry_in_ms >= 5_300 - elapsed() - ROUNDING_MS,
+            "{r:?}"
+        );
+
+        // Two leases of 5, ending 100 ms and 5 s from now. With the budget
+        // at 10, the first one's end frees enough; with the budget lowered
+        // to 4 (a new configuration), only the second one's does.
+        let start = Instant::now();
+        let elapsed = || i64::try_from(start.elapsed().as_millis()).expect("ms");
+        let a = lease(&s, ask("zillow", 10, 300, 100, 5)).await;
+        let b = lease(&s, ask("zillow", 10, 300, 5_000, 5)).await;
+        assert_eq!((a.granted, b.granted, b.remaining), (5, 5, 0));
+        let soon = lease(&s, ask("zillow", 10, 300, 100, 1)).await;
+        assert_eq!(soon.granted, 0, "{soon:?}");
+        assert!(
+            soon.retry_in_ms <= 400 && soon.retry_in_ms >= 400 - elapsed() - ROUNDING_MS,
+            "{soon:?}"
+        );
+        let lowered = lease(&s, ask("zillow", 4, 300, 100, 1)).await;
+        assert_eq!((lowered.granted, lowered.remaining), (0, 0), "{lowered:?}");
+        assert!(
+            lowered.retry_in_ms <= 5_300 && lowered.retry_in_ms >= 5_300 - elapsed() - ROUNDING_MS,
+            "{lowered:?}"
+        );
+
+        // A budget of nothing never frees: ask again in a window.
+        let zero = lease(&s, ask("other", 0, 300, 100, 1)).await;
+        assert_eq!(
+            zero,
+            BudgetLease {
+                id: 0,
+                granted: 0,
+                retry_in_ms: 300,
+                remaining: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn postgres_two_stores_on_one_database_share_one_budget() {
+        let Some((url, one)) = pg("budget_two_stores").await else {
+            return;
+        };
+        // The second open runs the migrations again: already applied.
+        let two = store::open(&url).await.expect("open again");
+        assert!(two.shares_budgets());
+        let a = lease(&one, ask("spark", 10, 60_000, 60_000, 7)).await;
+        assert_eq!((a.granted, a.remaining), (7, 3), "{a:?}");
+        let b = lease(&two, ask("spark", 10, 60_000, 60_000, 5)).await;
+        assert_eq!((b.granted, b.remaining), (3, 0), "{b:?}");
+        let c = lease(&one, ask("spark", 10, 60_000, 60_000, 1)).await;
+        assert_eq!((c.granted, c.remaining), (0, 0), "{c:?}");
+        // A lease is settled wherever: the first store's unused 5 are free
+        // for the second one.
+        two.settle_budget(a.id, 2).await.expect("settle");
+        let d = lease(&two, ask("spark", 10, 60_000, 60_000, 9)).await;
+        assert_eq!((d.granted, d.remaining), (5, 0), "{d:?}");
+    }
+}

@@ -6,7 +6,9 @@
 //! LISTEN/NOTIFY. Row-level compare-and-set updates do the coordinating:
 //! the refresh lease (`UPDATE ... WHERE lease expired RETURNING`) admits
 //! one instance at a time to spend a refresh token, and commits check the
-//! version and the lease owner. PostgreSQL's MVCC needs none of the SQLite
+//! version and the lease owner. Request budgets shared by every instance are
+//! leased in shares (`budget_leases`), one transaction per lease under a
+//! per-provider advisory lock. PostgreSQL's MVCC needs none of the SQLite
 //! store's write ordering: writers to different rows do not block each other.
 
 use std::time::Duration;
@@ -18,8 +20,8 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::Row;
 
 use super::{
-    Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens, SessionCount, SessionRecord, Store,
-    StoreError,
+    BudgetAsk, BudgetLease, Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens,
+    SessionCount, SessionRecord, Store, StoreError,
 };
 use crate::session::{KeyHash, Status};
 
@@ -38,6 +40,14 @@ const LOOKBACK_SECS: i64 = 10;
 /// The database's clock in unix milliseconds: leases and the change log are
 /// timed by it, so instances whose clocks disagree still agree on them.
 const DB_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The advisory-lock name space of the request budgets: a provider's lock
+/// key is a hash of this and its name (see `lease_budget` below).
+const BUDGET_LOCK_PREFIX: &str = "credproxy.budget_leases:";
+
+/// The longest window or lease taken as asked (about 35,000 years): the
+/// database's `now ± ms` cannot overflow.
+const MAX_SPAN_MS: i64 = 1 << 50;
 
 pub struct PgStore {
     pool: PgPool,
@@ -536,6 +546,131 @@ impl Store for PgStore {
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM session_changes WHERE at < $1 AND seq < (SELECT MAX(seq) FROM session_changes)")
             .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn shares_budgets(&self) -> bool {
+        true
+    }
+
+    /// One transaction per lease, serialised per provider:
+    ///
+    /// 1. `pg_advisory_xact_lock` on a hash of the provider's name, rather
+    ///    than `SELECT ... FOR UPDATE` on a per-provider row: nothing to
+    ///    create on first use, no row written (and no WAL) just to lock it,
+    ///    and the lock goes with the transaction however it ends (commit,
+    ///    rollback, a dropped connection), so a dead instance never holds
+    ///    it; it is also safe behind a transaction-pooling PgBouncer. Two
+    ///    providers whose keys collide only take turns.
+    /// 2. Forget this provider's leases that ended at least a window ago
+    ///    (nothing sent under them can share a window with anything sent
+    ///    from now on), sum the shares of the rest: what is spent.
+    /// 3. Grant `min(want, requests - spent)`; the new lease ends `lease_ms`
+    ///    from now. Every request sent under it, at some `s >= now`, can
+    ///    share a window only with requests sent after `s - window >= now -
+    ///    window`, i.e. under leases ending after that: all summed in 2.
+    ///
+    /// Every time is the database's clock, read once after the lock.
+    async fn lease_budget(&self, ask: &BudgetAsk<'_>) -> Result<BudgetLease, StoreError> {
+        let window_ms = ask.window_ms.clamp(0, MAX_SPAN_MS);
+        let lease_ms = ask.lease_ms.clamp(0, MAX_SPAN_MS);
+        let requests = i64::from(ask.requests);
+        // READ COMMITTED whatever the database's default: each statement
+        // then sees what the lock's previous holder committed. Under
+        // REPEATABLE READ or SERIALIZABLE the snapshot would be taken by the
+        // lock statement, before it waits, and miss that lease.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        sqlx::query(&format!(
+            "SELECT pg_advisory_xact_lock(hashtextextended('{BUDGET_LOCK_PREFIX}' || $1, 0))"
+        ))
+        .bind(ask.provider)
+        .execute(&mut *tx)
+        .await?;
+        // The DELETE and the reads see the same snapshot (the rows as they
+        // were before it), hence the complementary conditions. `frees_at_ms`:
+        // the earliest end from which, once that lease and every lease ending
+        // before it stop counting, one request fits again (leases settled to
+        // nothing free nothing).
+        let row = sqlx::query(&format!(
+            "WITH now AS (SELECT {DB_NOW_MS} AS ms),
+             gone AS (
+                 DELETE FROM budget_leases b USING now
+                 WHERE b.provider = $1 AND b.ends_at_ms <= now.ms - $2),
+             live AS (
+                 SELECT b.ends_at_ms, b.count FROM budget_leases b, now
+                 WHERE b.provider = $1 AND b.ends_at_ms > now.ms - $2),
+             spent AS (SELECT COALESCE(SUM(count), 0)::BIGINT AS n FROM live),
+             freeing AS (
+                 SELECT ends_at_ms,
+                        SUM(count) OVER (ORDER BY ends_at_ms ROWS UNBOUNDED PRECEDING) AS freed
+                 FROM live)
+             SELECT now.ms AS now_ms, spent.n AS spent,
+                    (SELECT MIN(ends_at_ms) FROM freeing WHERE spent.n - freed < $3) AS frees_at_ms
+             FROM now, spent"
+        ))
+        .bind(ask.provider)
+        .bind(window_ms)
+        .bind(requests)
+        .fetch_one(&mut *tx)
+        .await?;
+        let now_ms: i64 = row.try_get("now_ms")?;
+        let spent: i64 = row.try_get("spent")?;
+        let frees_at_ms: Option<i64> = row.try_get("frees_at_ms")?;
+        let remaining = requests.saturating_sub(spent).max(0);
+        // `count` is an INT; no budget comes near that.
+        let granted = remaining.min(i64::from(ask.want)).min(i64::from(i32::MAX));
+        let as_u32 = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+        if granted == 0 {
+            let retry_in_ms = if remaining > 0 {
+                // Nothing was wanted; there is budget now.
+                0
+            } else {
+                match frees_at_ms {
+                    Some(end) => end.saturating_add(window_ms).saturating_sub(now_ms).max(1),
+                    // A budget of 0 requests: nothing ever frees.
+                    None => window_ms.max(1),
+                }
+            };
+            tx.commit().await?;
+            return Ok(BudgetLease {
+                id: 0,
+                granted: 0,
+                retry_in_ms,
+                remaining: as_u32(remaining),
+            });
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO budget_leases (provider, instance, granted_at_ms, ends_at_ms, count)
+             VALUES ($1, $2, $3, $3 + $4, $5) RETURNING id",
+        )
+        .bind(ask.provider)
+        .bind(ask.instance)
+        .bind(now_ms)
+        .bind(lease_ms)
+        .bind(i32::try_from(granted).unwrap_or(i32::MAX))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(BudgetLease {
+            id,
+            granted: as_u32(granted),
+            retry_in_ms: 0,
+            remaining: as_u32(remaining - granted),
+        })
+    }
+
+    /// Lowers the lease's share to what was used; the used requests keep
+    /// counting until the lease has been over for a window. Settling again
+    /// only ever lowers it; an unknown (or already forgotten) lease is no error.
+    async fn settle_budget(&self, lease_id: i64, used: u32) -> Result<(), StoreError> {
+        sqlx::query("UPDATE budget_leases SET count = LEAST(count, $2) WHERE id = $1")
+            .bind(lease_id)
+            .bind(i32::try_from(used).unwrap_or(i32::MAX))
             .execute(&self.pool)
             .await?;
         Ok(())
