@@ -14,7 +14,7 @@
 #   TARGETS="upstream nginx credproxy credproxy-info"   which targets, in round order
 #   SERVER_CPU=0     core for the server side (upstream, proxy under test)
 #   CLIENT_CPU=1     core for wrk
-#   PORT_BASE=18480  first of the 6 consecutive loopback ports used
+#   PORT_BASE=18480  first of the 8 consecutive loopback ports used
 #   CREDPROXY_BIN=   use this binary instead of building target/release/credproxy
 #
 # Targets, each served with ONE worker:
@@ -28,6 +28,9 @@
 #                   `X-Credproxy-Session: KEY` to /spark/v1/listings.
 #   credproxy-info  the same at the default `info` level: the per-request
 #                   access log line (part of the product) goes to a file.
+#   credproxy-budget  `credproxy` with a rate limit configured but far from
+#                   spent (1,000,000 per second): what pacing itself costs.
+#                   Not in the default TARGETS; add it to compare.
 #
 # Why nginx and not the Spark stand-in (crates/standins) as the upstream: the
 # stand-in hashes every body, records every request in memory (unbounded over
@@ -75,13 +78,13 @@ in_range DURATION "$DURATION" 1 600
 in_range ROUNDS "$ROUNDS" 1 20
 in_range CONNECTIONS "$CONNECTIONS" 1 10000
 in_range WARMUP "$WARMUP" 0 60
-in_range PORT_BASE "$PORT_BASE" 1024 65529
+in_range PORT_BASE "$PORT_BASE" 1024 65527
 in_range SERVER_CPU "$SERVER_CPU" 0 4095
 in_range CLIENT_CPU "$CLIENT_CPU" 0 4095
 for t in $TARGETS; do
     case $t in
-        upstream | nginx | credproxy | credproxy-info) ;;
-        *) die "unknown target '$t' (known: upstream nginx credproxy credproxy-info)" ;;
+        upstream | nginx | credproxy | credproxy-info | credproxy-budget) ;;
+        *) die "unknown target '$t' (known: upstream nginx credproxy credproxy-info credproxy-budget)" ;;
     esac
 done
 
@@ -179,10 +182,13 @@ CP_PORT=$((PORT_BASE + 2))
 CP_INFO_PORT=$((PORT_BASE + 3))
 CP_ADMIN_PORT=$((PORT_BASE + 4))
 CP_INFO_ADMIN_PORT=$((PORT_BASE + 5))
+CP_BUDGET_PORT=$((PORT_BASE + 6))
+CP_BUDGET_ADMIN_PORT=$((PORT_BASE + 7))
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-for p in "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT"; do
+for p in "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT" \
+    "$CP_BUDGET_PORT" "$CP_BUDGET_ADMIN_PORT"; do
     port_open "$p" && die "port 127.0.0.1:$p is in use; set PORT_BASE"
 done
 
@@ -285,6 +291,10 @@ EOF
 # The info-level instance shares the store; only its listeners differ.
 CFG_INFO=$WORK/credproxy-info.toml
 sed -e "s/:$CP_PORT\"/:$CP_INFO_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_INFO_ADMIN_PORT\"/" "$CFG" >"$CFG_INFO"
+# The budget instance: the same, with a rate limit it never comes near.
+CFG_BUDGET=$WORK/credproxy-budget.toml
+sed -e "s/:$CP_PORT\"/:$CP_BUDGET_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_BUDGET_ADMIN_PORT\"/" "$CFG" >"$CFG_BUDGET"
+echo 'rate_limit = { requests = 1000000, per = "1s" }' >>"$CFG_BUDGET"
 
 json=$(RUST_LOG=warn "$CREDPROXY_BIN" session add --provider spark --access-token sometoken \
     --label load --json --config "$CFG") || die "credproxy session add failed"
@@ -305,6 +315,7 @@ for t in $TARGETS; do
     case $t in
         credproxy) start_credproxy credproxy "$CFG" "$CP_PORT" warn ;;
         credproxy-info) start_credproxy credproxy-info "$CFG_INFO" "$CP_INFO_PORT" info ;;
+        credproxy-budget) start_credproxy credproxy-budget "$CFG_BUDGET" "$CP_BUDGET_PORT" warn ;;
     esac
 done
 
@@ -315,6 +326,7 @@ url_of() {
         nginx) echo "http://127.0.0.1:$NGINX_PORT/spark/v1/listings" ;;
         credproxy) echo "http://127.0.0.1:$CP_PORT/spark/v1/listings" ;;
         credproxy-info) echo "http://127.0.0.1:$CP_INFO_PORT/spark/v1/listings" ;;
+        credproxy-budget) echo "http://127.0.0.1:$CP_BUDGET_PORT/spark/v1/listings" ;;
     esac
 }
 
@@ -424,4 +436,6 @@ END {
         if ("nginx" in R && R["nginx"] > 0 && P99["nginx"] > 0)
             printf "%-15s / nginx:    req/s x%.3f   p99 x%.2f\n", t, R[t] / R["nginx"], P99[t] / P99["nginx"]
     }
+    if ("credproxy-budget" in R && R["credproxy"] > 0 && P99["credproxy"] > 0)
+        printf "%-15s / credproxy: req/s x%.3f   p99 x%.2f   (a budget far from spent)\n", "credproxy-budget", R["credproxy-budget"] / R["credproxy"], P99["credproxy-budget"] / P99["credproxy"]
 }' "$RESULTS"

@@ -205,6 +205,9 @@ struct RawRateLimit {
     per: RawDuration,
 }
 
+/// The largest `rate_limit.requests`: the window keeps 16 bytes per request.
+pub const MAX_BUDGET: u32 = 1_000_000;
+
 /// A provider's budget: at most `requests` in any window of `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
@@ -931,9 +934,12 @@ fn validate_provider(
         .map(|r| -> Result<RateLimit, ConfigError> {
             let requests = u32::try_from(r.requests)
                 .ok()
-                .filter(|&n| n >= 1)
+                .filter(|&n| (1..=MAX_BUDGET).contains(&n))
                 .ok_or_else(|| {
-                    invalid(key("rate_limit.requests"), "must be a whole number from 1")
+                    invalid(
+                        key("rate_limit.requests"),
+                        format!("must be a whole number from 1 to {MAX_BUDGET} (the window keeps one time per request)"),
+                    )
                 })?;
             let per = r.per.resolve(&key("rate_limit.per"))?;
             if per.is_zero() {
@@ -1197,6 +1203,8 @@ mod tests {
         );
         assert_eq!(spark.max_queue_wait, Duration::from_secs(2));
         let e = err(&with("rate_limit = { requests = 0, per = \"5m\" }"));
+        assert!(e.contains("providers.spark.rate_limit.requests"), "{e}");
+        let e = err(&with("rate_limit = { requests = 1000001, per = \"1h\" }"));
         assert!(e.contains("providers.spark.rate_limit.requests"), "{e}");
         let e = err(&with("rate_limit = { requests = 10, per = 0 }"));
         assert!(e.contains("providers.spark.rate_limit.per"), "{e}");

@@ -77,14 +77,15 @@ enum NotNow {
 }
 
 impl Budget {
-    fn try_take(&self, now: Instant) -> Result<Spent, NotNow> {
+    /// Takes one send; says what was spent and how much is left.
+    fn try_take(&self, now: Instant) -> Result<(Spent, Option<u32>), NotNow> {
         match self {
             Budget::Local(w) => match lock(w).try_take(now) {
-                Ok(()) => Ok(Spent::Local(now)),
+                Ok(left) => Ok((Spent::Local(now), Some(left))),
                 Err(at) => Err(NotNow::Until(at)),
             },
             Budget::Shared(s) => match s.try_take(now) {
-                Ok(t) => Ok(Spent::Shared(t)),
+                Ok(t) => Ok((Spent::Shared(t), None)),
                 Err(Short::Until(at)) => Err(NotNow::Until(at)),
                 Err(Short::Renew) => Err(NotNow::Renew),
             },
@@ -299,12 +300,18 @@ impl Gate {
                             }
                             return Ok(self.permit(Spent::Nothing, counted, Duration::ZERO));
                         }
-                        Some(Ok(spent)) => {
+                        Some(Ok((spent, left))) => {
                             let counted = g.cap.is_some();
                             if counted {
                                 g.in_flight += 1;
                             }
-                            self.note_remaining(now);
+                            drop(g);
+                            match left {
+                                Some(left) => {
+                                    self.metrics.remaining.set(i64::from(left));
+                                }
+                                None => self.note_remaining(now),
+                            }
                             return Ok(self.permit(spent, counted, Duration::ZERO));
                         }
                         Some(Err(_)) => {}
@@ -466,11 +473,11 @@ impl Gate {
                             None // a permit's end wakes us
                         } else {
                             let took = match &self.budget {
-                                None => Ok(Spent::Nothing),
+                                None => Ok((Spent::Nothing, None)),
                                 Some(b) => b.try_take(now),
                             };
                             match took {
-                                Ok(spent) => {
+                                Ok((spent, _)) => {
                                     let counted = g.cap.is_some();
                                     if counted {
                                         g.in_flight += 1;

@@ -104,7 +104,7 @@ impl SharedBudget {
         let falling_back = s.retry_at.is_some_and(|t| now < t);
         if let (true, Some(fallback)) = (falling_back, &mut s.fallback) {
             return match fallback.try_take(now) {
-                Ok(()) => Ok(Taken::Fallback(now)),
+                Ok(_) => Ok(Taken::Fallback(now)),
                 Err(at) => Err(Short::Until(at)),
             };
         }

@@ -33,12 +33,13 @@ impl SlidingWindow {
         }
     }
 
-    /// Takes one send at `now`, or says when the next one may go.
-    pub fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
+    /// Takes one send at `now` and says how many are left, or says when
+    /// the next one may go.
+    pub fn try_take(&mut self, now: Instant) -> Result<u32, Instant> {
         self.prune(now);
         if self.sent.len() < self.requests as usize {
             self.sent.push_back(now);
-            return Ok(());
+            return Ok(self.requests - self.sent.len() as u32);
         }
         // Full: the oldest send leaves the window first.
         Err(self.sent.front().map_or(now, |&t| t + self.window))
