@@ -129,6 +129,17 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+    notify: Option<RawNotify>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: String,
+    secret: Option<String>,
+    secret_env: Option<String>,
+    timeout: Option<RawDuration>,
+    give_up_after: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +207,7 @@ struct RawProvider {
     sessions_from: Option<String>,
     rate_limit: Option<RawRateLimit>,
     max_queue_wait: Option<RawDuration>,
+    refresh_idle_after: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +219,19 @@ struct RawRateLimit {
 
 /// The largest `rate_limit.requests`: the window keeps 16 bytes per request.
 pub const MAX_BUDGET: u32 = 1_000_000;
+
+/// `[notify]`: where signed events about sessions are POSTed.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    pub url: Url,
+    /// The HMAC-SHA256 key of `X-Credproxy-Signature`.
+    pub secret: SecretString,
+    /// Each delivery attempt must be answered within this (default 10 s).
+    pub timeout: Duration,
+    /// An event still undelivered this long after it happened is given up
+    /// (a metric and a log line; `events list` shows it); default 24 h.
+    pub give_up_after: Duration,
+}
 
 /// A provider's budget: at most `requests` in any window of `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +248,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Ordered by name, so listings and metrics are stable.
     pub providers: Vec<ProviderConfig>,
+    /// `[notify]`, when configured.
+    pub notify: Option<NotifyConfig>,
     /// Things worth telling the operator that do not stop start-up.
     pub warnings: Vec<String>,
 }
@@ -351,6 +378,9 @@ pub struct ProviderConfig {
     pub rate_limit: Option<RateLimit>,
     /// How long a request may wait for budget before 429 `rate_limited`.
     pub max_queue_wait: Duration,
+    /// `refresh_idle_after`: refresh sessions unused this long in the
+    /// background, so their refresh tokens never lapse (off when `None`).
+    pub refresh_idle_after: Option<Duration>,
 }
 
 impl Config {
@@ -777,6 +807,36 @@ fn validate(
         )?);
     }
     inherit_sessions(&mut providers)?;
+    let notify = raw
+        .notify
+        .map(|n| -> Result<NotifyConfig, ConfigError> {
+            let url = http_url("notify.url", &n.url)?;
+            let secret = secret("notify.secret", n.secret, n.secret_env, env)?
+                .ok_or_else(|| invalid("notify.secret", "is required (or notify.secret_env)"))?;
+            let timeout = n
+                .timeout
+                .map(|d| d.resolve("notify.timeout"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(10));
+            if timeout.is_zero() {
+                return Err(invalid("notify.timeout", "must be above zero"));
+            }
+            let give_up_after = n
+                .give_up_after
+                .map(|d| d.resolve("notify.give_up_after"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(24 * 3600));
+            if give_up_after.is_zero() {
+                return Err(invalid("notify.give_up_after", "must be above zero"));
+            }
+            Ok(NotifyConfig {
+                url,
+                secret,
+                timeout,
+                give_up_after,
+            })
+        })
+        .transpose()?;
     // Two listeners on one address would fail at bind time with a vaguer message.
     for (i, (ka, a)) in ports.iter().enumerate() {
         for (kb, b) in &ports[i + 1..] {
@@ -790,6 +850,7 @@ fn validate(
         store,
         admin,
         providers,
+        notify,
         warnings,
     })
 }
@@ -988,6 +1049,21 @@ fn validate_provider(
         sessions_from: p.sessions_from,
         rate_limit,
         max_queue_wait,
+        refresh_idle_after: p
+            .refresh_idle_after
+            .map(|d| d.resolve(&key("refresh_idle_after")))
+            .transpose()?
+            .map(|d| {
+                if d < Duration::from_secs(60) {
+                    Err(invalid(
+                        key("refresh_idle_after"),
+                        "must be at least 1 minute",
+                    ))
+                } else {
+                    Ok(d)
+                }
+            })
+            .transpose()?,
     })
 }
 
@@ -1216,6 +1292,47 @@ mod tests {
             "rate_limit = { requests = 10, per = \"1s\", burst = 3 }",
         ));
         assert!(e.contains("burst"), "{e}");
+    }
+
+    #[test]
+    fn notify_is_read_and_checked() {
+        assert!(parse(GOOD).expect("valid").notify.is_none());
+        let text = format!(
+            "{GOOD}\n[notify]\nurl = \"https://ops.example.com/hook\"\nsecret = \"whsec\"\n"
+        );
+        let n = parse(&text).expect("valid").notify.expect("notify");
+        assert_eq!(n.url.as_str(), "https://ops.example.com/hook");
+        assert_eq!(n.secret.expose_secret(), "whsec");
+        assert_eq!(n.timeout, Duration::from_secs(10));
+        assert_eq!(n.give_up_after, Duration::from_secs(86400));
+        let e = err(&format!(
+            "{GOOD}\n[notify]\nurl = \"https://ops.example.com/hook\"\n"
+        ));
+        assert!(e.contains("notify.secret"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[notify]\nurl = \"ftp://x\"\nsecret = \"s\"\n"
+        ));
+        assert!(e.contains("notify.url"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[notify]\nurl = \"https://x\"\nsecret = \"s\"\nretries = 3\n"
+        ));
+        assert!(e.contains("retries"), "{e}");
+        let idle = GOOD.replacen(
+            "kind = \"spark\"",
+            "kind = \"spark\"\nrefresh_idle_after = \"20h\"",
+            1,
+        );
+        let c = parse(&idle).expect("valid");
+        assert_eq!(
+            c.provider("spark").and_then(|p| p.refresh_idle_after),
+            Some(Duration::from_secs(20 * 3600))
+        );
+        let e = err(&GOOD.replacen(
+            "kind = \"spark\"",
+            "kind = \"spark\"\nrefresh_idle_after = 5",
+            1,
+        ));
+        assert!(e.contains("providers.spark.refresh_idle_after"), "{e}");
     }
 
     #[test]
