@@ -37,6 +37,11 @@ pub struct RefreshLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLatencyLabels {
     pub provider: String,
 }
@@ -54,6 +59,7 @@ pub struct Metrics {
     upstream_refusals: Family<ProviderLabels, Counter>,
     rate_limited: Family<ProviderLabels, Counter>,
     budget_remaining: Family<ProviderLabels, Gauge>,
+    events: Family<EventLabels, Counter>,
     /// The gates whose remaining budget is read at each scrape.
     gates: std::sync::Mutex<Vec<std::sync::Weak<Gate>>>,
 }
@@ -145,7 +151,14 @@ impl Default for Metrics {
             "Requests the provider's configured budget has left in the current window (as this instance knows it)",
             budget_remaining.clone(),
         );
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events",
+            "Event deliveries to [notify] url by outcome (delivered, failed_attempt, given_up)",
+            events.clone(),
+        );
         Metrics {
+            events,
             rate_wait,
             upstream_refusals,
             rate_limited,
@@ -198,6 +211,11 @@ impl Metrics {
                 provider: provider.to_owned(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// One event delivery attempt's outcome.
+    pub fn event(&self, outcome: &'static str) {
+        self.events.get_or_create(&EventLabels { outcome }).inc();
     }
 
     /// A provider's rate-limit metrics, resolved once so the hot path does

@@ -106,6 +106,7 @@ mod big_json;
 mod budget;
 mod encoding;
 pub mod flexmls;
+pub mod receiver;
 mod reso;
 mod token;
 
