@@ -583,8 +583,9 @@ impl Proxy {
         {
             let (parts, body) = resp.into_parts();
             let bytes = read_error_body(body, route.upstream.response_timeout()).await?;
-            let verdict =
-                pacing::verdict(parts.status, &parts.headers, pacing::is_spark_1550(&bytes));
+            let spark_1550 = decoded_error_body(&parts.headers, &bytes)
+                .is_some_and(|plain| pacing::is_spark_1550(&plain));
+            let verdict = pacing::verdict(parts.status, &parts.headers, spark_1550);
             (Answer::Read(Response::from_parts(parts, bytes)), verdict)
         } else {
             let verdict = pacing::verdict(resp.status(), resp.headers(), false);
@@ -1027,9 +1028,12 @@ fn pass_read(resp: Response<Bytes>) -> Response<ProxyBody> {
     Response::from_parts(parts, own(Full::new(bytes)))
 }
 
-/// Reads an error body (up to 64 KiB) to see what it says.
+/// How much of an upstream error body is read (and decoded) to see what it says.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Reads an error body (up to [`ERROR_BODY_LIMIT`]) to see what it says.
 async fn read_error_body(body: Incoming, wait: Duration) -> Result<Bytes, ProxyError> {
-    let limited = Limited::new(body, 64 * 1024);
+    let limited = Limited::new(body, ERROR_BODY_LIMIT);
     match tokio::time::timeout(wait, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) => {
@@ -1038,6 +1042,40 @@ async fn read_error_body(body: Incoming, wait: Duration) -> Result<Bytes, ProxyE
         }
         Err(_) => Err(ProxyError::UpstreamTimeout),
     }
+}
+
+/// An error body as it reads: decoded when it came compressed (the
+/// caller's `Accept-Encoding` goes upstream as it is, so Spark's 1550 may
+/// come gzipped), at most [`ERROR_BODY_LIMIT`] of it. `None`: a coding
+/// credproxy cannot decode, or a broken stream.
+fn decoded_error_body<'b>(headers: &HeaderMap, body: &'b [u8]) -> Option<Cow<'b, [u8]>> {
+    use std::io::Read;
+    let limit = ERROR_BODY_LIMIT as u64;
+    let mut out = Vec::new();
+    let read = match Coding::from_header(headers.get(CONTENT_ENCODING))? {
+        Coding::Identity => return Some(Cow::Borrowed(body)),
+        Coding::Gzip => flate2::read::MultiGzDecoder::new(body)
+            .take(limit)
+            .read_to_end(&mut out),
+        // zlib-wrapped per RFC 9110; some servers send raw deflate.
+        Coding::Deflate => match flate2::read::ZlibDecoder::new(body)
+            .take(limit)
+            .read_to_end(&mut out)
+        {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                out.clear();
+                flate2::read::DeflateDecoder::new(body)
+                    .take(limit)
+                    .read_to_end(&mut out)
+            }
+        },
+        Coding::Brotli => brotli::Decompressor::new(body, 4096)
+            .take(limit)
+            .read_to_end(&mut out),
+    };
+    read.ok()?;
+    Some(Cow::Owned(out))
 }
 
 /// Reads (a little of) an answer that will be thrown away, so its
