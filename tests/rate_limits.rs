@@ -180,6 +180,78 @@ async fn a_compressed_1550_is_a_refusal_too() {
     running.shutdown().await;
 }
 
+/// A raw upstream answering every request with `response`.
+async fn answering(response: Vec<u8>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let response = std::sync::Arc::new(response);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let response = std::sync::Arc::clone(&response);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // One request head per answer (the test sends no bodies).
+                loop {
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        if stream.write_all(&response).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_spark_503_goes_back_as_the_provider_sent_it() {
+    // Not a 1550: more than credproxy reads to find out (a maintenance
+    // page), with a length or chunked. The caller gets it whole, not a 502.
+    let page = "<html>down for maintenance</html>".repeat(3000);
+    let head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n";
+    let mut sized = format!("{head}Content-Length: {}\r\n\r\n", page.len()).into_bytes();
+    sized.extend_from_slice(page.as_bytes());
+    let mut chunked = format!("{head}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    for piece in page.as_bytes().chunks(10_000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    for response in [sized, chunked] {
+        let upstream = answering(response).await;
+        let w = World::new().await;
+        let text = w.config_text(&Extra::default()).replace(
+            &format!("api_base = \"{}\"", w.spark.base_url()),
+            &format!("api_base = \"http://{upstream}\""),
+        );
+        let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t.toml"), |_| None)
+            .expect("config");
+        let running = credproxy::server::start(cfg).await.expect("start");
+        let (_, key, _) = add_session(&running, "spark", &w.spark).await;
+        let resp = client()
+            .get(url(running.proxy_addr, "/spark/v1/listings"))
+            .header(HDR, &key)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), 503);
+        assert_eq!(error_code(&resp), None, "the provider's own answer");
+        assert_eq!(resp.text().await.expect("body"), page);
+        running.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refusal_does_not_become_a_burst_of_them() {
     // An unconfigured provider, six requests at once against a budget of

@@ -580,6 +580,7 @@ impl Proxy {
         session.credentials.scrub_response(resp.headers_mut());
         let (answer, verdict) = if resp.status() == StatusCode::SERVICE_UNAVAILABLE
             && route.kind == ProviderKind::Spark
+            && may_be_spark_1550(resp.headers())
         {
             let (parts, body) = resp.into_parts();
             let bytes = read_error_body(body, route.upstream.response_timeout()).await?;
@@ -1041,6 +1042,21 @@ async fn read_error_body(body: Incoming, wait: Duration) -> Result<Bytes, ProxyE
             Err(ProxyError::UpstreamUnreachable)
         }
         Err(_) => Err(ProxyError::UpstreamTimeout),
+    }
+}
+
+/// Whether a Spark 503 is worth reading for code 1550, a small JSON body.
+/// One declaring more than [`ERROR_BODY_LIMIT`], or of unknown length and
+/// not JSON, is something else (a maintenance page): it streams on to the
+/// caller as it came instead of being cut off into a 502.
+fn may_be_spark_1550(headers: &HeaderMap) -> bool {
+    match content_length(headers) {
+        Some(n) => n <= ERROR_BODY_LIMIT as u64,
+        None => headers.get(CONTENT_TYPE).is_none_or(|v| {
+            v.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"))
+        }),
     }
 }
 
