@@ -421,8 +421,12 @@ impl Gate {
             Verdict::Refused { retry_after } => {
                 self.metrics.upstream_refusals.inc();
                 let wait = match retry_after {
-                    Some(d) => d.min(HOLD_MAX),
-                    None => {
+                    Some(d) if !d.is_zero() => d.min(HOLD_MAX),
+                    // `Retry-After: 0`, or a date already past (the
+                    // provider's clock behind ours), gives no time to wait:
+                    // a resend at once meets the same refusal. Back off as
+                    // without one.
+                    _ => {
                         let b = g.backoff;
                         g.backoff = (b * 2).min(BACKOFF_MAX);
                         // Full jitter over the upper half: instances that

@@ -165,6 +165,27 @@ async fn after_a_hold_only_the_probe_is_in_flight_until_it_is_answered() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_after_of_zero_or_in_the_past_still_backs_off() {
+    let g = gate(None, 30_000);
+    let t0 = Instant::now();
+    let p = g.acquire(t0 + ms(30_000), false).await.expect("calm");
+    // What `Retry-After: 0`, or an HTTP date already past, parses to.
+    g.answered(Verdict::Refused {
+        retry_after: Some(Duration::ZERO),
+    });
+    drop(p);
+    let held = g.held_until().expect("held");
+    assert!(
+        held >= t0 + BACKOFF_FIRST / 2 && held <= t0 + BACKOFF_FIRST,
+        "held for {:?}",
+        held - t0
+    );
+    let probe = g.acquire(t0 + ms(30_000), false).await.expect("probe");
+    assert!(Instant::now() >= held, "the resend went at once");
+    drop(probe);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_waiter_that_leaves_takes_no_budget() {
     let g = gate(Some((1, 1000)), 10_000);
     let t0 = Instant::now();
