@@ -18,7 +18,9 @@
 //!   holds the whole gate until its `Retry-After` (a jittered back-off
 //!   without one). After a hold, one request goes alone (a probe); each
 //!   answer that is not a refusal doubles how many may be in flight, so
-//!   one refusal never becomes a burst of them.
+//!   one refusal never becomes a burst of them. Only answers to requests
+//!   sent since the latest refusal count (see [`Permit`]'s `episode`):
+//!   the others were sent before the provider said anything.
 //!
 //! **Invariant:** with a budget of N per W, no more than N permits are
 //! handed out in any window of W plus the margin (`window.rs` locally,
@@ -148,6 +150,10 @@ pub struct Gate {
 #[derive(Default)]
 struct Inner {
     queue: VecDeque<oneshot::Sender<Permit>>,
+    /// Counts the refusals that began a hold; a permit carries the value
+    /// it was taken under, so the gate knows an answer to a request sent
+    /// before the latest refusal from one sent since.
+    episode: u64,
     hold_until: Option<Instant>,
     /// After a hold: how many may be in flight (1: the probe).
     cap: Option<u32>,
@@ -162,6 +168,9 @@ pub struct Permit {
     spent: Spent,
     counted: bool,
     sent: bool,
+    /// The gate's `episode` when this permit was taken; `None`: taken
+    /// while the gate was calm (so before any refusal it now holds for).
+    episode: Option<u64>,
     /// How long the request waited for it (zero on the fast path).
     pub waited: Duration,
 }
@@ -258,13 +267,14 @@ impl Gate {
         lock(&self.inner).hold_until
     }
 
-    fn permit(self: &Arc<Self>, spent: Spent, counted: bool, waited: Duration) -> Permit {
+    fn permit(self: &Arc<Self>, spent: Spent, counted: bool, episode: u64) -> Permit {
         Permit {
             gate: Some(Arc::clone(self)),
             spent,
             counted,
             sent: false,
-            waited,
+            episode: Some(episode),
+            waited: Duration::ZERO,
         }
     }
 
@@ -282,6 +292,7 @@ impl Gate {
                 spent: Spent::Nothing,
                 counted: false,
                 sent: false,
+                episode: None,
                 waited: Duration::ZERO,
             });
         }
@@ -298,13 +309,14 @@ impl Gate {
                             if counted {
                                 g.in_flight += 1;
                             }
-                            return Ok(self.permit(Spent::Nothing, counted, Duration::ZERO));
+                            return Ok(self.permit(Spent::Nothing, counted, g.episode));
                         }
                         Some(Ok((spent, left))) => {
                             let counted = g.cap.is_some();
                             if counted {
                                 g.in_flight += 1;
                             }
+                            let episode = g.episode;
                             drop(g);
                             match left {
                                 Some(left) => {
@@ -312,7 +324,7 @@ impl Gate {
                                 }
                                 None => self.note_remaining(now),
                             }
-                            return Ok(self.permit(spent, counted, Duration::ZERO));
+                            return Ok(self.permit(spent, counted, episode));
                         }
                         Some(Err(_)) => {}
                     }
@@ -391,28 +403,44 @@ impl Gate {
         self.note_remaining(Instant::now());
     }
 
-    /// Tells the gate how the upstream answered a request sent with one of
-    /// its permits.
-    pub fn answered(&self, verdict: Verdict) {
+    /// Tells the gate how the upstream answered the request sent with
+    /// `permit`.
+    ///
+    /// Only an answer to a request sent since the latest refusal moves the
+    /// gate: the others left before the provider refused anything, so their
+    /// acceptance says nothing about the budget now (counting them would
+    /// open the ramp before the probe went) and their refusal is the same
+    /// one again (counting it would double the back-off once per request
+    /// that was in flight). A stale refusal's `Retry-After` still lengthens
+    /// the hold.
+    pub fn answered(&self, permit: &Permit, verdict: Verdict) {
         if verdict == Verdict::Accepted && self.calm.load(Ordering::Acquire) {
             return;
         }
         let mut g = lock(&self.inner);
+        // `calm` changes only under the lock, so this reads it as it is.
+        let current = match permit.episode {
+            Some(e) => e == g.episode,
+            None => self.calm.load(Ordering::Acquire),
+        };
         match verdict {
+            Verdict::Accepted if !current => {}
             Verdict::Accepted => {
                 g.backoff = BACKOFF_FIRST;
                 if let Some(cap) = g.cap {
                     let next = cap.saturating_mul(2);
                     g.cap = (next < RAMP_OPEN).then_some(next);
-                    let calm = g.cap.is_none()
+                    if g.cap.is_none()
                         && g.hold_until.is_none()
                         && g.queue.is_empty()
-                        && self.budget.is_none();
-                    let wake = !g.queue.is_empty();
-                    drop(g);
-                    if calm {
+                        && self.budget.is_none()
+                    {
+                        // Under the lock: a refusal taking it next must
+                        // find (and clear) it set, not have it set after.
                         self.calm.store(true, Ordering::Release);
                     }
+                    let wake = !g.queue.is_empty();
+                    drop(g);
                     if wake {
                         self.changed.notify_one();
                     }
@@ -420,13 +448,26 @@ impl Gate {
             }
             Verdict::Refused { retry_after } => {
                 self.metrics.upstream_refusals.inc();
+                let retry_after = retry_after.filter(|d| !d.is_zero());
+                if !current {
+                    // The same refusal again: only a longer hold counts.
+                    if let Some(d) = retry_after {
+                        let until = Instant::now() + d.min(HOLD_MAX);
+                        if g.hold_until.is_some_and(|h| h < until) {
+                            g.hold_until = Some(until);
+                            drop(g);
+                            self.changed.notify_one();
+                        }
+                    }
+                    return;
+                }
                 let wait = match retry_after {
-                    Some(d) if !d.is_zero() => d.min(HOLD_MAX),
+                    Some(d) => d.min(HOLD_MAX),
                     // `Retry-After: 0`, or a date already past (the
                     // provider's clock behind ours), gives no time to wait:
                     // a resend at once meets the same refusal. Back off as
                     // without one.
-                    _ => {
+                    None => {
                         let b = g.backoff;
                         g.backoff = (b * 2).min(BACKOFF_MAX);
                         // Full jitter over the upper half: instances that
@@ -438,6 +479,7 @@ impl Gate {
                 if g.hold_until.is_none_or(|h| h < until) {
                     g.hold_until = Some(until);
                 }
+                g.episode += 1;
                 g.cap = Some(1);
                 self.calm.store(false, Ordering::Release);
                 tracing::warn!(
@@ -487,8 +529,9 @@ impl Gate {
                                         g.in_flight += 1;
                                     }
                                     let tx = g.queue.pop_front();
+                                    let episode = g.episode;
                                     drop(g);
-                                    let permit = self.permit(spent, counted, Duration::ZERO);
+                                    let permit = self.permit(spent, counted, episode);
                                     if let Some(tx) = tx {
                                         // A waiter gone since: the permit
                                         // drops here and gives its send back.

@@ -34,7 +34,7 @@ async fn race(
             let mut p = g.acquire(t0 + max_wait, false).await?;
             p.sent();
             let at = Instant::now();
-            g.answered(Verdict::Accepted);
+            g.answered(&p, Verdict::Accepted);
             drop(p);
             Ok((i, at))
         }));
@@ -98,9 +98,12 @@ async fn a_wait_is_bounded_by_the_deadline() {
     let g = gate(None, 1_000);
     let t0 = Instant::now();
     let p = g.acquire(t0 + ms(1000), false).await.expect("first");
-    g.answered(Verdict::Refused {
-        retry_after: Some(ms(100)),
-    });
+    g.answered(
+        &p,
+        Verdict::Refused {
+            retry_after: Some(ms(100)),
+        },
+    );
     drop(p);
     let mut probe = g
         .acquire(t0 + ms(1000), false)
@@ -120,9 +123,12 @@ async fn a_refusal_holds_everyone_then_releases_a_probe_then_ramps() {
     let g = gate(None, 30_000);
     let t0 = Instant::now();
     let p = g.acquire(t0 + ms(30_000), false).await.expect("calm");
-    g.answered(Verdict::Refused {
-        retry_after: Some(ms(2000)),
-    });
+    g.answered(
+        &p,
+        Verdict::Refused {
+            retry_after: Some(ms(2000)),
+        },
+    );
     drop(p);
     let got = race(&g, 6, ms(30_000)).await;
     let times: Vec<Instant> = got.into_iter().map(|r| r.expect("permit").1).collect();
@@ -138,7 +144,7 @@ async fn after_a_hold_only_the_probe_is_in_flight_until_it_is_answered() {
     let g = gate(None, 30_000);
     let t0 = Instant::now();
     let p = g.acquire(t0 + ms(30_000), false).await.expect("calm");
-    g.answered(Verdict::Refused { retry_after: None });
+    g.answered(&p, Verdict::Refused { retry_after: None });
     drop(p);
     let held = g.held_until().expect("held");
     // Jittered back-off: between half and all of the first back-off.
@@ -158,10 +164,59 @@ async fn after_a_hold_only_the_probe_is_in_flight_until_it_is_answered() {
         "a second request went while the probe was in flight"
     );
     let answered_at = Instant::now();
-    g.answered(Verdict::Accepted);
+    g.answered(&probe, Verdict::Accepted);
     drop(probe);
     let at = second.await.expect("task").expect("permit");
     assert_eq!(at, answered_at);
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_to_requests_sent_before_the_refusal_neither_ramp_nor_lengthen_the_back_off() {
+    let g = gate(None, 30_000);
+    let t0 = Instant::now();
+    // Eight requests in flight when the provider's budget runs out.
+    let mut before = Vec::new();
+    for _ in 0..8 {
+        before.push(g.acquire(t0 + ms(30_000), false).await.expect("calm"));
+    }
+    // Half of them are refused (no Retry-After): one refusal, one back-off,
+    // not one doubling per request that happened to be in flight.
+    for p in &before[..4] {
+        g.answered(p, Verdict::Refused { retry_after: None });
+    }
+    let held = g.held_until().expect("held");
+    assert!(held <= t0 + BACKOFF_FIRST, "held for {:?}", held - t0);
+    // The other half were accepted (sent before the budget ran out): they
+    // say nothing about it now and must not open the ramp.
+    for p in &before[4..] {
+        g.answered(p, Verdict::Accepted);
+    }
+    drop(before);
+    let mut probe = g.acquire(t0 + ms(30_000), false).await.expect("probe");
+    probe.sent();
+    let g2 = Arc::clone(&g);
+    let second = tokio::spawn(async move {
+        g2.acquire(t0 + ms(30_000), false)
+            .await
+            .map(|_| Instant::now())
+    });
+    tokio::time::sleep(ms(500)).await;
+    assert!(
+        !second.is_finished(),
+        "a second request went while the probe was in flight"
+    );
+    // The probe's own refusal is news: the back-off doubles.
+    let refused_at = Instant::now();
+    g.answered(&probe, Verdict::Refused { retry_after: None });
+    drop(probe);
+    let held = g.held_until().expect("held again");
+    assert!(
+        held >= refused_at + BACKOFF_FIRST,
+        "held for {:?}",
+        held - refused_at
+    );
+    let at = second.await.expect("task").expect("permit");
+    assert!(at >= held);
 }
 
 #[tokio::test(start_paused = true)]
@@ -170,9 +225,12 @@ async fn a_retry_after_of_zero_or_in_the_past_still_backs_off() {
     let t0 = Instant::now();
     let p = g.acquire(t0 + ms(30_000), false).await.expect("calm");
     // What `Retry-After: 0`, or an HTTP date already past, parses to.
-    g.answered(Verdict::Refused {
-        retry_after: Some(Duration::ZERO),
-    });
+    g.answered(
+        &p,
+        Verdict::Refused {
+            retry_after: Some(Duration::ZERO),
+        },
+    );
     drop(p);
     let held = g.held_until().expect("held");
     assert!(

@@ -595,7 +595,7 @@ impl Proxy {
         if verdict != Verdict::Accepted {
             log.upstream_refusals += 1;
         }
-        route.gate.answered(verdict);
+        route.gate.answered(&permit, verdict);
         drop(permit);
         Ok((answer, verdict))
     }
