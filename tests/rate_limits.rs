@@ -350,8 +350,6 @@ async fn a_post_is_resent_only_with_the_get_override() {
     let running = w.start(&Extra::default()).await;
     let (_, key, _) = add_session(&running, "spark", &w.spark).await;
     let c = client();
-    let direct = format!("{}/v1/listings", w.spark.base_url());
-    let _ = c.get(&direct).send().await;
     let post = |method_override: bool| {
         let mut req = c
             .post(url(running.proxy_addr, "/spark/v1/listings"))
@@ -362,21 +360,30 @@ async fn a_post_is_resent_only_with_the_get_override() {
         }
         req.send()
     };
-    // A plain POST is not sent twice: the provider's refusal goes back.
+    let posts = || {
+        w.spark
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count()
+    };
+    // Spark's large search, a POST read as a GET, meets the refusal (the
+    // budget spent directly), is held and sent again.
+    let _ = c
+        .get(format!("{}/v1/listings", w.spark.base_url()))
+        .send()
+        .await;
+    let resp = post(true).await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(w.spark.budget_refusals(), 1);
+    assert_eq!(posts(), 2, "the refused search was sent again");
+    // A plain POST is not sent twice: it meets the window the resend just
+    // filled, and the provider's refusal goes back.
     let resp = post(false).await.expect("answer");
     assert_eq!(resp.status(), 429);
     assert_eq!(error_code(&resp), None, "the provider's own answer");
-    assert_eq!(w.spark.budget_refusals(), 1);
-    let posts = w
-        .spark
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST")
-        .count();
-    assert_eq!(posts, 1);
-    // Spark's large search, a POST read as a GET, is held and sent again.
-    let resp = post(true).await.expect("answer");
-    assert_eq!(resp.status(), 200);
+    assert_eq!(w.spark.budget_refusals(), 2);
+    assert_eq!(posts(), 3, "the plain POST went once");
     running.shutdown().await;
 }
 
