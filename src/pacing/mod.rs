@@ -200,15 +200,21 @@ impl Drop for Permit {
         let Some(gate) = self.gate.take() else {
             return;
         };
+        let mut gave_back = false;
         if !self.sent {
             if let Some(b) = &gate.budget {
                 b.give_back(self.spent);
+                gave_back = !matches!(self.spent, Spent::Nothing);
             }
         }
-        if self.counted {
+        if self.counted || gave_back {
             let mut g = lock(&gate.inner);
-            g.in_flight = g.in_flight.saturating_sub(1);
-            let wake = g.cap.is_some() && !g.queue.is_empty();
+            if self.counted {
+                g.in_flight = g.in_flight.saturating_sub(1);
+            }
+            // The dispatcher may be asleep until the window frees (a send
+            // given back frees it now) or until a permit ends (the ramp).
+            let wake = !g.queue.is_empty() && (gave_back || (self.counted && g.cap.is_some()));
             drop(g);
             if wake {
                 gate.changed.notify_one();

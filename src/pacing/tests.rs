@@ -267,6 +267,26 @@ async fn a_waiter_that_leaves_takes_no_budget() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_send_given_back_goes_to_the_next_waiter_at_once() {
+    let g = gate(Some((1, 1000)), 10_000);
+    let t0 = Instant::now();
+    // The only send in the window, taken by a request that fails before it
+    // leaves (its upstream request could not be built).
+    let unsent = g.acquire(t0 + ms(10_000), false).await.expect("first");
+    let g2 = Arc::clone(&g);
+    let next = tokio::spawn(async move {
+        g2.acquire(t0 + ms(10_000), false)
+            .await
+            .map(|_| Instant::now())
+    });
+    tokio::task::yield_now().await;
+    tokio::time::sleep(ms(100)).await;
+    drop(unsent);
+    let at = next.await.expect("task").expect("permit");
+    assert_eq!(at, t0 + ms(100), "the waiter slept until the window freed");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_resend_goes_to_the_front() {
     let g = gate(Some((1, 1000)), 10_000);
     let t0 = Instant::now();
