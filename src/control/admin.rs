@@ -38,6 +38,8 @@ pub struct AdminState {
     token_digest: Option<[u8; 32]>,
     /// Where the proxy listens, for the curl line shown after connecting.
     proxy_addr: SocketAddr,
+    /// The dashboard at `/ui` (`control/ui/`).
+    dashboard: Arc<crate::control::ui::Dashboard>,
 }
 
 impl AdminState {
@@ -48,6 +50,10 @@ impl AdminState {
         proxy_addr: SocketAddr,
     ) -> AdminState {
         AdminState {
+            dashboard: Arc::new(crate::control::ui::Dashboard::new(
+                config,
+                Arc::clone(&refresher),
+            )),
             sessions: Arc::clone(refresher.sessions()),
             connector: Arc::new(Connector::new(config, Arc::clone(&refresher))),
             refresher,
@@ -59,6 +65,10 @@ impl AdminState {
                 .map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
             proxy_addr,
         }
+    }
+
+    pub fn dashboard(&self) -> &crate::control::ui::Dashboard {
+        &self.dashboard
     }
 
     pub fn connector(&self) -> &Connector {
@@ -164,6 +174,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(admin)
+        .merge(crate::control::ui::router())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(state)
 }

@@ -167,7 +167,7 @@ fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
 /// What one client's `/connect` requests count against: its address, an
 /// IPv6 address by its /64 (one host usually holds a whole /64), and an
 /// IPv4-mapped IPv6 address as the IPv4 address it is.
-fn client_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),

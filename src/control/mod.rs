@@ -1,6 +1,8 @@
 //! People and operators: the admin listener's router and API (`admin`),
-//! the OAuth connect flows (`connect`) and the pages they show (`pages`).
+//! the OAuth connect flows (`connect`) and the pages they show (`pages`),
+//! and the operators' dashboard at `/ui` (`ui`).
 
 pub mod admin;
 pub mod connect;
 pub mod pages;
+pub mod ui;
