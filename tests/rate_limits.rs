@@ -494,3 +494,62 @@ async fn two_instances_on_postgres_share_one_budget() {
     let most = w.spark.max_in_any_window(Duration::from_secs(3));
     assert!(most <= 4, "{most} requests reached the provider within 3 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instances_unused_share_goes_back_when_its_lease_ends() {
+    use credproxy::config::RateLimit;
+    use credproxy::pacing::{Gate, GateMetrics};
+    let Some(db) = support::postgres_db("rate_idle_share").await else {
+        return;
+    };
+    let store = credproxy::store::open(&db).await.expect("store");
+    let limit = RateLimit {
+        requests: 16,
+        per: Duration::from_secs(3),
+    };
+    let gate = |instance: &str| {
+        Gate::new(
+            "spark",
+            Some(limit),
+            Duration::from_secs(30),
+            Some((&store, instance)),
+            GateMetrics::default(),
+        )
+    };
+    let (a, b) = (gate("a"), gate("b"));
+    let in_time = || tokio::time::Instant::now() + Duration::from_millis(500);
+    // Instance a sends one request, under a lease of two (an eighth), and
+    // goes idle.
+    let mut p = a.acquire(in_time(), false).await.expect("a's request");
+    p.sent();
+    drop(p);
+    // Its lease ends (300 ms: a tenth of the window) and is settled to the
+    // one it used, without a request of a's asking for the next.
+    let pool = sqlx::PgPool::connect(&db).await.expect("connect");
+    let settled = async {
+        loop {
+            let counts: Vec<i32> =
+                sqlx::query_scalar("SELECT count FROM budget_leases WHERE instance = 'a'")
+                    .fetch_all(&pool)
+                    .await
+                    .expect("leases");
+            if counts == [1] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), settled)
+        .await
+        .expect("a's lease was not settled when it ended");
+    // So instance b has the whole rest of the budget at once, not the rest
+    // less a's unused share.
+    for i in 0..15 {
+        let mut p = b
+            .acquire(in_time(), false)
+            .await
+            .unwrap_or_else(|l| panic!("b's request {i}: {l:?}"));
+        p.sent();
+    }
+    assert!(b.acquire(in_time(), false).await.is_err(), "over budget");
+}

@@ -558,7 +558,20 @@ impl Gate {
             };
             if renew {
                 if let Some(Budget::Shared(s)) = &self.budget {
-                    s.renew().await;
+                    if let Some((id, ends)) = s.renew().await {
+                        // Settled at its end, used or not: an idle
+                        // instance's share must not wait for its next
+                        // request to go back.
+                        let gate = Arc::downgrade(&self);
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(ends).await;
+                            if let Some(gate) = gate.upgrade() {
+                                if let Some(Budget::Shared(s)) = &gate.budget {
+                                    s.settle_ended(id).await;
+                                }
+                            }
+                        });
+                    }
                 }
                 continue;
             }

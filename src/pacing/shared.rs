@@ -136,8 +136,9 @@ impl SharedBudget {
     }
 
     /// Settles the lease being spent and leases a new share. Only the gate's
-    /// dispatcher calls this, so renewals never race each other.
-    pub async fn renew(&self) {
+    /// dispatcher calls this, so renewals never race each other. Returns the
+    /// new lease and when it ends, for [`SharedBudget::settle_ended`].
+    pub async fn renew(&self) -> Option<(i64, Instant)> {
         let asked_at = Instant::now();
         let (old, used) = {
             let mut s = self.state();
@@ -174,12 +175,14 @@ impl SharedBudget {
                 s.retry_at = None;
                 s.fallback = None;
                 s.remaining = lease.remaining;
+                Some((lease.id, s.ends))
             }
             Ok(lease) => {
                 s.retry_at =
                     Some(Instant::now() + Duration::from_millis(lease.retry_in_ms.max(1) as u64));
                 s.fallback = None;
                 s.remaining = 0;
+                None
             }
             Err(e) => {
                 tracing::warn!(provider = self.provider, error = %e, "rate limit: the store cannot lease budget; pacing this instance alone for now");
@@ -187,7 +190,29 @@ impl SharedBudget {
                 if s.fallback.is_none() {
                     s.fallback = Some(SlidingWindow::new(self.requests, self.window));
                 }
+                None
             }
+        }
+    }
+
+    /// Settles lease `id` when it has ended, if this instance is still on
+    /// it (not renewed since): its unused share goes back now, instead of
+    /// counting against every instance until a window after its end while
+    /// this one is idle.
+    pub async fn settle_ended(&self, id: i64) {
+        let used = {
+            let mut s = self.state();
+            if s.id != id {
+                return;
+            }
+            let used = s.used;
+            s.id = 0;
+            s.left = 0;
+            s.used = 0;
+            used
+        };
+        if let Err(e) = self.store.settle_budget(id, used).await {
+            tracing::warn!(provider = self.provider, error = %e, "rate limit: could not settle a budget lease; its share counts until it ages out");
         }
     }
 
