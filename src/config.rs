@@ -168,6 +168,7 @@ struct RawStore {
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     invalidation_interval: Option<RawDuration>,
+    use_flush_interval: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -317,6 +318,9 @@ pub struct StoreConfig {
     pub key: KeySource,
     /// How often the server looks for sessions changed by another process.
     pub invalidation_interval: Duration,
+    /// How often the sessions' last use is written to the store, in one
+    /// batch (each session at most once per interval); default 60 s.
+    pub use_flush_interval: Duration,
 }
 
 /// Where the 32-byte sealing key comes from.
@@ -764,7 +768,16 @@ fn validate(
         url: SecretString::from(url),
         key,
         invalidation_interval: dur(st.invalidation_interval, "store.invalidation_interval", 0.5)?,
+        use_flush_interval: dur(st.use_flush_interval, "store.use_flush_interval", 60.0)?,
     };
+    if store.use_flush_interval < Duration::from_secs(1)
+        || store.use_flush_interval > Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            "store.use_flush_interval",
+            "must be between 1 second and 1 hour",
+        ));
+    }
     if store.invalidation_interval.is_zero() || store.invalidation_interval > Duration::from_secs(2)
     {
         return Err(invalid(

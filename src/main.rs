@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use credproxy::config::{Config, DEFAULT_PATH};
 use credproxy::refresh::{RefreshError, Refresher};
 use credproxy::session::SessionKey;
-use credproxy::sessions::{NewTokens, SessionInfo, Sessions};
+use credproxy::sessions::{NewTokens, RevokedBy, SessionInfo, Sessions};
 use credproxy::{server, telemetry};
 
 /// A reverse proxy that injects OAuth 2 credentials, so applications call
@@ -78,7 +78,9 @@ enum SessionCommand {
     /// Store a session for tokens obtained elsewhere and print its id and
     /// session key. The key is shown only here: give it to the application.
     Add(AddArgs),
-    /// List sessions: id, provider, status, expiry, last refresh, label. Never a token or a key.
+    /// List sessions: id, provider, status (with the last error and the next
+    /// retry while a refresh fails), expiry, last refresh, last use, label.
+    /// Never a token or a key.
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -446,7 +448,7 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
             }
         }
         SessionCommand::Revoke { id } => {
-            if !sessions.revoke(&id).await? {
+            if !sessions.revoke_by(&id, RevokedBy::Cli).await? {
                 bail!("no session with id {id}");
             }
             println!("session {id} revoked");
@@ -481,15 +483,19 @@ fn print_table(list: &[SessionInfo]) {
         println!("no sessions");
         return;
     }
-    let rows: Vec<[String; 6]> = list
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<[String; 9]> = list
         .iter()
         .map(|s| {
             [
                 s.id.clone(),
                 s.provider.clone(),
                 s.status.as_str().to_owned(),
-                s.expires_at.clone().unwrap_or_else(|| "-".into()),
-                s.last_refresh_at.clone().unwrap_or_else(|| "-".into()),
+                or_dash(&s.last_error),
+                or_dash(&s.next_retry_at),
+                or_dash(&s.expires_at),
+                or_dash(&s.last_refresh_at),
+                or_dash(&s.last_used_at),
                 s.label.clone().unwrap_or_default(),
             ]
         })
@@ -498,8 +504,11 @@ fn print_table(list: &[SessionInfo]) {
         "ID",
         "PROVIDER",
         "STATUS",
+        "LAST ERROR",
+        "NEXT RETRY",
         "EXPIRES",
         "LAST REFRESH",
+        "LAST USED",
         "LABEL",
     ];
     let mut widths = header.map(str::len);
@@ -508,10 +517,10 @@ fn print_table(list: &[SessionInfo]) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; 9]| {
         let mut out = String::new();
         for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i == 5 {
+            if i == cells.len() - 1 {
                 out.push_str(c);
             } else {
                 out.push_str(&format!("{c:<w$}  "));
@@ -521,6 +530,6 @@ fn print_table(list: &[SessionInfo]) {
     };
     line(header);
     for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+        line(std::array::from_fn(|i| r[i].as_str()));
     }
 }

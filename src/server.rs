@@ -60,9 +60,11 @@ impl Running {
     }
 
     /// Waits until the server has stopped (after the token is cancelled and
-    /// in-flight requests have drained or the grace period ran out).
+    /// in-flight requests have drained or the grace period ran out), then
+    /// writes the sessions' last uses once more.
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        self.sessions.flush_all_uses().await;
     }
 
     /// Stops accepting, drains in-flight requests, and returns when done.
@@ -164,6 +166,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.clone().cancelled_owned(),
     ));
     tasks.spawn(Arc::clone(&refresher).refresh_ahead(shutdown.clone().cancelled_owned()));
+    tasks.spawn(Arc::clone(&refresher).refresh_idle(shutdown.clone().cancelled_owned()));
+    tasks.spawn(Arc::clone(&sessions).write_last_uses(
+        config.store.use_flush_interval,
+        shutdown.clone().cancelled_owned(),
+    ));
     Ok(Running {
         proxy_addr,
         admin_addr,

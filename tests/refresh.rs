@@ -346,10 +346,14 @@ async fn failing_token_endpoint_leaves_the_session_intact_and_backs_off() {
     assert_eq!(w.spark.token_calls(), 1, "back-off: no new call");
     let info = srv.sessions.info(&id).await.expect("info").expect("exists");
     assert_eq!(
-        info.status,
-        credproxy::session::Status::Active,
-        "session intact"
+        (info.status, info.last_error.as_deref()),
+        (
+            credproxy::session::Status::RefreshFailing,
+            Some("token_endpoint_error")
+        ),
+        "session intact, its health shown"
     );
+    assert!(info.next_retry_at.is_some());
 
     // Once the endpoint recovers and the back-off has passed, it works.
     w.spark.set_token_mode(TokenMode::Normal);
@@ -397,14 +401,18 @@ async fn unreachable_or_hanging_token_endpoint_is_a_503() {
     assert_eq!(r.status(), 503);
     assert_eq!(error_code(&r).as_deref(), Some("token_refresh_failed"));
     assert!(r.headers().contains_key("retry-after"));
+    let info = srv
+        .sessions
+        .info(&zid)
+        .await
+        .expect("info")
+        .expect("exists");
     assert_eq!(
-        srv.sessions
-            .info(&zid)
-            .await
-            .expect("info")
-            .expect("exists")
-            .status,
-        credproxy::session::Status::Active
+        (info.status, info.last_error.as_deref()),
+        (
+            credproxy::session::Status::RefreshFailing,
+            Some("token_endpoint_unreachable")
+        )
     );
 
     w.spark.expire_access_tokens();
@@ -422,6 +430,9 @@ async fn unreachable_or_hanging_token_endpoint_is_a_503() {
         started.elapsed() < Duration::from_secs(5),
         "token_timeout applies"
     );
+    let spark = srv.sessions.list().await.expect("list");
+    let spark = spark.iter().find(|s| s.provider == "spark").expect("spark");
+    assert_eq!(spark.last_error.as_deref(), Some("token_endpoint_timeout"));
     w.spark.set_token_mode(TokenMode::Normal);
     srv.shutdown().await;
 }

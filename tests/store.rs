@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use credproxy::session::{KeyHash, Status};
 use credproxy::store::{
-    self, Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens, Store, StoreError,
+    self, EventKind, EventRow, Failure, Health, IdleSession, Lease, NewEvent, NewSession,
+    OAuthOutcome, OAuthState, SealedTokens, Store, StoreError,
 };
+
+const HEALTHY: Health<'static> = Health::Healthy { recovered: None };
 
 fn tokens(tag: u8) -> SealedTokens {
     SealedTokens {
@@ -26,14 +29,17 @@ async fn insert(
     key: &[u8],
     now: i64,
 ) -> credproxy::store::SessionRecord {
-    s.insert_session(NewSession {
-        id: id.to_owned(),
-        provider: "spark".into(),
-        label: Some(format!("label {id}")),
-        key_hash: KeyHash::of(key),
-        tokens: tokens(1),
-        now,
-    })
+    s.insert_session(
+        NewSession {
+            id: id.to_owned(),
+            provider: "spark".into(),
+            label: Some(format!("label {id}")),
+            key_hash: KeyHash::of(key),
+            tokens: tokens(1),
+            now,
+        },
+        None,
+    )
     .await
     .expect("insert")
 }
@@ -45,14 +51,17 @@ async fn sessions_crud(s: Arc<dyn Store>) {
     assert_eq!(a.status, Status::Active);
     insert(&s, "s_b", b"key-b", 100).await;
     let dup = s
-        .insert_session(NewSession {
-            id: "s_c".into(),
-            provider: "spark".into(),
-            label: None,
-            key_hash: KeyHash::of(b"key-a"),
-            tokens: tokens(2),
-            now: 101,
-        })
+        .insert_session(
+            NewSession {
+                id: "s_c".into(),
+                provider: "spark".into(),
+                label: None,
+                key_hash: KeyHash::of(b"key-a"),
+                tokens: tokens(2),
+                now: 101,
+            },
+            None,
+        )
         .await;
     assert!(matches!(dup, Err(StoreError::DuplicateKey)), "{dup:?}");
 
@@ -95,33 +104,33 @@ async fn sessions_crud(s: Arc<dyn Store>) {
 
     // Replace: unconditional, then compare-and-swap on the version.
     let r = s
-        .replace_tokens("s_a", tokens(5), None, 200)
+        .replace_tokens("s_a", tokens(5), None, 200, None)
         .await
         .expect("replace")
         .expect("row");
     assert_eq!(r.version, 2);
     assert_eq!(r.access_token, vec![5; 40]);
     assert!(
-        s.replace_tokens("s_a", tokens(6), Some(1), 201)
+        s.replace_tokens("s_a", tokens(6), Some(1), 201, None)
             .await
             .expect("cas")
             .is_none(),
         "stale version"
     );
     let r = s
-        .replace_tokens("s_a", tokens(6), Some(2), 202)
+        .replace_tokens("s_a", tokens(6), Some(2), 202, None)
         .await
         .expect("cas")
         .expect("row");
     assert_eq!((r.version, r.updated_at), (3, 202));
     assert!(s
-        .replace_tokens("s_zzz", tokens(6), None, 203)
+        .replace_tokens("s_zzz", tokens(6), None, 203, None)
         .await
         .expect("replace")
         .is_none());
 
-    assert!(s.delete_session("s_a", 300).await.expect("delete"));
-    assert!(!s.delete_session("s_a", 301).await.expect("delete"));
+    assert!(s.delete_session("s_a", 300, None).await.expect("delete"));
+    assert!(!s.delete_session("s_a", 301, None).await.expect("delete"));
     assert!(s.session_by_id("s_a").await.expect("read").is_none());
 }
 
@@ -160,17 +169,17 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     ));
     // Only the owner commits, and only on the version it read.
     assert!(s
-        .commit_refresh("s_l", "two", tokens(7), 1, 500)
+        .commit_refresh("s_l", "two", tokens(7), 1, 500, HEALTHY)
         .await
         .expect("commit")
         .is_none());
     assert!(s
-        .commit_refresh("s_l", "one", tokens(7), 9, 500)
+        .commit_refresh("s_l", "one", tokens(7), 9, 500, HEALTHY)
         .await
         .expect("commit")
         .is_none());
     let c = s
-        .commit_refresh("s_l", "one", tokens(7), 1, 500)
+        .commit_refresh("s_l", "one", tokens(7), 1, 500, HEALTHY)
         .await
         .expect("commit")
         .expect("row");
@@ -191,11 +200,11 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     assert!(matches!(lease("two", 9_000).await, Lease::Acquired(_)));
     // Reauthorization: compare-and-swap too; it bumps the version and clears the lease.
     assert!(!s
-        .mark_reauthorization_required("s_l", 1, 600)
+        .mark_reauthorization_required("s_l", 1, 600, "invalid_grant", None)
         .await
         .expect("mark"));
     assert!(s
-        .mark_reauthorization_required("s_l", 2, 600)
+        .mark_reauthorization_required("s_l", 2, 600, "invalid_grant", None)
         .await
         .expect("mark"));
     let r = s.session_by_id("s_l").await.expect("read").expect("row");
@@ -206,7 +215,7 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     );
     // Replacing the tokens makes it active again.
     let r = s
-        .replace_tokens("s_l", tokens(9), None, 700)
+        .replace_tokens("s_l", tokens(9), None, 700, None)
         .await
         .expect("replace")
         .expect("row");
@@ -218,10 +227,10 @@ async fn change_log(s: Arc<dyn Store>) {
     let now = store::now();
     insert(&s, "s_x", b"key-x", now).await;
     insert(&s, "s_y", b"key-y", now).await;
-    s.replace_tokens("s_x", tokens(3), None, now)
+    s.replace_tokens("s_x", tokens(3), None, now, None)
         .await
         .expect("replace");
-    s.delete_session("s_y", now).await.expect("delete");
+    s.delete_session("s_y", now, None).await.expect("delete");
     let (cursor, ids) = s.changes_since(start).await.expect("changes");
     assert!(cursor > start);
     assert!(
@@ -343,6 +352,690 @@ async fn oauth_states(s: Arc<dyn Store>) {
     );
 }
 
+fn event(kind: EventKind, id: &str, detail: serde_json::Value) -> NewEvent {
+    NewEvent::new(kind, id, "spark", store::now(), detail)
+}
+
+async fn lease_for(s: &Arc<dyn Store>, id: &str, owner: &str) -> credproxy::store::SessionRecord {
+    let now = store::now_ms();
+    match s
+        .acquire_refresh_lease(id, owner, now + 60_000, now)
+        .await
+        .expect("lease")
+    {
+        Lease::Acquired(rec) => rec,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The events of `s`, undelivered, as `(kind, session, detail)`.
+async fn events_of(s: &Arc<dyn Store>) -> Vec<(String, String, serde_json::Value)> {
+    s.list_events(1000)
+        .await
+        .expect("list events")
+        .into_iter()
+        .map(|e| {
+            let detail = serde_json::from_str(&e.detail).expect("detail is JSON");
+            (e.kind, e.session_id, detail)
+        })
+        .collect()
+}
+
+/// Health transitions, each with its event written once, in the
+/// transaction of the change.
+async fn health_and_events(s: Arc<dyn Store>) {
+    use serde_json::json;
+    let connected = event(EventKind::Connected, "s_h", json!({"reconnected": false}));
+    let rec = s
+        .insert_session(
+            NewSession {
+                id: "s_h".into(),
+                provider: "spark".into(),
+                label: None,
+                key_hash: KeyHash::of(b"key-h"),
+                tokens: tokens(1),
+                now: 100,
+            },
+            Some(&connected),
+        )
+        .await
+        .expect("insert");
+    assert_eq!(
+        (
+            rec.last_error.as_deref(),
+            rec.next_retry_at,
+            rec.last_used_at
+        ),
+        (None, None, None)
+    );
+    let listed = s.list_events(10).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    let e = &listed[0];
+    assert_eq!(
+        (
+            e.id.as_str(),
+            e.kind.as_str(),
+            e.session_id.as_str(),
+            e.provider.as_str()
+        ),
+        (connected.id.as_str(), "session.connected", "s_h", "spark")
+    );
+    assert_eq!((e.attempts, e.last_error.as_deref()), (0, None));
+    assert_eq!((e.delivered_at, e.gave_up_at), (None, None));
+    assert_eq!(e.at, connected.at);
+    assert!(e.next_attempt_at_ms <= store::now_ms(), "due at once");
+
+    // A transient failure under the lease: refresh_failing, the lease
+    // released, the version kept, one event and one change-log entry.
+    let v = lease_for(&s, "s_h", "one").await.version;
+    let cursor = s.change_cursor().await.expect("cursor");
+    let failing = |class: &'static str, at: i64| {
+        event(
+            EventKind::RefreshFailing,
+            "s_h",
+            json!({"error": class, "next_retry_at": at}),
+        )
+    };
+    let first = failing("token_endpoint_error", 1_000);
+    let became = s
+        .mark_refresh_failing(
+            "s_h",
+            "one",
+            v,
+            200,
+            Failure {
+                class: "token_endpoint_error",
+                next_retry_at: 1_000,
+                event: Some(&first),
+            },
+        )
+        .await
+        .expect("mark failing");
+    assert!(became, "active -> refresh_failing is a transition");
+    let r = s.session_by_id("s_h").await.expect("read").expect("row");
+    assert_eq!(r.status, Status::RefreshFailing);
+    assert_eq!(r.last_error.as_deref(), Some("token_endpoint_error"));
+    assert_eq!((r.next_retry_at, r.version), (Some(1_000), v));
+    let (after, ids) = s.changes_since(cursor).await.expect("changes");
+    assert!(ids.contains(&"s_h".to_owned()), "{ids:?}");
+    assert!(
+        matches!(lease_for_any(&s, "s_h", "two").await, Lease::Acquired(_)),
+        "the failure released the lease"
+    );
+    // A second failure: the error and retry time move, nothing else.
+    let second = failing("token_endpoint_timeout", 2_000);
+    let became = s
+        .mark_refresh_failing(
+            "s_h",
+            "two",
+            v,
+            300,
+            Failure {
+                class: "token_endpoint_timeout",
+                next_retry_at: 2_000,
+                event: Some(&second),
+            },
+        )
+        .await
+        .expect("mark failing again");
+    assert!(!became, "already failing: no transition");
+    let r = s.session_by_id("s_h").await.expect("read").expect("row");
+    assert_eq!(
+        (r.status, r.last_error.as_deref(), r.next_retry_at),
+        (
+            Status::RefreshFailing,
+            Some("token_endpoint_timeout"),
+            Some(2_000)
+        )
+    );
+    assert_eq!(
+        s.change_cursor().await.expect("cursor"),
+        after,
+        "no change logged"
+    );
+    // A stale version marks nothing (someone refreshed meanwhile).
+    assert!(!s
+        .mark_refresh_failing(
+            "s_h",
+            "two",
+            v - 1,
+            300,
+            Failure {
+                class: "token_endpoint_error",
+                next_retry_at: 9_000,
+                event: Some(&second),
+            },
+        )
+        .await
+        .expect("stale mark"));
+    assert_eq!(
+        s.session_by_id("s_h")
+            .await
+            .expect("read")
+            .expect("row")
+            .next_retry_at,
+        Some(2_000)
+    );
+
+    // Rotated tokens whose access token cannot be sent: stored, health unchanged.
+    let v = lease_for(&s, "s_h", "one").await.version;
+    let r = s
+        .commit_refresh("s_h", "one", tokens(3), v, 400, Health::Unchanged)
+        .await
+        .expect("commit")
+        .expect("row");
+    assert_eq!((r.status, r.version), (Status::RefreshFailing, v + 1));
+    assert_eq!(r.last_error.as_deref(), Some("token_endpoint_timeout"));
+    // Recovery: active, error cleared, one event.
+    let recovered = event(EventKind::Recovered, "s_h", json!({}));
+    let v = lease_for(&s, "s_h", "one").await.version;
+    let r = s
+        .commit_refresh(
+            "s_h",
+            "one",
+            tokens(4),
+            v,
+            500,
+            Health::Healthy {
+                recovered: Some(&recovered),
+            },
+        )
+        .await
+        .expect("commit")
+        .expect("row");
+    assert_eq!(
+        (r.status, r.last_error.as_deref(), r.next_retry_at),
+        (Status::Active, None, None)
+    );
+    // Committing again while active is no recovery.
+    let again = event(EventKind::Recovered, "s_h", json!({}));
+    let v = lease_for(&s, "s_h", "one").await.version;
+    s.commit_refresh(
+        "s_h",
+        "one",
+        tokens(5),
+        v,
+        600,
+        Health::Healthy {
+            recovered: Some(&again),
+        },
+    )
+    .await
+    .expect("commit")
+    .expect("row");
+
+    // invalid_grant: reauthorization_required with its code, one event;
+    // failures no longer touch it.
+    let reauth = event(
+        EventKind::ReauthorizationRequired,
+        "s_h",
+        json!({"error": "invalid_grant"}),
+    );
+    let v = lease_for(&s, "s_h", "one").await.version;
+    assert!(s
+        .mark_reauthorization_required("s_h", v, 700, "invalid_grant", Some(&reauth))
+        .await
+        .expect("mark"));
+    let r = s.session_by_id("s_h").await.expect("read").expect("row");
+    assert_eq!(
+        (r.status, r.last_error.as_deref(), r.version),
+        (
+            Status::ReauthorizationRequired,
+            Some("invalid_grant"),
+            v + 1
+        )
+    );
+    assert!(!s
+        .mark_refresh_failing(
+            "s_h",
+            "one",
+            v + 1,
+            710,
+            Failure {
+                class: "token_endpoint_error",
+                next_retry_at: 9_000,
+                event: Some(&second),
+            },
+        )
+        .await
+        .expect("mark"));
+    assert_eq!(
+        s.session_by_id("s_h")
+            .await
+            .expect("read")
+            .expect("row")
+            .status,
+        Status::ReauthorizationRequired
+    );
+    // A reconnect: active again, error cleared, its event.
+    let reconnected = event(EventKind::Connected, "s_h", json!({"reconnected": true}));
+    let r = s
+        .replace_tokens("s_h", tokens(6), None, 800, Some(&reconnected))
+        .await
+        .expect("replace")
+        .expect("row");
+    assert_eq!(
+        (r.status, r.last_error.as_deref(), r.next_retry_at),
+        (Status::Active, None, None)
+    );
+    // A revoke, and a revoke of nothing (no event).
+    let revoked = event(EventKind::Revoked, "s_h", json!({"by": "cli"}));
+    assert!(s
+        .delete_session("s_h", 900, Some(&revoked))
+        .await
+        .expect("delete"));
+    assert!(!s
+        .delete_session("s_h", 901, Some(&revoked))
+        .await
+        .expect("delete again"));
+
+    let kinds: Vec<(String, serde_json::Value)> = events_of(&s)
+        .await
+        .into_iter()
+        .map(|(kind, id, detail)| {
+            assert_eq!(id, "s_h");
+            (kind, detail)
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("session.connected".into(), json!({"reconnected": false})),
+            (
+                "session.refresh_failing".into(),
+                json!({"error": "token_endpoint_error", "next_retry_at": 1_000})
+            ),
+            ("session.recovered".into(), json!({})),
+            (
+                "session.reauthorization_required".into(),
+                json!({"error": "invalid_grant"})
+            ),
+            ("session.connected".into(), json!({"reconnected": true})),
+            ("session.revoked".into(), json!({"by": "cli"})),
+        ],
+        "each transition once, in order"
+    );
+}
+
+async fn lease_for_any(s: &Arc<dyn Store>, id: &str, owner: &str) -> Lease {
+    let now = store::now_ms();
+    s.acquire_refresh_lease(id, owner, now + 60_000, now)
+        .await
+        .expect("lease")
+}
+
+/// Without `[notify]` the callers pass no event: the same changes write none.
+async fn no_events_without_notify(s: Arc<dyn Store>) {
+    insert(&s, "s_n", b"key-n", 100).await;
+    let v = lease_for(&s, "s_n", "one").await.version;
+    let failure = Failure {
+        class: "token_endpoint_error",
+        next_retry_at: 1_000,
+        event: None,
+    };
+    assert!(s
+        .mark_refresh_failing("s_n", "one", v, 200, failure)
+        .await
+        .expect("mark"));
+    let v = lease_for(&s, "s_n", "one").await.version;
+    s.commit_refresh(
+        "s_n",
+        "one",
+        tokens(2),
+        v,
+        300,
+        Health::Healthy { recovered: None },
+    )
+    .await
+    .expect("commit")
+    .expect("row");
+    s.mark_reauthorization_required("s_n", v + 1, 400, "invalid_client", None)
+        .await
+        .expect("mark");
+    s.replace_tokens("s_n", tokens(3), None, 500, None)
+        .await
+        .expect("replace");
+    s.delete_session("s_n", 600, None).await.expect("delete");
+    assert!(s.list_events(10).await.expect("list").is_empty());
+}
+
+/// Inserts `n` sessions, each with a connect event; returns the events' ids
+/// in the order written.
+async fn with_events(s: &Arc<dyn Store>, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("s_{prefix}{i}");
+        let e = NewEvent::new(
+            EventKind::Connected,
+            &id,
+            "spark",
+            store::now(),
+            serde_json::json!({"reconnected": false}),
+        );
+        s.insert_session(
+            NewSession {
+                id: id.clone(),
+                provider: "spark".into(),
+                label: None,
+                key_hash: KeyHash::of(id.as_bytes()),
+                tokens: tokens(1),
+                now: 100,
+            },
+            Some(&e),
+        )
+        .await
+        .expect("insert");
+        ids.push(e.id);
+    }
+    ids
+}
+
+fn ids(rows: &[EventRow]) -> Vec<String> {
+    rows.iter().map(|e| e.id.clone()).collect()
+}
+
+/// Claims lease events; only the holder settles them; retries wait; given
+/// up and delivered events are never claimed again.
+async fn outbox(s: Arc<dyn Store>) {
+    let written = with_events(&s, "o", 3).await;
+    let now = store::now_ms();
+    let a = s.claim_events("a", now, 60_000, 2).await.expect("claim");
+    assert_eq!(ids(&a), written[..2], "oldest first");
+    let b = s.claim_events("b", now, 60_000, 10).await.expect("claim");
+    assert_eq!(ids(&b), written[2..], "leased events are not claimed again");
+    assert!(s
+        .claim_events("c", now, 60_000, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+
+    // Only the lease holder marks an event delivered.
+    s.event_delivered(&written[0], "b", 1_000)
+        .await
+        .expect("not the holder");
+    assert_eq!(s.list_events(10).await.expect("list").len(), 3);
+    s.event_delivered(&written[0], "a", 1_000)
+        .await
+        .expect("delivered");
+    let left = s.list_events(10).await.expect("list");
+    assert_eq!(ids(&left), written[1..], "delivered events are not listed");
+
+    // A failed attempt: counted, its error kept, the lease given back, due
+    // again only at the time given.
+    let later = store::now_ms() + 3_600_000;
+    s.event_retry(&written[1], "a", later, "receiver_503")
+        .await
+        .expect("retry");
+    let e = &s.list_events(10).await.expect("list")[0];
+    assert_eq!(
+        (e.attempts, e.last_error.as_deref(), e.next_attempt_at_ms),
+        (1, Some("receiver_503"), later)
+    );
+    // Given up: listed with the time, never claimed again.
+    s.event_gave_up(&written[2], "b", 3_000, "too_old")
+        .await
+        .expect("gave up");
+    let listed = s.list_events(10).await.expect("list");
+    let gone = listed
+        .iter()
+        .find(|e| e.id == written[2])
+        .expect("given-up events are listed");
+    assert_eq!(
+        (gone.gave_up_at, gone.last_error.as_deref()),
+        (Some(3_000), Some("too_old"))
+    );
+    let now = store::now_ms();
+    assert!(s
+        .claim_events("c", now, 60_000, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    let due = s.claim_events("c", later, 60_000, 10).await.expect("claim");
+    assert_eq!(ids(&due), [written[1].clone()], "due again; given up never");
+    assert_eq!(due[0].attempts, 1);
+    // The former holder can no longer settle it.
+    s.event_delivered(&written[1], "a", 2_000)
+        .await
+        .expect("stale holder");
+    assert_eq!(s.list_events(10).await.expect("list").len(), 2);
+
+    // An expired lease frees the event for another claimer.
+    let more = with_events(&s, "p", 1).await;
+    let now = store::now_ms();
+    assert_eq!(
+        ids(&s.claim_events("e", now, 1, 10).await.expect("claim")),
+        more
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let now = store::now_ms();
+    assert_eq!(
+        ids(&s.claim_events("f", now, 60_000, 10).await.expect("claim")),
+        more
+    );
+    s.event_delivered(&more[0], "f", store::now())
+        .await
+        .expect("delivered");
+
+    // Pruning forgets delivered events delivered before the time only.
+    assert_eq!(s.prune_events(1_500).await.expect("prune"), 1);
+    assert_eq!(s.prune_events(1_500).await.expect("prune"), 0);
+    assert_eq!(
+        s.prune_events(store::now() + 10).await.expect("prune"),
+        1,
+        "the other delivered one"
+    );
+    assert_eq!(
+        s.list_events(10).await.expect("list").len(),
+        2,
+        "pending and given up stay"
+    );
+}
+
+/// Last uses move forward only, in a batch, and are no change.
+async fn last_uses(s: Arc<dyn Store>) {
+    insert(&s, "s_u1", b"key-u1", 100).await;
+    insert(&s, "s_u2", b"key-u2", 100).await;
+    let cursor = s.change_cursor().await.expect("cursor");
+    let moved = s
+        .note_uses(&[
+            ("s_u1".into(), 500),
+            ("s_u2".into(), 600),
+            ("s_gone".into(), 700),
+        ])
+        .await
+        .expect("note");
+    assert_eq!(moved, 2);
+    let u1 = s.session_by_id("s_u1").await.expect("read").expect("row");
+    assert_eq!(
+        (u1.last_used_at, u1.version, u1.updated_at),
+        (Some(500), 1, 100)
+    );
+    assert_eq!(
+        s.session_by_id("s_u2")
+            .await
+            .expect("read")
+            .expect("row")
+            .last_used_at,
+        Some(600)
+    );
+    // Never backwards.
+    assert_eq!(
+        s.note_uses(&[("s_u1".into(), 400), ("s_u2".into(), 650)])
+            .await
+            .expect("note"),
+        1
+    );
+    assert_eq!(
+        s.session_by_id("s_u1")
+            .await
+            .expect("read")
+            .expect("row")
+            .last_used_at,
+        Some(500)
+    );
+    assert_eq!(
+        s.change_cursor().await.expect("cursor"),
+        cursor,
+        "not a change: nothing in the change log"
+    );
+    // Batches larger than one transaction.
+    let many: Vec<(String, i64)> = (0..2_500)
+        .map(|i| {
+            (
+                if i % 2 == 0 { "s_u1" } else { "s_u2" }.to_owned(),
+                1_000 + i,
+            )
+        })
+        .collect();
+    s.note_uses(&many).await.expect("note many");
+    assert_eq!(
+        s.session_by_id("s_u2")
+            .await
+            .expect("read")
+            .expect("row")
+            .last_used_at,
+        Some(3_499)
+    );
+    assert_eq!(s.note_uses(&[]).await.expect("nothing"), 0);
+}
+
+/// Idle candidates: by the latest of use, refresh and creation, refreshable
+/// only, in pages.
+async fn idle_candidates(s: Arc<dyn Store>) {
+    let add = |id: &'static str, now: i64, refresh: bool| {
+        let s = Arc::clone(&s);
+        async move {
+            let mut t = tokens(1);
+            if !refresh {
+                t.refresh_token = None;
+            }
+            s.insert_session(
+                NewSession {
+                    id: id.into(),
+                    provider: "spark".into(),
+                    label: None,
+                    key_hash: KeyHash::of(id.as_bytes()),
+                    tokens: t,
+                    now,
+                },
+                None,
+            )
+            .await
+            .expect("insert")
+        }
+    };
+    add("s_i_made", 100, true).await; // idle since 100
+    add("s_i_used", 50, true).await; // used at 5_000
+    add("s_i_refreshed", 60, true).await; // refreshed at 300
+    add("s_i_norefresh", 10, false).await;
+    add("s_i_reauth", 10, true).await;
+    add("s_i_waiting", 10, true).await; // failing, retry at 2_000
+    add("s_i_fresh", 4_000, true).await;
+    s.note_uses(&[("s_i_used".into(), 5_000), ("s_i_made".into(), 20)])
+        .await
+        .expect("note");
+    let v = lease_for(&s, "s_i_refreshed", "o").await.version;
+    s.commit_refresh(
+        "s_i_refreshed",
+        "o",
+        tokens(2),
+        v,
+        300,
+        Health::Healthy { recovered: None },
+    )
+    .await
+    .expect("commit")
+    .expect("row");
+    s.mark_reauthorization_required("s_i_reauth", 1, 10, "invalid_grant", None)
+        .await
+        .expect("mark");
+    s.mark_refresh_failing(
+        "s_i_waiting",
+        "o",
+        1,
+        10,
+        Failure {
+            class: "token_endpoint_error",
+            next_retry_at: 2_000,
+            event: None,
+        },
+    )
+    .await
+    .expect("mark");
+
+    let start = (i64::MIN, String::new());
+    let at = |now: i64, before: i64| {
+        let s = Arc::clone(&s);
+        let start = start.clone();
+        async move {
+            s.idle_sessions("spark", before, &start, now, 100)
+                .await
+                .expect("idle")
+                .into_iter()
+                .map(|c| (c.id, c.idle_since))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        at(1_000, 3_000).await,
+        [
+            ("s_i_made".to_owned(), 100),
+            ("s_i_refreshed".to_owned(), 300)
+        ],
+        "oldest first; used, fresh, unrefreshable, reauthorization and waiting ones left out"
+    );
+    assert_eq!(
+        at(2_000, 3_000).await,
+        [
+            ("s_i_waiting".to_owned(), 10),
+            ("s_i_made".to_owned(), 100),
+            ("s_i_refreshed".to_owned(), 300)
+        ],
+        "a failing session is a candidate again once its retry is due"
+    );
+    assert_eq!(
+        at(2_000, 4_001).await.len(),
+        4,
+        "made at 4,000: idle before 4,001"
+    );
+    // Page by page, from a cursor.
+    let mut cursor = start.clone();
+    let mut walked = Vec::new();
+    loop {
+        let page: Vec<IdleSession> = s
+            .idle_sessions("spark", 10_000, &cursor, 2_000, 2)
+            .await
+            .expect("page");
+        let Some(last) = page.last() else { break };
+        cursor = (last.idle_since, last.id.clone());
+        walked.extend(page.into_iter().map(|c| c.id));
+    }
+    assert_eq!(
+        walked,
+        [
+            "s_i_waiting",
+            "s_i_made",
+            "s_i_refreshed",
+            "s_i_fresh",
+            "s_i_used"
+        ]
+    );
+    assert!(s
+        .idle_sessions("zillow", 10_000, &start, 2_000, 10)
+        .await
+        .expect("other provider")
+        .is_empty());
+    let version = s
+        .idle_sessions("spark", 10_000, &start, 2_000, 10)
+        .await
+        .expect("idle")
+        .into_iter()
+        .find(|c| c.id == "s_i_refreshed")
+        .expect("refreshed")
+        .version;
+    assert_eq!(version, 2, "the version a refresh compares with");
+}
+
 /// Runs each suite function on both stores.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -368,7 +1061,131 @@ macro_rules! on_both_stores {
     };
 }
 
-on_both_stores!(sessions_crud, leases_and_commits, change_log, oauth_states);
+on_both_stores!(
+    sessions_crud,
+    leases_and_commits,
+    change_log,
+    oauth_states,
+    health_and_events,
+    no_events_without_notify,
+    outbox,
+    last_uses,
+    idle_candidates,
+);
+
+/// Two instances (two pools on one database), four claimers each, claim
+/// 400 due events in small batches at once: no event is ever held by two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_concurrent_claimers_never_share_an_event() {
+    let Some(url) = support::postgres_db("outbox_concurrent").await else {
+        return;
+    };
+    let one = store::open(&url).await.expect("open");
+    let two = store::open(&url).await.expect("open again");
+    let written = with_events(&one, "c", 400).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let claimers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = Arc::clone(if i % 2 == 0 { &one } else { &two });
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                let owner = format!("owner-{i}");
+                barrier.wait().await;
+                let mut mine = Vec::new();
+                loop {
+                    let batch = s
+                        .claim_events(&owner, store::now_ms(), 600_000, 7)
+                        .await
+                        .expect("claim");
+                    if batch.is_empty() {
+                        break mine;
+                    }
+                    mine.extend(batch.into_iter().map(|e| e.id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut per = Vec::new();
+    for c in claimers {
+        let mine = c.await.expect("claimer");
+        per.push(mine.len());
+        all.extend(mine);
+    }
+    assert_eq!(all.len(), 400, "claimed {per:?}");
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400, "an event was claimed twice: {per:?}");
+    let mut expected = written.clone();
+    expected.sort();
+    assert_eq!(all, expected);
+    assert!(
+        per.iter().filter(|&&n| n > 0).count() > 1,
+        "the claimers shared the work: {per:?}"
+    );
+}
+
+/// Idle refresh's query is an indexed range scan on both stores.
+#[tokio::test]
+async fn idle_sessions_use_the_index() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    drop(store::open(&url).await.expect("migrate"));
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("connect");
+    let sql = format!(
+        "EXPLAIN QUERY PLAN {}",
+        credproxy::store::sqlite::idle_sessions_sql()
+    );
+    let q = sqlx::query_as::<_, (i64, i64, i64, String)>(&sql)
+        .bind("spark")
+        .bind(i64::MIN)
+        .bind("")
+        .bind(1_000)
+        .bind(1_000)
+        .bind(100);
+    let plan: Vec<String> = q
+        .fetch_all(&pool)
+        .await
+        .expect("plan")
+        .into_iter()
+        .map(|r| r.3)
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("USING INDEX sessions_idle")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+        "no sort: {plan:?}"
+    );
+
+    let Some(url) = support::postgres_db("idle_index").await else {
+        return;
+    };
+    drop(store::open(&url).await.expect("migrate"));
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let mut tx = pool.begin().await.expect("tx");
+    // A table this small would be scanned whole; the question is whether
+    // the index can answer the query.
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    let sql = credproxy::store::postgres::idle_sessions_sql();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}"))
+        .bind("spark")
+        .bind(i64::MIN)
+        .bind("")
+        .bind(1_000i64)
+        .bind(1_000i64)
+        .bind(100i64)
+        .fetch_all(&mut *tx)
+        .await
+        .expect("plan");
+    let text = plan.join("\n");
+    assert!(text.contains("sessions_idle"), "{text}");
+    assert!(!text.contains("Sort"), "no sort: {text}");
+}
 
 // The SQLite file on disk, with the server running.
 

@@ -468,7 +468,7 @@ impl Connector {
             .await
             .map_err(|e| match e {
                 TokenError::Rejected { code } => CallbackError::Rejected(code),
-                TokenError::Failed(why) => CallbackError::Exchange(why),
+                TokenError::Failed { reason, .. } => CallbackError::Exchange(reason),
             })?;
         let tokens = NewTokens {
             access_token: answer.access_token,

@@ -86,10 +86,20 @@ impl SessionKey {
 
 /// A session's public id: safe to log, print and put in URLs.
 pub fn new_session_id() -> String {
+    random_id("s_")
+}
+
+/// An event's id (`evt_` and 64 random bits in hex), which receivers use
+/// to drop duplicate deliveries.
+pub fn new_event_id() -> String {
+    random_id("evt_")
+}
+
+fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 8];
     rand::rng().fill_bytes(&mut bytes);
-    let mut id = String::with_capacity(18);
-    id.push_str("s_");
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
     for b in bytes {
         id.push_str(&format!("{b:02x}"));
     }
@@ -100,6 +110,11 @@ pub fn new_session_id() -> String {
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Active,
+    /// The last refresh failed transiently (the token endpoint failed, timed
+    /// out or answered something unusable): the session still serves
+    /// requests with the token it has, and the refresh is retried with
+    /// back-off. The next successful refresh makes it `active` again.
+    RefreshFailing,
     /// The token endpoint refused the refresh token; a person must reconnect.
     ReauthorizationRequired,
 }
@@ -108,6 +123,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Active => "active",
+            Status::RefreshFailing => "refresh_failing",
             Status::ReauthorizationRequired => "reauthorization_required",
         }
     }
@@ -115,6 +131,7 @@ impl Status {
     pub fn parse(s: &str) -> Option<Status> {
         match s {
             "active" => Some(Status::Active),
+            "refresh_failing" => Some(Status::RefreshFailing),
             "reauthorization_required" => Some(Status::ReauthorizationRequired),
             _ => None,
         }
@@ -155,5 +172,22 @@ mod tests {
     fn ids_look_like_ids() {
         let id = new_session_id();
         assert!(id.starts_with("s_") && id.len() == 18);
+        let e = new_event_id();
+        assert!(e.starts_with("evt_") && e.len() == 20 && e != new_event_id());
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in [
+            Status::Active,
+            Status::RefreshFailing,
+            Status::ReauthorizationRequired,
+        ] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_value(s).expect("json"),
+                serde_json::Value::from(s.as_str())
+            );
+        }
     }
 }

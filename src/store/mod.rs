@@ -8,12 +8,23 @@
 //!
 //! **Invariant:** a token change is committed durably (SQLite:
 //! `synchronous=FULL`) before the call returns.
+//!
+//! **Invariant (outbox):** an event about a session (`events`) is written
+//! in the same transaction as the change it describes, and only when that
+//! transaction made the change: the methods that change a session take the
+//! event (`Option<&NewEvent>`, `None` without `[notify]`) and decide inside
+//! the transaction whether the change happened (a transition of the
+//! status, a row inserted, replaced or deleted). A crash therefore loses
+//! no event and invents none. `last_used_at` is not a change: it is written
+//! in batches ([`Store::note_uses`]) without a version bump, a change-log
+//! entry or an event.
 
 use async_trait::async_trait;
 
 use crate::session::{KeyHash, Status};
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +70,136 @@ pub struct SessionRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub last_refresh_at: Option<i64>,
+    /// The class of the last failed refresh (`token_endpoint_timeout`, ...;
+    /// `invalid_grant` for a session that needs reauthorization); cleared by
+    /// a successful refresh. Never a token or an endpoint's answer.
+    pub last_error: Option<String>,
+    /// While `refresh_failing`: when the refresh is retried (unix seconds).
+    pub next_retry_at: Option<i64>,
+    /// When a request last used the session (unix seconds), as written by
+    /// the batched [`Store::note_uses`]: up to one flush interval behind.
+    pub last_used_at: Option<i64>,
 }
+
+/// What an event is about; `as_str` is its `type` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A session was stored by a connect flow or `session add` (new, or its
+    /// tokens replaced: `detail.reconnected`).
+    Connected,
+    /// A refresh failed transiently while the session was `active`.
+    RefreshFailing,
+    /// A refresh succeeded while the session was `refresh_failing`.
+    Recovered,
+    /// The token endpoint refused the refresh token.
+    ReauthorizationRequired,
+    /// The session was deleted (`detail.by`: `cli`, `admin` or `ui`).
+    Revoked,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Connected => "session.connected",
+            EventKind::RefreshFailing => "session.refresh_failing",
+            EventKind::Recovered => "session.recovered",
+            EventKind::ReauthorizationRequired => "session.reauthorization_required",
+            EventKind::Revoked => "session.revoked",
+        }
+    }
+}
+
+/// An event to append to the outbox with a change (see the outbox
+/// invariant above). `detail` never holds a token, key or secret.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// `evt_` and 64 random bits in hex.
+    pub id: String,
+    pub kind: EventKind,
+    pub session_id: String,
+    pub provider: String,
+    /// When the change happened (unix seconds).
+    pub at: i64,
+    pub detail: serde_json::Value,
+}
+
+impl NewEvent {
+    /// An event with a new id.
+    pub fn new(
+        kind: EventKind,
+        session_id: &str,
+        provider: &str,
+        at: i64,
+        detail: serde_json::Value,
+    ) -> NewEvent {
+        NewEvent {
+            id: crate::session::new_event_id(),
+            kind,
+            session_id: session_id.to_owned(),
+            provider: provider.to_owned(),
+            at,
+            detail,
+        }
+    }
+}
+
+/// An event as the outbox holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub id: String,
+    /// [`EventKind::as_str`].
+    pub kind: String,
+    pub session_id: String,
+    pub provider: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// JSON text.
+    pub detail: String,
+    /// Failed delivery attempts so far.
+    pub attempts: i64,
+    /// Not tried again before this (unix milliseconds).
+    pub next_attempt_at_ms: i64,
+    /// The class of the last failed attempt (no secret).
+    pub last_error: Option<String>,
+    pub delivered_at: Option<i64>,
+    pub gave_up_at: Option<i64>,
+}
+
+/// What a commit of refreshed tokens does to the session's health.
+#[derive(Debug, Clone, Copy)]
+pub enum Health<'a> {
+    /// The endpoint answered usable tokens: the session becomes `active`
+    /// and its error is cleared; `recovered` is appended to the outbox if
+    /// it was `refresh_failing`.
+    Healthy { recovered: Option<&'a NewEvent> },
+    /// Stored as they are, health unchanged: the rotated refresh token of
+    /// an answer whose access token cannot be sent.
+    Unchanged,
+}
+
+/// A transient refresh failure, as [`Store::mark_refresh_failing`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    /// The error class (`token_endpoint_timeout`, ...): a short fixed string.
+    pub class: &'a str,
+    /// When the refresh is retried (unix seconds).
+    pub next_retry_at: i64,
+    /// Appended to the outbox if the session was `active` (a transition).
+    pub event: Option<&'a NewEvent>,
+}
+
+/// A candidate of idle refresh (see [`Store::idle_sessions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleSession {
+    pub id: String,
+    pub version: i64,
+    /// The latest of its last use, last refresh and creation (unix seconds).
+    pub idle_since: i64,
+}
+
+/// Where a walk through idle sessions goes on from: after this
+/// `(idle_since, id)`.
+pub type IdleCursor = (i64, String);
 
 /// Sealed tokens and their lifetime, as written by an insert or a replace.
 #[derive(Debug, Clone)]
@@ -80,6 +220,8 @@ pub struct NewSession {
 }
 
 /// The answer to a request for a session's refresh lease.
+// One per refresh attempt, moved once: not worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Lease {
     /// The caller now holds the lease; the row as it is under the lease.
@@ -179,8 +321,13 @@ pub trait Store: Send + Sync + 'static {
     /// Answers when the store is reachable (`/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Inserts a new session; [`StoreError::DuplicateKey`] when its key hash exists.
-    async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError>;
+    /// Inserts a new session; [`StoreError::DuplicateKey`] when its key
+    /// hash exists. `event` (a connect) is appended in the same transaction.
+    async fn insert_session(
+        &self,
+        new: NewSession,
+        event: Option<&NewEvent>,
+    ) -> Result<SessionRecord, StoreError>;
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError>;
 
@@ -201,16 +348,18 @@ pub trait Store: Send + Sync + 'static {
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError>;
 
-    /// Replaces a session's tokens, sets it active and bumps its version.
-    /// With `expected_version`, only if the row still has that version
-    /// (compare-and-swap); returns the new record, or `None` when the session
-    /// is gone or its version moved on.
+    /// Replaces a session's tokens, sets it active (its error cleared) and
+    /// bumps its version. With `expected_version`, only if the row still has
+    /// that version (compare-and-swap); returns the new record, or `None`
+    /// when the session is gone or its version moved on. `event` (a
+    /// reconnect) is appended when the row was replaced.
     async fn replace_tokens(
         &self,
         id: &str,
         tokens: SealedTokens,
         expected_version: Option<i64>,
         now: i64,
+        event: Option<&NewEvent>,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
     /// Takes the session's refresh lease for `owner` until `until_ms` (unix
@@ -227,7 +376,9 @@ pub trait Store: Send + Sync + 'static {
     async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError>;
 
     /// Stores refreshed tokens durably and releases the lease, only while
-    /// `owner` holds it and the row still has `expected_version`.
+    /// `owner` holds it and the row still has `expected_version`; `health`
+    /// says whether the session becomes `active` again (and whether that
+    /// was a recovery worth an event).
     async fn commit_refresh(
         &self,
         id: &str,
@@ -235,16 +386,62 @@ pub trait Store: Send + Sync + 'static {
         tokens: SealedTokens,
         expected_version: i64,
         now: i64,
+        health: Health<'_>,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
+    /// Records a transient refresh failure, if the row still has
+    /// `expected_version` and does not need reauthorization: `last_error`
+    /// and `next_retry_at`, the status `refresh_failing` (the version stays:
+    /// the tokens did not change). The lease is released if `owner` holds
+    /// it, whatever the version. Returns `true` when the session was
+    /// `active` until now (a transition: a change-log entry, and
+    /// `failure.event` appended); a failure while already failing updates
+    /// the error and the retry time only.
+    async fn mark_refresh_failing(
+        &self,
+        id: &str,
+        owner: &str,
+        expected_version: i64,
+        now: i64,
+        failure: Failure<'_>,
+    ) -> Result<bool, StoreError>;
+
     /// Marks the session `reauthorization_required` (its refresh token was
-    /// refused) and releases the lease, if the row still has `expected_version`.
+    /// refused: `code`, `invalid_grant` or `invalid_client`, becomes its
+    /// `last_error`) and releases the lease, if the row still has
+    /// `expected_version`. `event` is appended when it did not need
+    /// reauthorization already.
     async fn mark_reauthorization_required(
         &self,
         id: &str,
         expected_version: i64,
         now: i64,
+        code: &str,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError>;
+
+    /// Records when sessions were last used: `(id, unix seconds)`, one entry
+    /// per session (of an id given twice, the latest counts; an unknown id
+    /// is skipped). `last_used_at` only ever moves forward, and it is not a
+    /// change: no version bump, no change-log entry, no event. Written in
+    /// few transactions (of up to 1,000 sessions each); returns how many
+    /// rows moved.
+    async fn note_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError>;
+
+    /// The sessions of `provider` neither used nor refreshed since
+    /// `idle_before` (the latest of `last_used_at`, `last_refresh_at` and
+    /// `created_at` is older), that can be refreshed (a refresh token, not
+    /// `reauthorization_required`, not waiting for a retry after `now`),
+    /// in order of `(idle_since, id)` after `after`; at most `limit`.
+    /// An indexed range scan (`sessions_idle`), never a pass over every row.
+    async fn idle_sessions(
+        &self,
+        provider: &str,
+        idle_before: i64,
+        after: &IdleCursor,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<IdleSession>, StoreError>;
 
     /// Records a new one-time OAuth state.
     async fn insert_oauth_state(
@@ -320,8 +517,59 @@ pub trait Store: Send + Sync + 'static {
     /// connect` reads its outcome); returns how many it forgot.
     async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError>;
 
-    /// Deletes a session; `false` when there was none.
-    async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// Deletes a session; `false` when there was none. `event` (a revoke)
+    /// is appended when a row was deleted.
+    async fn delete_session(
+        &self,
+        id: &str,
+        now: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError>;
+
+    /// Due events (not delivered, not given up, `next_attempt_at_ms <=
+    /// now_ms`, and no live lease), oldest first, at most `limit`; leased to
+    /// `owner` until `now_ms + lease_ms`. Two claimers never hold one event
+    /// at once (PostgreSQL: `FOR UPDATE SKIP LOCKED`, leases timed by the
+    /// database's clock).
+    async fn claim_events(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError>;
+
+    /// Delivered: only while `owner` holds the lease (it has not been
+    /// claimed by another since).
+    async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError>;
+
+    /// Failed this attempt: `attempts + 1`, `last_error = error` (a short
+    /// class, no secret), `next_attempt_at_ms`, lease released; only while
+    /// `owner` holds the lease.
+    async fn event_retry(
+        &self,
+        id: &str,
+        owner: &str,
+        next_attempt_at_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Given up for good (too old): `gave_up_at = now`, `last_error =
+    /// error`, lease released; only while `owner` holds the lease.
+    async fn event_gave_up(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+        error: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Undelivered events (pending and given up), oldest first, at most `limit`.
+    async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError>;
+
+    /// Forgets delivered events delivered before `before` (unix seconds);
+    /// returns how many.
+    async fn prune_events(&self, before: i64) -> Result<u64, StoreError>;
 
     /// The newest change-log position.
     async fn change_cursor(&self) -> Result<i64, StoreError>;
@@ -574,6 +822,38 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        use sql::{numbered, INSERT_EVENT};
+        assert_eq!(
+            numbered("UPDATE t SET a = ? WHERE b = ? AND c = ?"),
+            "UPDATE t SET a = $1 WHERE b = $2 AND c = $3"
+        );
+        assert_eq!(
+            numbered(INSERT_EVENT).matches('$').count(),
+            INSERT_EVENT.matches('?').count()
+        );
+    }
+
+    #[test]
+    fn event_kinds_are_named_as_on_the_wire() {
+        let kinds = [
+            (EventKind::Connected, "session.connected"),
+            (EventKind::RefreshFailing, "session.refresh_failing"),
+            (EventKind::Recovered, "session.recovered"),
+            (
+                EventKind::ReauthorizationRequired,
+                "session.reauthorization_required",
+            ),
+            (EventKind::Revoked, "session.revoked"),
+        ];
+        for (kind, name) in kinds {
+            assert_eq!(kind.as_str(), name);
+        }
+        let e = NewEvent::new(EventKind::Revoked, "s_1", "spark", 5, serde_json::json!({}));
+        assert!(e.id.starts_with("evt_"));
+    }
 
     #[test]
     fn urls_are_shown_without_credentials() {

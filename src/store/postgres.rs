@@ -19,15 +19,34 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
+use super::sql::{
+    self, bind_event, event_row, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
+};
 use super::{
-    BudgetAsk, BudgetLease, Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens,
-    SessionCount, SessionRecord, Store, StoreError,
+    BudgetAsk, BudgetLease, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent,
+    NewSession, OAuthOutcome, OAuthState, SealedTokens, SessionCount, SessionRecord, Store,
+    StoreError,
 };
 use crate::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-const COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
+/// When a session was last used or refreshed, or made: what idle refresh
+/// orders by. Exactly the expression of the index `sessions_idle`.
+const IDLE_SINCE: &str = "GREATEST(last_used_at, last_refresh_at, created_at)";
+
+/// The statement of [`Store::idle_sessions`] (public for the test that
+/// checks its plan uses the index). The expression and the first two
+/// conditions are those of the partial index `sessions_idle`.
+pub fn idle_sessions_sql() -> String {
+    sql::numbered(&format!(
+        "SELECT id, version, {IDLE_SINCE} AS idle_since FROM sessions
+         WHERE provider = ? AND status <> 'reauthorization_required' AND refresh_token IS NOT NULL
+           AND ({IDLE_SINCE}, id) > (?, ?) AND {IDLE_SINCE} < ?
+           AND (next_retry_at IS NULL OR next_retry_at <= ?)
+         ORDER BY {IDLE_SINCE}, id LIMIT ?"
+    ))
+}
 
 /// The NOTIFY channel the `session_changes` trigger signals.
 const CHANNEL: &str = "credproxy_session_changes";
@@ -80,31 +99,6 @@ impl PgStore {
     }
 }
 
-fn record(row: &PgRow) -> Result<SessionRecord, StoreError> {
-    let id: String = row.try_get("id")?;
-    let status: String = row.try_get("status")?;
-    let status = Status::parse(&status).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
-    let hash: Vec<u8> = row.try_get("key_hash")?;
-    let key_hash = KeyHash(
-        hash.try_into()
-            .map_err(|_| StoreError::Corrupt(id.clone()))?,
-    );
-    Ok(SessionRecord {
-        key_hash,
-        provider: row.try_get("provider")?,
-        label: row.try_get("label")?,
-        status,
-        access_token: row.try_get("access_token")?,
-        refresh_token: row.try_get("refresh_token")?,
-        expires_at: row.try_get("expires_at")?,
-        version: row.try_get("version")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        last_refresh_at: row.try_get("last_refresh_at")?,
-        id,
-    })
-}
-
 fn oauth_state(row: &PgRow) -> Result<OAuthState, StoreError> {
     let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
     let key_hash = key_hash
@@ -120,6 +114,38 @@ fn oauth_state(row: &PgRow) -> Result<OAuthState, StoreError> {
         key_hash,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// The session's status, its row locked until the transaction ends.
+async fn prior_status(tx: &mut sqlx::PgConnection, id: &str) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar(pg_sql!(format!("{} FOR UPDATE", sql::PRIOR_STATUS)))
+            .bind(id)
+            .fetch_optional(tx)
+            .await?,
+    )
+}
+
+async fn insert_event(
+    tx: &mut sqlx::PgConnection,
+    event: Option<&NewEvent>,
+) -> Result<(), StoreError> {
+    if let Some(e) = event {
+        bind_event(sqlx::query(pg_sql!(INSERT_EVENT)), e)
+            .execute(tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
+fn oldest_first(rows: &[PgRow]) -> Result<Vec<EventRow>, StoreError> {
+    let mut events = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    events.sort_by_key(|(seq, e)| (e.at, *seq));
+    Ok(events.into_iter().map(|(_, e)| e).collect())
 }
 
 async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<(), StoreError> {
@@ -139,7 +165,11 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+    async fn insert_session(
+        &self,
+        new: NewSession,
+        event: Option<&NewEvent>,
+    ) -> Result<SessionRecord, StoreError> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "INSERT INTO sessions (id, provider, label, key_hash, access_token, refresh_token, expires_at, created_at, updated_at)
@@ -165,6 +195,7 @@ impl Store for PgStore {
         };
         let rec = record(&row)?;
         log_change(&mut tx, &new.id, new.now).await?;
+        insert_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -225,11 +256,12 @@ impl Store for PgStore {
         tokens: SealedTokens,
         expected_version: Option<i64>,
         now: i64,
+        event: Option<&NewEvent>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "UPDATE sessions SET access_token = $1, refresh_token = $2, expires_at = $3, status = 'active',
-                 version = version + 1, updated_at = $4
+                 last_error = NULL, next_retry_at = NULL, version = version + 1, updated_at = $4
              WHERE id = $5 AND ($6::BIGINT IS NULL OR version = $6)
              RETURNING {COLUMNS}"
         );
@@ -245,6 +277,7 @@ impl Store for PgStore {
         let Some(row) = row else { return Ok(None) };
         let rec = record(&row)?;
         log_change(&mut tx, id, now).await?;
+        insert_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(Some(rec))
     }
@@ -306,19 +339,22 @@ impl Store for PgStore {
         tokens: SealedTokens,
         expected_version: i64,
         now: i64,
+        health: Health<'_>,
     ) -> Result<Option<SessionRecord>, StoreError> {
+        let (healthy, recovered) = match health {
+            Health::Healthy { recovered } => (true, recovered),
+            Health::Unchanged => (false, None),
+        };
         let mut tx = self.pool.begin().await?;
-        let sql = format!(
-            "UPDATE sessions SET access_token = $1, refresh_token = $2, expires_at = $3, status = 'active',
-                 version = version + 1, updated_at = $4, last_refresh_at = $4,
-                 refresh_lease_owner = NULL, refresh_lease_until = NULL
-             WHERE id = $5 AND version = $6 AND refresh_lease_owner = $7
-             RETURNING {COLUMNS}"
-        );
-        let row = sqlx::query(&sql)
+        let prior = prior_status(&mut tx, id).await?;
+        let row = sqlx::query(pg_sql!(sql::commit_refresh_sql()))
             .bind(&tokens.access_token)
             .bind(&tokens.refresh_token)
             .bind(tokens.expires_at)
+            .bind(healthy)
+            .bind(healthy)
+            .bind(healthy)
+            .bind(now)
             .bind(now)
             .bind(id)
             .bind(expected_version)
@@ -328,6 +364,9 @@ impl Store for PgStore {
         let Some(row) = row else { return Ok(None) };
         let rec = record(&row)?;
         log_change(&mut tx, id, now).await?;
+        if healthy && sql::transition(prior.as_deref(), Status::Active) {
+            insert_event(&mut tx, recovered).await?;
+        }
         tx.commit().await?;
         Ok(Some(rec))
     }
@@ -337,24 +376,119 @@ impl Store for PgStore {
         id: &str,
         expected_version: i64,
         now: i64,
+        code: &str,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
-            "UPDATE sessions SET status = 'reauthorization_required', version = version + 1, updated_at = $1,
-                 refresh_lease_owner = NULL, refresh_lease_until = NULL
-             WHERE id = $2 AND version = $3",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(expected_version)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let prior = prior_status(&mut tx, id).await?;
+        let n = sqlx::query(pg_sql!(sql::MARK_REAUTHORIZATION))
+            .bind(code)
+            .bind(now)
+            .bind(id)
+            .bind(expected_version)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if n > 0 {
             log_change(&mut tx, id, now).await?;
+            if sql::transition(prior.as_deref(), Status::ReauthorizationRequired) {
+                insert_event(&mut tx, event).await?;
+            }
         }
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    async fn mark_refresh_failing(
+        &self,
+        id: &str,
+        owner: &str,
+        expected_version: i64,
+        now: i64,
+        failure: Failure<'_>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let prior = prior_status(&mut tx, id).await?;
+        let n = sqlx::query(pg_sql!(sql::MARK_REFRESH_FAILING))
+            .bind(failure.class)
+            .bind(failure.next_retry_at)
+            .bind(now)
+            .bind(id)
+            .bind(expected_version)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query(pg_sql!(sql::RELEASE_LEASE))
+            .bind(id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+        let became = n > 0 && sql::transition(prior.as_deref(), Status::RefreshFailing);
+        if became {
+            log_change(&mut tx, id, now).await?;
+            insert_event(&mut tx, failure.event).await?;
+        }
+        tx.commit().await?;
+        Ok(became)
+    }
+
+    /// One transaction per 1,000 sessions: their rows are locked in id
+    /// order first (two instances flushing at once never deadlock), then
+    /// moved by one `UPDATE ... FROM UNNEST`.
+    async fn note_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError> {
+        let mut sorted: Vec<&(String, i64)> = uses.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut moved = 0;
+        for chunk in sorted.chunks(sql::USES_PER_TRANSACTION) {
+            let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+            let ats: Vec<i64> = chunk.iter().map(|(_, at)| *at).collect();
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT 1 FROM sessions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            moved += sqlx::query(
+                "UPDATE sessions s SET last_used_at = u.at
+                 FROM (SELECT id, MAX(at) AS at FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS n(id, at)
+                       GROUP BY id) AS u
+                 WHERE s.id = u.id AND (s.last_used_at IS NULL OR s.last_used_at < u.at)",
+            )
+            .bind(&ids)
+            .bind(&ats)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+        }
+        Ok(moved)
+    }
+
+    async fn idle_sessions(
+        &self,
+        provider: &str,
+        idle_before: i64,
+        after: &IdleCursor,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<IdleSession>, StoreError> {
+        let rows = sqlx::query(pg_sql!(idle_sessions_sql()))
+            .bind(provider)
+            .bind(after.0)
+            .bind(&after.1)
+            .bind(idle_before)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IdleSession {
+                    id: r.try_get("id")?,
+                    version: r.try_get("version")?,
+                    idle_since: r.try_get("idle_since")?,
+                })
+            })
+            .collect()
     }
 
     async fn insert_oauth_state(
@@ -499,7 +633,12 @@ impl Store for PgStore {
         Ok(forgotten)
     }
 
-    async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+    async fn delete_session(
+        &self,
+        id: &str,
+        now: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query("DELETE FROM sessions WHERE id = $1")
             .bind(id)
@@ -508,9 +647,101 @@ impl Store for PgStore {
             .rows_affected();
         if n > 0 {
             log_change(&mut tx, id, now).await?;
+            insert_event(&mut tx, event).await?;
         }
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    /// The due rows are locked `FOR UPDATE SKIP LOCKED` (a concurrent
+    /// claimer skips them, and re-checks the lease of any it waited for),
+    /// and leased by the database's clock, in one statement.
+    async fn claim_events(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(pg_sql!(format!(
+            "WITH due AS (
+                 SELECT seq FROM events
+                 WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at_ms <= ?
+                   AND (lease_until_ms IS NULL OR lease_until_ms <= {DB_NOW_MS})
+                 ORDER BY at, seq LIMIT ?
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE events e SET lease_owner = ?, lease_until_ms = {DB_NOW_MS} + ?
+             FROM due WHERE e.seq = due.seq
+             RETURNING e.seq, e.id, e.kind, e.session_id, e.provider, e.at, e.detail, e.attempts,
+                 e.next_attempt_at_ms, e.last_error, e.delivered_at, e.gave_up_at"
+        )))
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .bind(owner)
+        .bind(lease_ms.clamp(0, MAX_SPAN_MS))
+        .fetch_all(&self.pool)
+        .await?;
+        oldest_first(&rows)
+    }
+
+    async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query(pg_sql!(sql::EVENT_DELIVERED))
+            .bind(now)
+            .bind(id)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn event_retry(
+        &self,
+        id: &str,
+        owner: &str,
+        next_attempt_at_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(pg_sql!(sql::EVENT_RETRY))
+            .bind(error)
+            .bind(next_attempt_at_ms)
+            .bind(id)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn event_gave_up(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(pg_sql!(sql::EVENT_GAVE_UP))
+            .bind(now)
+            .bind(error)
+            .bind(id)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(pg_sql!(sql::list_events_sql()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(pg_sql!(sql::PRUNE_EVENTS))
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {

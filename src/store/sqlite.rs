@@ -18,26 +18,48 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::sql::{
+    self, bind_event, event_row, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
+};
 use super::{
-    Lease, NewSession, OAuthOutcome, OAuthState, SealedTokens, SessionCount, SessionRecord, Store,
-    StoreError,
+    EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession, OAuthOutcome,
+    OAuthState, SealedTokens, SessionCount, SessionRecord, Store, StoreError,
 };
 use crate::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-const COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at";
+/// When a session was last used or refreshed, or made: what idle refresh
+/// orders by. Exactly the expression of the index `sessions_idle`.
+const IDLE_SINCE: &str = "MAX(COALESCE(last_used_at, 0), COALESCE(last_refresh_at, 0), created_at)";
+
+/// The statement of [`Store::idle_sessions`] (public for the test that
+/// checks its plan uses the index). The expression and the first two
+/// conditions are those of the partial index `sessions_idle`, word for
+/// word: SQLite uses it only so.
+pub fn idle_sessions_sql() -> String {
+    format!(
+        "SELECT id, version, {IDLE_SINCE} AS idle_since FROM sessions
+         WHERE provider = ? AND status <> 'reauthorization_required' AND refresh_token IS NOT NULL
+           AND ({IDLE_SINCE}, id) > (?, ?) AND {IDLE_SINCE} < ?
+           AND (next_retry_at IS NULL OR next_retry_at <= ?)
+         ORDER BY {IDLE_SINCE}, id LIMIT ?"
+    )
+}
 
 pub struct SqliteStore {
     /// Reads, and the writes of the control plane.
     pool: SqlitePool,
-    /// Rotated tokens and reauthorization marks, applied by the
+    /// Rotated tokens and health marks (with their events), applied by the
     /// [`commit_writer`] with group commit (`synchronous=FULL`).
     commits: mpsc::UnboundedSender<WriteJob>,
-    /// Refresh leases, applied by the [`lease_writer`] on its own
-    /// connection with `synchronous=NORMAL`: a lease needs no fsync (one lost
-    /// in a power cut is simply free again), and on their own connection
-    /// lease writes never hold up a commit's fsync behind them.
+    /// Refresh leases, last uses and the outbox's delivery bookkeeping,
+    /// applied by the [`lease_writer`] on its own connection with
+    /// `synchronous=NORMAL`: none needs an fsync (a lease lost in a power
+    /// cut is simply free again, a last use a little older, an event
+    /// delivered again), and on their own connection these writes never
+    /// hold up a commit's fsync behind them, nor meet it in SQLite's busy
+    /// handler.
     leases: mpsc::UnboundedSender<WriteJob>,
     gate: Arc<WriteGate>,
     /// The file as opened (none in memory): checked before every write and
@@ -164,6 +186,24 @@ impl SqliteStore {
         })
     }
 
+    async fn event_update(
+        &self,
+        sql: &'static str,
+        first: EventValue,
+        second: Option<EventValue>,
+        id: &str,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        let op = WriteOp::EventUpdate {
+            sql,
+            first,
+            second,
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+        };
+        self.write(op).await.map(|_| ())
+    }
+
     /// Refuses a write, loudly, once the file has been deleted or replaced:
     /// SQLite would go on writing to the unlinked file, and every change
     /// (a rotated refresh token too) would vanish at the next start.
@@ -179,17 +219,13 @@ impl SqliteStore {
     async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
         self.writable()?;
         let (reply, answer) = oneshot::channel();
-        let writer = match op {
-            WriteOp::AcquireLease { .. } | WriteOp::ReleaseLease { .. } => &self.leases,
-            WriteOp::CommitRefresh { .. } | WriteOp::MarkReauthorization { .. } => {
-                self.gate.commit_sent();
-                &self.commits
-            }
+        let is_commit = op.is_commit();
+        let writer = if is_commit {
+            self.gate.commit_sent();
+            &self.commits
+        } else {
+            &self.leases
         };
-        let is_commit = matches!(
-            op,
-            WriteOp::CommitRefresh { .. } | WriteOp::MarkReauthorization { .. }
-        );
         if writer.send(WriteJob { op, reply }).is_err() {
             // The writer is gone: undo the count, or lease writes would wait forever.
             if is_commit {
@@ -219,17 +255,70 @@ enum WriteOp {
         tokens: SealedTokens,
         expected_version: i64,
         now: i64,
+        healthy: bool,
+        recovered: Option<NewEvent>,
     },
     MarkReauthorization {
         id: String,
         expected_version: i64,
         now: i64,
+        code: String,
+        event: Option<NewEvent>,
     },
+    MarkFailing {
+        id: String,
+        owner: String,
+        expected_version: i64,
+        now: i64,
+        class: String,
+        next_retry_at: i64,
+        event: Option<NewEvent>,
+    },
+    NoteUses(Vec<(String, i64)>),
+    ClaimEvents {
+        owner: String,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    },
+    /// One of the outbox's `UPDATE events ... WHERE id = ? AND lease_owner = ?`.
+    EventUpdate {
+        sql: &'static str,
+        first: EventValue,
+        second: Option<EventValue>,
+        id: String,
+        owner: String,
+    },
+    PruneEvents {
+        before: i64,
+    },
+}
+
+/// A value bound to an outbox update.
+enum EventValue {
+    Int(i64),
+    Text(String),
+}
+
+impl WriteOp {
+    /// Whether the op goes through the [`commit_writer`] (durable, first)
+    /// rather than the [`lease_writer`].
+    fn is_commit(&self) -> bool {
+        matches!(
+            self,
+            WriteOp::CommitRefresh { .. }
+                | WriteOp::MarkReauthorization { .. }
+                | WriteOp::MarkFailing { .. }
+        )
+    }
 }
 
 enum Written {
     Lease(Lease),
     Row(Option<SessionRecord>),
+    Flag(bool),
+    Count(u64),
+    Events(Vec<EventRow>),
     Done,
 }
 
@@ -336,7 +425,10 @@ async fn run_one(conn: &SqlitePool, job: &WriteJob) -> Result<Written, StoreErro
 }
 
 async fn run_batch(writer: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<Written>, StoreError> {
-    let mut tx = writer.begin().await?;
+    // IMMEDIATE: the write lock from the start, so a job may read the row
+    // it is about to change (its prior status) without its transaction
+    // failing to upgrade because another process wrote in between.
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         results.push(apply(&mut tx, &job.op).await?);
@@ -401,18 +493,17 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             tokens,
             expected_version,
             now,
+            healthy,
+            recovered,
         } => {
-            let sql = format!(
-                "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
-                     version = version + 1, updated_at = ?, last_refresh_at = ?,
-                     refresh_lease_owner = NULL, refresh_lease_until = NULL
-                 WHERE id = ? AND version = ? AND refresh_lease_owner = ?
-                 RETURNING {COLUMNS}"
-            );
-            let row = sqlx::query(&sql)
+            let prior = prior_status(tx, id).await?;
+            let row = sqlx::query(&sql::commit_refresh_sql())
                 .bind(&tokens.access_token)
                 .bind(&tokens.refresh_token)
                 .bind(tokens.expires_at)
+                .bind(healthy)
+                .bind(healthy)
+                .bind(healthy)
                 .bind(now)
                 .bind(now)
                 .bind(id)
@@ -423,6 +514,9 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             let rec = row.as_ref().map(record).transpose()?;
             if rec.is_some() {
                 log_change(tx, id, *now).await?;
+                if *healthy && sql::transition(prior.as_deref(), Status::Active) {
+                    insert_event(tx, recovered.as_ref()).await?;
+                }
             }
             Written::Row(rec)
         }
@@ -430,26 +524,152 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             id,
             expected_version,
             now,
+            code,
+            event,
         } => {
-            let sql = format!(
-                "UPDATE sessions SET status = 'reauthorization_required', version = version + 1, updated_at = ?,
-                     refresh_lease_owner = NULL, refresh_lease_until = NULL
-                 WHERE id = ? AND version = ?
-                 RETURNING {COLUMNS}"
-            );
-            let row = sqlx::query(&sql)
+            let prior = prior_status(tx, id).await?;
+            let n = sqlx::query(sql::MARK_REAUTHORIZATION)
+                .bind(code)
                 .bind(now)
                 .bind(id)
                 .bind(expected_version)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let rec = row.as_ref().map(record).transpose()?;
-            if rec.is_some() {
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n > 0 {
                 log_change(tx, id, *now).await?;
+                if sql::transition(prior.as_deref(), Status::ReauthorizationRequired) {
+                    insert_event(tx, event.as_ref()).await?;
+                }
             }
-            Written::Row(rec)
+            Written::Flag(n > 0)
         }
+        WriteOp::MarkFailing {
+            id,
+            owner,
+            expected_version,
+            now,
+            class,
+            next_retry_at,
+            event,
+        } => {
+            let prior = prior_status(tx, id).await?;
+            let n = sqlx::query(sql::MARK_REFRESH_FAILING)
+                .bind(class)
+                .bind(next_retry_at)
+                .bind(now)
+                .bind(id)
+                .bind(expected_version)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(sql::RELEASE_LEASE)
+                .bind(id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+            let became = n > 0 && sql::transition(prior.as_deref(), Status::RefreshFailing);
+            if became {
+                log_change(tx, id, *now).await?;
+                insert_event(tx, event.as_ref()).await?;
+            }
+            Written::Flag(became)
+        }
+        WriteOp::NoteUses(uses) => {
+            let mut moved = 0;
+            for (id, at) in uses {
+                moved += sqlx::query(
+                    "UPDATE sessions SET last_used_at = ?
+                     WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                )
+                .bind(at)
+                .bind(id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            Written::Count(moved)
+        }
+        WriteOp::ClaimEvents {
+            owner,
+            now_ms,
+            lease_ms,
+            limit,
+        } => {
+            let rows = sqlx::query(&format!(
+                "UPDATE events SET lease_owner = ?, lease_until_ms = ?
+                 WHERE seq IN (
+                     SELECT seq FROM events
+                     WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at_ms <= ?
+                       AND (lease_until_ms IS NULL OR lease_until_ms <= ?)
+                     ORDER BY at, seq LIMIT ?)
+                 RETURNING seq, {EVENT_COLUMNS}"
+            ))
+            .bind(owner)
+            .bind(now_ms.saturating_add(*lease_ms))
+            .bind(now_ms)
+            .bind(now_ms)
+            .bind(i64::from(*limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            Written::Events(oldest_first(&rows)?)
+        }
+        WriteOp::EventUpdate {
+            sql,
+            first,
+            second,
+            id,
+            owner,
+        } => {
+            let mut q = sqlx::query(sql);
+            for v in std::iter::once(first).chain(second) {
+                q = match v {
+                    EventValue::Int(n) => q.bind(*n),
+                    EventValue::Text(t) => q.bind(t.as_str()),
+                };
+            }
+            q.bind(id).bind(owner).execute(&mut *tx).await?;
+            Written::Done
+        }
+        WriteOp::PruneEvents { before } => Written::Count(
+            sqlx::query(sql::PRUNE_EVENTS)
+                .bind(before)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+        ),
     })
+}
+
+/// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
+fn oldest_first(rows: &[SqliteRow]) -> Result<Vec<EventRow>, StoreError> {
+    let mut events = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    events.sort_by_key(|(seq, e)| (e.at, *seq));
+    Ok(events.into_iter().map(|(_, e)| e).collect())
+}
+
+async fn prior_status(
+    tx: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(sql::PRIOR_STATUS)
+        .bind(id)
+        .fetch_optional(tx)
+        .await?)
+}
+
+async fn insert_event(
+    tx: &mut sqlx::SqliteConnection,
+    event: Option<&NewEvent>,
+) -> Result<(), StoreError> {
+    if let Some(e) = event {
+        bind_event(sqlx::query(INSERT_EVENT), e).execute(tx).await?;
+    }
+    Ok(())
 }
 
 fn oauth_state(row: &SqliteRow) -> Result<OAuthState, StoreError> {
@@ -466,31 +686,6 @@ fn oauth_state(row: &SqliteRow) -> Result<OAuthState, StoreError> {
         session_id: row.try_get("session_id")?,
         key_hash,
         created_at: row.try_get("created_at")?,
-    })
-}
-
-fn record(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
-    let id: String = row.try_get("id")?;
-    let status: String = row.try_get("status")?;
-    let status = Status::parse(&status).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
-    let hash: Vec<u8> = row.try_get("key_hash")?;
-    let key_hash = KeyHash(
-        hash.try_into()
-            .map_err(|_| StoreError::Corrupt(id.clone()))?,
-    );
-    Ok(SessionRecord {
-        key_hash,
-        provider: row.try_get("provider")?,
-        label: row.try_get("label")?,
-        status,
-        access_token: row.try_get("access_token")?,
-        refresh_token: row.try_get("refresh_token")?,
-        expires_at: row.try_get("expires_at")?,
-        version: row.try_get("version")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        last_refresh_at: row.try_get("last_refresh_at")?,
-        id,
     })
 }
 
@@ -514,7 +709,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn insert_session(&self, new: NewSession) -> Result<SessionRecord, StoreError> {
+    async fn insert_session(
+        &self,
+        new: NewSession,
+        event: Option<&NewEvent>,
+    ) -> Result<SessionRecord, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
         let res = sqlx::query(
@@ -539,6 +738,7 @@ impl Store for SqliteStore {
         }
         res?;
         log_change(&mut tx, &new.id, new.now).await?;
+        insert_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(SessionRecord {
             id: new.id,
@@ -553,6 +753,9 @@ impl Store for SqliteStore {
             created_at: new.now,
             updated_at: new.now,
             last_refresh_at: None,
+            last_error: None,
+            next_retry_at: None,
+            last_used_at: None,
         })
     }
 
@@ -617,12 +820,13 @@ impl Store for SqliteStore {
         tokens: SealedTokens,
         expected_version: Option<i64>,
         now: i64,
+        event: Option<&NewEvent>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
-                 version = version + 1, updated_at = ?
+                 last_error = NULL, next_retry_at = NULL, version = version + 1, updated_at = ?
              WHERE id = ? AND (? IS NULL OR version = ?)
              RETURNING {COLUMNS}"
         ))
@@ -638,6 +842,7 @@ impl Store for SqliteStore {
         let Some(row) = row else { return Ok(None) };
         let rec = record(&row)?;
         log_change(&mut tx, id, now).await?;
+        insert_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(Some(rec))
     }
@@ -676,13 +881,20 @@ impl Store for SqliteStore {
         tokens: SealedTokens,
         expected_version: i64,
         now: i64,
+        health: Health<'_>,
     ) -> Result<Option<SessionRecord>, StoreError> {
+        let (healthy, recovered) = match health {
+            Health::Healthy { recovered } => (true, recovered.cloned()),
+            Health::Unchanged => (false, None),
+        };
         let op = WriteOp::CommitRefresh {
             id: id.to_owned(),
             owner: owner.to_owned(),
             tokens,
             expected_version,
             now,
+            healthy,
+            recovered,
         };
         match self.write(op).await? {
             Written::Row(rec) => Ok(rec),
@@ -695,16 +907,84 @@ impl Store for SqliteStore {
         id: &str,
         expected_version: i64,
         now: i64,
+        code: &str,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
         let op = WriteOp::MarkReauthorization {
             id: id.to_owned(),
             expected_version,
             now,
+            code: code.to_owned(),
+            event: event.cloned(),
         };
         match self.write(op).await? {
-            Written::Row(rec) => Ok(rec.is_some()),
+            Written::Flag(done) => Ok(done),
             _ => Err(StoreError::Closed),
         }
+    }
+
+    async fn mark_refresh_failing(
+        &self,
+        id: &str,
+        owner: &str,
+        expected_version: i64,
+        now: i64,
+        failure: Failure<'_>,
+    ) -> Result<bool, StoreError> {
+        let op = WriteOp::MarkFailing {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+            expected_version,
+            now,
+            class: failure.class.to_owned(),
+            next_retry_at: failure.next_retry_at,
+            event: failure.event.cloned(),
+        };
+        match self.write(op).await? {
+            Written::Flag(became) => Ok(became),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// Through the lease writer, one transaction per 1,000 sessions: a
+    /// refresh's commit waits for one chunk at most, never for the batch.
+    async fn note_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError> {
+        let mut moved = 0;
+        for chunk in uses.chunks(sql::USES_PER_TRANSACTION) {
+            match self.write(WriteOp::NoteUses(chunk.to_vec())).await? {
+                Written::Count(n) => moved += n,
+                _ => return Err(StoreError::Closed),
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn idle_sessions(
+        &self,
+        provider: &str,
+        idle_before: i64,
+        after: &IdleCursor,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<IdleSession>, StoreError> {
+        let rows = sqlx::query(&idle_sessions_sql())
+            .bind(provider)
+            .bind(after.0)
+            .bind(&after.1)
+            .bind(idle_before)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IdleSession {
+                    id: r.try_get("id")?,
+                    version: r.try_get("version")?,
+                    idle_since: r.try_get("idle_since")?,
+                })
+            })
+            .collect()
     }
 
     async fn insert_oauth_state(
@@ -848,7 +1128,12 @@ impl Store for SqliteStore {
         Ok(forgotten)
     }
 
-    async fn delete_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+    async fn delete_session(
+        &self,
+        id: &str,
+        now: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query("DELETE FROM sessions WHERE id = ?")
@@ -858,9 +1143,83 @@ impl Store for SqliteStore {
             .rows_affected();
         if n > 0 {
             log_change(&mut tx, id, now).await?;
+            insert_event(&mut tx, event).await?;
         }
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    async fn claim_events(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let op = WriteOp::ClaimEvents {
+            owner: owner.to_owned(),
+            now_ms,
+            lease_ms,
+            limit,
+        };
+        match self.write(op).await? {
+            Written::Events(events) => Ok(events),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError> {
+        self.event_update(sql::EVENT_DELIVERED, EventValue::Int(now), None, id, owner)
+            .await
+    }
+
+    async fn event_retry(
+        &self,
+        id: &str,
+        owner: &str,
+        next_attempt_at_ms: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.event_update(
+            sql::EVENT_RETRY,
+            EventValue::Text(error.to_owned()),
+            Some(EventValue::Int(next_attempt_at_ms)),
+            id,
+            owner,
+        )
+        .await
+    }
+
+    async fn event_gave_up(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        self.event_update(
+            sql::EVENT_GAVE_UP,
+            EventValue::Int(now),
+            Some(EventValue::Text(error.to_owned())),
+            id,
+            owner,
+        )
+        .await
+    }
+
+    async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(&sql::list_events_sql())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
+        match self.write(WriteOp::PruneEvents { before }).await? {
+            Written::Count(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {

@@ -28,8 +28,44 @@ pub enum TokenError {
     #[error("the token endpoint refused the grant ({code})")]
     Rejected { code: String },
     /// The endpoint failed or could not be reached; try again later.
-    #[error("the token endpoint failed: {0}")]
-    Failed(String),
+    /// `class` is a short fixed name of what happened (a session's
+    /// `last_error`), `reason` a sentence for the log; neither holds
+    /// anything from the endpoint's body.
+    #[error("the token endpoint failed: {reason}")]
+    Failed { class: &'static str, reason: String },
+}
+
+/// The classes of [`TokenError::Failed`].
+pub mod class {
+    /// No answer within `token_timeout`.
+    pub const TIMEOUT: &str = "token_endpoint_timeout";
+    /// The connection could not be made (refused, DNS, TLS) or broke.
+    pub const UNREACHABLE: &str = "token_endpoint_unreachable";
+    /// A 5xx (or any answer that is neither a success nor a client error).
+    pub const ERROR: &str = "token_endpoint_error";
+    /// 429.
+    pub const RATE_LIMITED: &str = "token_endpoint_rate_limited";
+    /// A 4xx other than `invalid_grant`/`invalid_client` and 429.
+    pub const CLIENT_ERROR: &str = "token_endpoint_client_error";
+    /// An answer of more than 64 KiB.
+    pub const TOO_LARGE: &str = "token_answer_too_large";
+    /// An answer whose body broke off.
+    pub const UNREADABLE: &str = "token_answer_unreadable";
+    /// A 2xx without an `access_token`.
+    pub const NO_ACCESS_TOKEN: &str = "token_answer_without_access_token";
+    /// An access token that cannot be sent (see `usable_access_token`).
+    pub const UNUSABLE: &str = "unusable_access_token";
+    /// `token_url` is not configured.
+    pub const NO_TOKEN_URL: &str = "no_token_url";
+}
+
+impl TokenError {
+    fn failed(class: &'static str, reason: impl Into<String>) -> TokenError {
+        TokenError::Failed {
+            class,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// What a grant returns.
@@ -103,7 +139,10 @@ impl TokenEndpoint {
 
     pub async fn grant(&self, grant: Grant<'_>) -> Result<TokenAnswer, TokenError> {
         let url = self.url.clone().ok_or_else(|| {
-            TokenError::Failed("no token_url is configured for this provider".into())
+            TokenError::failed(
+                class::NO_TOKEN_URL,
+                "no token_url is configured for this provider",
+            )
         })?;
         let (grant_type, field, value) = match grant {
             Grant::RefreshToken(t) => ("refresh_token", "refresh_token", t),
@@ -138,40 +177,61 @@ impl TokenEndpoint {
             .send()
             .await
             .map_err(|e| {
-                TokenError::Failed(if e.is_timeout() {
-                    "timed out".into()
+                if e.is_timeout() {
+                    TokenError::failed(class::TIMEOUT, "timed out")
                 } else if e.is_connect() {
-                    "unreachable".into()
+                    TokenError::failed(class::UNREACHABLE, "unreachable")
                 } else {
-                    "the request failed".into()
-                })
+                    TokenError::failed(class::UNREACHABLE, "the request failed")
+                }
             })?;
         let status = resp.status();
-        let body = read_capped(resp, MAX_ANSWER_BYTES).await.map_err(|e| {
-            TokenError::Failed(match e {
-                BodyError::TooLarge => {
-                    format!("answered {status} with more than {MAX_ANSWER_BYTES} bytes")
-                }
-                BodyError::Read => format!("answered {status} but the body could not be read"),
-            })
-        })?;
+        let body = read_capped(resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge => TokenError::failed(
+                    class::TOO_LARGE,
+                    format!("answered {status} with more than {MAX_ANSWER_BYTES} bytes"),
+                ),
+                BodyError::Read => TokenError::failed(
+                    class::UNREADABLE,
+                    format!("answered {status} but the body could not be read"),
+                ),
+                BodyError::Timeout => TokenError::failed(
+                    class::TIMEOUT,
+                    format!("answered {status} but the body did not arrive in time"),
+                ),
+            })?;
         if status.is_success() {
             return parse_answer(&body).ok_or_else(|| {
-                TokenError::Failed(format!("answered {status} without a usable access_token"))
+                TokenError::failed(
+                    class::NO_ACCESS_TOKEN,
+                    format!("answered {status} without a usable access_token"),
+                )
             });
         }
         let code = serde_json::from_slice::<RawError>(&body)
             .ok()
             .and_then(|e| e.error)
             .map(|c| safe_code(&c));
+        let class = if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            class::RATE_LIMITED
+        } else if status.is_client_error() {
+            class::CLIENT_ERROR
+        } else {
+            class::ERROR
+        };
         match code.as_deref() {
             Some("invalid_grant" | "invalid_client") if status.is_client_error() => {
                 Err(TokenError::Rejected {
                     code: code.unwrap_or_default(),
                 })
             }
-            Some(code) => Err(TokenError::Failed(format!("answered {status} ({code})"))),
-            None => Err(TokenError::Failed(format!("answered {status}"))),
+            Some(code) => Err(TokenError::failed(
+                class,
+                format!("answered {status} ({code})"),
+            )),
+            None => Err(TokenError::failed(class, format!("answered {status}"))),
         }
     }
 }
@@ -183,6 +243,7 @@ pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 enum BodyError {
     TooLarge,
     Read,
+    Timeout,
 }
 
 /// Reads a body of at most `limit` bytes, chunk by chunk, giving up (and
@@ -192,7 +253,13 @@ async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8
         return Err(BodyError::TooLarge);
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|_| BodyError::Read)? {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        if e.is_timeout() {
+            BodyError::Timeout
+        } else {
+            BodyError::Read
+        }
+    })? {
         if body.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge);
         }

@@ -39,9 +39,9 @@ use crate::config::{Config, ProviderConfig};
 use crate::forward::TlsError;
 use crate::metrics::Metrics;
 use crate::session::Status;
-use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions};
-use crate::store::{self, Lease, SessionRecord, StoreError};
-use crate::token::{backoff, usable_access_token, Grant, TokenEndpoint, TokenError};
+use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions, RECENT_USE};
+use crate::store::{self, EventKind, Failure, Health, Lease, SessionRecord, StoreError};
+use crate::token::{backoff, class, usable_access_token, Grant, TokenEndpoint, TokenError};
 
 /// First back-off after a failed refresh; doubles per failure up to the
 /// provider's `refresh_backoff_max`.
@@ -89,6 +89,10 @@ enum Why {
     /// The endpoint's last answer held an access token that cannot be sent;
     /// its refresh token is stored, and this attempt uses it at once.
     Retry,
+    /// Nobody used or refreshed the session for `refresh_idle_after`: its
+    /// refresh token is spent before it lapses. Nobody waits for the
+    /// result, so it is not cached.
+    Idle,
 }
 
 /// How one attempt at the token endpoint ended, when it did not fail.
@@ -99,6 +103,7 @@ enum Attempt {
     /// expired, at row `version`.
     Unusable {
         version: i64,
+        provider: String,
         backoff_max: Duration,
     },
 }
@@ -289,9 +294,15 @@ impl Refresher {
         }
         let result = match result {
             Ok(Attempt::Done(session)) => Ok(session),
-            Ok(Attempt::Unusable { backoff_max, .. }) => {
+            Ok(Attempt::Unusable {
+                version,
+                provider,
+                backoff_max,
+            }) => {
                 let wait = backoff(flight.failures, BACKOFF_BASE, backoff_max);
                 flight.retry_at = Some(Instant::now() + wait);
+                self.mark_failing(id, &provider, version, class::UNUSABLE, wait)
+                    .await;
                 Err(RefreshError::Failed { retry_after: wait })
             }
             Err(e) => Err(e),
@@ -329,7 +340,7 @@ impl Refresher {
         }
         let moved = |version: i64| !force && seen.is_some_and(|v| v != version);
         if moved(rec.version) {
-            return Ok(Attempt::Done(self.sessions.install(&rec, generation)?));
+            return Ok(Attempt::Done(self.settle(&rec, generation, why)?));
         }
         if rec.refresh_token.is_none() {
             return Err(RefreshError::NotRefreshable);
@@ -358,12 +369,12 @@ impl Refresher {
                 if rec.status == Status::ReauthorizationRequired {
                     return Err(RefreshError::Reauthorization);
                 }
-                return Ok(Attempt::Done(self.sessions.install(&rec, generation)?));
+                return Ok(Attempt::Done(self.settle(&rec, generation, why)?));
             }
         };
         if moved(rec.version) {
             store.release_refresh_lease(id, &self.owner).await?;
-            return Ok(Attempt::Done(self.sessions.install(&rec, generation)?));
+            return Ok(Attempt::Done(self.settle(&rec, generation, why)?));
         }
         let Some(refresh_token) = self.sessions.refresh_token(&rec)? else {
             store.release_refresh_lease(id, &self.owner).await?;
@@ -394,8 +405,20 @@ impl Refresher {
                 // The provider has rotated the refresh token: from here until
                 // this commit returns is the one window a crash loses the session.
                 let lease_ends = leased_at + lease_hold(provider);
+                let recovered = self.sessions.event(
+                    EventKind::Recovered,
+                    id,
+                    &rec.provider,
+                    serde_json::json!({}),
+                );
+                let health = match usable {
+                    true => Health::Healthy {
+                        recovered: recovered.as_ref(),
+                    },
+                    false => Health::Unchanged,
+                };
                 let committed = self
-                    .commit_with_retries(id, sealed, rec.version, lease_ends)
+                    .commit_with_retries(id, sealed, rec.version, lease_ends, health)
                     .await;
                 let stored = matches!(committed, Ok(Some(_)));
                 if !usable || !stored {
@@ -425,6 +448,7 @@ impl Refresher {
                         self.sessions.invalidate(id);
                         Ok(Attempt::Unusable {
                             version: new.version,
+                            provider: rec.provider.clone(),
                             backoff_max: provider.refresh_backoff_max,
                         })
                     }
@@ -443,7 +467,10 @@ impl Refresher {
                             version: new.version,
                             ..Flight::default()
                         };
-                        Ok(Attempt::Done(self.sessions.install(&new, generation)?))
+                        if rec.status == Status::RefreshFailing {
+                            tracing::info!(session = %id, provider = %rec.provider, "session recovered: refreshed after failing");
+                        }
+                        Ok(Attempt::Done(self.settle(&new, generation, why)?))
                     }
                     Ok(None) => {
                         // Only if the row moved under us (our lease ran out, or
@@ -463,22 +490,90 @@ impl Refresher {
                 self.metrics
                     .refresh(&rec.provider, "invalid_grant", Some(took));
                 tracing::warn!(session = %id, provider = %rec.provider, code = %code, "refresh refused; session needs reauthorization");
+                let event = self.sessions.event(
+                    EventKind::ReauthorizationRequired,
+                    id,
+                    &rec.provider,
+                    serde_json::json!({"error": code}),
+                );
                 store
-                    .mark_reauthorization_required(id, rec.version, store::now())
+                    .mark_reauthorization_required(
+                        id,
+                        rec.version,
+                        store::now(),
+                        &code,
+                        event.as_ref(),
+                    )
                     .await?;
                 self.sessions.invalidate(id);
                 Err(RefreshError::Reauthorization)
             }
-            Err(TokenError::Failed(reason)) => {
+            Err(TokenError::Failed { class, reason }) => {
                 self.metrics.refresh(&rec.provider, "failed", Some(took));
-                if let Err(e) = store.release_refresh_lease(id, &self.owner).await {
-                    tracing::warn!(session = %id, error = %e, "cannot release the refresh lease; it expires on its own");
-                }
                 flight.failures += 1;
                 let wait = backoff(flight.failures, BACKOFF_BASE, provider.refresh_backoff_max);
                 flight.retry_at = Some(Instant::now() + wait);
-                tracing::warn!(session = %id, provider = %rec.provider, reason = %reason, retry_in_ms = wait.as_millis() as u64, "refresh failed; session intact");
+                tracing::warn!(session = %id, provider = %rec.provider, class, reason = %reason, retry_in_ms = wait.as_millis() as u64, "refresh failed; session intact");
+                // Also gives the lease back.
+                self.mark_failing(id, &rec.provider, rec.version, class, wait)
+                    .await;
                 Err(RefreshError::Failed { retry_after: wait })
+            }
+        }
+    }
+
+    /// The row a refresh ended with, ready for use: cached for the callers
+    /// that wait for it, not for idle refresh (see [`Sessions::uncached`]).
+    fn settle(
+        &self,
+        rec: &SessionRecord,
+        generation: u64,
+        why: Why,
+    ) -> Result<Arc<ActiveSession>, SessionError> {
+        match why {
+            Why::Idle => self.sessions.uncached(rec),
+            _ => self.sessions.install(rec, generation),
+        }
+    }
+
+    /// Records a transient failure on row `version` (status
+    /// `refresh_failing`, the error class, the next retry in `wait`) and
+    /// gives the lease back; the first failure of an active session is a
+    /// transition, with its event. Store errors are logged: the lease then
+    /// expires on its own, and the session's health is written next time.
+    async fn mark_failing(
+        &self,
+        id: &str,
+        provider: &str,
+        version: i64,
+        class: &'static str,
+        wait: Duration,
+    ) {
+        let store = self.sessions.store();
+        let now = store::now();
+        let next_retry_at = now.saturating_add(wait.as_secs_f64().ceil() as i64);
+        let event = self.sessions.event(
+            EventKind::RefreshFailing,
+            id,
+            provider,
+            serde_json::json!({"error": class, "next_retry_at": next_retry_at}),
+        );
+        let failure = Failure {
+            class,
+            next_retry_at,
+            event: event.as_ref(),
+        };
+        match store
+            .mark_refresh_failing(id, &self.owner, version, now, failure)
+            .await
+        {
+            Ok(true) => {
+                tracing::warn!(session = %id, provider = %provider, class, "session refresh_failing: it serves requests with the token it has while the refresh is retried");
+                self.sessions.invalidate(id);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(session = %id, error = %e, "cannot record the failed refresh; the lease expires on its own");
             }
         }
     }
@@ -493,13 +588,21 @@ impl Refresher {
         sealed: crate::store::SealedTokens,
         version: i64,
         lease_ends: Instant,
+        health: Health<'_>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let mut wait = Duration::from_millis(100);
         loop {
             match self
                 .sessions
                 .store()
-                .commit_refresh(id, &self.owner, sealed.clone(), version, store::now())
+                .commit_refresh(
+                    id,
+                    &self.owner,
+                    sealed.clone(),
+                    version,
+                    store::now(),
+                    health,
+                )
                 .await
             {
                 Err(e) if Instant::now() + wait + COMMIT_ATTEMPT_BUDGET < lease_ends => {
@@ -551,6 +654,118 @@ impl Refresher {
         }
     }
 
+    /// Refreshes, in the background, the sessions of providers with
+    /// `refresh_idle_after` that were neither used nor refreshed for that
+    /// long, so that their refresh tokens do not lapse. Each pass walks the
+    /// candidates in order of idleness with an indexed query
+    /// ([`crate::store::Store::idle_sessions`], a page at a time, never
+    /// every session), skips sessions used here since (not yet written) or
+    /// being refreshed, and refreshes at most [`IDLE_REFRESHES_PER_SEC`]
+    /// through the same single flight as every refresh. The first pass
+    /// starts at a random moment within a few minutes. Runs until `stop`
+    /// resolves.
+    pub async fn refresh_idle(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        use rand::Rng;
+        let mut idle: Vec<(String, Duration)> = self
+            .endpoints
+            .values()
+            .filter_map(|(p, _)| p.refresh_idle_after.map(|d| (p.name.clone(), d)))
+            .collect();
+        idle.sort();
+        let Some(shortest) = idle.iter().map(|(_, d)| *d).min() else {
+            return;
+        };
+        let tenth = (shortest / 10).max(Duration::from_secs(1));
+        tokio::pin!(stop);
+        let first = IDLE_FIRST_PASS_SPREAD
+            .min(tenth)
+            .mul_f64(rand::rng().random_range(0.0..1.0));
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(first) => {}
+        }
+        let mut pace = tokio::time::interval(Duration::from_secs(1) / IDLE_REFRESHES_PER_SEC);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(IDLE_IN_FLIGHT));
+        loop {
+            for (provider, after) in &idle {
+                let cutoff = store::now().saturating_sub(after.as_secs() as i64);
+                let mut cursor: crate::store::IdleCursor = (i64::MIN, String::new());
+                let mut started = 0u64;
+                loop {
+                    let page = match self
+                        .sessions
+                        .store()
+                        .idle_sessions(provider, cutoff, &cursor, store::now(), IDLE_PAGE)
+                        .await
+                    {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::warn!(provider = %provider, error = %e, "idle refresh cannot read its candidates; trying again at the next pass");
+                            break;
+                        }
+                    };
+                    let Some(last) = page.last() else { break };
+                    cursor = (last.idle_since, last.id.clone());
+                    let more = page.len() == IDLE_PAGE as usize;
+                    for candidate in page {
+                        // Used here since the cutoff, not yet in the store.
+                        if self
+                            .sessions
+                            .last_use(&candidate.id)
+                            .is_some_and(|at| at >= cutoff)
+                        {
+                            continue;
+                        }
+                        if self
+                            .flights
+                            .get(&candidate.id)
+                            .is_some_and(|f| f.try_lock().is_err())
+                        {
+                            continue;
+                        }
+                        let permit = tokio::select! {
+                            () = &mut stop => return,
+                            p = Arc::clone(&in_flight).acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            },
+                        };
+                        tokio::select! {
+                            () = &mut stop => return,
+                            _ = pace.tick() => {}
+                        }
+                        started += 1;
+                        let me = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            let id = candidate.id;
+                            match me
+                                .spawn_refresh(id.clone(), Some(candidate.version), Why::Idle)
+                                .await
+                            {
+                                Ok(_) => tracing::debug!(session = %id, "idle session refreshed"),
+                                Err(e) => {
+                                    tracing::debug!(session = %id, error = %e, "idle refresh did not refresh")
+                                }
+                            }
+                        });
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                if started > 0 {
+                    tracing::info!(provider = %provider, sessions = started, idle_for_s = after.as_secs(), "idle refresh: refreshing sessions nobody used or refreshed for refresh_idle_after");
+                }
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(IDLE_PASS_PAUSE.min(tenth)) => {}
+            }
+        }
+    }
+
     /// Refreshes, in the background, recently used cached sessions of
     /// providers with `refresh_ahead`, before they come due, so requests
     /// never wait on the token endpoint. Runs until `stop` resolves.
@@ -594,7 +809,7 @@ impl Refresher {
                 };
                 // Twice the margin, so the proxy's own proactive check never fires first.
                 if !p.refresh_ahead
-                    || session.status != Status::Active
+                    || session.status == Status::ReauthorizationRequired
                     || !session.due(now, p.refresh_margin * 2)
                 {
                     continue;
@@ -614,6 +829,25 @@ impl Refresher {
     }
 }
 
+/// Idle refresh's pace: at most this many refreshes a second, all
+/// providers together (so 7,200 an hour, 144,000 in 20 hours).
+pub const IDLE_REFRESHES_PER_SEC: u32 = 2;
+
+/// Idle refreshes under way at once, at most (a slow token endpoint slows
+/// idle refresh down rather than piling refreshes up).
+const IDLE_IN_FLIGHT: usize = 4;
+
+/// The first pass starts at a random moment within this (or a tenth of the
+/// shortest `refresh_idle_after`, if less): instances started together do
+/// not all refresh at once.
+const IDLE_FIRST_PASS_SPREAD: Duration = Duration::from_secs(3 * 60);
+
+/// The pause between passes (or a tenth of the shortest `refresh_idle_after`).
+const IDLE_PASS_PAUSE: Duration = Duration::from_secs(5 * 60);
+
+/// Candidates read from the store at once.
+const IDLE_PAGE: u32 = 100;
+
 /// Room left in the lease for one more commit attempt (a store call may
 /// wait this long for a connection).
 const COMMIT_ATTEMPT_BUDGET: Duration = Duration::from_secs(4);
@@ -626,9 +860,6 @@ const STORE_BACKOFF_MAX: Duration = Duration::from_secs(10);
 fn lease_hold(provider: &ProviderConfig) -> Duration {
     provider.token_timeout + Duration::from_secs(20)
 }
-
-/// A session counts as in use for refresh-ahead if a request used it this recently.
-const RECENT_USE: Duration = Duration::from_secs(15 * 60);
 
 enum Leased {
     Mine(SessionRecord),

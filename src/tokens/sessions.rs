@@ -26,7 +26,9 @@ use crate::config::{Config, KeySource, ProviderConfig};
 use crate::provider::{Credentials, UnusableToken};
 use crate::seal::{KeyError, OpenError, Sealer};
 use crate::session::{new_session_id, BadKey, KeyHash, SessionKey, Status};
-use crate::store::{self, NewSession, SealedTokens, SessionRecord, Store, StoreError};
+use crate::store::{
+    self, EventKind, NewEvent, NewSession, SealedTokens, SessionRecord, Store, StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -127,9 +129,18 @@ pub struct SessionInfo {
     pub provider: String,
     pub label: Option<String>,
     pub status: Status,
+    /// Why it is not `active`: the class of the last failed refresh
+    /// (`token_endpoint_timeout`, ...; `invalid_grant` or `invalid_client`
+    /// when it needs reauthorization). Never a token or an endpoint's answer.
+    pub last_error: Option<String>,
+    /// While `refresh_failing`: when the refresh is tried again (RFC 3339).
+    pub next_retry_at: Option<String>,
     /// RFC 3339, or null when the provider gave no lifetime.
     pub expires_at: Option<String>,
     pub last_refresh_at: Option<String>,
+    /// When a request last used it (RFC 3339; written up to
+    /// `store.use_flush_interval` late), or null if none has.
+    pub last_used_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -164,8 +175,11 @@ impl From<&SessionRecord> for SessionInfo {
             provider: r.provider.clone(),
             label: r.label.clone(),
             status: r.status,
+            last_error: r.last_error.clone(),
+            next_retry_at: r.next_retry_at.map(rfc3339),
             expires_at: r.expires_at.map(rfc3339),
             last_refresh_at: r.last_refresh_at.map(rfc3339),
+            last_used_at: r.last_used_at.map(rfc3339),
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
         }
@@ -185,9 +199,43 @@ pub struct Sessions {
     by_id: DashMap<String, Arc<ActiveSession>>,
     /// Bumped by every invalidation; a fill that saw it move is not cached.
     generation: AtomicU64,
-    /// Session id -> unix seconds of its last use, for refresh-ahead. Kept
-    /// apart from the cache, which changes evict.
+    /// Session id -> unix seconds of its last use, for refresh-ahead, idle
+    /// refresh and the store's `last_used_at`. Kept apart from the cache,
+    /// which changes evict.
     recent: DashMap<String, i64>,
+    /// Uses recorded at or after this (unix seconds) are not in the store
+    /// yet (see [`Sessions::flush_uses`]); the lock keeps flushes apart.
+    flushed_to: tokio::sync::Mutex<i64>,
+    /// Session rows the flusher has written, for tests and logs.
+    use_writes: AtomicU64,
+    /// `[notify]` is configured: changes append events to the outbox.
+    notify: bool,
+}
+
+/// A use stays in [`Sessions`]' memory this long (refresh-ahead counts a
+/// session used this recently as in use); the store keeps it after that.
+pub const RECENT_USE: Duration = Duration::from_secs(15 * 60);
+
+/// Uses of the last seconds wait for the next flush: a request that read
+/// the clock just before a flush may record its use just after it.
+const USE_FLUSH_LAG_SECS: i64 = 2;
+
+/// Who revoked a session, as the `session.revoked` event says (`detail.by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokedBy {
+    Cli,
+    Admin,
+    Ui,
+}
+
+impl RevokedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokedBy::Cli => "cli",
+            RevokedBy::Admin => "admin",
+            RevokedBy::Ui => "ui",
+        }
+    }
 }
 
 impl Sessions {
@@ -204,7 +252,24 @@ impl Sessions {
             by_id: DashMap::new(),
             generation: AtomicU64::new(0),
             recent: DashMap::new(),
+            flushed_to: tokio::sync::Mutex::new(0),
+            use_writes: AtomicU64::new(0),
+            notify: config.notify.is_some(),
         }
+    }
+
+    /// An event for the outbox about session `id`, or `None` without
+    /// `[notify]` (then nothing is written). `detail` never holds a token,
+    /// key or secret.
+    pub fn event(
+        &self,
+        kind: EventKind,
+        id: &str,
+        provider: &str,
+        detail: serde_json::Value,
+    ) -> Option<NewEvent> {
+        self.notify
+            .then(|| NewEvent::new(kind, id, provider, store::now(), detail))
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -341,6 +406,18 @@ impl Sessions {
         Ok(active)
     }
 
+    /// A row committed by a background refresh nobody waits for (idle
+    /// refresh), ready for use but not cached: a cached copy of the old
+    /// tokens is dropped instead, and a lookup racing the commit discards
+    /// the row it read (the bump). The next request reads the new row.
+    pub fn uncached(&self, rec: &SessionRecord) -> Result<Arc<ActiveSession>, SessionError> {
+        let active = Arc::new(self.activate(rec)?);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.by_key.remove(&rec.key_hash);
+        self.by_id.remove(&rec.id);
+        Ok(active)
+    }
+
     /// The invalidation generation now; read it before reading a row that
     /// may be cached later.
     pub fn generation(&self) -> u64 {
@@ -429,6 +506,79 @@ impl Sessions {
         self.recent.remove(id);
     }
 
+    /// When this process last saw session `id` used, if within [`RECENT_USE`].
+    pub fn last_use(&self, id: &str) -> Option<i64> {
+        self.recent.get(id).map(|at| *at)
+    }
+
+    /// Writes the uses recorded since the last flush and before `until`
+    /// (unix seconds) to the store's `last_used_at`, in one batch
+    /// ([`Store::note_uses`]): each session at most once, whatever number
+    /// of requests used it. The hot path only ever touches memory
+    /// ([`Sessions::note_use`]). On a store error nothing is forgotten: the
+    /// next flush writes the same uses (if newer, newer ones). Returns how
+    /// many sessions were written.
+    pub async fn flush_uses(&self, until: i64) -> Result<usize, StoreError> {
+        let mut from = self.flushed_to.lock().await;
+        if until <= *from {
+            return Ok(0);
+        }
+        let uses: Vec<(String, i64)> = self
+            .recent
+            .iter()
+            .filter(|e| (*from..until).contains(e.value()))
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        if !uses.is_empty() {
+            self.store.note_uses(&uses).await?;
+            self.use_writes
+                .fetch_add(uses.len() as u64, Ordering::Relaxed);
+            tracing::debug!(sessions = uses.len(), "wrote the sessions' last use");
+        }
+        *from = until;
+        // What is written and older than refresh-ahead looks at is kept by
+        // the store alone.
+        let keep = until.min(store::now() - RECENT_USE.as_secs() as i64);
+        self.recent.retain(|_, at| *at >= keep);
+        Ok(uses.len())
+    }
+
+    /// Session rows [`Sessions::flush_uses`] has written so far.
+    pub fn use_writes(&self) -> u64 {
+        self.use_writes.load(Ordering::Relaxed)
+    }
+
+    /// Flushes the recorded uses every `every` until `stop` resolves
+    /// (started by `server::start`; `Running::wait` flushes once more after
+    /// the last request). Store errors are logged and the uses kept for the
+    /// next flush.
+    pub async fn write_last_uses(
+        self: Arc<Self>,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.flush_uses(store::now() - USE_FLUSH_LAG_SECS).await {
+                tracing::warn!(error = %e, "cannot write the sessions' last use; retrying at the next flush");
+            }
+        }
+    }
+
+    /// The last flush, at shutdown: every use recorded so far.
+    pub async fn flush_all_uses(&self) {
+        if let Err(e) = self.flush_uses(i64::MAX).await {
+            tracing::warn!(error = %e, "cannot write the sessions' last use at shutdown");
+        }
+    }
+
     fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {
         SealedTokens {
             access_token: self.sealer.seal(&tokens.access_token, &aad(id, "access")),
@@ -483,21 +633,31 @@ impl Sessions {
         }
         let id = new_session_id();
         let sealed = self.seal_tokens(&id, &tokens, now);
+        let event = self.event(
+            EventKind::Connected,
+            &id,
+            provider,
+            serde_json::json!({"reconnected": false}),
+        );
         self.store
-            .insert_session(NewSession {
-                id: id.clone(),
-                provider: provider.to_owned(),
-                label,
-                key_hash: hash,
-                tokens: sealed,
-                now,
-            })
+            .insert_session(
+                NewSession {
+                    id: id.clone(),
+                    provider: provider.to_owned(),
+                    label,
+                    key_hash: hash,
+                    tokens: sealed,
+                    now,
+                },
+                event.as_ref(),
+            )
             .await?;
         Ok((id, false))
     }
 
     /// Replaces the tokens of session `id` (a reconnect, or `add --key`),
-    /// keeping its key, and makes it active again.
+    /// keeping its key, and makes it active again: a `session.connected`
+    /// event with `reconnected: true`.
     pub async fn replace(
         &self,
         id: &str,
@@ -515,8 +675,14 @@ impl Sessions {
         }
         let now = store::now();
         let sealed = self.seal_tokens(id, &tokens, now);
+        let event = self.event(
+            EventKind::Connected,
+            id,
+            provider,
+            serde_json::json!({"reconnected": true}),
+        );
         self.store
-            .replace_tokens(id, sealed, None, now)
+            .replace_tokens(id, sealed, None, now, event.as_ref())
             .await?
             .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
         self.invalidate(id);
@@ -566,11 +732,32 @@ impl Sessions {
     }
 
     /// Deletes a session; its key stops working here at once and in other
-    /// processes within one change-poll interval.
-    pub async fn revoke(&self, id: &str) -> Result<bool, SessionError> {
-        let deleted = self.store.delete_session(id, store::now()).await?;
+    /// processes within one change-poll interval. With `[notify]`, a
+    /// `session.revoked` event says who did (`by`).
+    pub async fn revoke_by(&self, id: &str, by: RevokedBy) -> Result<bool, SessionError> {
+        let event = match self.notify {
+            true => match self.store.session_by_id(id).await? {
+                Some(rec) => self.event(
+                    EventKind::Revoked,
+                    id,
+                    &rec.provider,
+                    serde_json::json!({"by": by.as_str()}),
+                ),
+                None => return Ok(false),
+            },
+            false => None,
+        };
+        let deleted = self
+            .store
+            .delete_session(id, store::now(), event.as_ref())
+            .await?;
         self.invalidate(id);
         Ok(deleted)
+    }
+
+    /// [`Sessions::revoke_by`] the admin API (`DELETE /admin/sessions/{id}`).
+    pub async fn revoke(&self, id: &str) -> Result<bool, SessionError> {
+        self.revoke_by(id, RevokedBy::Admin).await
     }
 
     /// Drops every cached copy of session `id`.

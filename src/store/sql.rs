@@ -1,0 +1,199 @@
+//! What both stores share: how rows are read, and the statements they run
+//! alike, written once with `?` placeholders ([`numbered`] turns them into
+//! PostgreSQL's `$1, $2, ...`). What differs stays in each store: SQLite's
+//! single writer and `MAX`, PostgreSQL's row locks, `GREATEST`, `UNNEST`,
+//! `SKIP LOCKED` and its own clock.
+
+use super::{EventRow, NewEvent, SessionRecord, StoreError};
+use crate::session::{KeyHash, Status};
+
+/// The columns [`record`] reads, in the order both stores select them.
+pub(crate) const SESSION_COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at, last_error, next_retry_at, last_used_at";
+
+/// A session row from either store's `SELECT {SESSION_COLUMNS}`.
+pub(crate) fn record<R>(row: &R) -> Result<SessionRecord, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let status = Status::parse(&status).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    let key_hash = KeyHash(
+        hash.try_into()
+            .map_err(|_| StoreError::Corrupt(id.clone()))?,
+    );
+    Ok(SessionRecord {
+        key_hash,
+        provider: row.try_get("provider")?,
+        label: row.try_get("label")?,
+        status,
+        access_token: row.try_get("access_token")?,
+        refresh_token: row.try_get("refresh_token")?,
+        expires_at: row.try_get("expires_at")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_refresh_at: row.try_get("last_refresh_at")?,
+        last_error: row.try_get("last_error")?,
+        next_retry_at: row.try_get("next_retry_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+        id,
+    })
+}
+
+/// The columns [`event_row`] reads.
+pub(crate) const EVENT_COLUMNS: &str = "id, kind, session_id, provider, at, detail, attempts, next_attempt_at_ms, last_error, delivered_at, gave_up_at";
+
+/// Appends an event (`?` placeholders; [`numbered`] for PostgreSQL). The
+/// first attempt is due at once.
+pub(crate) const INSERT_EVENT: &str = "INSERT INTO events (id, kind, session_id, provider, at, detail, next_attempt_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)";
+
+/// Binds an event to [`INSERT_EVENT`].
+pub(crate) fn bind_event<'q, DB: sqlx::Database>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    e: &'q NewEvent,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    q.bind(e.id.as_str())
+        .bind(e.kind.as_str())
+        .bind(e.session_id.as_str())
+        .bind(e.provider.as_str())
+        .bind(e.at)
+        .bind(e.detail.to_string())
+        .bind(e.at.saturating_mul(1000))
+}
+
+/// An event row from either store's `SELECT {EVENT_COLUMNS}`.
+pub(crate) fn event_row<R>(row: &R) -> Result<EventRow, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(EventRow {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        session_id: row.try_get("session_id")?,
+        provider: row.try_get("provider")?,
+        at: row.try_get("at")?,
+        detail: row.try_get("detail")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at_ms: row.try_get("next_attempt_at_ms")?,
+        last_error: row.try_get("last_error")?,
+        delivered_at: row.try_get("delivered_at")?,
+        gave_up_at: row.try_get("gave_up_at")?,
+    })
+}
+
+/// `sql` with its `?` placeholders numbered `$1, $2, ...`, for PostgreSQL:
+/// a statement both stores run is written once. (No `?` may appear in a
+/// literal.)
+pub(crate) fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The session's status, read before a change in the same transaction
+/// (PostgreSQL appends `FOR UPDATE`): what decides whether the change is a
+/// transition worth an event.
+pub(crate) const PRIOR_STATUS: &str = "SELECT status FROM sessions WHERE id = ?";
+
+/// Stores refreshed tokens and releases the lease, under the compare-and-
+/// swap on version and lease owner; the first bound flag (three times)
+/// says whether the session becomes `active` with its error cleared
+/// ([`super::Health::Healthy`]).
+pub(crate) fn commit_refresh_sql() -> String {
+    format!(
+        "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?,
+             status = CASE WHEN ? THEN 'active' ELSE status END,
+             last_error = CASE WHEN ? THEN NULL ELSE last_error END,
+             next_retry_at = CASE WHEN ? THEN NULL ELSE next_retry_at END,
+             version = version + 1, updated_at = ?, last_refresh_at = ?,
+             refresh_lease_owner = NULL, refresh_lease_until = NULL
+         WHERE id = ? AND version = ? AND refresh_lease_owner = ?
+         RETURNING {SESSION_COLUMNS}"
+    )
+}
+
+/// Records a transient failure: `last_error`, `next_retry_at` and the
+/// status `refresh_failing`. Never touches a session that needs
+/// reauthorization, and never bumps the version (the tokens did not
+/// change, and the refresh's back-off is kept per version).
+pub(crate) const MARK_REFRESH_FAILING: &str =
+    "UPDATE sessions SET status = 'refresh_failing', last_error = ?, next_retry_at = ?, updated_at = ?
+     WHERE id = ? AND version = ? AND status <> 'reauthorization_required'";
+
+/// Gives the refresh lease back, if the owner holds it.
+pub(crate) const RELEASE_LEASE: &str =
+    "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
+     WHERE id = ? AND refresh_lease_owner = ?";
+
+pub(crate) const MARK_REAUTHORIZATION: &str =
+    "UPDATE sessions SET status = 'reauthorization_required', last_error = ?, next_retry_at = NULL,
+         version = version + 1, updated_at = ?,
+         refresh_lease_owner = NULL, refresh_lease_until = NULL
+     WHERE id = ? AND version = ?";
+
+/// Whether a change from `prior` to `status` is a transition of the
+/// session's health that an event reports.
+pub(crate) fn transition(prior: Option<&str>, to: Status) -> bool {
+    match prior.and_then(Status::parse) {
+        Some(from) => from != to,
+        None => false,
+    }
+}
+
+pub(crate) const EVENT_DELIVERED: &str =
+    "UPDATE events SET delivered_at = ?, lease_owner = NULL, lease_until_ms = NULL
+     WHERE id = ? AND lease_owner = ?";
+
+pub(crate) const EVENT_RETRY: &str =
+    "UPDATE events SET attempts = attempts + 1, last_error = ?, next_attempt_at_ms = ?,
+         lease_owner = NULL, lease_until_ms = NULL
+     WHERE id = ? AND lease_owner = ?";
+
+pub(crate) const EVENT_GAVE_UP: &str =
+    "UPDATE events SET gave_up_at = ?, last_error = ?, lease_owner = NULL, lease_until_ms = NULL
+     WHERE id = ? AND lease_owner = ?";
+
+pub(crate) fn list_events_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE delivered_at IS NULL ORDER BY at, seq LIMIT ?"
+    )
+}
+
+pub(crate) const PRUNE_EVENTS: &str =
+    "DELETE FROM events WHERE delivered_at IS NOT NULL AND delivered_at < ?";
+
+/// How many sessions one `note_uses` transaction writes at most.
+pub(crate) const USES_PER_TRANSACTION: usize = 1000;
+
+/// `numbered` once per statement, for PostgreSQL's statement cache.
+macro_rules! pg_sql {
+    ($text:expr) => {{
+        static SQL: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| $crate::store::sql::numbered(&$text));
+        SQL.as_str()
+    }};
+}
+pub(crate) use pg_sql;
