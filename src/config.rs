@@ -1308,6 +1308,27 @@ mod tests {
     }
 
     #[test]
+    fn use_flush_interval_is_read_and_bounded() {
+        assert_eq!(
+            parse(GOOD).expect("valid").store.use_flush_interval,
+            Duration::from_secs(60)
+        );
+        let with =
+            |v: &str| GOOD.replacen("[store]", &format!("[store]\nuse_flush_interval = {v}"), 1);
+        assert_eq!(
+            parse(&with("\"5m\""))
+                .expect("valid")
+                .store
+                .use_flush_interval,
+            Duration::from_secs(300)
+        );
+        for bad in ["\"500ms\"", "\"2h\""] {
+            let e = parse(&with(bad)).expect_err(bad).to_string();
+            assert!(e.contains("store.use_flush_interval"), "{e}");
+        }
+    }
+
+    #[test]
     fn notify_is_read_and_checked() {
         assert!(parse(GOOD).expect("valid").notify.is_none());
         let text = format!(
