@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod metrics;
+pub mod notify;
 pub mod pacing;
 pub mod proxy;
 pub mod secrets;

@@ -52,6 +52,23 @@ enum Command {
     /// session's key (or, with --session, replaces that session's tokens
     /// and keeps its key).
     Connect(ConnectArgs),
+    /// Event notifications ([notify]) kept in the store.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// The events not delivered yet: pending (with their attempts, last
+    /// error and next attempt) and given up (older than notify.give_up_after).
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many, oldest first.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 #[derive(Args)]
@@ -183,7 +200,23 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Check => check(config).await,
         Command::Connect(args) => connect(config, args).await,
         Command::Session(cmd) => session(config, cmd).await,
+        Command::Events(cmd) => events(config, cmd).await,
     }
+}
+
+async fn events(config: Config, cmd: EventsCommand) -> anyhow::Result<()> {
+    let EventsCommand::List { json, limit } = cmd;
+    if config.notify.is_none() {
+        eprintln!("credproxy: note: [notify] is not configured, so no new events are recorded");
+    }
+    let store = credproxy::store::open(config.store.url.expose_secret()).await?;
+    let rows = store.list_events(limit).await?;
+    if json {
+        println!("{}", credproxy::notify::events_json(&rows));
+    } else {
+        print!("{}", credproxy::notify::events_table(&rows));
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -74,6 +74,19 @@ impl Running {
     }
 }
 
+fn notifier(
+    notify: &crate::config::NotifyConfig,
+    sessions: &Arc<Sessions>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<crate::notify::Notifier> {
+    crate::notify::Notifier::new(
+        notify.clone(),
+        Arc::clone(sessions.store()),
+        Arc::clone(metrics),
+    )
+    .context("notify: cannot build the HTTP client")
+}
+
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -167,6 +180,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
     tasks.spawn(Arc::clone(&refresher).refresh_ahead(shutdown.clone().cancelled_owned()));
     tasks.spawn(Arc::clone(&refresher).refresh_idle(shutdown.clone().cancelled_owned()));
+    if let Some(notify) = &config.notify {
+        let notifier = notifier(notify, &sessions, &metrics)?;
+        tasks.spawn(notifier.run(shutdown.clone()));
+    }
     tasks.spawn(Arc::clone(&sessions).write_last_uses(
         config.store.use_flush_interval,
         shutdown.clone().cancelled_owned(),
