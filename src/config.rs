@@ -114,7 +114,7 @@ impl RawDuration {
         if !secs.is_finite() || secs < 0.0 {
             return Err(invalid(key, "must be a non-negative duration"));
         }
-        Ok(Duration::from_secs_f64(secs))
+        Duration::try_from_secs_f64(secs).map_err(|_| invalid(key, "is too long"))
     }
 }
 
@@ -1016,13 +1016,19 @@ fn validate_provider(
                     )
                 })?;
             let per = r.per.resolve(&key("rate_limit.per"))?;
-            if per.is_zero() {
-                return Err(invalid(key("rate_limit.per"), "must be above zero"));
+            if per.is_zero() || per > Duration::from_secs(7 * 86400) {
+                return Err(invalid(
+                    key("rate_limit.per"),
+                    "must be above zero and at most 7 days",
+                ));
             }
             Ok(RateLimit { requests, per })
         })
         .transpose()?;
     let max_queue_wait = dur(p.max_queue_wait, "max_queue_wait", 10.0)?;
+    if max_queue_wait > Duration::from_secs(3600) {
+        return Err(invalid(key("max_queue_wait"), "must be at most 1 hour"));
+    }
     let ca_file = p.ca_file.map(|f| relative_to(dir, f));
     if let Some(f) = &ca_file {
         if !f.is_file() {
@@ -1295,6 +1301,10 @@ mod tests {
         assert!(e.contains("providers.spark.rate_limit.requests"), "{e}");
         let e = err(&with("rate_limit = { requests = 1000001, per = \"1h\" }"));
         assert!(e.contains("providers.spark.rate_limit.requests"), "{e}");
+        let e = err(&with("rate_limit = { requests = 10, per = 1e19 }"));
+        assert!(e.contains("providers.spark.rate_limit.per"), "{e}");
+        let e = err(&with("max_queue_wait = 1e30"));
+        assert!(e.contains("providers.spark.max_queue_wait"), "{e}");
         let e = err(&with("rate_limit = { requests = 10, per = 0 }"));
         assert!(e.contains("providers.spark.rate_limit.per"), "{e}");
         let e = err(&with("rate_limit = { requests = 10, per = \"soon\" }"));
