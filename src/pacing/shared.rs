@@ -24,7 +24,9 @@ pub struct SharedBudget {
     instance: String,
     requests: u32,
     window: Duration,
-    lease: Duration,
+    /// How long a lease lasts (ms): a tenth of the window, longer when the
+    /// database is slow (see [`SharedBudget::renew`]).
+    lease_ms: std::sync::atomic::AtomicU64,
     want: u32,
     state: std::sync::Mutex<LeaseState>,
 }
@@ -77,7 +79,11 @@ impl SharedBudget {
             // Short leases waste little when an instance dies and keep
             // shares moving between instances; long enough that a share
             // of a busy budget lasts many requests.
-            lease: (window / 10).clamp(Duration::from_millis(200), Duration::from_secs(5)),
+            lease_ms: std::sync::atomic::AtomicU64::new(
+                (window / 10)
+                    .clamp(Duration::from_millis(200), Duration::from_secs(5))
+                    .as_millis() as u64,
+            ),
             // An eighth of the budget per lease: several instances can each
             // hold one while the budget is far from spent.
             want: (requests / 8).clamp(1, 500),
@@ -140,6 +146,8 @@ impl SharedBudget {
     /// new lease and when it ends, for [`SharedBudget::settle_ended`].
     pub async fn renew(&self) -> Option<(i64, Instant)> {
         let asked_at = Instant::now();
+        let lease_len =
+            Duration::from_millis(self.lease_ms.load(std::sync::atomic::Ordering::Relaxed));
         let (old, used) = {
             let mut s = self.state();
             let old = (s.id, s.used);
@@ -158,7 +166,7 @@ impl SharedBudget {
             instance: &self.instance,
             requests: self.requests,
             window_ms: self.window.as_millis() as i64,
-            lease_ms: self.lease.as_millis() as i64,
+            lease_ms: lease_len.as_millis() as i64,
             want: self.want,
         };
         let answer = self.store.lease_budget(&ask).await;
@@ -171,7 +179,21 @@ impl SharedBudget {
                 // The lease began at the store between asking and the
                 // answer; ending it early by a fifth leaves room for the
                 // last send to leave this process.
-                s.ends = asked_at + self.lease.mul_f64(0.8);
+                s.ends = asked_at + lease_len.mul_f64(0.8);
+                // A database slower than a fifth of the lease would hand out
+                // shares that end before they can be spent: lengthen the
+                // lease (up to half the window) so the round trip stays small
+                // against it.
+                let rtt = asked_at.elapsed();
+                if rtt > lease_len / 5 {
+                    let longer = (lease_len * 2)
+                        .max(rtt * 5)
+                        .min((self.window / 2).max(lease_len));
+                    self.lease_ms.store(
+                        longer.as_millis() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
                 s.retry_at = None;
                 s.fallback = None;
                 s.remaining = lease.remaining;
