@@ -40,6 +40,7 @@ use url::Url;
 use crate::admin::AdminState;
 use crate::config::Config;
 use crate::refresh::{RefreshError, Refresher};
+use crate::sessions::RevokedBy;
 use crate::store::{self, SessionRecord};
 pub use auth::SIGN_IN_TTL_SECS;
 use auth::{Keys, SignIn};
@@ -667,7 +668,7 @@ struct When {
 
 fn when(unix: i64, now: i64) -> When {
     let d = unix - now;
-    let text = if d.abs() < 5 {
+    let text = if (-5..=0).contains(&d) {
         "just now".to_owned()
     } else if d > 0 {
         format!("in {}", duration_words(d.unsigned_abs()))
@@ -852,7 +853,7 @@ async fn dashboard(
         .into_iter()
         .take(MAX_ROWS)
         .map(|r| {
-            let last_use = None;
+            let last_use = state.sessions().last_use(&r.id);
             row(
                 r,
                 now,
@@ -929,8 +930,7 @@ fn error_text(class: &str) -> &'static str {
 
 fn row(r: &SessionRecord, now: i64, last_use: Option<i64>, reconnectable: bool) -> Row {
     let status = r.status.as_str();
-    let last_error: Option<&str> = None;
-    let (reason, error_class) = match (status, last_error) {
+    let (reason, error_class) = match (status, r.last_error.as_deref()) {
         ("active", _) => (None, None),
         (_, Some(class)) => (Some(error_text(class)), Some(class.to_owned())),
         ("reauthorization_required", None) => (Some(error_text("invalid_grant")), None),
@@ -944,10 +944,13 @@ fn row(r: &SessionRecord, now: i64, last_use: Option<i64>, reconnectable: bool) 
         status_text: status_text(status),
         reason,
         error_class,
-        next_retry: None,
+        next_retry: r
+            .next_retry_at
+            .filter(|_| status == "refresh_failing")
+            .map(|t| when(t, now)),
         expires: r.expires_at.map(|t| when(t, now)),
         // The store's is written in batches: this process may know better.
-        last_used: last_use.map(|t| when(t, now)),
+        last_used: r.last_used_at.max(last_use).map(|t| when(t, now)),
         last_refresh: r.last_refresh_at.map(|t| when(t, now)),
         refreshable: r.refresh_token.is_some() && status != "reauthorization_required",
         reconnectable,
@@ -1114,7 +1117,7 @@ async fn revoke(
         Ok(ok) => ok,
         Err(refused) => return refused.into_response(),
     };
-    let outcome = match state.sessions().revoke(&id).await {
+    let outcome = match state.sessions().revoke_by(&id, RevokedBy::Ui).await {
         Ok(true) => {
             tracing::info!(session = %id, "session revoked via the dashboard");
             Outcome::Revoked
@@ -1256,6 +1259,8 @@ mod tests {
         assert_eq!(duration_words(4 * 86_400), "4 d");
         assert_eq!(when(100, 100).text, "just now");
         assert_eq!(when(160, 100).text, "in 1 min");
+        assert_eq!(when(102, 100).text, "in 2 s");
+        assert_eq!(when(97, 100).text, "just now");
         assert_eq!(when(40, 100).text, "1 min ago");
         assert!(when(40, 100).past);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
