@@ -1139,6 +1139,7 @@ async fn idle_sessions_use_the_index() {
     let q = sqlx::query_as::<_, (i64, i64, i64, String)>(&sql)
         .bind("spark")
         .bind(i64::MIN)
+        .bind(i64::MIN)
         .bind("")
         .bind(1_000)
         .bind(1_000)
@@ -1150,8 +1151,12 @@ async fn idle_sessions_use_the_index() {
         .into_iter()
         .map(|r| r.3)
         .collect();
+    // Both ends of the range from the index: the cursor's too, or each
+    // page would scan from the first candidate.
     assert!(
-        plan.iter().any(|l| l.contains("USING INDEX sessions_idle")),
+        plan.iter().any(|l| l.contains("USING INDEX sessions_idle")
+            && l.contains("<expr>>?")
+            && l.contains("<expr><?")),
         "{plan:?}"
     );
     assert!(
@@ -1184,6 +1189,10 @@ async fn idle_sessions_use_the_index() {
         .expect("plan");
     let text = plan.join("\n");
     assert!(text.contains("sessions_idle"), "{text}");
+    assert!(
+        text.contains("Index Cond") && text.contains("ROW("),
+        "the cursor bounds the index range: {text}"
+    );
     assert!(!text.contains("Sort"), "no sort: {text}");
 }
 
