@@ -424,8 +424,8 @@ pub trait Store: Send + Sync + 'static {
     /// per session (of an id given twice, the latest counts; an unknown id
     /// is skipped). `last_used_at` only ever moves forward, and it is not a
     /// change: no version bump, no change-log entry, no event. Written in
-    /// few transactions (of up to 1,000 sessions each); returns how many
-    /// rows moved.
+    /// few transactions (of up to 250 sessions on SQLite, 1,000 on
+    /// PostgreSQL); returns how many rows moved.
     async fn note_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError>;
 
     /// The sessions of `provider` neither used nor refreshed since

@@ -185,7 +185,8 @@ pub(crate) fn list_events_sql() -> String {
 pub(crate) const PRUNE_EVENTS: &str =
     "DELETE FROM events WHERE delivered_at IS NOT NULL AND delivered_at < ?";
 
-/// How many sessions one `note_uses` transaction writes at most.
+/// How many sessions one `note_uses` transaction writes at most on
+/// PostgreSQL (one `UPDATE ... FROM UNNEST` each).
 pub(crate) const USES_PER_TRANSACTION: usize = 1000;
 
 /// `numbered` once per statement, for PostgreSQL's statement cache.
