@@ -248,6 +248,23 @@ async fn status_of(srv: &BinServer, id: &str) -> String {
     v["status"].as_str().expect("status").to_owned()
 }
 
+/// The session's status and last error, as the admin API shows them.
+async fn health_of(srv: &BinServer, id: &str) -> (String, Option<String>) {
+    let v: serde_json::Value = client()
+        .get(url(srv.admin_addr, &format!("/admin/sessions/{id}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("session info")
+        .json()
+        .await
+        .expect("json");
+    (
+        v["status"].as_str().expect("status").to_owned(),
+        v["last_error"].as_str().map(str::to_owned),
+    )
+}
+
 async fn get(srv: &BinServer, key: &str, path: &str) -> reqwest::Response {
     client()
         .get(url(srv.proxy_addr, path))
@@ -285,8 +302,15 @@ async fn an_endless_token_answer_is_cut_off_and_fails_the_refresh_as_transient()
     let grown_kib = srv.peak_rss_kib().saturating_sub(before_kib);
     assert!(grown_kib < 32 * 1024, "peak RSS grew by {grown_kib} KiB");
 
-    // Transient: the session is intact and its refresh token unspent.
-    assert_eq!(status_of(&srv, &id).await, "active");
+    // Transient: the session is intact (refresh_failing, the cause shown)
+    // and its refresh token unspent.
+    assert_eq!(
+        health_of(&srv, &id).await,
+        (
+            "refresh_failing".to_owned(),
+            Some("token_answer_too_large".to_owned())
+        )
+    );
     assert_eq!(h.valid_refresh(), "r-1");
     let line = srv
         .stderr
@@ -385,7 +409,13 @@ async fn unusable_access_tokens_twice_are_a_503_and_the_next_refresh_recovers() 
     assert_eq!(r.status(), 503);
     assert_eq!(error_code(&r).as_deref(), Some("token_refresh_failed"));
     assert_eq!(h.seen(), ["r-1", "r-2"]);
-    assert_eq!(status_of(&srv, &id).await, "active");
+    assert_eq!(
+        health_of(&srv, &id).await,
+        (
+            "refresh_failing".to_owned(),
+            Some("unusable_access_token".to_owned())
+        )
+    );
     // The back-off is at most 1 ms here; a request during it is a 503 too,
     // never a 500.
     let mut tries = 0;
@@ -398,4 +428,5 @@ async fn unusable_access_tokens_twice_are_a_503_and_the_next_refresh_recovers() 
     };
     assert_eq!(r.status(), 200, "after {tries} tries");
     assert_eq!(h.seen(), ["r-1", "r-2", "r-3"]);
+    assert_eq!(health_of(&srv, &id).await, ("active".to_owned(), None));
 }
