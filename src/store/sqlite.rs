@@ -39,10 +39,11 @@ const IDLE_SINCE: &str = "MAX(COALESCE(last_used_at, 0), COALESCE(last_refresh_a
 /// The statement of [`Store::idle_sessions`] (public for the test that
 /// checks its plan uses the index). The expression and the first two
 /// conditions are those of the partial index `sessions_idle`, word for
-/// word: SQLite uses it only so. The cursor is written `expr >= ? AND (expr
-/// > ? OR id > ?)` rather than as a row value, which SQLite would not use
-/// as the start of the index range (every page would scan from the first
-/// candidate: a pass over 400,000 candidates took 165 s instead of 1.7 s).
+/// word: SQLite uses it only so. The cursor is written
+/// `expr >= ? AND (expr > ? OR id > ?)` rather than as a row value, which
+/// SQLite would not use as the start of the index range (every page would
+/// scan from the first candidate: a pass over 400,000 candidates took
+/// 165 s instead of 1.7 s).
 pub fn idle_sessions_sql() -> String {
     format!(
         "SELECT id, version, {IDLE_SINCE} AS idle_since FROM sessions
