@@ -37,6 +37,11 @@ const BATCH: u32 = 16;
 const POLL: Duration = Duration::from_secs(1);
 /// The longest back-off between two attempts at one event.
 const BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// Delivered events are kept this long (for `events list`'s neighbours and
+/// an operator's look at the table), then deleted.
+const KEEP_DELIVERED: Duration = Duration::from_secs(7 * 86400);
+/// How often delivered events are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct Notifier {
     store: Arc<dyn Store>,
@@ -120,7 +125,15 @@ impl Notifier {
 
     /// Delivers until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut pruned_at: Option<tokio::time::Instant> = None;
         loop {
+            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                pruned_at = Some(tokio::time::Instant::now());
+                let before = store::now() - KEEP_DELIVERED.as_secs() as i64;
+                if let Err(e) = self.store.prune_events(before).await {
+                    tracing::warn!(error = %e, "events: cannot prune delivered events");
+                }
+            }
             let worked = tokio::select! {
                 n = self.deliver_due() => n,
                 _ = shutdown.cancelled() => return,
