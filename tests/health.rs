@@ -507,3 +507,72 @@ async fn idle_sessions_are_refreshed_and_used_ones_not_postgres() {
     };
     idle_refresh(Some(db)).await;
 }
+
+/// The OAuth callback stores a session: `session.connected`, new and reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_and_a_reconnect_through_the_callback_are_events() {
+    let w = World::new().await;
+    let srv = start(&w, &support::Extra::default(), true).await;
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let callback = |path: String, admin_token: bool| {
+        let c = c.clone();
+        let addr = srv.admin_addr;
+        let code = w.zillow.issue_code();
+        async move {
+            let mut req = c.get(url(addr, &path));
+            if admin_token {
+                req = req.bearer_auth(ADMIN_TOKEN);
+            }
+            let r = req.send().await.expect("connect");
+            assert_eq!(r.status(), 302, "{path}");
+            let cookie = r
+                .headers()
+                .get("set-cookie")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .map(str::to_owned);
+            let location = r.headers()["location"].to_str().expect("ascii").to_owned();
+            let state = url::Url::parse(&location)
+                .expect("url")
+                .query_pairs()
+                .find(|(k, _)| k == "state")
+                .map(|(_, v)| v.into_owned())
+                .expect("state");
+            let mut req = c.get(url(
+                addr,
+                &format!("/callback/zillow?code={code}&state={state}"),
+            ));
+            if let Some(cookie) = cookie {
+                req = req.header("cookie", cookie);
+            }
+            let r = req.send().await.expect("callback");
+            assert_eq!(r.status(), 200);
+        }
+    };
+    callback("/connect/zillow".to_owned(), false).await;
+    let list = srv.sessions.list().await.expect("list");
+    assert_eq!(list.len(), 1);
+    let id = list[0].id.clone();
+    callback(format!("/connect/zillow?session={id}"), true).await;
+    assert_eq!(srv.sessions.list().await.expect("list").len(), 1);
+    assert_eq!(
+        events(&srv).await,
+        [
+            (
+                "session.connected".to_owned(),
+                id.clone(),
+                json!({"reconnected": false})
+            ),
+            (
+                "session.connected".to_owned(),
+                id.clone(),
+                json!({"reconnected": true})
+            ),
+        ]
+    );
+    srv.shutdown().await;
+}
