@@ -755,7 +755,8 @@ impl Sessions {
         Ok(deleted)
     }
 
-    /// [`Sessions::revoke_by`] the admin API (`DELETE /admin/sessions/{id}`).
+    /// [`Sessions::revoke_by`] with [`RevokedBy::Admin`]: the admin API's
+    /// `DELETE /admin/sessions/{id}`.
     pub async fn revoke(&self, id: &str) -> Result<bool, SessionError> {
         self.revoke_by(id, RevokedBy::Admin).await
     }
