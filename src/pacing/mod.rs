@@ -292,6 +292,17 @@ impl Gate {
         deadline: Instant,
         front: bool,
     ) -> Result<Permit, Limited> {
+        self.acquire_by(&mut Some(deadline), front).await
+    }
+
+    /// [`Gate::acquire`] for a request whose deadline is set by its first
+    /// wait: `now + max_queue_wait` then, so a request that never waits
+    /// reads no clock for it.
+    pub async fn acquire_by(
+        self: &Arc<Self>,
+        deadline: &mut Option<Instant>,
+        front: bool,
+    ) -> Result<Permit, Limited> {
         if self.calm.load(Ordering::Acquire) {
             return Ok(Permit {
                 gate: None,
@@ -303,6 +314,7 @@ impl Gate {
             });
         }
         let start = Instant::now();
+        let deadline = *deadline.get_or_insert(start + self.max_wait);
         let rx = {
             let mut g = lock(&self.inner);
             let now = Instant::now();

@@ -495,10 +495,12 @@ impl Proxy {
                 return Ok(answer);
             }
             refusals += 1;
-            let in_time = match (route.gate.held_until(), pace.deadline) {
-                (Some(held), Some(deadline)) => held <= deadline,
-                _ => true,
-            };
+            // A request sent without waiting has no deadline yet: it
+            // starts now, at its first refusal.
+            let deadline = *pace
+                .deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + route.gate.max_wait());
+            let in_time = route.gate.held_until().is_none_or(|held| held <= deadline);
             if !resendable || !in_time || refusals > MAX_RESENDS {
                 return Ok(answer);
             }
@@ -553,12 +555,9 @@ impl Proxy {
         log: &mut AccessLog,
         pace: &mut Pace,
     ) -> Result<(Answer, Verdict), ProxyError> {
-        let deadline = *pace
-            .deadline
-            .get_or_insert_with(|| tokio::time::Instant::now() + route.gate.max_wait());
         let mut permit = route
             .gate
-            .acquire(deadline, pace.resend)
+            .acquire_by(&mut pace.deadline, pace.resend)
             .await
             .map_err(|l| ProxyError::RateLimited {
                 retry_after_secs: l.retry_after_secs,
