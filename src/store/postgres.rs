@@ -480,15 +480,7 @@ impl Store for PgStore {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(IdleSession {
-                    id: r.try_get("id")?,
-                    version: r.try_get("version")?,
-                    idle_since: r.try_get("idle_since")?,
-                })
-            })
-            .collect()
+        rows.iter().map(sql::idle_session).collect()
     }
 
     async fn insert_oauth_state(

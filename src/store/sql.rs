@@ -4,7 +4,7 @@
 //! single writer and `MAX`, PostgreSQL's row locks, `GREATEST`, `UNNEST`,
 //! `SKIP LOCKED` and its own clock.
 
-use super::{EventRow, NewEvent, SessionRecord, StoreError};
+use super::{EventRow, IdleSession, NewEvent, SessionRecord, StoreError};
 use crate::session::{KeyHash, Status};
 
 /// The columns [`record`] reads, in the order both stores select them.
@@ -92,6 +92,21 @@ where
         last_error: row.try_get("last_error")?,
         delivered_at: row.try_get("delivered_at")?,
         gave_up_at: row.try_get("gave_up_at")?,
+    })
+}
+
+/// An idle-refresh candidate from either store's `idle_sessions_sql()`.
+pub(crate) fn idle_session<R>(row: &R) -> Result<IdleSession, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(IdleSession {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        idle_since: row.try_get("idle_since")?,
     })
 }
 
