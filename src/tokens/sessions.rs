@@ -462,9 +462,20 @@ impl Sessions {
     ) -> SealedTokens {
         let mut sealed = self.seal_tokens(&rec.id, tokens, now);
         if sealed.refresh_token.is_none() {
-            sealed.refresh_token = rec.refresh_token.clone();
+            sealed.refresh_token = rec
+                .refresh_token
+                .as_ref()
+                .map(|r| self.resealed(r, &aad(&rec.id, "refresh")));
         }
         sealed
+    }
+
+    /// A kept sealed value as it is written back: re-sealed under the
+    /// primary key when it was sealed under another (or before key ids).
+    fn resealed(&self, sealed: &[u8], aad: &[u8]) -> Vec<u8> {
+        self.sealer
+            .reseal(sealed, aad)
+            .unwrap_or_else(|| sealed.to_vec())
     }
 
     /// What a refresh stores when the endpoint answered an access token
@@ -478,10 +489,14 @@ impl Sessions {
         now: i64,
     ) -> SealedTokens {
         SealedTokens {
-            access_token: rec.access_token.clone(),
+            access_token: self.resealed(&rec.access_token, &aad(&rec.id, "access")),
             refresh_token: refresh_token
                 .map(|r| self.sealer.seal(r, &aad(&rec.id, "refresh")))
-                .or_else(|| rec.refresh_token.clone()),
+                .or_else(|| {
+                    rec.refresh_token
+                        .as_ref()
+                        .map(|r| self.resealed(r, &aad(&rec.id, "refresh")))
+                }),
             expires_at: Some(now - 1),
         }
     }
@@ -894,6 +909,74 @@ mod tests {
                 .expect("new")
                 .expose_secret(),
             "r3"
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_sealed_before_key_ids_open_and_are_resealed_when_written() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions(dir.path()).await;
+        let added = s
+            .add(
+                "spark",
+                NewTokens {
+                    access_token: SecretString::from("a1".to_owned()),
+                    refresh_token: Some(SecretString::from("r1".to_owned())),
+                    expires_in: Some(60),
+                },
+                None,
+                None,
+            )
+            .await
+            .expect("add");
+        let mut rec = s
+            .store()
+            .session_by_id(&added.id)
+            .await
+            .expect("read")
+            .expect("row");
+        // As a row written before key ids existed holds them.
+        rec.access_token = crate::seal::seal_legacy(&[3; 32], "a1", &aad(&rec.id, "access"));
+        rec.refresh_token = Some(crate::seal::seal_legacy(
+            &[3; 32],
+            "r1",
+            &aad(&rec.id, "refresh"),
+        ));
+        assert_eq!(
+            s.refresh_token(&rec)
+                .expect("open")
+                .expect("kept")
+                .expose_secret(),
+            "r1"
+        );
+        let fresh = NewTokens {
+            access_token: SecretString::from("a2".to_owned()),
+            refresh_token: None,
+            expires_in: Some(60),
+        };
+        let sealed = s.seal_refreshed(&rec, &fresh, store::now());
+        let kept = sealed.refresh_token.expect("kept");
+        assert_eq!(
+            crate::seal::sealed_key_id(&kept),
+            Some(s.sealer.primary_id())
+        );
+        assert_eq!(
+            crate::seal::sealed_key_id(&sealed.access_token),
+            Some(s.sealer.primary_id())
+        );
+        let unusable = s.seal_unusable(&rec, None, store::now());
+        assert!(s.sealer.is_current(&unusable.access_token));
+        assert!(s
+            .sealer
+            .is_current(unusable.refresh_token.as_deref().expect("kept")));
+        let mut rec2 = rec.clone();
+        rec2.refresh_token = Some(kept);
+        assert_eq!(
+            s.refresh_token(&rec2)
+                .expect("open")
+                .expect("kept")
+                .expose_secret(),
+            "r1"
         );
     }
 }
