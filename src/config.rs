@@ -323,12 +323,14 @@ pub struct StoreConfig {
     pub use_flush_interval: Duration,
 }
 
-/// Where the 32-byte sealing key comes from.
+/// Where the ring of sealing keys comes from (formats: `seal.rs`).
 #[derive(Debug, Clone)]
 pub enum KeySource {
-    /// A file holding the key (base64 text, or 32 raw bytes); created 0600 if absent.
+    /// A file holding the ring (`ID:BASE64KEY` lines), or one key from
+    /// before rings (base64 text, or 32 raw bytes); created 0600 if absent.
     File(PathBuf),
-    /// An environment variable holding the key as base64. Only the name is kept here.
+    /// An environment variable holding one base64 key, or `ID:BASE64KEY`
+    /// entries (the first primary). Only the name is kept here.
     Env(String),
 }
 

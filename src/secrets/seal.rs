@@ -12,9 +12,25 @@
 //! id is its *legacy id* (the first 4 bytes of SHA-256 of the key), and are
 //! re-sealed with a header when their row is next written.
 //!
-//! The 32-byte key comes from a file (created 0600 on first use, and only
-//! while the store holds nothing sealed) or from an environment variable;
-//! both hold it as base64 (a file may also hold the 32 raw bytes).
+//! The keys form a ring: several keys, one primary, which seals; opening
+//! picks the key a value names. The ring comes from a file (created 0600 on
+//! first use, and only while the store holds nothing sealed) or from an
+//! environment variable.
+//!
+//! The ring file holds one key a line, `ID:BASE64KEY`, then `created=UNIX`
+//! and, on one line, `primary`; blank lines and `#` comments are skipped:
+//!
+//! ```text
+//! 1f0a93c2:3q2+7w...= created=1764656000
+//! 77b1e004:q83vEj...= created=1796192000 primary
+//! ```
+//!
+//! A file from before rings (one base64 key, or 32 raw bytes) is a ring of
+//! one, under the key's legacy id; it is rewritten in the ring format
+//! (atomically, 0600) the first time the ring changes. The environment
+//! variable holds either one base64 key (a ring of one, legacy id) or
+//! `ID:BASE64KEY` entries separated by commas or whitespace, the first one
+//! primary.
 
 use std::io::Write;
 use std::path::Path;
@@ -93,12 +109,16 @@ pub fn sealed_key_id(sealed: &[u8]) -> Option<KeyId> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    #[error("store.key_file {path}: {reason}")]
+    FileRing { path: String, reason: String },
+    #[error("store.key_env: environment variable {var}: {reason}")]
+    EnvRing { var: String, reason: String },
     #[error("store.key_file {path}: {source}")]
     File {
         path: String,
         source: std::io::Error,
     },
-    #[error("store.key_file {path}: must hold a 32-byte key as base64 (or 32 raw bytes)")]
+    #[error("store.key_file {path}: must hold a ring of keys (lines ID:BASE64KEY), or one 32-byte key as base64 (or 32 raw bytes)")]
     FileContent { path: String },
     #[error("store.key_env: environment variable {0} is not set")]
     EnvMissing(String),
@@ -110,6 +130,221 @@ pub enum KeyError {
 #[derive(Debug, thiserror::Error)]
 #[error("a sealed token could not be opened (wrong sealing key, or the stored value was altered)")]
 pub struct OpenError;
+
+/// One sealing key: its id, when it was made, and its 32 bytes (`Debug`
+/// shows only the id).
+#[derive(Clone)]
+pub struct KeyEntry {
+    pub id: KeyId,
+    /// Unix seconds; `None` for a key that came without a date (from the
+    /// environment, or a key file whose time could not be read).
+    pub created_at: Option<i64>,
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyEntry({}, [redacted])", self.id)
+    }
+}
+
+/// Several keys, one of them primary (the one that seals).
+#[derive(Clone, Debug)]
+pub struct Ring {
+    keys: Vec<KeyEntry>,
+    primary: usize,
+    /// Read from a file in the format from before rings (one bare key): it
+    /// is rewritten in the ring format the first time the ring changes.
+    pub single_key_file: bool,
+}
+
+impl Ring {
+    /// A ring of one key under its legacy id, so values sealed under it
+    /// before key ids existed open too.
+    pub fn single(key: [u8; 32], created_at: Option<i64>) -> Ring {
+        Ring {
+            keys: vec![KeyEntry {
+                id: KeyId::legacy(&key),
+                created_at,
+                key,
+            }],
+            primary: 0,
+            single_key_file: false,
+        }
+    }
+
+    /// A ring of one new random key under a random id.
+    pub fn generate(now: i64) -> Ring {
+        let mut ring = Ring {
+            keys: Vec::new(),
+            primary: 0,
+            single_key_file: false,
+        };
+        ring.rotate(now);
+        ring
+    }
+
+    pub fn keys(&self) -> &[KeyEntry] {
+        &self.keys
+    }
+
+    pub fn primary_id(&self) -> KeyId {
+        self.keys[self.primary].id
+    }
+
+    /// Adds a new random key and makes it primary; returns its id.
+    pub fn rotate(&mut self, now: i64) -> KeyId {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        let id = loop {
+            let mut id = [0u8; KEY_ID_LEN];
+            rand::rng().fill_bytes(&mut id);
+            let id = KeyId(id);
+            // Never another key's id, nor the new key's legacy id (that
+            // would let it try legacy values, which no new key sealed).
+            if self.keys.iter().all(|k| k.id != id) && id != KeyId::legacy(&key) {
+                break id;
+            }
+        };
+        self.keys.push(KeyEntry {
+            id,
+            created_at: Some(now),
+            key,
+        });
+        self.primary = self.keys.len() - 1;
+        id
+    }
+
+    /// The ring file's text (see the module's doc).
+    pub fn to_file_text(&self) -> String {
+        let mut out = String::from(
+            "# credproxy sealing keys: ID:BASE64KEY created=UNIX-SECONDS, one line marked primary.\n# Keep this file private (0600): it opens every stored token.\n",
+        );
+        for (i, k) in self.keys.iter().enumerate() {
+            out.push_str(&format!("{}:{}", k.id, STANDARD.encode(k.key)));
+            if let Some(t) = k.created_at {
+                out.push_str(&format!(" created={t}"));
+            }
+            if i == self.primary {
+                out.push_str(" primary");
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Parses the ring file's text. Errors name a line, never its content.
+    pub fn parse_file_text(text: &str) -> Result<Ring, String> {
+        let mut keys = Vec::new();
+        let mut primary = None;
+        for (n, line) in text.lines().enumerate() {
+            let n = n + 1;
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (id, key) = parse_entry(words.next().unwrap_or_default()).ok_or_else(|| {
+                format!("line {n}: expected ID:BASE64KEY (8 hex digits, a 32-byte key as base64)")
+            })?;
+            let mut created_at = None;
+            for word in words {
+                if word == "primary" {
+                    if primary.is_some() {
+                        return Err(format!("line {n}: a second key marked primary"));
+                    }
+                    primary = Some(keys.len());
+                } else if let Some(t) = word.strip_prefix("created=") {
+                    created_at = Some(
+                        t.parse::<i64>()
+                            .map_err(|_| format!("line {n}: created= must be unix seconds"))?,
+                    );
+                } else {
+                    return Err(format!(
+                        "line {n}: unknown word (expected primary or created=UNIX)"
+                    ));
+                }
+            }
+            push_unique(
+                &mut keys,
+                KeyEntry {
+                    id,
+                    created_at,
+                    key,
+                },
+            )
+            .map_err(|id| format!("line {n}: key id {id} appears twice"))?;
+        }
+        let primary = match (primary, keys.len()) {
+            (_, 0) => return Err("holds no key".to_owned()),
+            (Some(p), _) => p,
+            (None, 1) => 0,
+            (None, _) => return Err("several keys but none marked primary".to_owned()),
+        };
+        Ok(Ring {
+            keys,
+            primary,
+            single_key_file: false,
+        })
+    }
+
+    /// Parses an environment variable's value: one base64 key, or
+    /// `ID:BASE64KEY` entries separated by commas or whitespace, the first
+    /// one primary. Errors name an entry by position, never its content.
+    pub fn parse_env_text(text: &str) -> Result<Ring, String> {
+        let entries: Vec<&str> = text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if let [only] = entries.as_slice() {
+            if !only.contains(':') {
+                return decode_key(only.as_bytes())
+                    .map(|key| Ring::single(key, None))
+                    .ok_or_else(|| {
+                        "must hold a 32-byte key as base64, or ID:BASE64KEY entries".to_owned()
+                    });
+            }
+        }
+        let mut keys = Vec::new();
+        for (n, e) in entries.iter().enumerate() {
+            let n = n + 1;
+            let (id, key) = parse_entry(e).ok_or_else(|| {
+                format!("entry {n}: expected ID:BASE64KEY (8 hex digits, a 32-byte key as base64)")
+            })?;
+            push_unique(
+                &mut keys,
+                KeyEntry {
+                    id,
+                    created_at: None,
+                    key,
+                },
+            )
+            .map_err(|id| format!("entry {n}: key id {id} appears twice"))?;
+        }
+        if keys.is_empty() {
+            return Err("is empty".to_owned());
+        }
+        Ok(Ring {
+            keys,
+            primary: 0,
+            single_key_file: false,
+        })
+    }
+}
+
+/// `ID:BASE64KEY`.
+fn parse_entry(entry: &str) -> Option<(KeyId, [u8; 32])> {
+    let (id, key) = entry.split_once(':')?;
+    Some((KeyId::parse(id)?, decode_key(key.as_bytes())?))
+}
+
+fn push_unique(keys: &mut Vec<KeyEntry>, entry: KeyEntry) -> Result<(), KeyId> {
+    if keys.iter().any(|k| k.id == entry.id) {
+        return Err(entry.id);
+    }
+    keys.push(entry);
+    Ok(())
+}
 
 /// One key of the ring: its id, and the cipher made from it.
 #[derive(Clone)]
@@ -123,8 +358,9 @@ struct RingKey {
 /// Seals and opens token values. Cloning shares nothing mutable.
 #[derive(Clone)]
 pub struct Sealer {
-    /// The primary key, which seals.
-    primary: RingKey,
+    keys: Vec<RingKey>,
+    /// Index of the primary key, which seals.
+    primary: usize,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -137,32 +373,41 @@ impl Sealer {
     /// A ring of one key, with its legacy id (so values sealed under it
     /// before key ids existed open too).
     pub fn from_key(key: &[u8; 32]) -> Sealer {
+        Sealer::from_ring(&Ring::single(*key, None))
+    }
+
+    pub fn from_ring(ring: &Ring) -> Sealer {
         Sealer {
-            primary: RingKey {
-                id: KeyId::legacy(key),
-                legacy: true,
-                cipher: XChaCha20Poly1305::new(key.into()),
-            },
+            keys: ring
+                .keys
+                .iter()
+                .map(|k| RingKey {
+                    id: k.id,
+                    legacy: k.id == KeyId::legacy(&k.key),
+                    cipher: XChaCha20Poly1305::new((&k.key).into()),
+                })
+                .collect(),
+            primary: ring.primary,
         }
     }
 
     /// The id of the key that seals.
     pub fn primary_id(&self) -> KeyId {
-        self.primary.id
+        self.keys[self.primary].id
     }
 
     fn key_by_id(&self, id: KeyId) -> Option<&RingKey> {
-        (self.primary.id == id).then_some(&self.primary)
+        self.keys.iter().find(|k| k.id == id)
     }
 
     fn legacy_key(&self) -> Option<&RingKey> {
-        self.primary.legacy.then_some(&self.primary)
+        self.keys.iter().find(|k| k.legacy)
     }
 
     /// Whether `sealed` is sealed under the primary key, in the current
     /// format (so re-sealing it would change nothing).
     pub fn is_current(&self, sealed: &[u8]) -> bool {
-        sealed_key_id(sealed) == Some(self.primary.id)
+        sealed_key_id(sealed) == Some(self.primary_id())
     }
 
     /// `sealed` re-sealed under the primary key when it is not already (a
@@ -176,25 +421,17 @@ impl Sealer {
         Some(self.seal(&plain, aad))
     }
 
-    /// Loads the key from where the configuration says; `None` when the
+    /// Loads the ring from where the configuration says; `None` when the
     /// key file does not exist. Nothing is created here: whether a new key
     /// may be made depends on the store (see `Sessions::open`).
     pub fn load_existing(source: &KeySource) -> Result<Option<Sealer>, KeyError> {
-        match source {
-            KeySource::Env(var) => {
-                let text = std::env::var(var).map_err(|_| KeyError::EnvMissing(var.clone()))?;
-                let key = decode_key(text.trim().as_bytes())
-                    .ok_or_else(|| KeyError::EnvContent(var.clone()))?;
-                Ok(Some(Sealer::from_key(&key)))
-            }
-            KeySource::File(path) => Ok(read_key_file(path)?.map(|key| Sealer::from_key(&key))),
-        }
+        Ok(load_ring(source)?.map(|ring| Sealer::from_ring(&ring)))
     }
 
     /// Creates the key file (mode 0600) with a new random key; if another
     /// process created it first, uses theirs.
     pub fn create_key_file(path: &Path) -> Result<Sealer, KeyError> {
-        Ok(Sealer::from_key(&load_or_create_key_file(path)?))
+        Ok(Sealer::from_ring(&load_or_create_key_file(path)?))
     }
 
     pub fn seal(&self, plaintext: &SecretString, aad: &[u8]) -> Vec<u8> {
@@ -202,10 +439,10 @@ impl Sealer {
         rand::rng().fill_bytes(&mut nonce);
         let mut header = [0u8; HEADER_LEN];
         header[0] = VERSION;
-        header[1..].copy_from_slice(&self.primary.id.0);
+        let primary = &self.keys[self.primary];
+        header[1..].copy_from_slice(&primary.id.0);
         let full_aad = [&header[..], aad].concat();
-        let ct = self
-            .primary
+        let ct = primary
             .cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
@@ -263,18 +500,57 @@ fn decode_key(bytes: &[u8]) -> Option<[u8; 32]> {
     decoded.try_into().ok()
 }
 
-/// The key in the file at `path`, or `None` when there is no such file.
-fn read_key_file(path: &Path) -> Result<Option<[u8; 32]>, KeyError> {
+/// The ring where the configuration says; `None` when the key file does
+/// not exist.
+pub fn load_ring(source: &KeySource) -> Result<Option<Ring>, KeyError> {
+    match source {
+        KeySource::Env(var) => {
+            let text = std::env::var(var).map_err(|_| KeyError::EnvMissing(var.clone()))?;
+            Ring::parse_env_text(&text)
+                .map(Some)
+                .map_err(|reason| KeyError::EnvRing {
+                    var: var.clone(),
+                    reason,
+                })
+        }
+        KeySource::File(path) => read_key_file(path),
+    }
+}
+
+/// The ring in the file at `path`, or `None` when there is no such file.
+/// A file holding one bare key (base64, or 32 raw bytes) is a ring of one.
+fn read_key_file(path: &Path) -> Result<Option<Ring>, KeyError> {
     let shown = path.display().to_string();
     match std::fs::read(path) {
         Ok(bytes) => {
+            let created_at = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .and_then(|d| i64::try_from(d.as_secs()).ok());
+            let single = |key| {
+                let mut ring = Ring::single(key, created_at);
+                ring.single_key_file = true;
+                Ok(Some(ring))
+            };
             if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
-                return Ok(Some(raw));
+                return single(raw);
             }
-            let text = String::from_utf8_lossy(&bytes);
-            decode_key(text.trim().as_bytes())
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                return Err(KeyError::FileContent { path: shown });
+            };
+            if !text.contains(':') {
+                return match decode_key(text.trim().as_bytes()) {
+                    Some(key) => single(key),
+                    None => Err(KeyError::FileContent { path: shown }),
+                };
+            }
+            Ring::parse_file_text(text)
                 .map(Some)
-                .ok_or(KeyError::FileContent { path: shown })
+                .map_err(|reason| KeyError::FileRing {
+                    path: shown,
+                    reason,
+                })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(KeyError::File {
@@ -282,6 +558,48 @@ fn read_key_file(path: &Path) -> Result<Option<[u8; 32]>, KeyError> {
             source,
         }),
     }
+}
+
+/// Replaces the key file with `ring`, in the ring format, atomically: a
+/// temporary file (0600) in the same directory, fsync, rename, fsync of the
+/// directory. A single-key file is migrated this way.
+pub fn write_key_file(path: &Path, ring: &Ring) -> Result<(), KeyError> {
+    let shown = path.display().to_string();
+    let file_err = |source| KeyError::File {
+        path: shown.clone(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "key".to_owned());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(ring.to_file_text().as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(file_err(e));
+    }
+    #[cfg(unix)]
+    {
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(file_err)?;
+    }
+    Ok(())
 }
 
 /// A warning when the key file can be read or written by anyone but its
@@ -305,17 +623,16 @@ pub fn key_file_warning(path: &Path) -> Option<String> {
     }
 }
 
-fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
+fn load_or_create_key_file(path: &Path) -> Result<Ring, KeyError> {
     let shown = path.display().to_string();
     let file_err = |source| KeyError::File {
         path: shown.clone(),
         source,
     };
     match read_key_file(path)? {
-        Some(key) => Ok(key),
+        Some(ring) => Ok(ring),
         None => {
-            let mut key = [0u8; 32];
-            rand::rng().fill_bytes(&mut key);
+            let ring = Ring::generate(unix_now());
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create_new(true);
             #[cfg(unix)]
@@ -325,10 +642,10 @@ fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
             }
             match opts.open(path) {
                 Ok(mut f) => {
-                    f.write_all(format!("{}\n", STANDARD.encode(key)).as_bytes())
+                    f.write_all(ring.to_file_text().as_bytes())
                         .and_then(|()| f.sync_all())
                         .map_err(file_err)?;
-                    Ok(key)
+                    Ok(ring)
                 }
                 // Another process created it first: use theirs.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -338,6 +655,13 @@ fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
             }
         }
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -458,7 +782,9 @@ mod tests {
         let path = dir.path().join("k.key");
         let a = load_or_create_key_file(&path).expect("create");
         let b = load_or_create_key_file(&path).expect("reuse");
-        assert_eq!(a, b);
+        assert_eq!(a.primary_id(), b.primary_id());
+        assert_eq!(a.keys()[0].key, b.keys()[0].key);
+        assert!(!b.single_key_file);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -470,5 +796,149 @@ mod tests {
             load_or_create_key_file(&path),
             Err(KeyError::FileContent { .. })
         ));
+    }
+
+    #[test]
+    fn a_ring_seals_with_its_primary_and_opens_with_any_key() {
+        let mut ring = Ring::single([1; 32], None);
+        let old = Sealer::from_ring(&ring);
+        let sealed_old = old.seal(&secret("one"), b"a");
+        let legacy = seal_legacy(&[1; 32], "zero", b"a");
+        let first = ring.primary_id();
+        let second = ring.rotate(100);
+        assert_ne!(first, second);
+        assert_eq!(ring.primary_id(), second);
+        let s = Sealer::from_ring(&ring);
+        let sealed_new = s.seal(&secret("two"), b"a");
+        assert_eq!(sealed_key_id(&sealed_new), Some(second));
+        assert!(!s.is_current(&sealed_old));
+        for (v, want) in [
+            (&sealed_old, "one"),
+            (&sealed_new, "two"),
+            (&legacy, "zero"),
+        ] {
+            assert_eq!(s.open(v, b"a").expect("opens").expose_secret(), want);
+        }
+        assert!(old.open(&sealed_new, b"a").is_err(), "an unknown key id");
+        let resealed = s.reseal(&sealed_old, b"a").expect("resealed");
+        assert_eq!(sealed_key_id(&resealed), Some(second));
+        // A value relabelled to the other key of the ring does not open.
+        let mut relabelled = sealed_new.clone();
+        relabelled[1..HEADER_LEN].copy_from_slice(&first.0);
+        assert!(s.open(&relabelled, b"a").is_err());
+    }
+
+    #[test]
+    fn the_ring_file_round_trips_and_says_no_key_in_its_errors() {
+        let mut ring = Ring::generate(10);
+        ring.rotate(20);
+        let text = ring.to_file_text();
+        let back = Ring::parse_file_text(&text).expect("parses");
+        assert_eq!(back.primary_id(), ring.primary_id());
+        assert_eq!(back.keys().len(), 2);
+        for (a, b) in back.keys().iter().zip(ring.keys()) {
+            assert_eq!((a.id, a.created_at, a.key), (b.id, b.created_at, b.key));
+        }
+        let key = STANDARD.encode([4u8; 32]);
+        for bad in [
+            format!("0000000a:{key} primary\n0000000b:{key} primary"),
+            format!("0000000a:{key}\n0000000b:{key}"),
+            format!("0000000a:{key} primary\n0000000a:{key}"),
+            format!("0000000a:{key} sometimes"),
+            format!("0000000a:{key} created=soon"),
+            format!("zz:{key}"),
+            "0000000a:c2hvcnQ=".to_owned(),
+            "# nothing\n".to_owned(),
+        ] {
+            let e = Ring::parse_file_text(&bad).expect_err(&bad);
+            assert!(!e.contains(&key) && !e.contains("c2hvcnQ"), "{e}");
+        }
+        let one = Ring::parse_file_text(&format!("# c\n\n0000000a:{key}\n")).expect("one");
+        assert_eq!(one.primary_id(), KeyId([0, 0, 0, 0x0a]));
+    }
+
+    #[test]
+    fn a_single_key_file_is_a_ring_of_one_and_migrates_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.key");
+        let key = [2u8; 32];
+        std::fs::write(&path, format!("{}\n", STANDARD.encode(key))).expect("write");
+        let ring = read_key_file(&path).expect("read").expect("exists");
+        assert!(ring.single_key_file);
+        assert_eq!(ring.primary_id(), KeyId::legacy(&key));
+        let legacy = seal_legacy(&key, "t", b"a");
+        let before = Sealer::from_ring(&ring).seal(&secret("u"), b"a");
+        let mut ring = ring;
+        let new = ring.rotate(50);
+        write_key_file(&path, &ring).expect("migrate");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        let back = read_key_file(&path).expect("read").expect("exists");
+        assert!(!back.single_key_file);
+        assert_eq!(back.primary_id(), new);
+        assert_eq!(back.keys().len(), 2);
+        assert_eq!(back.keys()[0].id, KeyId::legacy(&key));
+        let s = Sealer::from_ring(&back);
+        assert_eq!(s.open(&legacy, b"a").expect("legacy").expose_secret(), "t");
+        assert_eq!(s.open(&before, b"a").expect("old key").expose_secret(), "u");
+        // 32 raw bytes are a ring of one too.
+        std::fs::write(&path, key).expect("write raw");
+        let raw = read_key_file(&path).expect("read").expect("exists");
+        assert_eq!(raw.primary_id(), KeyId::legacy(&key));
+    }
+
+    #[test]
+    fn the_environment_holds_one_key_or_several_entries() {
+        let a = STANDARD.encode([1u8; 32]);
+        let b = STANDARD.encode([2u8; 32]);
+        let one = Ring::parse_env_text(&format!(" {a}\n")).expect("one");
+        assert_eq!(one.primary_id(), KeyId::legacy(&[1; 32]));
+        for text in [
+            format!("0000000b:{b},0000000a:{a}"),
+            format!("0000000b:{b} 0000000a:{a}"),
+            format!(" 0000000b:{b} ,\n 0000000a:{a} "),
+        ] {
+            let ring = Ring::parse_env_text(&text).expect(&text);
+            assert_eq!(
+                ring.primary_id(),
+                KeyId([0, 0, 0, 0x0b]),
+                "the first is primary"
+            );
+            assert_eq!(ring.keys().len(), 2);
+        }
+        for bad in [
+            String::new(),
+            "notbase64!".to_owned(),
+            format!("0000000b:{b},{a}"),
+            format!("0000000b:{b},0000000b:{a}"),
+        ] {
+            let e = Ring::parse_env_text(&bad).expect_err(&bad);
+            assert!(!e.contains(&a) && !e.contains(&b), "{e}");
+        }
+        std::env::set_var(
+            "CREDPROXY_TEST_RING_ENV",
+            format!("0000000b:{b},0000000a:{a}"),
+        );
+        let ring = load_ring(&KeySource::Env("CREDPROXY_TEST_RING_ENV".to_owned()))
+            .expect("loads")
+            .expect("some");
+        assert_eq!(ring.keys().len(), 2);
+        std::env::set_var("CREDPROXY_TEST_RING_ENV", "0000000b:short");
+        let e = load_ring(&KeySource::Env("CREDPROXY_TEST_RING_ENV".to_owned()))
+            .expect_err("bad")
+            .to_string();
+        assert!(
+            e.contains("CREDPROXY_TEST_RING_ENV") && e.contains("entry 1"),
+            "{e}"
+        );
     }
 }
