@@ -55,6 +55,25 @@ enum Command {
     /// Event notifications ([notify]) kept in the store.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// The ring of sealing keys (store.key_file or store.key_env).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// The sealing keys: id, created, which is primary, and how many stored
+    /// values each one seals.
+    List {
+        /// Print a JSON array of {"id", "primary", "sealed", "created_at"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a new sealing key to store.key_file and make it primary: values
+    /// sealed from now on use it, the old keys still open what they sealed.
+    /// With store.key_env, prints what to put in the variable instead.
+    /// Restart running servers afterwards, so that they know the new key.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +220,111 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Connect(args) => connect(config, args).await,
         Command::Session(cmd) => session(config, cmd).await,
         Command::Events(cmd) => events(config, cmd).await,
+        Command::Key(cmd) => key(config, cmd).await,
+    }
+}
+
+async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
+    use credproxy::config::KeySource;
+    use credproxy::seal::{load_ring, write_key_file};
+    // Proves the ring and the store belong together (and makes the key
+    // file of a store that holds nothing yet), as every command does.
+    let sessions = open_sessions(&config).await?;
+    let Some(mut ring) = load_ring(&config.store.key)? else {
+        bail!("the sealing key is missing");
+    };
+    match cmd {
+        KeyCommand::List { json } => {
+            let counts = sessions.store().count_sealed_by_key().await?;
+            let legacy = ring
+                .keys()
+                .iter()
+                .find(|k| k.is_legacy())
+                .map(|k| k.id.to_string());
+            let sealed_by = |id: &str| -> i64 {
+                counts
+                    .iter()
+                    .filter(|c| match &c.key_id {
+                        Some(k) => k == id,
+                        None => legacy.as_deref() == Some(id),
+                    })
+                    .map(|c| c.count)
+                    .sum()
+            };
+            let primary = ring.primary_id();
+            let rows: Vec<serde_json::Value> = ring
+                .keys()
+                .iter()
+                .map(|k| {
+                    let id = k.id.to_string();
+                    serde_json::json!({
+                        "id": id,
+                        "primary": k.id == primary,
+                        "sealed": sealed_by(&id),
+                        "created_at": k.created_at.map(credproxy::sessions::rfc3339),
+                    })
+                })
+                .collect();
+            for c in &counts {
+                let known = match &c.key_id {
+                    Some(k) => ring.keys().iter().any(|r| r.id.to_string() == *k),
+                    None => legacy.is_some(),
+                };
+                if !known {
+                    eprintln!(
+                        "credproxy: warning: {} stored value(s) sealed under key {}, which is not in the ring",
+                        c.count,
+                        c.key_id.as_deref().unwrap_or("(legacy, before key ids)")
+                    );
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<10} {:<8} {:>8}  CREATED", "ID", "PRIMARY", "SEALED");
+                for r in &rows {
+                    println!(
+                        "{:<10} {:<8} {:>8}  {}",
+                        r["id"].as_str().unwrap_or_default(),
+                        if r["primary"].as_bool().unwrap_or_default() {
+                            "yes"
+                        } else {
+                            ""
+                        },
+                        r["sealed"].as_i64().unwrap_or_default(),
+                        r["created_at"].as_str().unwrap_or("-"),
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeyCommand::Rotate => {
+            let now = credproxy::store::now();
+            match &config.store.key {
+                KeySource::File(path) => {
+                    let id = ring.rotate(now);
+                    write_key_file(path, &ring)?;
+                    println!(
+                        "credproxy: key {id} added to {} and made primary ({} keys in the ring); restart running servers so they know it",
+                        path.display(),
+                        ring.keys().len()
+                    );
+                    Ok(())
+                }
+                KeySource::Env(var) => {
+                    let mut next = ring.clone();
+                    let id = next.rotate(now);
+                    // The new key goes first (the first entry is primary);
+                    // the ones the variable holds now follow, unchanged.
+                    println!("{}", next.env_entry(id).unwrap_or_default());
+                    let ids: Vec<String> = ring.keys().iter().map(|k| k.id.to_string()).collect();
+                    bail!(
+                        "store.key_env: credproxy does not change environment variables. Key {id} (printed on stdout) is new: set {var} to it, then a comma and each key {var} holds now as ID:BASE64KEY (their ids: {}), and restart every instance",
+                        ids.join(", ")
+                    )
+                }
+            }
+        }
     }
 }
 

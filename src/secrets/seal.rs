@@ -142,6 +142,13 @@ pub struct KeyEntry {
     key: [u8; 32],
 }
 
+impl KeyEntry {
+    /// This key's id is its legacy id: it opens values sealed before key ids.
+    pub fn is_legacy(&self) -> bool {
+        self.id == KeyId::legacy(&self.key)
+    }
+}
+
 impl std::fmt::Debug for KeyEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KeyEntry({}, [redacted])", self.id)
@@ -213,6 +220,13 @@ impl Ring {
         });
         self.primary = self.keys.len() - 1;
         id
+    }
+
+    /// Key `id` as an `ID:BASE64KEY` entry, as `key_env` holds it: what
+    /// `key rotate` prints for the operator to put in the variable.
+    pub fn env_entry(&self, id: KeyId) -> Option<String> {
+        let k = self.keys.iter().find(|k| k.id == id)?;
+        Some(format!("{}:{}", k.id, STANDARD.encode(k.key)))
     }
 
     /// The ring file's text (see the module's doc).
@@ -383,7 +397,7 @@ impl Sealer {
                 .iter()
                 .map(|k| RingKey {
                     id: k.id,
-                    legacy: k.id == KeyId::legacy(&k.key),
+                    legacy: k.is_legacy(),
                     cipher: XChaCha20Poly1305::new((&k.key).into()),
                 })
                 .collect(),

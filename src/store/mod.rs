@@ -308,6 +308,15 @@ impl OAuthOutcome {
     }
 }
 
+/// Stored sealed values counted by the key id in their header, for `key
+/// list`: `key_id` is 8 lowercase hex digits, or `None` for values sealed
+/// before key ids existed (no header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedCount {
+    pub key_id: Option<String>,
+    pub count: i64,
+}
+
 /// Sessions counted by provider and status, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionCount {
@@ -347,6 +356,10 @@ pub trait Store: Send + Sync + 'static {
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError>;
+
+    /// Every sealed value (access and refresh tokens) counted by the key id
+    /// its header names (see `seal.rs`), by SQL over the stored bytes.
+    async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError>;
 
     /// Replaces a session's tokens, sets it active (its error cleared) and
     /// bumps its version. With `expected_version`, only if the row still has

@@ -24,8 +24,8 @@ use super::sql::{
 };
 use super::{
     BudgetAsk, BudgetLease, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent,
-    NewSession, OAuthOutcome, OAuthState, SealedTokens, SessionCount, SessionRecord, Store,
-    StoreError,
+    NewSession, OAuthOutcome, OAuthState, SealedCount, SealedTokens, SessionCount, SessionRecord,
+    Store, StoreError,
 };
 use crate::session::{KeyHash, Status};
 
@@ -244,6 +244,27 @@ impl Store for PgStore {
                     provider: r.try_get("provider")?,
                     status: Status::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT k, COUNT(*) AS n FROM ( \
+             SELECT CASE WHEN substring(access_token FROM 1 FOR 1) = '\\x02'::bytea THEN encode(substring(access_token FROM 2 FOR 4), 'hex') ELSE '' END AS k FROM sessions \
+             UNION ALL \
+             SELECT CASE WHEN substring(refresh_token FROM 1 FOR 1) = '\\x02'::bytea THEN encode(substring(refresh_token FROM 2 FOR 4), 'hex') ELSE '' END AS k FROM sessions WHERE refresh_token IS NOT NULL \
+             ) t GROUP BY k ORDER BY k",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let k: String = r.try_get("k")?;
+                Ok(SealedCount {
+                    key_id: (!k.is_empty()).then_some(k),
                     count: r.try_get("n")?,
                 })
             })

@@ -23,7 +23,7 @@ use super::sql::{
 };
 use super::{
     EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession, OAuthOutcome,
-    OAuthState, SealedTokens, SessionCount, SessionRecord, Store, StoreError,
+    OAuthState, SealedCount, SealedTokens, SessionCount, SessionRecord, Store, StoreError,
 };
 use crate::session::{KeyHash, Status};
 
@@ -815,6 +815,27 @@ impl Store for SqliteStore {
                     provider: r.try_get("provider")?,
                     status: Status::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT k, COUNT(*) AS n FROM ( \
+             SELECT CASE WHEN substr(access_token, 1, 1) = x'02' THEN lower(hex(substr(access_token, 2, 4))) ELSE '' END AS k FROM sessions \
+             UNION ALL \
+             SELECT CASE WHEN substr(refresh_token, 1, 1) = x'02' THEN lower(hex(substr(refresh_token, 2, 4))) ELSE '' END AS k FROM sessions WHERE refresh_token IS NOT NULL \
+             ) GROUP BY k ORDER BY k",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let k: String = r.try_get("k")?;
+                Ok(SealedCount {
+                    key_id: (!k.is_empty()).then_some(k),
                     count: r.try_get("n")?,
                 })
             })

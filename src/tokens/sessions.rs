@@ -153,7 +153,8 @@ pub const MAX_LIFETIME_SECS: u64 = 10 * 366 * 24 * 3600;
 /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
 const MAX_RFC3339: i64 = 253_402_300_799;
 
-fn rfc3339(unix: i64) -> String {
+/// Unix seconds as RFC 3339 UTC, clamped to what it can show.
+pub fn rfc3339(unix: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.clamp(0, MAX_RFC3339) as u64);
     let mut out = String::new();
     // humantime's Display cannot fail within its range; never panic on a stored value.
