@@ -128,7 +128,11 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
 impl Receiver {
     /// Listens on `addr` (port 0: any free port) and refuses the first
     /// `fail_first` correctly signed deliveries with 503.
-    pub async fn start(addr: SocketAddr, secret: &str, fail_first: u64) -> std::io::Result<Receiver> {
+    pub async fn start(
+        addr: SocketAddr,
+        secret: &str,
+        fail_first: u64,
+    ) -> std::io::Result<Receiver> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -178,7 +182,11 @@ impl Receiver {
     }
 
     /// Waits until an accepted event satisfies `f`, at most `timeout`.
-    pub async fn wait_for(&self, timeout: Duration, f: impl Fn(&serde_json::Value) -> bool) -> Option<Delivery> {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<Delivery> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.shared.changed.notified();
