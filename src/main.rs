@@ -230,7 +230,7 @@ async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
     // Proves the ring and the store belong together (and makes the key
     // file of a store that holds nothing yet), as every command does.
     let sessions = open_sessions(&config).await?;
-    let Some(mut ring) = load_ring(&config.store.key)? else {
+    let Some(ring) = load_ring(&config.store.key)? else {
         bail!("the sealing key is missing");
     };
     match cmd {
@@ -302,8 +302,24 @@ async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
             let now = credproxy::store::now();
             match &config.store.key {
                 KeySource::File(path) => {
+                    // One rotate at a time: two at once would each add a
+                    // key to the ring they read, and the last write would
+                    // lose the other's. Under the lock the ring is read again.
+                    let lock_path = path.with_extension("lock");
+                    let lock = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&lock_path)
+                        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+                    lock.lock()
+                        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+                    let Some(mut ring) = load_ring(&config.store.key)? else {
+                        bail!("the sealing key is missing");
+                    };
                     let id = ring.rotate(now);
                     write_key_file(path, &ring)?;
+                    drop(lock);
                     println!(
                         "credproxy: key {id} added to {} and made primary ({} keys in the ring); restart running servers so they know it",
                         path.display(),

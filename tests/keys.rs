@@ -205,3 +205,29 @@ async fn rotate_with_key_env_says_what_to_put_in_the_variable() {
     let out = run(&ring, &["session", "list"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotates_at_the_same_time_lose_no_key() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    add(&cfg, &[]);
+    let before = key_list(&cfg).len();
+    // Four rotations at once, each its own process: every key stays.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || run_cli(&cfg, &["key", "rotate"]))
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().expect("thread");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let after = key_list(&cfg);
+    assert_eq!(after.len(), before + 4, "{after:?}");
+    assert_eq!(after.iter().filter(|k| k["primary"] == true).count(), 1);
+}

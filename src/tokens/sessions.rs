@@ -831,7 +831,7 @@ impl Sessions {
             }
             polls += 1;
             // Keep the change log short: an hour is far longer than any poll gap.
-            if polls % 1200 == 0 {
+            if polls.is_multiple_of(1200) {
                 if let Err(e) = self.store.prune_changes(store::now() - 3600).await {
                     tracing::warn!(error = %e, "cannot prune the store's change log");
                 }
