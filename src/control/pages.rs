@@ -52,6 +52,22 @@ struct ProblemPage {
 
 /// An HTML answer with the headers every page carries.
 fn page(status: StatusCode, body: Result<String, askama::Error>) -> Response {
+    html(
+        status,
+        body,
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        "no-referrer",
+    )
+}
+
+/// An HTML page of credproxy's (connect pages, dashboard): never stored,
+/// never framed, not sniffed, with its own CSP and referrer policy.
+pub(crate) fn html(
+    status: StatusCode,
+    body: Result<String, askama::Error>,
+    csp: &'static str,
+    referrer: &'static str,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => {
@@ -66,10 +82,7 @@ fn page(status: StatusCode, body: Result<String, askama::Error>) -> Response {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static(referrer));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -77,9 +90,7 @@ fn page(status: StatusCode, body: Result<String, askama::Error>) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
-        ),
+        HeaderValue::from_static(csp),
     );
     resp
 }

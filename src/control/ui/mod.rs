@@ -339,34 +339,14 @@ pub fn router() -> Router<AdminState> {
 // ---------------------------------------------------------------- responses
 
 /// An HTML answer with the headers every dashboard page carries: never
-/// stored, never framed, no script at all.
+/// stored, never framed, no script at all; the referrer as [`no_store`] says.
 fn page(status: StatusCode, body: Result<String, askama::Error>) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "a dashboard page failed to render");
-            return (StatusCode::INTERNAL_SERVER_ERROR, "page rendering failed").into_response();
-        }
-    };
-    let mut resp = (status, body).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    no_store(h);
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
-        ),
-    );
-    resp
+    crate::control::pages::html(
+        status,
+        body,
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        "same-origin",
+    )
 }
 
 /// `no-store`, and a referrer only for our own origin: a form of ours then
