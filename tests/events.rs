@@ -68,13 +68,10 @@ async fn every_event_arrives_across_a_restart(store_url: Option<String>) {
     assert_eq!(resp.status(), 503);
     // The receiver refuses the first three deliveries; stop credproxy
     // while events are still undelivered.
-    let refused = tokio::time::timeout(Duration::from_secs(20), async {
-        while receiver.refused() < 1 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(refused.is_ok(), "no delivery was attempted");
+    assert!(
+        receiver.wait_for_refusals(1, Duration::from_secs(20)).await,
+        "no delivery was attempted"
+    );
     a.terminate();
     let pending = events_list(&cfg);
     assert!(

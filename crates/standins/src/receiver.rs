@@ -181,6 +181,22 @@ impl Receiver {
         self.inner().bad_signatures
     }
 
+    /// Waits until at least `n` deliveries were refused, at most `timeout`.
+    pub async fn wait_for_refusals(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.inner().refused >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// Waits until an accepted event satisfies `f`, at most `timeout`.
     pub async fn wait_for(
         &self,
