@@ -52,6 +52,16 @@ const VERSION: u8 = 2;
 const NONCE_LEN: usize = 24;
 const KEY_ID_LEN: usize = 4;
 const HEADER_LEN: usize = 1 + KEY_ID_LEN;
+/// Marks a ring entry that holds only a retired key's audit key.
+pub const AUDIT_ONLY: &str = "audit-only";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RetireError {
+    #[error("the ring holds no such key")]
+    NotInRing,
+    #[error("it is the primary key: rotate first, then rewrap, then retire it")]
+    Primary,
+}
 
 /// A sealing key's id: 4 bytes, shown as 8 lowercase hex digits. Not secret.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,14 +149,61 @@ pub struct KeyEntry {
     /// Unix seconds; `None` for a key that came without a date (from the
     /// environment, or a key file whose time could not be read).
     pub created_at: Option<i64>,
+    /// A retired key kept only for the audit trail: `key` is then its
+    /// audit key (see [`AuditKey::derive`]), which opens nothing.
+    pub audit_only: bool,
     key: [u8; 32],
 }
 
 impl KeyEntry {
     /// This key's id is its legacy id: it opens values sealed before key ids.
     pub fn is_legacy(&self) -> bool {
-        self.id == KeyId::legacy(&self.key)
+        !self.audit_only && self.id == KeyId::legacy(&self.key)
     }
+
+    /// The key that chains audit rows under this entry's id.
+    pub fn audit_key(&self) -> AuditKey {
+        if self.audit_only {
+            AuditKey(self.key)
+        } else {
+            AuditKey::derive(&self.key)
+        }
+    }
+}
+
+/// The HMAC-SHA256 key that chains audit rows, derived from a sealing key
+/// (one-way: it opens no token). A retired sealing key whose audit rows
+/// remain leaves only this behind in the ring. `Debug` shows nothing.
+#[derive(Clone)]
+pub struct AuditKey([u8; 32]);
+
+impl AuditKey {
+    /// `HMAC-SHA256(sealing key, "credproxy audit key v1")`.
+    pub fn derive(sealing_key: &[u8; 32]) -> AuditKey {
+        AuditKey(hmac_sha256(sealing_key, &[b"credproxy audit key v1"]))
+    }
+
+    /// HMAC-SHA256 under this key over the concatenation of `parts`.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        hmac_sha256(&self.0, parts)
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey([redacted])")
+    }
+}
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -173,6 +230,7 @@ impl Ring {
             keys: vec![KeyEntry {
                 id: KeyId::legacy(&key),
                 created_at,
+                audit_only: false,
                 key,
             }],
             primary: 0,
@@ -216,17 +274,54 @@ impl Ring {
         self.keys.push(KeyEntry {
             id,
             created_at: Some(now),
+            audit_only: false,
             key,
         });
         self.primary = self.keys.len() - 1;
         id
     }
 
+    /// Takes key `id` out of the ring. With `keep_for_audit`, what stays is
+    /// its audit key (an audit-only entry, which opens no token), so audit
+    /// rows chained under it still verify. The primary cannot be retired.
+    pub fn retire(&mut self, id: KeyId, keep_for_audit: bool) -> Result<(), RetireError> {
+        let i = self
+            .keys
+            .iter()
+            .position(|k| k.id == id)
+            .ok_or(RetireError::NotInRing)?;
+        if i == self.primary {
+            return Err(RetireError::Primary);
+        }
+        if keep_for_audit {
+            let k = &mut self.keys[i];
+            if !k.audit_only {
+                k.key = k.audit_key().0;
+                k.audit_only = true;
+            }
+        } else {
+            self.keys.remove(i);
+            if i < self.primary {
+                self.primary -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry with this id, if the ring holds it.
+    pub fn get(&self, id: KeyId) -> Option<&KeyEntry> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+
     /// Key `id` as an `ID:BASE64KEY` entry, as `key_env` holds it: what
     /// `key rotate` prints for the operator to put in the variable.
     pub fn env_entry(&self, id: KeyId) -> Option<String> {
         let k = self.keys.iter().find(|k| k.id == id)?;
-        Some(format!("{}:{}", k.id, STANDARD.encode(k.key)))
+        Some(if k.audit_only {
+            format!("{}:{AUDIT_ONLY}:{}", k.id, STANDARD.encode(k.key))
+        } else {
+            format!("{}:{}", k.id, STANDARD.encode(k.key))
+        })
     }
 
     /// The ring file's text (see the module's doc).
@@ -241,6 +336,10 @@ impl Ring {
             }
             if i == self.primary {
                 out.push_str(" primary");
+            }
+            if k.audit_only {
+                out.push(' ');
+                out.push_str(AUDIT_ONLY);
             }
             out.push('\n');
         }
@@ -262,8 +361,11 @@ impl Ring {
                 format!("line {n}: expected ID:BASE64KEY (8 hex digits, a 32-byte key as base64)")
             })?;
             let mut created_at = None;
+            let mut audit_only = false;
             for word in words {
-                if word == "primary" {
+                if word == AUDIT_ONLY {
+                    audit_only = true;
+                } else if word == "primary" {
                     if primary.is_some() {
                         return Err(format!("line {n}: a second key marked primary"));
                     }
@@ -275,24 +377,29 @@ impl Ring {
                     );
                 } else {
                     return Err(format!(
-                        "line {n}: unknown word (expected primary or created=UNIX)"
+                        "line {n}: unknown word (expected primary, {AUDIT_ONLY} or created=UNIX)"
                     ));
                 }
+            }
+            if audit_only && primary == Some(keys.len()) {
+                return Err(format!("line {n}: an {AUDIT_ONLY} key cannot be primary"));
             }
             push_unique(
                 &mut keys,
                 KeyEntry {
                     id,
                     created_at,
+                    audit_only,
                     key,
                 },
             )
             .map_err(|id| format!("line {n}: key id {id} appears twice"))?;
         }
-        let primary = match (primary, keys.len()) {
-            (_, 0) => return Err("holds no key".to_owned()),
+        let sealing: Vec<usize> = (0..keys.len()).filter(|&i| !keys[i].audit_only).collect();
+        let primary = match (primary, sealing.as_slice()) {
+            (_, []) => return Err("holds no sealing key".to_owned()),
             (Some(p), _) => p,
-            (None, 1) => 0,
+            (None, [only]) => *only,
             (None, _) => return Err("several keys but none marked primary".to_owned()),
         };
         Ok(Ring {
@@ -322,7 +429,11 @@ impl Ring {
         let mut keys = Vec::new();
         for (n, e) in entries.iter().enumerate() {
             let n = n + 1;
-            let (id, key) = parse_entry(e).ok_or_else(|| {
+            let (e, audit_only) = match e.split_once(&format!(":{AUDIT_ONLY}:")) {
+                Some((id, key)) => (format!("{id}:{key}"), true),
+                None => ((*e).to_owned(), false),
+            };
+            let (id, key) = parse_entry(&e).ok_or_else(|| {
                 format!("entry {n}: expected ID:BASE64KEY (8 hex digits, a 32-byte key as base64)")
             })?;
             push_unique(
@@ -330,17 +441,19 @@ impl Ring {
                 KeyEntry {
                     id,
                     created_at: None,
+                    audit_only,
                     key,
                 },
             )
             .map_err(|id| format!("entry {n}: key id {id} appears twice"))?;
         }
-        if keys.is_empty() {
-            return Err("is empty".to_owned());
-        }
+        // The first sealing key is primary.
+        let Some(primary) = keys.iter().position(|k| !k.audit_only) else {
+            return Err("holds no sealing key".to_owned());
+        };
         Ok(Ring {
             keys,
-            primary: 0,
+            primary,
             single_key_file: false,
         })
     }
@@ -375,6 +488,8 @@ pub struct Sealer {
     keys: Vec<RingKey>,
     /// Index of the primary key, which seals.
     primary: usize,
+    /// Every entry's audit key, audit-only entries included.
+    audit: Vec<(KeyId, AuditKey)>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -395,14 +510,44 @@ impl Sealer {
             keys: ring
                 .keys
                 .iter()
+                .filter(|k| !k.audit_only)
                 .map(|k| RingKey {
                     id: k.id,
                     legacy: k.is_legacy(),
                     cipher: XChaCha20Poly1305::new((&k.key).into()),
                 })
                 .collect(),
-            primary: ring.primary,
+            primary: ring
+                .keys
+                .iter()
+                .take(ring.primary)
+                .filter(|k| !k.audit_only)
+                .count(),
+            audit: ring.keys.iter().map(|k| (k.id, k.audit_key())).collect(),
         }
+    }
+
+    /// The primary key's id and audit key: new audit rows are chained
+    /// under it.
+    pub fn audit_key(&self) -> (KeyId, AuditKey) {
+        let id = self.primary_id();
+        let key = self
+            .audit_key_for(id)
+            .unwrap_or_else(|| unreachable!("the primary is in the ring"));
+        (id, key)
+    }
+
+    /// The audit key of ring entry `id` (audit-only entries too).
+    pub fn audit_key_for(&self, id: KeyId) -> Option<AuditKey> {
+        self.audit
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map(|(_, key)| key.clone())
+    }
+
+    /// Whether the ring can open values sealed under key `id`.
+    pub fn has_key(&self, id: KeyId) -> bool {
+        self.key_by_id(id).is_some()
     }
 
     /// The id of the key that seals.

@@ -194,7 +194,8 @@ fn aad(id: &str, field: &str) -> Vec<u8> {
 
 pub struct Sessions {
     store: Arc<dyn Store>,
-    sealer: Sealer,
+    /// The ring as last read; replaced when it changes (see [`Sessions::sealer`]).
+    sealer: std::sync::RwLock<Arc<Sealer>>,
     providers: HashMap<String, ProviderConfig>,
     by_key: DashMap<KeyHash, Arc<ActiveSession>>,
     by_id: DashMap<String, Arc<ActiveSession>>,
@@ -243,7 +244,7 @@ impl Sessions {
     pub fn new(store: Arc<dyn Store>, sealer: Sealer, config: &Config) -> Sessions {
         Sessions {
             store,
-            sealer,
+            sealer: std::sync::RwLock::new(Arc::new(sealer)),
             providers: config
                 .providers
                 .iter()
@@ -271,6 +272,12 @@ impl Sessions {
     ) -> Option<NewEvent> {
         self.notify
             .then(|| NewEvent::new(kind, id, provider, store::now(), detail))
+    }
+
+    /// The sealing ring as this process knows it now.
+    pub fn sealer(&self) -> Arc<Sealer> {
+        // A poisoned lock still holds a whole Arc: the write is one store.
+        Arc::clone(&self.sealer.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -371,7 +378,7 @@ impl Sessions {
             .get(&rec.provider)
             .ok_or_else(|| SessionError::UnknownProvider(rec.provider.clone()))?;
         let access = self
-            .sealer
+            .sealer()
             .open(&rec.access_token, &aad(&rec.id, "access"))?;
         Ok(ActiveSession {
             id: rec.id.clone(),
@@ -448,7 +455,7 @@ impl Sessions {
     pub fn refresh_token(&self, rec: &SessionRecord) -> Result<Option<SecretString>, SessionError> {
         rec.refresh_token
             .as_ref()
-            .map(|sealed| self.sealer.open(sealed, &aad(&rec.id, "refresh")))
+            .map(|sealed| self.sealer().open(sealed, &aad(&rec.id, "refresh")))
             .transpose()
             .map_err(SessionError::from)
     }
@@ -474,7 +481,7 @@ impl Sessions {
     /// A kept sealed value as it is written back: re-sealed under the
     /// primary key when it was sealed under another (or before key ids).
     fn resealed(&self, sealed: &[u8], aad: &[u8]) -> Vec<u8> {
-        self.sealer
+        self.sealer()
             .reseal(sealed, aad)
             .unwrap_or_else(|| sealed.to_vec())
     }
@@ -492,7 +499,7 @@ impl Sessions {
         SealedTokens {
             access_token: self.resealed(&rec.access_token, &aad(&rec.id, "access")),
             refresh_token: refresh_token
-                .map(|r| self.sealer.seal(r, &aad(&rec.id, "refresh")))
+                .map(|r| self.sealer().seal(r, &aad(&rec.id, "refresh")))
                 .or_else(|| {
                     rec.refresh_token
                         .as_ref()
@@ -597,11 +604,11 @@ impl Sessions {
 
     fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {
         SealedTokens {
-            access_token: self.sealer.seal(&tokens.access_token, &aad(id, "access")),
+            access_token: self.sealer().seal(&tokens.access_token, &aad(id, "access")),
             refresh_token: tokens
                 .refresh_token
                 .as_ref()
-                .map(|r| self.sealer.seal(r, &aad(id, "refresh"))),
+                .map(|r| self.sealer().seal(r, &aad(id, "refresh"))),
             expires_at: tokens
                 .expires_in
                 .map(|s| now.saturating_add(s.min(MAX_LIFETIME_SECS) as i64)),
@@ -959,16 +966,16 @@ mod tests {
         let kept = sealed.refresh_token.expect("kept");
         assert_eq!(
             crate::seal::sealed_key_id(&kept),
-            Some(s.sealer.primary_id())
+            Some(s.sealer().primary_id())
         );
         assert_eq!(
             crate::seal::sealed_key_id(&sealed.access_token),
-            Some(s.sealer.primary_id())
+            Some(s.sealer().primary_id())
         );
         let unusable = s.seal_unusable(&rec, None, store::now());
-        assert!(s.sealer.is_current(&unusable.access_token));
+        assert!(s.sealer().is_current(&unusable.access_token));
         assert!(s
-            .sealer
+            .sealer()
             .is_current(unusable.refresh_token.as_deref().expect("kept")));
         let mut rec2 = rec.clone();
         rec2.refresh_token = Some(kept);
