@@ -167,6 +167,8 @@ struct RawStore {
     url: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    key_command: Option<String>,
+    key_reload_interval: Option<RawDuration>,
     invalidation_interval: Option<RawDuration>,
     use_flush_interval: Option<RawDuration>,
 }
@@ -321,6 +323,10 @@ pub struct StoreConfig {
     /// How often the sessions' last use is written to the store, in one
     /// batch (each session at most once per interval); default 60 s.
     pub use_flush_interval: Duration,
+    /// How often a running server reads the ring again (a key file: only
+    /// when it changed; `key_command`: runs it); default 60 s. A key id the
+    /// ring does not know makes it read the ring at once.
+    pub key_reload_interval: Duration,
 }
 
 /// Where the ring of sealing keys comes from (formats: `seal.rs`).
@@ -332,6 +338,20 @@ pub enum KeySource {
     /// An environment variable holding one base64 key, or `ID:BASE64KEY`
     /// entries (the first primary). Only the name is kept here.
     Env(String),
+    /// A command (run by `sh -c` in the configuration's directory) whose
+    /// standard output is the ring, in the key file's format.
+    Command { command: String, dir: PathBuf },
+}
+
+impl KeySource {
+    /// The configuration key that names this source, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::File(path) => format!("store.key_file {}", path.display()),
+            KeySource::Env(var) => format!("store.key_env {var}"),
+            KeySource::Command { .. } => "store.key_command".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -743,16 +763,23 @@ fn validate(
             "must start with sqlite: (e.g. sqlite://credproxy.db) or postgres://",
         ));
     }
-    let key = match (st.key_file, st.key_env) {
-        (Some(_), Some(_)) => {
+    let key = match (st.key_file, st.key_env, st.key_command) {
+        (None, Some(var), None) => KeySource::Env(var),
+        (Some(f), None, None) => KeySource::File(relative_to(dir, f)),
+        (None, None, Some(command)) if command.trim().is_empty() => {
+            return Err(invalid("store.key_command", "is empty"))
+        }
+        (None, None, Some(command)) => KeySource::Command {
+            command,
+            dir: dir.map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        },
+        (None, None, None) => KeySource::File(relative_to(dir, PathBuf::from("credproxy.key"))),
+        _ => {
             return Err(invalid(
-                "store.key_env",
-                "give either `key_file` or `key_env`, not both",
+                "store.key_file",
+                "give one of `key_file`, `key_env` and `key_command`",
             ))
         }
-        (None, Some(var)) => KeySource::Env(var),
-        (Some(f), None) => KeySource::File(relative_to(dir, f)),
-        (None, None) => KeySource::File(relative_to(dir, PathBuf::from("credproxy.key"))),
     };
     let key = match env_override(env, "store.key_file") {
         Some((file, _)) => KeySource::File(PathBuf::from(file)),
@@ -771,7 +798,16 @@ fn validate(
         key,
         invalidation_interval: dur(st.invalidation_interval, "store.invalidation_interval", 0.5)?,
         use_flush_interval: dur(st.use_flush_interval, "store.use_flush_interval", 60.0)?,
+        key_reload_interval: dur(st.key_reload_interval, "store.key_reload_interval", 60.0)?,
     };
+    if store.key_reload_interval < Duration::from_secs(1)
+        || store.key_reload_interval > Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            "store.key_reload_interval",
+            "must be between 1 second and 1 hour",
+        ));
+    }
     if store.use_flush_interval < Duration::from_secs(1)
         || store.use_flush_interval > Duration::from_secs(3600)
     {

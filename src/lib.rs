@@ -23,7 +23,7 @@ pub mod telemetry;
 pub mod tokens;
 
 // The modules' short paths, as used across the crate, its tests and benches.
-pub use control::{admin, connect, pages};
+pub use control::{admin, connect, keys, pages};
 pub use proxy::{forward, provider};
-pub use secrets::{seal, session};
+pub use secrets::{live, rewrap, seal, session};
 pub use tokens::{endpoint as token, refresh, sessions};

@@ -71,9 +71,23 @@ enum KeyCommand {
     },
     /// Add a new sealing key to store.key_file and make it primary: values
     /// sealed from now on use it, the old keys still open what they sealed.
-    /// With store.key_env, prints what to put in the variable instead.
-    /// Restart running servers afterwards, so that they know the new key.
+    /// With store.key_env or store.key_command, prints the ring to set
+    /// instead (and exits 1: nothing changed).
     Rotate,
+    /// Re-seal every stored value under the primary key, online, in
+    /// batches (each row a compare-and-swap, so a concurrent refresh wins);
+    /// resumable: a second run does only what is left. Progress on stderr.
+    Rewrap {
+        /// Rows per transaction.
+        #[arg(long, default_value_t = credproxy::rewrap::BATCH)]
+        batch: u32,
+    },
+    /// Remove key ID from the ring; refused (exit 1, with the count) while
+    /// any stored value is still sealed under it.
+    Retire {
+        /// The key's id, as `key list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,122 +239,15 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
-    use credproxy::config::KeySource;
-    use credproxy::seal::{load_ring, write_key_file};
+    use credproxy::keys;
     // Proves the ring and the store belong together (and makes the key
     // file of a store that holds nothing yet), as every command does.
     let sessions = open_sessions(&config).await?;
-    let Some(ring) = load_ring(&config.store.key)? else {
-        bail!("the sealing key is missing");
-    };
     match cmd {
-        KeyCommand::List { json } => {
-            let counts = sessions.store().count_sealed_by_key().await?;
-            let legacy = ring
-                .keys()
-                .iter()
-                .find(|k| k.is_legacy())
-                .map(|k| k.id.to_string());
-            let sealed_by = |id: &str| -> i64 {
-                counts
-                    .iter()
-                    .filter(|c| match &c.key_id {
-                        Some(k) => k == id,
-                        None => legacy.as_deref() == Some(id),
-                    })
-                    .map(|c| c.count)
-                    .sum()
-            };
-            let primary = ring.primary_id();
-            let rows: Vec<serde_json::Value> = ring
-                .keys()
-                .iter()
-                .map(|k| {
-                    let id = k.id.to_string();
-                    serde_json::json!({
-                        "id": id,
-                        "primary": k.id == primary,
-                        "sealed": sealed_by(&id),
-                        "created_at": k.created_at.map(credproxy::sessions::rfc3339),
-                    })
-                })
-                .collect();
-            for c in &counts {
-                let known = match &c.key_id {
-                    Some(k) => ring.keys().iter().any(|r| r.id.to_string() == *k),
-                    None => legacy.is_some(),
-                };
-                if !known {
-                    eprintln!(
-                        "credproxy: warning: {} stored value(s) sealed under key {}, which is not in the ring",
-                        c.count,
-                        c.key_id.as_deref().unwrap_or("(legacy, before key ids)")
-                    );
-                }
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{:<10} {:<8} {:>8}  CREATED", "ID", "PRIMARY", "SEALED");
-                for r in &rows {
-                    println!(
-                        "{:<10} {:<8} {:>8}  {}",
-                        r["id"].as_str().unwrap_or_default(),
-                        if r["primary"].as_bool().unwrap_or_default() {
-                            "yes"
-                        } else {
-                            ""
-                        },
-                        r["sealed"].as_i64().unwrap_or_default(),
-                        r["created_at"].as_str().unwrap_or("-"),
-                    );
-                }
-            }
-            Ok(())
-        }
-        KeyCommand::Rotate => {
-            let now = credproxy::store::now();
-            match &config.store.key {
-                KeySource::File(path) => {
-                    // One rotate at a time: two at once would each add a
-                    // key to the ring they read, and the last write would
-                    // lose the other's. Under the lock the ring is read again.
-                    let lock_path = path.with_extension("lock");
-                    let lock = std::fs::OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(&lock_path)
-                        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-                    lock.lock()
-                        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
-                    let Some(mut ring) = load_ring(&config.store.key)? else {
-                        bail!("the sealing key is missing");
-                    };
-                    let id = ring.rotate(now);
-                    write_key_file(path, &ring)?;
-                    drop(lock);
-                    println!(
-                        "credproxy: key {id} added to {} and made primary ({} keys in the ring); restart running servers so they know it",
-                        path.display(),
-                        ring.keys().len()
-                    );
-                    Ok(())
-                }
-                KeySource::Env(var) => {
-                    let mut next = ring.clone();
-                    let id = next.rotate(now);
-                    // The new key goes first (the first entry is primary);
-                    // the ones the variable holds now follow, unchanged.
-                    println!("{}", next.env_entry(id).unwrap_or_default());
-                    let ids: Vec<String> = ring.keys().iter().map(|k| k.id.to_string()).collect();
-                    bail!(
-                        "store.key_env: credproxy does not change environment variables. Key {id} (printed on stdout) is new: set {var} to it, then a comma and each key {var} holds now as ID:BASE64KEY (their ids: {}), and restart every instance",
-                        ids.join(", ")
-                    )
-                }
-            }
-        }
+        KeyCommand::List { json } => keys::list(&config, &sessions, json).await,
+        KeyCommand::Rotate => keys::rotate(&config, &sessions).await,
+        KeyCommand::Rewrap { batch } => keys::rewrap(&sessions, batch).await,
+        KeyCommand::Retire { id } => keys::retire(&config, &sessions, &id, async |_| Ok(0)).await,
     }
 }
 

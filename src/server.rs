@@ -178,6 +178,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.store.invalidation_interval,
         shutdown.clone().cancelled_owned(),
     ));
+    tasks.spawn(
+        Arc::clone(sessions.ring()).watch(config.store.key_reload_interval, shutdown.clone()),
+    );
     tasks.spawn(Arc::clone(&refresher).refresh_ahead(shutdown.clone().cancelled_owned()));
     tasks.spawn(Arc::clone(&refresher).refresh_idle(shutdown.clone().cancelled_owned()));
     if let Some(notify) = &config.notify {

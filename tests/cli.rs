@@ -1023,7 +1023,7 @@ fn dockerfile_run_example_works_as_written() {
                 f.display()
             )
         }
-        credproxy::config::KeySource::Env(_) => {}
+        credproxy::config::KeySource::Env(_) | credproxy::config::KeySource::Command { .. } => {}
     }
     let workdir = dockerfile
         .lines()

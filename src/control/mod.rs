@@ -1,8 +1,9 @@
 //! People and operators: the admin listener's router and API (`admin`),
-//! the OAuth connect flows (`connect`) and the pages they show (`pages`),
+//! the `key` commands (`keys`), the OAuth connect flows (`connect`) and the pages they show (`pages`),
 //! and the operators' dashboard at `/ui` (`ui`).
 
 pub mod admin;
 pub mod connect;
+pub mod keys;
 pub mod pages;
 pub mod ui;

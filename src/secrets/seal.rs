@@ -134,6 +134,8 @@ pub enum KeyError {
     EnvMissing(String),
     #[error("store.key_env: environment variable {0} must hold a 32-byte key as base64")]
     EnvContent(String),
+    #[error("store.key_command: {0}")]
+    Command(String),
 }
 
 /// A sealed value could not be opened: wrong key, or tampered data.
@@ -545,6 +547,20 @@ impl Sealer {
             .map(|(_, key)| key.clone())
     }
 
+    /// The first bytes of every value sealed under the primary key now (the
+    /// version and its id): what `key rewrap` compares stored values with.
+    pub fn current_header(&self) -> [u8; HEADER_LEN] {
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = VERSION;
+        header[1..].copy_from_slice(&self.primary_id().0);
+        header
+    }
+
+    /// The ids of the keys that open values, in ring order.
+    pub fn ids(&self) -> Vec<KeyId> {
+        self.keys.iter().map(|k| k.id).collect()
+    }
+
     /// Whether the ring can open values sealed under key `id`.
     pub fn has_key(&self, id: KeyId) -> bool {
         self.key_by_id(id).is_some()
@@ -673,7 +689,94 @@ pub fn load_ring(source: &KeySource) -> Result<Option<Ring>, KeyError> {
                 })
         }
         KeySource::File(path) => read_key_file(path),
+        KeySource::Command { command, dir } => run_key_command(command, dir).map(Some),
     }
+}
+
+/// How long `key_command` may run.
+const KEY_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `key_command` (`sh -c`, in `dir`, no stdin) and reads its standard
+/// output as a ring in the key file's format (or one bare base64 key). Its
+/// output is never shown; errors say the exit status and the start of
+/// what it wrote to standard error.
+fn run_key_command(command: &str, dir: &Path) -> Result<Ring, KeyError> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let fail = |reason: String| KeyError::Command(reason);
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run sh: {e}")))?;
+    // Both pipes are drained while the command runs (a full pipe would
+    // stall it), each up to a bound.
+    let drain = |pipe: Option<Box<dyn Read + Send>>, max: u64| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(p) = pipe {
+                let _ = p.take(max).read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        1 << 20,
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        4096,
+    );
+    let deadline = std::time::Instant::now() + KEY_COMMAND_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!(
+                    "did not finish within {} s",
+                    KEY_COMMAND_TIMEOUT.as_secs()
+                )));
+            }
+            Err(e) => return Err(fail(format!("cannot wait for it: {e}"))),
+        }
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        let said = String::from_utf8_lossy(&err);
+        let said: String = said.trim().chars().take(300).collect();
+        return Err(fail(if said.is_empty() {
+            format!("exited with {status}")
+        } else {
+            format!("exited with {status}: {said}")
+        }));
+    }
+    let text =
+        std::str::from_utf8(&out).map_err(|_| fail("its output is not UTF-8 text".to_owned()))?;
+    if !text.contains(':') {
+        return decode_key(text.trim().as_bytes())
+            .map(|key| Ring::single(key, None))
+            .ok_or_else(|| {
+                fail("its output must be a ring (lines ID:BASE64KEY) or one base64 key".to_owned())
+            });
+    }
+    Ring::parse_file_text(text).map_err(|reason| fail(format!("its output: {reason}")))
 }
 
 /// The ring in the file at `path`, or `None` when there is no such file.
@@ -1099,5 +1202,92 @@ mod tests {
             e.contains("CREDPROXY_TEST_RING_ENV") && e.contains("entry 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn retire_keeps_only_an_audit_key_that_opens_nothing() {
+        let mut ring = Ring::generate(1);
+        let old = ring.primary_id();
+        let sealer = Sealer::from_ring(&ring);
+        let sealed = sealer.seal(&secret("tok"), b"ad");
+        let (chain_id, chain_key) = sealer.audit_key();
+        assert_eq!(chain_id, old);
+        let mac = chain_key.mac(&[b"row"]);
+        let new = ring.rotate(2);
+        assert!(matches!(ring.retire(new, true), Err(RetireError::Primary)));
+        assert!(matches!(
+            ring.retire(KeyId([0; 4]), true),
+            Err(RetireError::NotInRing)
+        ));
+        ring.retire(old, true).expect("retire");
+        let after = Sealer::from_ring(&ring);
+        assert!(!after.has_key(old), "a retired key opens nothing");
+        assert!(after.open(&sealed, b"ad").is_err());
+        let kept = after.audit_key_for(old).expect("audit key kept");
+        assert_eq!(kept.mac(&[b"row"]), mac, "old audit rows still verify");
+        assert_eq!(after.primary_id(), new);
+        assert_eq!(format!("{kept:?}"), "AuditKey([redacted])");
+
+        // The audit-only entry survives the file and the environment form.
+        let text = ring.to_file_text();
+        assert!(text.contains(AUDIT_ONLY));
+        let back = Ring::parse_file_text(&text).expect("parse");
+        assert!(back.get(old).expect("entry").audit_only);
+        assert_eq!(back.primary_id(), new);
+        let env: Vec<String> = [new, old]
+            .iter()
+            .filter_map(|id| ring.env_entry(*id))
+            .collect();
+        let back = Ring::parse_env_text(&env.join(",")).expect("env");
+        assert!(back.get(old).expect("entry").audit_only);
+        assert_eq!(back.primary_id(), new);
+        let sealer = Sealer::from_ring(&back);
+        assert_eq!(sealer.audit_key_for(old).expect("kept").mac(&[b"row"]), mac);
+        // An audit-only entry first in the environment is not primary.
+        let back = Ring::parse_env_text(&format!("{},{}", env[1], env[0])).expect("env");
+        assert_eq!(back.primary_id(), new);
+        assert!(Ring::parse_env_text(&env[1]).is_err(), "no sealing key");
+
+        // Retiring without audit rows removes the entry.
+        let mut ring = Ring::generate(1);
+        let first = ring.primary_id();
+        ring.rotate(2);
+        ring.retire(first, false).expect("retire");
+        assert_eq!(ring.keys().len(), 1);
+        assert!(ring.get(first).is_none());
+        assert!(Ring::parse_file_text(&format!(
+            "{} primary {AUDIT_ONLY}\n",
+            env[1].replacen(&format!(":{AUDIT_ONLY}:"), ":", 1)
+        ))
+        .is_err());
+    }
+
+    #[test]
+    fn a_key_command_prints_the_ring_and_fails_clearly() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ring = Ring::generate(5);
+        std::fs::write(dir.path().join("ring"), ring.to_file_text()).expect("write");
+        let source = |command: &str| KeySource::Command {
+            command: command.to_owned(),
+            dir: dir.path().to_path_buf(),
+        };
+        let read = load_ring(&source("cat ring")).expect("ring").expect("some");
+        assert_eq!(read.primary_id(), ring.primary_id());
+        let key = STANDARD.encode([4u8; 32]);
+        let one = load_ring(&source(&format!("echo {key}")))
+            .expect("ring")
+            .expect("some");
+        assert_eq!(one.primary_id(), KeyId::legacy(&[4u8; 32]));
+        let e = load_ring(&source("echo TOPSECRET; exit 7"))
+            .expect_err("fails")
+            .to_string();
+        assert!(
+            e.contains("exit status: 7") && !e.contains("TOPSECRET"),
+            "{e}"
+        );
+        let e = load_ring(&source("echo not-a-ring:x"))
+            .expect_err("fails")
+            .to_string();
+        assert!(e.contains("line 1") && !e.contains("not-a-ring"), "{e}");
     }
 }

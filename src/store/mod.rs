@@ -317,6 +317,37 @@ pub struct SealedCount {
     pub count: i64,
 }
 
+/// A session's sealed values, as `key rewrap` reads them.
+#[derive(Clone)]
+pub struct SealedRow {
+    pub id: String,
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
+}
+
+/// A row's values re-sealed under the primary key, with the values they
+/// replace (the compare-and-swap's expectation).
+#[derive(Clone)]
+pub struct Resealed {
+    pub id: String,
+    pub old_access: Vec<u8>,
+    pub old_refresh: Option<Vec<u8>>,
+    pub access_token: Vec<u8>,
+    pub refresh_token: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SealedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealedRow({}, [sealed])", self.id)
+    }
+}
+
+impl std::fmt::Debug for Resealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Resealed({}, [sealed])", self.id)
+    }
+}
+
 /// Sessions counted by provider and status, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionCount {
@@ -360,6 +391,24 @@ pub trait Store: Send + Sync + 'static {
     /// Every sealed value (access and refresh tokens) counted by the key id
     /// its header names (see `seal.rs`), by SQL over the stored bytes.
     async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError>;
+
+    /// Up to `limit` sessions, in id order after `after`, holding a sealed
+    /// value whose first bytes are not `header` (the version byte and the
+    /// primary key's id): the rows `key rewrap` has left to do.
+    async fn sealed_not_under(
+        &self,
+        header: &[u8],
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRow>, StoreError>;
+
+    /// Writes re-sealed values, each row only if it still holds the values
+    /// it was read with (a compare-and-swap on the sealed bytes, in one
+    /// transaction per call). The version and `updated_at` are left alone:
+    /// a re-sealed row means what it meant, and a refresh that read the row
+    /// before still wins its own compare-and-swap. Returns the ids of the
+    /// rows written.
+    async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError>;
 
     /// Replaces a session's tokens, sets it active (its error cleared) and
     /// bumps its version. With `expected_version`, only if the row still has

@@ -24,8 +24,8 @@ use super::sql::{
 };
 use super::{
     BudgetAsk, BudgetLease, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent,
-    NewSession, OAuthOutcome, OAuthState, SealedCount, SealedTokens, SessionCount, SessionRecord,
-    Store, StoreError,
+    NewSession, OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens,
+    SessionCount, SessionRecord, Store, StoreError,
 };
 use crate::session::{KeyHash, Status};
 
@@ -269,6 +269,57 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn sealed_not_under(
+        &self,
+        header: &[u8],
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRow>, StoreError> {
+        let rows = sqlx::query(&sql::numbered(sql::SEALED_NOT_UNDER))
+            .bind(after)
+            .bind(header)
+            .bind(header)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(sql::sealed_row).collect()
+    }
+
+    /// The rows are locked in id order first (like `note_uses`, so the two
+    /// never deadlock), then compared and written by one `UPDATE ... FROM
+    /// UNNEST`.
+    async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError> {
+        let mut sorted: Vec<&Resealed> = rows.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let ids: Vec<&str> = sorted.iter().map(|r| r.id.as_str()).collect();
+        let old_a: Vec<&[u8]> = sorted.iter().map(|r| r.old_access.as_slice()).collect();
+        let old_r: Vec<Option<&[u8]>> = sorted.iter().map(|r| r.old_refresh.as_deref()).collect();
+        let new_a: Vec<&[u8]> = sorted.iter().map(|r| r.access_token.as_slice()).collect();
+        let new_r: Vec<Option<&[u8]>> = sorted.iter().map(|r| r.refresh_token.as_deref()).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM sessions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let written: Vec<String> = sqlx::query_scalar(
+            "UPDATE sessions s SET access_token = v.a, refresh_token = v.r
+             FROM UNNEST($1::TEXT[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[], $5::BYTEA[])
+                  AS v(id, old_a, old_r, a, r)
+             WHERE s.id = v.id AND s.access_token = v.old_a
+               AND s.refresh_token IS NOT DISTINCT FROM v.old_r
+             RETURNING s.id",
+        )
+        .bind(&ids)
+        .bind(&old_a)
+        .bind(&old_r)
+        .bind(&new_a)
+        .bind(&new_r)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(written)
     }
 
     async fn replace_tokens(

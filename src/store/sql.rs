@@ -46,6 +46,29 @@ where
     })
 }
 
+/// The sessions `key rewrap` has left: a sealed value whose first 5 bytes
+/// (version and key id) are not the primary's. Binds: after, header,
+/// header, limit.
+pub(crate) const SEALED_NOT_UNDER: &str = "SELECT id, access_token, refresh_token FROM sessions \
+     WHERE id > ? AND (substr(access_token, 1, 5) <> ? \
+       OR (refresh_token IS NOT NULL AND substr(refresh_token, 1, 5) <> ?)) \
+     ORDER BY id LIMIT ?";
+
+/// A row of [`SEALED_NOT_UNDER`].
+pub(crate) fn sealed_row<R>(row: &R) -> Result<super::SealedRow, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(super::SealedRow {
+        id: row.try_get("id")?,
+        access_token: row.try_get("access_token")?,
+        refresh_token: row.try_get("refresh_token")?,
+    })
+}
+
 /// The columns [`event_row`] reads.
 pub(crate) const EVENT_COLUMNS: &str = "id, kind, session_id, provider, at, detail, attempts, next_attempt_at_ms, last_error, delivered_at, gave_up_at";
 

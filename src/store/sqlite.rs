@@ -23,7 +23,8 @@ use super::sql::{
 };
 use super::{
     EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession, OAuthOutcome,
-    OAuthState, SealedCount, SealedTokens, SessionCount, SessionRecord, Store, StoreError,
+    OAuthState, Resealed, SealedCount, SealedRow, SealedTokens, SessionCount, SessionRecord, Store,
+    StoreError,
 };
 use crate::session::{KeyHash, Status};
 
@@ -840,6 +841,47 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn sealed_not_under(
+        &self,
+        header: &[u8],
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRow>, StoreError> {
+        let rows = sqlx::query(sql::SEALED_NOT_UNDER)
+            .bind(after)
+            .bind(header)
+            .bind(header)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(sql::sealed_row).collect()
+    }
+
+    async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError> {
+        self.writable()?;
+        let mut tx = self.pool.begin().await?;
+        let mut written = Vec::with_capacity(rows.len());
+        for r in rows {
+            let n = sqlx::query(
+                "UPDATE sessions SET access_token = ?, refresh_token = ?
+                 WHERE id = ? AND access_token = ? AND refresh_token IS ?",
+            )
+            .bind(&r.access_token)
+            .bind(&r.refresh_token)
+            .bind(&r.id)
+            .bind(&r.old_access)
+            .bind(&r.old_refresh)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                written.push(r.id.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(written)
     }
 
     async fn replace_tokens(

@@ -340,7 +340,7 @@ impl Refresher {
         }
         let moved = |version: i64| !force && seen.is_some_and(|v| v != version);
         if moved(rec.version) {
-            return Ok(Attempt::Done(self.settle(&rec, generation, why)?));
+            return Ok(Attempt::Done(self.settle(&rec, generation, why).await?));
         }
         if rec.refresh_token.is_none() {
             return Err(RefreshError::NotRefreshable);
@@ -369,13 +369,14 @@ impl Refresher {
                 if rec.status == Status::ReauthorizationRequired {
                     return Err(RefreshError::Reauthorization);
                 }
-                return Ok(Attempt::Done(self.settle(&rec, generation, why)?));
+                return Ok(Attempt::Done(self.settle(&rec, generation, why).await?));
             }
         };
         if moved(rec.version) {
             store.release_refresh_lease(id, &self.owner).await?;
-            return Ok(Attempt::Done(self.settle(&rec, generation, why)?));
+            return Ok(Attempt::Done(self.settle(&rec, generation, why).await?));
         }
+        self.sessions.know_keys_of(&rec).await;
         let Some(refresh_token) = self.sessions.refresh_token(&rec)? else {
             store.release_refresh_lease(id, &self.owner).await?;
             return Err(RefreshError::NotRefreshable);
@@ -470,7 +471,7 @@ impl Refresher {
                         if rec.status == Status::RefreshFailing {
                             tracing::info!(session = %id, provider = %rec.provider, "session recovered: refreshed after failing");
                         }
-                        Ok(Attempt::Done(self.settle(&new, generation, why)?))
+                        Ok(Attempt::Done(self.settle(&new, generation, why).await?))
                     }
                     Ok(None) => {
                         // Only if the row moved under us (our lease ran out, or
@@ -524,12 +525,14 @@ impl Refresher {
 
     /// The row a refresh ended with, ready for use: cached for the callers
     /// that wait for it, not for idle refresh (see [`Sessions::uncached`]).
-    fn settle(
+    async fn settle(
         &self,
         rec: &SessionRecord,
         generation: u64,
         why: Why,
     ) -> Result<Arc<ActiveSession>, SessionError> {
+        // Another process may have sealed it under a key not known here yet.
+        self.sessions.know_keys_of(rec).await;
         match why {
             Why::Idle => self.sessions.uncached(rec),
             _ => self.sessions.install(rec, generation),
