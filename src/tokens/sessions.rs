@@ -23,6 +23,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::config::{Config, KeySource, ProviderConfig};
+use crate::live::LiveRing;
 use crate::provider::{Credentials, UnusableToken};
 use crate::seal::{KeyError, OpenError, Sealer};
 use crate::session::{new_session_id, BadKey, KeyHash, SessionKey, Status};
@@ -188,14 +189,14 @@ impl From<&SessionRecord> for SessionInfo {
 }
 
 /// Associated data binding a sealed token to its session and field.
-fn aad(id: &str, field: &str) -> Vec<u8> {
+pub(crate) fn aad(id: &str, field: &str) -> Vec<u8> {
     format!("credproxy/{id}/{field}").into_bytes()
 }
 
 pub struct Sessions {
     store: Arc<dyn Store>,
-    /// The ring as last read; replaced when it changes (see [`Sessions::sealer`]).
-    sealer: std::sync::RwLock<Arc<Sealer>>,
+    /// The ring, followed as other processes change it.
+    ring: Arc<LiveRing>,
     providers: HashMap<String, ProviderConfig>,
     by_key: DashMap<KeyHash, Arc<ActiveSession>>,
     by_id: DashMap<String, Arc<ActiveSession>>,
@@ -244,7 +245,7 @@ impl Sessions {
     pub fn new(store: Arc<dyn Store>, sealer: Sealer, config: &Config) -> Sessions {
         Sessions {
             store,
-            sealer: std::sync::RwLock::new(Arc::new(sealer)),
+            ring: Arc::new(LiveRing::new(sealer, config.store.key.clone())),
             providers: config
                 .providers
                 .iter()
@@ -276,8 +277,20 @@ impl Sessions {
 
     /// The sealing ring as this process knows it now.
     pub fn sealer(&self) -> Arc<Sealer> {
-        // A poisoned lock still holds a whole Arc: the write is one store.
-        Arc::clone(&self.sealer.read().unwrap_or_else(|e| e.into_inner()))
+        self.ring.current()
+    }
+
+    /// The ring this process follows (see `secrets::live`).
+    pub fn ring(&self) -> &Arc<LiveRing> {
+        &self.ring
+    }
+
+    /// Makes sure the ring knows every key `rec`'s values are sealed under,
+    /// reading it again if not (a value re-sealed by another process).
+    pub async fn know_keys_of(&self, rec: &SessionRecord) {
+        let mut sealed: Vec<&[u8]> = vec![&rec.access_token];
+        sealed.extend(rec.refresh_token.as_deref());
+        self.ring.know(&sealed).await;
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -322,6 +335,10 @@ impl Sessions {
             }
             // An environment variable that is not set is an error of its own.
             (None, KeySource::Env(var)) => return Err(KeyError::EnvMissing(var.clone()).into()),
+            // A command that printed nothing usable fails in load_existing.
+            (None, KeySource::Command { .. }) => {
+                return Err(KeyError::Command("printed no ring".to_owned()).into())
+            }
         };
         if let KeySource::File(path) = &config.store.key {
             warnings.extend(crate::seal::key_file_warning(path));
@@ -332,10 +349,7 @@ impl Sessions {
                 .is_err()
             {
                 return Err(StartError::WrongKey {
-                    key: match &config.store.key {
-                        KeySource::File(path) => format!("store.key_file {}", path.display()),
-                        KeySource::Env(var) => format!("store.key_env {var}"),
-                    },
+                    key: config.store.key.describe(),
                     session: rec.id,
                     store: shown,
                 });
@@ -353,6 +367,7 @@ impl Sessions {
         let Some(rec) = self.store.session_by_key(hash).await? else {
             return Ok(None);
         };
+        self.know_keys_of(&rec).await;
         let active = Arc::new(self.activate(&rec)?);
         self.cache_if_unchanged(&self.by_key, *hash, &active, generation);
         Ok(Some(active))
@@ -367,6 +382,7 @@ impl Sessions {
         let Some(rec) = self.store.session_by_id(id).await? else {
             return Ok(None);
         };
+        self.know_keys_of(&rec).await;
         let active = Arc::new(self.activate(&rec)?);
         self.cache_if_unchanged(&self.by_id, id.to_owned(), &active, generation);
         Ok(Some(active))
@@ -405,6 +421,13 @@ impl Sessions {
         let active = Arc::new(self.activate(rec)?);
         let before = self.generation.fetch_add(1, Ordering::AcqRel);
         if before != generation {
+            // Not cached (something was invalidated meanwhile), but an
+            // older copy must not stay: requests would keep presenting the
+            // tokens this refresh replaced, each refused and replayed.
+            self.by_key
+                .remove_if(&rec.key_hash, |_, cached| cached.version < rec.version);
+            self.by_id
+                .remove_if(&rec.id, |_, cached| cached.version < rec.version);
             return Ok(active);
         }
         self.cache_if_unchanged(&self.by_key, rec.key_hash, &active, before + 1);
@@ -603,12 +626,16 @@ impl Sessions {
     }
 
     fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {
+        // Seal under the primary of the key file as it is now, not as it
+        // was at start-up (`key rotate` may have run since).
+        self.ring.follow_file();
+        let sealer = self.sealer();
         SealedTokens {
-            access_token: self.sealer().seal(&tokens.access_token, &aad(id, "access")),
+            access_token: sealer.seal(&tokens.access_token, &aad(id, "access")),
             refresh_token: tokens
                 .refresh_token
                 .as_ref()
-                .map(|r| self.sealer().seal(r, &aad(id, "refresh"))),
+                .map(|r| sealer.seal(r, &aad(id, "refresh"))),
             expires_at: tokens
                 .expires_in
                 .map(|s| now.saturating_add(s.min(MAX_LIFETIME_SECS) as i64)),
