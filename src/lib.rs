@@ -9,6 +9,7 @@
 //! providers, upstream, links) -> `tokens` (sessions, refresh, token
 //! endpoints) -> `store` -> `secrets` -> `config`.
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod error;
