@@ -7,6 +7,7 @@
 
 mod support;
 
+use credproxy_standins::TokenMode;
 use support::{cli_add, client, run_cli, url, BinServer, Extra, World, ADMIN_TOKEN};
 
 fn stdout(o: &std::process::Output) -> String {
@@ -126,7 +127,7 @@ async fn audit_trail(store_url: Option<String>) {
     assert_ne!(refreshed, t2.access_token);
     secrets.push(refreshed);
 
-    // Three requests of the first session.
+    // Three requests of the first session (and a fourth below).
     for _ in 0..3 {
         let r = c
             .get(url(srv.proxy_addr, "/spark/v1/x"))
@@ -136,6 +137,37 @@ async fn audit_trail(store_url: Option<String>) {
             .expect("send");
         assert_eq!(r.status(), 200);
     }
+
+    // The token endpoint refuses the refresh token: a refresh by the proxy
+    // marks the session; new tokens under its key reconnect it.
+    w.spark.expire_access_tokens();
+    w.spark.set_token_mode(TokenMode::InvalidGrant);
+    let r = c
+        .get(url(srv.proxy_addr, "/spark/v1/x"))
+        .header("X-Credproxy-Session", &key1)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        support::error_code(&r).as_deref(),
+        Some("reauthorization_required")
+    );
+    w.spark.set_token_mode(TokenMode::Normal);
+    let t3 = w.spark.issue_tokens();
+    let out = run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            &t3.access_token,
+            "--key",
+            &key1,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // The admin API shows the trail, filtered, with the caller's address.
     let r = c
@@ -206,6 +238,7 @@ async fn audit_trail(store_url: Option<String>) {
 
     let rows = audit_json(&cfg, &[]);
     let text = serde_json::to_string(&rows).expect("text");
+    secrets.extend(w.spark.all_tokens());
     for s in &secrets {
         assert!(!text.contains(s.as_str()), "the audit trail holds a secret");
     }
@@ -217,7 +250,14 @@ async fn audit_trail(store_url: Option<String>) {
     assert_eq!(revoked[0]["actor"], "cli");
     let counts = find(&rows, "session.requests", Some(&id1));
     assert_eq!(counts.len(), 1, "{text}");
-    assert_eq!(counts[0]["detail"]["count"], 3, "{text}");
+    assert_eq!(counts[0]["detail"]["count"], 4, "{text}");
+    let reauth = find(&rows, "session.reauthorization_required", Some(&id1));
+    assert_eq!(reauth.len(), 1, "{text}");
+    assert_eq!(reauth[0]["actor"], "proxy");
+    assert_eq!(reauth[0]["detail"]["error"], "invalid_grant");
+    let reconnected = find(&rows, "session.reconnected", Some(&id1));
+    assert_eq!(reconnected.len(), 1, "{text}");
+    assert_eq!(reconnected[0]["actor"], "cli");
     assert_eq!(counts[0]["detail"]["partial"], true, "{text}");
     assert!(counts[0]["detail"]["hour"]
         .as_str()

@@ -1021,6 +1021,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn request_counts_are_written_once_their_hour_is_over() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions(dir.path()).await;
+        let tokens = NewTokens {
+            access_token: SecretString::from("a1".to_owned()),
+            refresh_token: None,
+            expires_in: None,
+        };
+        let added = s
+            .add("spark", tokens, None, None, Actor::Cli)
+            .await
+            .expect("add");
+        let active = s
+            .by_key(&added.key.hash())
+            .await
+            .expect("lookup")
+            .expect("found");
+        let hour = 1_800_000_000 - 1_800_000_000 % COUNT_PERIOD_SECS;
+        for _ in 0..3 {
+            s.note_use(&active, hour + 10);
+        }
+        // Within the hour: counted, nothing written yet.
+        assert_eq!(
+            s.flush_request_counts(hour + 20, false)
+                .await
+                .expect("flush"),
+            0
+        );
+        s.note_use(&active, hour + 30);
+        // A copy cached anew counts into the same counter.
+        s.invalidate(&added.id);
+        let again = s.by_id(&added.id).await.expect("lookup").expect("found");
+        s.note_use(&again, hour + 40);
+        assert_eq!(
+            s.flush_request_counts(hour + 50, false)
+                .await
+                .expect("flush"),
+            0
+        );
+        // The next hour: the last one is written, once.
+        s.note_use(&again, hour + COUNT_PERIOD_SECS + 1);
+        let later = hour + COUNT_PERIOD_SECS + 5;
+        assert_eq!(
+            s.flush_request_counts(later, false).await.expect("flush"),
+            1
+        );
+        assert_eq!(
+            s.flush_request_counts(later, false).await.expect("flush"),
+            0
+        );
+        // A graceful shutdown writes the hour under way too.
+        assert_eq!(s.flush_request_counts(later, true).await.expect("flush"), 1);
+        let rows = s
+            .store()
+            .list_audit(&audit::AuditFilter {
+                session_id: Some(added.id.clone()),
+                since_ms: None,
+                limit: 10,
+            })
+            .await
+            .expect("list");
+        let counts: Vec<serde_json::Value> = rows
+            .iter()
+            .filter(|r| r.kind == audit::kind::SESSION_REQUESTS)
+            .map(|r| serde_json::from_str(&r.detail).expect("json"))
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                serde_json::json!({"hour": rfc3339(hour), "count": 5}),
+                serde_json::json!({"hour": rfc3339(hour + COUNT_PERIOD_SECS), "count": 1, "partial": true}),
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn a_refresh_without_a_new_refresh_token_keeps_the_old_one() {
         let dir = tempfile::tempdir().expect("dir");
         let s = sessions(dir.path()).await;
