@@ -156,6 +156,7 @@ fn world() -> World {
                 },
                 None,
                 Some(key),
+                credproxy::audit::Actor::Cli,
             )
             .await
             .expect("session added");

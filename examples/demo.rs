@@ -176,6 +176,7 @@ api_key = "{zillow_key}"
                 },
                 Some(format!("demo {name}")),
                 None,
+                credproxy::audit::Actor::Cli,
             )
             .await?;
         keys.push(added.key.expose().to_owned());

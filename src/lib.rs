@@ -8,7 +8,10 @@
 //! `control` (admin API, connect flows, pages) -> `proxy` (the hot path,
 //! providers, upstream, links) -> `tokens` (sessions, refresh, token
 //! endpoints) -> `store` -> `secrets` -> `config`.
+//! `audit` (the audit trail's rows and chain) sits beside `store`, which
+//! appends its rows.
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -58,6 +58,37 @@ enum Command {
     /// The ring of sealing keys (store.key_file or store.key_env).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The audit trail of control-plane events, newest last; `audit verify`
+    /// checks its hash chain.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AuditArgs {
+    #[command(subcommand)]
+    cmd: Option<AuditCommand>,
+    /// Only the rows about this session.
+    #[arg(long, value_name = "ID")]
+    session: Option<String>,
+    /// Only rows at or after T: an RFC 3339 time, or a duration (2h, 30m,
+    /// 1d) meaning that long ago.
+    #[arg(long, value_name = "T")]
+    since: Option<String>,
+    /// At most N rows (the newest).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: u32,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the whole chain: recompute each row's mac with the audit key of
+    /// the sealing key it names and check the links. Prints `ok: N rows`
+    /// (exit 0), or the first broken link's seq and why (exit 1).
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +266,7 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Session(cmd) => session(config, cmd).await,
         Command::Events(cmd) => events(config, cmd).await,
         Command::Key(cmd) => key(config, cmd).await,
+        Command::Audit(args) => audit(config, args).await,
     }
 }
 
@@ -247,7 +279,7 @@ async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
         KeyCommand::List { json } => keys::list(&config, &sessions, json).await,
         KeyCommand::Rotate => keys::rotate(&config, &sessions).await,
         KeyCommand::Rewrap { batch } => keys::rewrap(&sessions, batch).await,
-        KeyCommand::Retire { id } => keys::retire(&config, &sessions, &id, async |_| Ok(0)).await,
+        KeyCommand::Retire { id } => keys::retire(&config, &sessions, &id).await,
     }
 }
 
@@ -264,6 +296,67 @@ async fn events(config: Config, cmd: EventsCommand) -> anyhow::Result<()> {
         print!("{}", credproxy::notify::events_table(&rows));
     }
     Ok(())
+}
+
+async fn audit(config: Config, args: AuditArgs) -> anyhow::Result<()> {
+    use credproxy::audit::{self, AuditFilter, Verdict};
+    // Opens the ring with the store, as every command does: verify needs
+    // the audit keys.
+    let sessions = open_sessions(&config).await?;
+    let store = sessions.store();
+    match args.cmd {
+        Some(AuditCommand::Verify) => {
+            let sealer = sessions.sealer();
+            let started = std::time::Instant::now();
+            let mut said = started;
+            let verdict = audit::verify(store.as_ref(), &sealer, |n| {
+                if said.elapsed() >= std::time::Duration::from_secs(2) {
+                    said = std::time::Instant::now();
+                    eprintln!("credproxy: audit verify: {n} rows checked");
+                }
+            })
+            .await?;
+            match verdict {
+                Verdict::Ok { rows } => {
+                    println!("ok: {rows} rows");
+                    Ok(())
+                }
+                Verdict::Broken { seq, reason } => {
+                    println!("broken: seq {seq}: {reason}");
+                    bail!("the audit chain is broken at seq {seq}: {reason}")
+                }
+                Verdict::Unverifiable {
+                    rows,
+                    first_seq,
+                    key_id,
+                    checked,
+                } => {
+                    println!("not verifiable: {rows} of {checked} rows (the first: seq {first_seq}) were chained under key {key_id}, which the ring no longer holds; the links hold");
+                    bail!("{rows} audit rows cannot be verified: key {key_id} is not in the ring")
+                }
+            }
+        }
+        None => {
+            let since_ms = args
+                .since
+                .as_deref()
+                .map(|t| audit::parse_since(t, credproxy::store::now_ms()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let filter = AuditFilter {
+                session_id: args.session,
+                since_ms,
+                limit: args.limit.clamp(1, audit::MAX_LIST),
+            };
+            let rows = store.list_audit(&filter).await?;
+            if args.json {
+                println!("{}", audit::cli::rows_json(&rows));
+            } else {
+                print!("{}", audit::cli::rows_table(&rows));
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -500,7 +593,15 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
                 .map(|k| SessionKey::chosen(SecretString::from(k)))
                 .transpose()
                 .context("--key")?;
-            let added = sessions.add(&a.provider, tokens, a.label, key).await?;
+            let added = sessions
+                .add(
+                    &a.provider,
+                    tokens,
+                    a.label,
+                    key,
+                    credproxy::audit::Actor::Cli,
+                )
+                .await?;
             if a.json {
                 println!(
                     "{}",
@@ -536,7 +637,10 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
         SessionCommand::Refresh { id } => {
             let metrics = Arc::new(credproxy::metrics::Metrics::default());
             let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
-            match refresher.refresh_now(&id).await {
+            match refresher
+                .refresh_now(&id, credproxy::audit::Actor::Cli)
+                .await
+            {
                 Ok(_) => {}
                 Err(RefreshError::Gone) => bail!("no session with id {id}"),
                 Err(e) => bail!("session {id}: {e}"),

@@ -624,6 +624,7 @@ async fn sessions_are_added_to_the_provider_that_owns_them() {
             },
             None,
             None,
+            credproxy::audit::Actor::Cli,
         )
         .await
         .expect_err("a provider with sessions_from has no sessions of its own");

@@ -39,6 +39,7 @@ async fn insert(
             now,
         },
         None,
+        None,
     )
     .await
     .expect("insert")
@@ -60,6 +61,7 @@ async fn sessions_crud(s: Arc<dyn Store>) {
                 tokens: tokens(2),
                 now: 101,
             },
+            None,
             None,
         )
         .await;
@@ -104,33 +106,39 @@ async fn sessions_crud(s: Arc<dyn Store>) {
 
     // Replace: unconditional, then compare-and-swap on the version.
     let r = s
-        .replace_tokens("s_a", tokens(5), None, 200, None)
+        .replace_tokens("s_a", tokens(5), None, 200, None, None)
         .await
         .expect("replace")
         .expect("row");
     assert_eq!(r.version, 2);
     assert_eq!(r.access_token, vec![5; 40]);
     assert!(
-        s.replace_tokens("s_a", tokens(6), Some(1), 201, None)
+        s.replace_tokens("s_a", tokens(6), Some(1), 201, None, None)
             .await
             .expect("cas")
             .is_none(),
         "stale version"
     );
     let r = s
-        .replace_tokens("s_a", tokens(6), Some(2), 202, None)
+        .replace_tokens("s_a", tokens(6), Some(2), 202, None, None)
         .await
         .expect("cas")
         .expect("row");
     assert_eq!((r.version, r.updated_at), (3, 202));
     assert!(s
-        .replace_tokens("s_zzz", tokens(6), None, 203, None)
+        .replace_tokens("s_zzz", tokens(6), None, 203, None, None)
         .await
         .expect("replace")
         .is_none());
 
-    assert!(s.delete_session("s_a", 300, None).await.expect("delete"));
-    assert!(!s.delete_session("s_a", 301, None).await.expect("delete"));
+    assert!(s
+        .delete_session("s_a", 300, None, None)
+        .await
+        .expect("delete"));
+    assert!(!s
+        .delete_session("s_a", 301, None, None)
+        .await
+        .expect("delete"));
     assert!(s.session_by_id("s_a").await.expect("read").is_none());
 }
 
@@ -169,17 +177,17 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     ));
     // Only the owner commits, and only on the version it read.
     assert!(s
-        .commit_refresh("s_l", "two", tokens(7), 1, 500, HEALTHY)
+        .commit_refresh("s_l", "two", tokens(7), 1, 500, HEALTHY, None)
         .await
         .expect("commit")
         .is_none());
     assert!(s
-        .commit_refresh("s_l", "one", tokens(7), 9, 500, HEALTHY)
+        .commit_refresh("s_l", "one", tokens(7), 9, 500, HEALTHY, None)
         .await
         .expect("commit")
         .is_none());
     let c = s
-        .commit_refresh("s_l", "one", tokens(7), 1, 500, HEALTHY)
+        .commit_refresh("s_l", "one", tokens(7), 1, 500, HEALTHY, None)
         .await
         .expect("commit")
         .expect("row");
@@ -200,11 +208,11 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     assert!(matches!(lease("two", 9_000).await, Lease::Acquired(_)));
     // Reauthorization: compare-and-swap too; it bumps the version and clears the lease.
     assert!(!s
-        .mark_reauthorization_required("s_l", 1, 600, "invalid_grant", None)
+        .mark_reauthorization_required("s_l", 1, 600, "invalid_grant", None, None)
         .await
         .expect("mark"));
     assert!(s
-        .mark_reauthorization_required("s_l", 2, 600, "invalid_grant", None)
+        .mark_reauthorization_required("s_l", 2, 600, "invalid_grant", None, None)
         .await
         .expect("mark"));
     let r = s.session_by_id("s_l").await.expect("read").expect("row");
@@ -215,7 +223,7 @@ async fn leases_and_commits(s: Arc<dyn Store>) {
     );
     // Replacing the tokens makes it active again.
     let r = s
-        .replace_tokens("s_l", tokens(9), None, 700, None)
+        .replace_tokens("s_l", tokens(9), None, 700, None, None)
         .await
         .expect("replace")
         .expect("row");
@@ -227,10 +235,12 @@ async fn change_log(s: Arc<dyn Store>) {
     let now = store::now();
     insert(&s, "s_x", b"key-x", now).await;
     insert(&s, "s_y", b"key-y", now).await;
-    s.replace_tokens("s_x", tokens(3), None, now, None)
+    s.replace_tokens("s_x", tokens(3), None, now, None, None)
         .await
         .expect("replace");
-    s.delete_session("s_y", now, None).await.expect("delete");
+    s.delete_session("s_y", now, None, None)
+        .await
+        .expect("delete");
     let (cursor, ids) = s.changes_since(start).await.expect("changes");
     assert!(cursor > start);
     assert!(
@@ -397,6 +407,7 @@ async fn health_and_events(s: Arc<dyn Store>) {
                 now: 100,
             },
             Some(&connected),
+            None,
         )
         .await
         .expect("insert");
@@ -520,7 +531,7 @@ async fn health_and_events(s: Arc<dyn Store>) {
     // Rotated tokens whose access token cannot be sent: stored, health unchanged.
     let v = lease_for(&s, "s_h", "one").await.version;
     let r = s
-        .commit_refresh("s_h", "one", tokens(3), v, 400, Health::Unchanged)
+        .commit_refresh("s_h", "one", tokens(3), v, 400, Health::Unchanged, None)
         .await
         .expect("commit")
         .expect("row");
@@ -539,6 +550,7 @@ async fn health_and_events(s: Arc<dyn Store>) {
             Health::Healthy {
                 recovered: Some(&recovered),
             },
+            None,
         )
         .await
         .expect("commit")
@@ -559,6 +571,7 @@ async fn health_and_events(s: Arc<dyn Store>) {
         Health::Healthy {
             recovered: Some(&again),
         },
+        None,
     )
     .await
     .expect("commit")
@@ -573,7 +586,7 @@ async fn health_and_events(s: Arc<dyn Store>) {
     );
     let v = lease_for(&s, "s_h", "one").await.version;
     assert!(s
-        .mark_reauthorization_required("s_h", v, 700, "invalid_grant", Some(&reauth))
+        .mark_reauthorization_required("s_h", v, 700, "invalid_grant", Some(&reauth), None)
         .await
         .expect("mark"));
     let r = s.session_by_id("s_h").await.expect("read").expect("row");
@@ -610,7 +623,7 @@ async fn health_and_events(s: Arc<dyn Store>) {
     // A reconnect: active again, error cleared, its event.
     let reconnected = event(EventKind::Connected, "s_h", json!({"reconnected": true}));
     let r = s
-        .replace_tokens("s_h", tokens(6), None, 800, Some(&reconnected))
+        .replace_tokens("s_h", tokens(6), None, 800, Some(&reconnected), None)
         .await
         .expect("replace")
         .expect("row");
@@ -621,11 +634,11 @@ async fn health_and_events(s: Arc<dyn Store>) {
     // A revoke, and a revoke of nothing (no event).
     let revoked = event(EventKind::Revoked, "s_h", json!({"by": "cli"}));
     assert!(s
-        .delete_session("s_h", 900, Some(&revoked))
+        .delete_session("s_h", 900, Some(&revoked), None)
         .await
         .expect("delete"));
     assert!(!s
-        .delete_session("s_h", 901, Some(&revoked))
+        .delete_session("s_h", 901, Some(&revoked), None)
         .await
         .expect("delete again"));
 
@@ -685,17 +698,20 @@ async fn no_events_without_notify(s: Arc<dyn Store>) {
         v,
         300,
         Health::Healthy { recovered: None },
+        None,
     )
     .await
     .expect("commit")
     .expect("row");
-    s.mark_reauthorization_required("s_n", v + 1, 400, "invalid_client", None)
+    s.mark_reauthorization_required("s_n", v + 1, 400, "invalid_client", None, None)
         .await
         .expect("mark");
-    s.replace_tokens("s_n", tokens(3), None, 500, None)
+    s.replace_tokens("s_n", tokens(3), None, 500, None, None)
         .await
         .expect("replace");
-    s.delete_session("s_n", 600, None).await.expect("delete");
+    s.delete_session("s_n", 600, None, None)
+        .await
+        .expect("delete");
     assert!(s.list_events(10).await.expect("list").is_empty());
 }
 
@@ -722,6 +738,7 @@ async fn with_events(s: &Arc<dyn Store>, prefix: &str, n: usize) -> Vec<String> 
                 now: 100,
             },
             Some(&e),
+            None,
         )
         .await
         .expect("insert");
@@ -919,6 +936,7 @@ async fn idle_candidates(s: Arc<dyn Store>) {
                     now,
                 },
                 None,
+                None,
             )
             .await
             .expect("insert")
@@ -942,11 +960,12 @@ async fn idle_candidates(s: Arc<dyn Store>) {
         v,
         300,
         Health::Healthy { recovered: None },
+        None,
     )
     .await
     .expect("commit")
     .expect("row");
-    s.mark_reauthorization_required("s_i_reauth", 1, 10, "invalid_grant", None)
+    s.mark_reauthorization_required("s_i_reauth", 1, 10, "invalid_grant", None, None)
         .await
         .expect("mark");
     s.mark_refresh_failing(

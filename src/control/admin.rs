@@ -160,6 +160,10 @@ pub fn router(state: AdminState) -> Router {
             "/admin/sessions/{id}/refresh",
             axum::routing::post(refresh_session),
         )
+        .route("/admin/audit", get(list_audit))
+        // Inside the token check: only authorised calls are audited (an
+        // unauthenticated caller cannot grow the trail).
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit_call))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_admin_token,
@@ -271,6 +275,73 @@ async fn require_admin_token(
     }
 }
 
+/// Appends an `admin.call` row for each authorised admin API call: the
+/// method, the path (never the query or a body), the status and the
+/// caller's address. A row that cannot be written is logged; the call's
+/// answer stands (what it did is done).
+async fn audit_call(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let caller = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let resp = next.run(req).await;
+    let detail = serde_json::json!({
+        "method": method,
+        "path": path,
+        "status": resp.status().as_u16(),
+        "caller": caller,
+    });
+    if let Err(e) = state
+        .sessions
+        .record(
+            crate::audit::kind::ADMIN_CALL,
+            None,
+            crate::audit::Actor::Admin,
+            detail,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, method = %method, path = %path, "cannot write the admin call to the audit trail");
+    }
+    resp
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    session: Option<String>,
+    since: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /admin/audit?session=ID&since=T&limit=N`: the newest matching rows
+/// (default 100, at most 10,000), oldest first, as `credproxy audit --json`.
+async fn list_audit(
+    State(state): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let since_ms = q
+        .since
+        .as_deref()
+        .map(|t| crate::audit::parse_since(t, crate::store::now_ms()))
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e))?;
+    let filter = crate::audit::AuditFilter {
+        session_id: q.session.filter(|s| !s.is_empty()),
+        since_ms,
+        limit: q.limit.unwrap_or(100).clamp(1, crate::audit::MAX_LIST),
+    };
+    let rows = state
+        .sessions
+        .store()
+        .list_audit(&filter)
+        .await
+        .map_err(SessionError::from)?;
+    let views: Vec<_> = rows.iter().map(crate::audit::AuditRow::view).collect();
+    Ok(Json(views).into_response())
+}
+
 async fn readyz(State(state): State<AdminState>) -> Response {
     match state.sessions.store().ping().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
@@ -368,7 +439,10 @@ async fn refresh_session(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.refresher.refresh_now(&id).await?;
+    state
+        .refresher
+        .refresh_now(&id, crate::audit::Actor::Admin)
+        .await?;
     tracing::info!(session = %id, "session refreshed via admin API");
     match state.sessions.info(&id).await? {
         Some(info) => Ok(Json(info).into_response()),
@@ -422,6 +496,7 @@ async fn add_session(State(state): State<AdminState>, body: Bytes) -> Result<Res
             },
             req.label,
             key,
+            crate::audit::Actor::Admin,
         )
         .await?;
     tracing::info!(session = %added.id, provider = %added.provider, replaced = added.replaced, "session added via admin API");

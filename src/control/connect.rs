@@ -484,21 +484,21 @@ impl Connector {
         let connected = match (pending.session_id, pending.key_hash) {
             (Some(id), _) => {
                 sessions
-                    .replace(&id, &cfg.name, tokens)
+                    .replace(&id, &cfg.name, tokens, crate::audit::Actor::Connect)
                     .await
                     .map_err(stored)?;
                 Connected::Reconnected { id }
             }
             (None, Some(hash)) => {
                 let (id, _) = sessions
-                    .add_hashed(&cfg.name, tokens, label, hash)
+                    .add_hashed(&cfg.name, tokens, label, hash, crate::audit::Actor::Connect)
                     .await
                     .map_err(stored)?;
                 Connected::KeyWithCli { id }
             }
             (None, None) => {
                 let added = sessions
-                    .add(&cfg.name, tokens, label, None)
+                    .add(&cfg.name, tokens, label, None, crate::audit::Actor::Connect)
                     .await
                     .map_err(stored)?;
                 Connected::New {

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
+use crate::audit;
 use crate::config::{Config, KeySource};
 use crate::rewrap::{self, Progress};
 use crate::seal::{load_ring, write_key_file, KeyId, Ring};
@@ -71,6 +72,17 @@ fn ring_of(config: &Config) -> anyhow::Result<Ring> {
     match load_ring(&config.store.key)? {
         Some(ring) => Ok(ring),
         None => bail!("the sealing key is missing"),
+    }
+}
+
+/// Appends a key command's audit row, chained under `ring`'s primary (the
+/// ring as it is after the change). The change has happened: a failure to
+/// record it is a warning, not the command's failure.
+async fn record(sessions: &Sessions, ring: &Ring, kind: &str, detail: serde_json::Value) {
+    let sealer = crate::seal::Sealer::from_ring(ring);
+    if let Err(e) = audit::record_key_event(sessions.store().as_ref(), &sealer, kind, detail).await
+    {
+        eprintln!("credproxy: warning: the change could not be recorded in the audit trail: {e}");
     }
 }
 
@@ -167,7 +179,6 @@ fn say_what_to_change(config: &Config, ring: &Ring, next: &Ring, what: &str) -> 
 
 /// `key rotate`: a new random key, made primary.
 pub async fn rotate(config: &Config, sessions: &Sessions) -> anyhow::Result<()> {
-    let _ = sessions;
     let now = crate::store::now();
     let KeySource::File(path) = &config.store.key else {
         let ring = ring_of(config)?;
@@ -186,6 +197,13 @@ pub async fn rotate(config: &Config, sessions: &Sessions) -> anyhow::Result<()> 
     let id = ring.rotate(now);
     write_key_file(path, &ring)?;
     drop(lock);
+    record(
+        sessions,
+        &ring,
+        audit::kind::KEY_ROTATED,
+        serde_json::json!({"key": id.to_string(), "keys": ring.keys().len()}),
+    )
+    .await;
     println!(
         "credproxy: key {id} added to {} and made primary ({} keys in the ring); running servers seal with it from their next write, and open what it seals at once",
         path.display(),
@@ -228,6 +246,22 @@ pub async fn rewrap(sessions: &Sessions, batch: u32) -> anyhow::Result<()> {
     if tty && started.elapsed() >= std::time::Duration::from_secs(1) {
         eprintln!();
     }
+    if let Err(e) = audit::record_key_event(
+        sessions.store().as_ref(),
+        &sessions.sealer(),
+        audit::kind::KEY_REWRAPPED,
+        serde_json::json!({
+            "key": primary.to_string(),
+            "values": report.progress.values,
+            "sessions": report.progress.rows,
+            "left": report.left,
+            "unopenable": report.unopenable,
+        }),
+    )
+    .await
+    {
+        eprintln!("credproxy: warning: the rewrap could not be recorded in the audit trail: {e}");
+    }
     println!(
         "credproxy: re-sealed {} values ({} sessions) under key {primary} in {:.2} s ({:.0} rows/s)",
         report.progress.values,
@@ -259,12 +293,7 @@ pub async fn rewrap(sessions: &Sessions, batch: u32) -> anyhow::Result<()> {
 /// `key retire ID`: refused while anything is sealed under the key; a key
 /// that chained audit rows stays as an audit-only entry (`audit_rows`
 /// counts them), which opens no token.
-pub async fn retire(
-    config: &Config,
-    sessions: &Sessions,
-    id: &str,
-    audit_rows: impl AsyncFn(KeyId) -> anyhow::Result<i64>,
-) -> anyhow::Result<()> {
+pub async fn retire(config: &Config, sessions: &Sessions, id: &str) -> anyhow::Result<()> {
     let Some(id) = KeyId::parse(id) else {
         bail!("`{id}` is not a key id (8 hex digits, as `credproxy key list` shows)");
     };
@@ -276,7 +305,16 @@ pub async fn retire(
             bail!("key {id} is the primary key: run `credproxy key rotate`, then `credproxy key rewrap`, then retire it");
         }
         let sealed = Counts::read(sessions, ring).await?.sealed_under(id);
-        Ok((sealed, audit_rows(id).await?))
+        let hex = id.to_string();
+        let audit: i64 = sessions
+            .store()
+            .count_audit_by_key()
+            .await?
+            .iter()
+            .filter(|(k, _)| *k == hex)
+            .map(|(_, n)| n)
+            .sum();
+        Ok((sealed, audit))
     };
     let refuse = |sealed: i64| {
         anyhow::anyhow!(
@@ -324,6 +362,13 @@ pub async fn retire(
         return Err(refuse(sealed));
     }
     drop(lock);
+    record(
+        sessions,
+        &next,
+        audit::kind::KEY_RETIRED,
+        serde_json::json!({"key": id.to_string(), "audit_only": audit > 0}),
+    )
+    .await;
     println!("credproxy: {}", what(audit));
     Ok(())
 }

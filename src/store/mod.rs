@@ -18,9 +18,17 @@
 //! no event and invents none. `last_used_at` is not a change: it is written
 //! in batches ([`Store::note_uses`]) without a version bump, a change-log
 //! entry or an event.
+//!
+//! **Invariant (audit):** the audit row of a change (`audit:
+//! Option<&AuditAppend>`) is appended in the same transaction as the
+//! change, only when the change happened, after every other write of the
+//! transaction and under the chain's lock (SQLite: the write transaction
+//! itself; PostgreSQL: `pg_advisory_xact_lock`), so rows are chained in
+//! commit order with no gap (see `crate::audit`).
 
 use async_trait::async_trait;
 
+use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::session::{KeyHash, Status};
 
 pub mod postgres;
@@ -367,6 +375,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         new: NewSession,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<SessionRecord, StoreError>;
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError>;
@@ -422,6 +431,7 @@ pub trait Store: Send + Sync + 'static {
         expected_version: Option<i64>,
         now: i64,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
     /// Takes the session's refresh lease for `owner` until `until_ms` (unix
@@ -441,6 +451,8 @@ pub trait Store: Send + Sync + 'static {
     /// `owner` holds it and the row still has `expected_version`; `health`
     /// says whether the session becomes `active` again (and whether that
     /// was a recovery worth an event).
+    // The compare-and-swap's parts, the health and the audit row: one call.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_refresh(
         &self,
         id: &str,
@@ -449,6 +461,7 @@ pub trait Store: Send + Sync + 'static {
         expected_version: i64,
         now: i64,
         health: Health<'_>,
+        audit: Option<&AuditAppend>,
     ) -> Result<Option<SessionRecord>, StoreError>;
 
     /// Records a transient refresh failure, if the row still has
@@ -480,6 +493,7 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         code: &str,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<bool, StoreError>;
 
     /// Records when sessions were last used: `(id, unix seconds)`, one entry
@@ -586,6 +600,7 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         now: i64,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<bool, StoreError>;
 
     /// Due events (not delivered, not given up, `next_attempt_at_ms <=
@@ -632,6 +647,22 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets delivered events delivered before `before` (unix seconds);
     /// returns how many.
     async fn prune_events(&self, before: i64) -> Result<u64, StoreError>;
+
+    /// Appends a row to the audit chain in a transaction of its own, under
+    /// the lock that serializes every appender (see `crate::audit`);
+    /// returns its `seq`. The methods above that take an `audit` append it
+    /// the same way, in the change's transaction, when the change happened.
+    async fn append_audit(&self, audit: &AuditAppend) -> Result<i64, StoreError>;
+
+    /// The newest `filter.limit` rows matching `filter`, oldest first.
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// Rows with `seq > after_seq`, in `seq` order, at most `limit`.
+    async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// How many audit rows each key id chained (`key retire` keeps the
+    /// audit key of a key with rows).
+    async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError>;
 
     /// The newest change-log position.
     async fn change_cursor(&self) -> Result<i64, StoreError>;

@@ -27,6 +27,7 @@ use super::{
     NewSession, OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens,
     SessionCount, SessionRecord, Store, StoreError,
 };
+use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -138,6 +139,31 @@ async fn insert_event(
     Ok(())
 }
 
+/// Appends `audit` to the chain, last in the transaction: under the
+/// chain's advisory lock (held until the transaction ends, so appenders of
+/// every instance take turns), reads the last row and inserts the next.
+async fn append_audit_tx(
+    tx: &mut sqlx::PgConnection,
+    audit: Option<&AuditAppend>,
+) -> Result<Option<i64>, StoreError> {
+    let Some(audit) = audit else { return Ok(None) };
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(sql::AUDIT_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let last = sqlx::query(sql::LAST_AUDIT)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(sql::last_audit)
+        .transpose()?;
+    let row = audit.chain(last);
+    sql::bind_audit(sqlx::query(pg_sql!(sql::INSERT_AUDIT)), &row)
+        .execute(tx)
+        .await?;
+    Ok(Some(row.seq))
+}
+
 /// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
 fn oldest_first(rows: &[PgRow]) -> Result<Vec<EventRow>, StoreError> {
     let mut events = rows
@@ -169,6 +195,7 @@ impl Store for PgStore {
         &self,
         new: NewSession,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<SessionRecord, StoreError> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
@@ -196,6 +223,7 @@ impl Store for PgStore {
         let rec = record(&row)?;
         log_change(&mut tx, &new.id, new.now).await?;
         insert_event(&mut tx, event).await?;
+        append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -329,6 +357,7 @@ impl Store for PgStore {
         expected_version: Option<i64>,
         now: i64,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
@@ -350,6 +379,7 @@ impl Store for PgStore {
         let rec = record(&row)?;
         log_change(&mut tx, id, now).await?;
         insert_event(&mut tx, event).await?;
+        append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(Some(rec))
     }
@@ -404,6 +434,8 @@ impl Store for PgStore {
         Ok(())
     }
 
+    // The compare-and-swap's parts, the health and the audit row: one call.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_refresh(
         &self,
         id: &str,
@@ -412,6 +444,7 @@ impl Store for PgStore {
         expected_version: i64,
         now: i64,
         health: Health<'_>,
+        audit: Option<&AuditAppend>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let (healthy, recovered) = match health {
             Health::Healthy { recovered } => (true, recovered),
@@ -439,6 +472,7 @@ impl Store for PgStore {
         if healthy && sql::transition(prior.as_deref(), Status::Active) {
             insert_event(&mut tx, recovered).await?;
         }
+        append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(Some(rec))
     }
@@ -450,6 +484,7 @@ impl Store for PgStore {
         now: i64,
         code: &str,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let prior = prior_status(&mut tx, id).await?;
@@ -465,6 +500,7 @@ impl Store for PgStore {
             log_change(&mut tx, id, now).await?;
             if sql::transition(prior.as_deref(), Status::ReauthorizationRequired) {
                 insert_event(&mut tx, event).await?;
+                append_audit_tx(&mut tx, audit).await?;
             }
         }
         tx.commit().await?;
@@ -702,6 +738,7 @@ impl Store for PgStore {
         id: &str,
         now: i64,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query("DELETE FROM sessions WHERE id = $1")
@@ -712,9 +749,52 @@ impl Store for PgStore {
         if n > 0 {
             log_change(&mut tx, id, now).await?;
             insert_event(&mut tx, event).await?;
+            append_audit_tx(&mut tx, audit).await?;
         }
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    async fn append_audit(&self, audit: &AuditAppend) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let seq = append_audit_tx(&mut tx, Some(audit)).await?;
+        tx.commit().await?;
+        seq.ok_or(StoreError::Closed)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(pg_sql!(sql::list_audit_sql()))
+            .bind(filter.session_id.as_deref())
+            .bind(filter.session_id.as_deref())
+            .bind(filter.since_ms)
+            .bind(filter.since_ms)
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut rows = rows
+            .iter()
+            .map(sql::audit_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(pg_sql!(sql::audit_page_sql()))
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(sql::audit_row).collect()
+    }
+
+    async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
+            .collect()
     }
 
     /// The due rows are locked `FOR UPDATE SKIP LOCKED` (a concurrent

@@ -5,6 +5,7 @@
 //! `SKIP LOCKED` and its own clock.
 
 use super::{EventRow, IdleSession, NewEvent, SessionRecord, StoreError};
+use crate::audit::AuditRow;
 use crate::session::{KeyHash, Status};
 
 /// The columns [`record`] reads, in the order both stores select them.
@@ -236,3 +237,94 @@ macro_rules! pg_sql {
     }};
 }
 pub(crate) use pg_sql;
+
+/// The columns [`audit_row`] reads.
+pub(crate) const AUDIT_COLUMNS: &str =
+    "seq, at, instance, kind, session_id, actor, detail, key_id, prev_mac, mac";
+
+/// The chain's last row (`seq`, `mac`), read under the append lock.
+pub(crate) const LAST_AUDIT: &str = "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1";
+
+/// Appends a chained row ([`bind_audit`]).
+pub(crate) const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, instance, kind, session_id, actor, detail, key_id, prev_mac, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// The PostgreSQL advisory lock that serializes appends to the audit chain
+/// across instances (`pg_advisory_xact_lock`): an arbitrary constant, apart
+/// from the request budgets' name space (which hashes text).
+pub(crate) const AUDIT_LOCK: i64 = 0x6372_6564_6175_6474; // "credaudt"
+
+/// Binds a chained row to [`INSERT_AUDIT`].
+pub(crate) fn bind_audit<'q, DB: sqlx::Database>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    r: &'q AuditRow,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    q.bind(r.seq)
+        .bind(r.at)
+        .bind(r.instance.as_str())
+        .bind(r.kind.as_str())
+        .bind(r.session_id.as_deref())
+        .bind(r.actor.as_str())
+        .bind(r.detail.as_str())
+        .bind(r.key_id.as_str())
+        .bind(r.prev_mac.as_slice())
+        .bind(r.mac.as_slice())
+}
+
+/// `(seq, mac)` from [`LAST_AUDIT`].
+pub(crate) fn last_audit<R>(row: &R) -> Result<(i64, Vec<u8>), StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok((row.try_get("seq")?, row.try_get("mac")?))
+}
+
+/// An audit row from either store's `SELECT {AUDIT_COLUMNS}`.
+pub(crate) fn audit_row<R>(row: &R) -> Result<AuditRow, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(AuditRow {
+        seq: row.try_get("seq")?,
+        at: row.try_get("at")?,
+        instance: row.try_get("instance")?,
+        kind: row.try_get("kind")?,
+        session_id: row.try_get("session_id")?,
+        actor: row.try_get("actor")?,
+        detail: row.try_get("detail")?,
+        key_id: row.try_get("key_id")?,
+        prev_mac: row.try_get("prev_mac")?,
+        mac: row.try_get("mac")?,
+    })
+}
+
+/// The newest rows matching a filter (session, since), newest first:
+/// bind the session twice, the time twice, then the limit.
+pub(crate) fn list_audit_sql() -> String {
+    format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit
+         WHERE (CAST(? AS TEXT) IS NULL OR session_id = ?) AND (CAST(? AS BIGINT) IS NULL OR at >= ?)
+         ORDER BY seq DESC LIMIT ?"
+    )
+}
+
+/// A page of the chain in order: rows after a `seq`, at most a limit.
+pub(crate) fn audit_page_sql() -> String {
+    format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?")
+}
+
+/// Rows chained under each key id.
+pub(crate) const COUNT_AUDIT_BY_KEY: &str =
+    "SELECT key_id, COUNT(*) AS n FROM audit GROUP BY key_id ORDER BY key_id";

@@ -26,6 +26,7 @@ use super::{
     OAuthState, Resealed, SealedCount, SealedRow, SealedTokens, SessionCount, SessionRecord, Store,
     StoreError,
 };
+use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -265,6 +266,7 @@ enum WriteOp {
         now: i64,
         healthy: bool,
         recovered: Option<NewEvent>,
+        audit: Option<AuditAppend>,
     },
     MarkReauthorization {
         id: String,
@@ -272,6 +274,7 @@ enum WriteOp {
         now: i64,
         code: String,
         event: Option<NewEvent>,
+        audit: Option<AuditAppend>,
     },
     MarkFailing {
         id: String,
@@ -503,6 +506,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             now,
             healthy,
             recovered,
+            audit,
         } => {
             let prior = prior_status(tx, id).await?;
             let row = sqlx::query(&sql::commit_refresh_sql())
@@ -525,6 +529,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
                 if *healthy && sql::transition(prior.as_deref(), Status::Active) {
                     insert_event(tx, recovered.as_ref()).await?;
                 }
+                append_audit_tx(tx, audit.as_ref()).await?;
             }
             Written::Row(rec)
         }
@@ -534,6 +539,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             now,
             code,
             event,
+            audit,
         } => {
             let prior = prior_status(tx, id).await?;
             let n = sqlx::query(sql::MARK_REAUTHORIZATION)
@@ -548,6 +554,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
                 log_change(tx, id, *now).await?;
                 if sql::transition(prior.as_deref(), Status::ReauthorizationRequired) {
                     insert_event(tx, event.as_ref()).await?;
+                    append_audit_tx(tx, audit.as_ref()).await?;
                 }
             }
             Written::Flag(n > 0)
@@ -680,6 +687,28 @@ async fn insert_event(
     Ok(())
 }
 
+/// Appends `audit` to the chain, last in the transaction. The transaction
+/// holds SQLite's write lock by now (it wrote the change first, or began
+/// IMMEDIATE), so appenders of every process take turns: the last row read
+/// here is the last row.
+async fn append_audit_tx(
+    tx: &mut sqlx::SqliteConnection,
+    audit: Option<&AuditAppend>,
+) -> Result<Option<i64>, StoreError> {
+    let Some(audit) = audit else { return Ok(None) };
+    let last = sqlx::query(sql::LAST_AUDIT)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(sql::last_audit)
+        .transpose()?;
+    let row = audit.chain(last);
+    sql::bind_audit(sqlx::query(sql::INSERT_AUDIT), &row)
+        .execute(tx)
+        .await?;
+    Ok(Some(row.seq))
+}
+
 fn oauth_state(row: &SqliteRow) -> Result<OAuthState, StoreError> {
     let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
     let key_hash = key_hash
@@ -721,6 +750,7 @@ impl Store for SqliteStore {
         &self,
         new: NewSession,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<SessionRecord, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
@@ -747,6 +777,7 @@ impl Store for SqliteStore {
         res?;
         log_change(&mut tx, &new.id, new.now).await?;
         insert_event(&mut tx, event).await?;
+        append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(SessionRecord {
             id: new.id,
@@ -891,6 +922,7 @@ impl Store for SqliteStore {
         expected_version: Option<i64>,
         now: i64,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
@@ -913,6 +945,7 @@ impl Store for SqliteStore {
         let rec = record(&row)?;
         log_change(&mut tx, id, now).await?;
         insert_event(&mut tx, event).await?;
+        append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(Some(rec))
     }
@@ -944,6 +977,8 @@ impl Store for SqliteStore {
         self.write(op).await.map(|_| ())
     }
 
+    // The compare-and-swap's parts, the health and the audit row: one call.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_refresh(
         &self,
         id: &str,
@@ -952,6 +987,7 @@ impl Store for SqliteStore {
         expected_version: i64,
         now: i64,
         health: Health<'_>,
+        audit: Option<&AuditAppend>,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let (healthy, recovered) = match health {
             Health::Healthy { recovered } => (true, recovered.cloned()),
@@ -965,6 +1001,7 @@ impl Store for SqliteStore {
             now,
             healthy,
             recovered,
+            audit: audit.cloned(),
         };
         match self.write(op).await? {
             Written::Row(rec) => Ok(rec),
@@ -979,6 +1016,7 @@ impl Store for SqliteStore {
         now: i64,
         code: &str,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<bool, StoreError> {
         let op = WriteOp::MarkReauthorization {
             id: id.to_owned(),
@@ -986,6 +1024,7 @@ impl Store for SqliteStore {
             now,
             code: code.to_owned(),
             event: event.cloned(),
+            audit: audit.cloned(),
         };
         match self.write(op).await? {
             Written::Flag(done) => Ok(done),
@@ -1197,6 +1236,7 @@ impl Store for SqliteStore {
         id: &str,
         now: i64,
         event: Option<&NewEvent>,
+        audit: Option<&AuditAppend>,
     ) -> Result<bool, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
@@ -1208,9 +1248,53 @@ impl Store for SqliteStore {
         if n > 0 {
             log_change(&mut tx, id, now).await?;
             insert_event(&mut tx, event).await?;
+            append_audit_tx(&mut tx, audit).await?;
         }
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    async fn append_audit(&self, audit: &AuditAppend) -> Result<i64, StoreError> {
+        self.writable()?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let seq = append_audit_tx(&mut tx, Some(audit)).await?;
+        tx.commit().await?;
+        seq.ok_or(StoreError::Closed)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(&sql::list_audit_sql())
+            .bind(filter.session_id.as_deref())
+            .bind(filter.session_id.as_deref())
+            .bind(filter.since_ms)
+            .bind(filter.since_ms)
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut rows = rows
+            .iter()
+            .map(sql::audit_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(&sql::audit_page_sql())
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(sql::audit_row).collect()
+    }
+
+    async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
+            .collect()
     }
 
     async fn claim_events(

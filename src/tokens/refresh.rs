@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
+use crate::audit::{self, Actor, AuditAppend};
 use crate::config::{Config, ProviderConfig};
 use crate::forward::TlsError;
 use crate::metrics::Metrics;
@@ -93,6 +94,19 @@ enum Why {
     /// refresh token is spent before it lapses. Nobody waits for the
     /// result, so it is not cached.
     Idle,
+}
+
+impl Why {
+    /// The refresh's reason, as the audit trail records it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Why::Due => "due",
+            Why::Refused => "refused",
+            Why::Forced => "forced",
+            Why::Retry => "retry",
+            Why::Idle => "idle",
+        }
+    }
 }
 
 /// How one attempt at the token endpoint ended, when it did not fail.
@@ -179,8 +193,19 @@ impl Refresher {
         seen: &ActiveSession,
         force: bool,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
+        self.refresh_by(seen, force, Actor::Proxy).await
+    }
+
+    /// [`Refresher::refresh`], on behalf of `actor` (as the audit trail
+    /// records it).
+    pub async fn refresh_by(
+        self: &Arc<Self>,
+        seen: &ActiveSession,
+        force: bool,
+        actor: Actor,
+    ) -> Result<Arc<ActiveSession>, RefreshError> {
         let why = if force { Why::Forced } else { Why::Due };
-        self.spawn_refresh(seen.id.clone(), Some(seen.version), why)
+        self.spawn_refresh(seen.id.clone(), Some(seen.version), why, actor)
             .await
     }
 
@@ -193,8 +218,13 @@ impl Refresher {
         if self.guard_holds(&seen.id, seen.version) {
             return Err(RefreshError::TooSoon);
         }
-        self.spawn_refresh(seen.id.clone(), Some(seen.version), Why::Refused)
-            .await
+        self.spawn_refresh(
+            seen.id.clone(),
+            Some(seen.version),
+            Why::Refused,
+            Actor::Proxy,
+        )
+        .await
     }
 
     /// The replay with `fresh` tokens was refused too: hold later 401s on
@@ -241,12 +271,15 @@ impl Refresher {
         holds
     }
 
-    /// Refreshes session `id` now (`session refresh ID`).
+    /// Refreshes session `id` now (`session refresh ID`, the admin API,
+    /// the dashboard: `actor`).
     pub async fn refresh_now(
         self: &Arc<Self>,
         id: &str,
+        actor: Actor,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
-        self.spawn_refresh(id.to_owned(), None, Why::Forced).await
+        self.spawn_refresh(id.to_owned(), None, Why::Forced, actor)
+            .await
     }
 
     /// Runs the refresh in a task of its own: a caller that goes away (a
@@ -257,9 +290,10 @@ impl Refresher {
         id: String,
         seen: Option<i64>,
         why: Why,
+        actor: Actor,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
         let me = Arc::clone(self);
-        match tokio::spawn(async move { me.refresh_id(&id, seen, why).await }).await {
+        match tokio::spawn(async move { me.refresh_id(&id, seen, why, actor).await }).await {
             Ok(result) => result,
             Err(_) => Err(RefreshError::Failed {
                 retry_after: BACKOFF_BASE,
@@ -272,6 +306,7 @@ impl Refresher {
         id: &str,
         seen: Option<i64>,
         why: Why,
+        actor: Actor,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
         let flight = Arc::clone(self.flights.entry(id.to_owned()).or_default().value());
         let mut flight = flight.lock().await;
@@ -284,12 +319,12 @@ impl Refresher {
                 });
             }
         }
-        let mut result = self.refresh_locked(&mut flight, id, seen, why).await;
+        let mut result = self.refresh_locked(&mut flight, id, seen, why, actor).await;
         if let Ok(Attempt::Unusable { version, .. }) = result {
             // The rotated refresh token is stored: spend it at once, so a
             // one-off bad answer costs the caller nothing.
             result = self
-                .refresh_locked(&mut flight, id, Some(version), Why::Retry)
+                .refresh_locked(&mut flight, id, Some(version), Why::Retry, actor)
                 .await;
         }
         let result = match result {
@@ -324,6 +359,7 @@ impl Refresher {
         id: &str,
         seen: Option<i64>,
         why: Why,
+        actor: Actor,
     ) -> Result<Attempt, RefreshError> {
         let force = why == Why::Forced;
         let generation = self.sessions.generation();
@@ -418,8 +454,18 @@ impl Refresher {
                     },
                     false => Health::Unchanged,
                 };
+                let audit = self.sessions.audit(
+                    audit::kind::SESSION_REFRESHED,
+                    Some(id),
+                    actor,
+                    serde_json::json!({
+                        "provider": rec.provider,
+                        "reason": why.as_str(),
+                        "usable": usable,
+                    }),
+                );
                 let committed = self
-                    .commit_with_retries(id, sealed, rec.version, lease_ends, health)
+                    .commit_with_retries(id, sealed, rec.version, lease_ends, health, &audit)
                     .await;
                 let stored = matches!(committed, Ok(Some(_)));
                 if !usable || !stored {
@@ -497,6 +543,12 @@ impl Refresher {
                     &rec.provider,
                     serde_json::json!({"error": code}),
                 );
+                let audit = self.sessions.audit(
+                    audit::kind::SESSION_REAUTHORIZATION_REQUIRED,
+                    Some(id),
+                    actor,
+                    serde_json::json!({"provider": rec.provider, "error": code}),
+                );
                 store
                     .mark_reauthorization_required(
                         id,
@@ -504,6 +556,7 @@ impl Refresher {
                         store::now(),
                         &code,
                         event.as_ref(),
+                        Some(&audit),
                     )
                     .await?;
                 self.sessions.invalidate(id);
@@ -592,6 +645,7 @@ impl Refresher {
         version: i64,
         lease_ends: Instant,
         health: Health<'_>,
+        audit: &AuditAppend,
     ) -> Result<Option<SessionRecord>, StoreError> {
         let mut wait = Duration::from_millis(100);
         loop {
@@ -605,6 +659,7 @@ impl Refresher {
                     version,
                     store::now(),
                     health,
+                    Some(audit),
                 )
                 .await
             {
@@ -744,7 +799,12 @@ impl Refresher {
                             let _permit = permit;
                             let id = candidate.id;
                             match me
-                                .spawn_refresh(id.clone(), Some(candidate.version), Why::Idle)
+                                .spawn_refresh(
+                                    id.clone(),
+                                    Some(candidate.version),
+                                    Why::Idle,
+                                    Actor::IdleRefresh,
+                                )
                                 .await
                             {
                                 Ok(_) => tracing::debug!(session = %id, "idle session refreshed"),
@@ -823,7 +883,7 @@ impl Refresher {
                 }
                 let me = Arc::clone(&self);
                 tokio::spawn(async move {
-                    if let Err(e) = me.refresh(&session, false).await {
+                    if let Err(e) = me.refresh_by(&session, false, Actor::RefreshAhead).await {
                         tracing::debug!(session = %session.id, error = %e, "refresh-ahead did not refresh");
                     }
                 });

@@ -22,6 +22,7 @@ use dashmap::DashMap;
 use secrecy::SecretString;
 use serde::Serialize;
 
+use crate::audit::{self, Actor, AuditAppend, AuditEntry, AuditSigner};
 use crate::config::{Config, KeySource, ProviderConfig};
 use crate::live::LiveRing;
 use crate::provider::{Credentials, UnusableToken};
@@ -88,6 +89,9 @@ pub struct ActiveSession {
     pub has_refresh_token: bool,
     /// Unix seconds this cached copy was last used; throttles [`Sessions::note_use`].
     last_used: AtomicI64,
+    /// The session's request counter, shared by its cached copies (see
+    /// [`Sessions::flush_request_counts`]).
+    requests: Arc<AtomicU64>,
 }
 
 impl ActiveSession {
@@ -213,7 +217,16 @@ pub struct Sessions {
     use_writes: AtomicU64,
     /// `[notify]` is configured: changes append events to the outbox.
     notify: bool,
+    /// Session id -> requests counted since the last harvest (the hot
+    /// path's one atomic increment; see [`Sessions::flush_request_counts`]).
+    counters: DashMap<String, Arc<AtomicU64>>,
+    /// Harvested counts not yet in the audit trail: (session id, hour
+    /// start in unix seconds) -> requests.
+    hours: std::sync::Mutex<HashMap<(String, i64), u64>>,
 }
+
+/// The period of the audit trail's request counts: an hour.
+pub const COUNT_PERIOD_SECS: i64 = 3600;
 
 /// A use stays in [`Sessions`]' memory this long (refresh-ahead counts a
 /// session used this recently as in use); the store keeps it after that.
@@ -258,7 +271,37 @@ impl Sessions {
             flushed_to: tokio::sync::Mutex::new(0),
             use_writes: AtomicU64::new(0),
             notify: config.notify.is_some(),
+            counters: DashMap::new(),
+            hours: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// An audit row about a change, chained under the primary key of the
+    /// ring as this process knows it now.
+    pub fn audit(
+        &self,
+        kind: &str,
+        session_id: Option<&str>,
+        actor: Actor,
+        detail: serde_json::Value,
+    ) -> AuditAppend {
+        AuditAppend::new(
+            AuditEntry::new(kind, session_id, actor, detail),
+            AuditSigner::of(&self.sealer()),
+        )
+    }
+
+    /// Appends an audit row in a transaction of its own.
+    pub async fn record(
+        &self,
+        kind: &str,
+        session_id: Option<&str>,
+        actor: Actor,
+        detail: serde_json::Value,
+    ) -> Result<i64, StoreError> {
+        self.store
+            .append_audit(&self.audit(kind, session_id, actor, detail))
+            .await
     }
 
     /// An event for the outbox about session `id`, or `None` without
@@ -405,6 +448,7 @@ impl Sessions {
             version: rec.version,
             has_refresh_token: rec.refresh_token.is_some(),
             last_used: AtomicI64::new(0),
+            requests: Arc::clone(self.counters.entry(rec.id.clone()).or_default().value()),
         })
     }
 
@@ -535,6 +579,7 @@ impl Sessions {
     /// Notes that a request used `session`; the shared map is written at
     /// most once a second per cached copy, so busy sessions cost one atomic load.
     pub fn note_use(&self, session: &ActiveSession, now: i64) {
+        session.requests.fetch_add(1, Ordering::Relaxed);
         if session.last_used.load(Ordering::Relaxed) != now {
             session.last_used.store(now, Ordering::Relaxed);
             self.recent.insert(session.id.clone(), now);
@@ -615,14 +660,75 @@ impl Sessions {
             if let Err(e) = self.flush_uses(store::now() - USE_FLUSH_LAG_SECS).await {
                 tracing::warn!(error = %e, "cannot write the sessions' last use; retrying at the next flush");
             }
+            if let Err(e) = self.flush_request_counts(store::now(), false).await {
+                tracing::warn!(error = %e, "cannot write the request counts to the audit trail; retrying at the next flush");
+            }
         }
     }
 
-    /// The last flush, at shutdown: every use recorded so far.
+    /// The last flush, at shutdown: every use recorded so far, and the
+    /// request counts of the hour under way.
     pub async fn flush_all_uses(&self) {
         if let Err(e) = self.flush_uses(i64::MAX).await {
             tracing::warn!(error = %e, "cannot write the sessions' last use at shutdown");
         }
+        if let Err(e) = self.flush_request_counts(store::now(), true).await {
+            tracing::warn!(error = %e, "cannot write the request counts to the audit trail at shutdown");
+        }
+    }
+
+    /// Moves the requests counted since the last call into the hour of
+    /// `now`, and appends a `session.requests` row (`{"hour", "count"}`)
+    /// for every session and hour that is over (with `partial`, the hour
+    /// under way too: a graceful shutdown). Called by the use flusher, so a
+    /// request is counted in the hour of the flush that collects it (up to
+    /// one `store.use_flush_interval` late); a crash loses the counts not
+    /// yet written (the hour under way). On a store error the counts are
+    /// kept for the next call. Returns how many rows were appended.
+    pub async fn flush_request_counts(&self, now: i64, partial: bool) -> Result<usize, StoreError> {
+        let hour = now - now.rem_euclid(COUNT_PERIOD_SECS);
+        {
+            let mut hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
+            self.counters.retain(|id, counter| {
+                let n = counter.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    *hours.entry((id.clone(), hour)).or_default() += n;
+                }
+                // Kept while a cached copy may still count into it.
+                n > 0 || Arc::strong_count(counter) > 1
+            });
+        }
+        let due: Vec<((String, i64), u64)> = {
+            let hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
+            hours
+                .iter()
+                .filter(|((_, h), _)| partial || *h < hour)
+                .map(|(k, n)| (k.clone(), *n))
+                .collect()
+        };
+        let mut written = 0;
+        for ((id, h), n) in due {
+            let mut detail = serde_json::json!({"hour": rfc3339(h), "count": n});
+            if partial && h == hour {
+                detail["partial"] = serde_json::Value::Bool(true);
+            }
+            self.record(
+                audit::kind::SESSION_REQUESTS,
+                Some(&id),
+                Actor::Server,
+                detail,
+            )
+            .await?;
+            let mut hours = self.hours.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(left) = hours.get_mut(&(id.clone(), h)) {
+                *left -= n.min(*left);
+                if *left == 0 {
+                    hours.remove(&(id, h));
+                }
+            }
+            written += 1;
+        }
+        Ok(written)
     }
 
     fn seal_tokens(&self, id: &str, tokens: &NewTokens, now: i64) -> SealedTokens {
@@ -651,9 +757,12 @@ impl Sessions {
         tokens: NewTokens,
         label: Option<String>,
         key: Option<SessionKey>,
+        actor: Actor,
     ) -> Result<Added, SessionError> {
         let key = key.unwrap_or_else(SessionKey::generate);
-        let (id, replaced) = self.add_hashed(provider, tokens, label, key.hash()).await?;
+        let (id, replaced) = self
+            .add_hashed(provider, tokens, label, key.hash(), actor)
+            .await?;
         Ok(Added {
             id,
             provider: provider.to_owned(),
@@ -671,6 +780,7 @@ impl Sessions {
         tokens: NewTokens,
         label: Option<String>,
         hash: KeyHash,
+        actor: Actor,
     ) -> Result<(String, bool), SessionError> {
         self.check_tokens(provider, &tokens)?;
         let now = store::now();
@@ -678,7 +788,7 @@ impl Sessions {
             if existing.provider != provider {
                 return Err(SessionError::KeyOfOtherProvider(existing.provider));
             }
-            self.replace(&existing.id, provider, tokens).await?;
+            self.replace(&existing.id, provider, tokens, actor).await?;
             return Ok((existing.id, true));
         }
         let id = new_session_id();
@@ -688,6 +798,18 @@ impl Sessions {
             &id,
             provider,
             serde_json::json!({"reconnected": false}),
+        );
+        // A connect flow connects an account; `session add` and the admin
+        // API store tokens obtained elsewhere.
+        let kind = match actor {
+            Actor::Connect => audit::kind::SESSION_CONNECTED,
+            _ => audit::kind::SESSION_CREATED,
+        };
+        let audit = self.audit(
+            kind,
+            Some(&id),
+            actor,
+            serde_json::json!({"provider": provider}),
         );
         self.store
             .insert_session(
@@ -700,6 +822,7 @@ impl Sessions {
                     now,
                 },
                 event.as_ref(),
+                Some(&audit),
             )
             .await?;
         Ok((id, false))
@@ -713,6 +836,7 @@ impl Sessions {
         id: &str,
         provider: &str,
         tokens: NewTokens,
+        actor: Actor,
     ) -> Result<(), SessionError> {
         self.check_tokens(provider, &tokens)?;
         let existing = self
@@ -731,8 +855,14 @@ impl Sessions {
             provider,
             serde_json::json!({"reconnected": true}),
         );
+        let audit = self.audit(
+            audit::kind::SESSION_RECONNECTED,
+            Some(id),
+            actor,
+            serde_json::json!({"provider": provider}),
+        );
         self.store
-            .replace_tokens(id, sealed, None, now, event.as_ref())
+            .replace_tokens(id, sealed, None, now, event.as_ref(), Some(&audit))
             .await?
             .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
         self.invalidate(id);
@@ -797,9 +927,20 @@ impl Sessions {
             },
             false => None,
         };
+        let actor = match by {
+            RevokedBy::Cli => Actor::Cli,
+            RevokedBy::Admin => Actor::Admin,
+            RevokedBy::Ui => Actor::Ui,
+        };
+        let audit = self.audit(
+            audit::kind::SESSION_REVOKED,
+            Some(id),
+            actor,
+            serde_json::json!({}),
+        );
         let deleted = self
             .store
-            .delete_session(id, store::now(), event.as_ref())
+            .delete_session(id, store::now(), event.as_ref(), Some(&audit))
             .await?;
         self.invalidate(id);
         Ok(deleted)
@@ -907,6 +1048,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn request_counts_are_written_once_their_hour_is_over() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions(dir.path()).await;
+        let tokens = NewTokens {
+            access_token: SecretString::from("a1".to_owned()),
+            refresh_token: None,
+            expires_in: None,
+        };
+        let added = s
+            .add("spark", tokens, None, None, Actor::Cli)
+            .await
+            .expect("add");
+        let active = s
+            .by_key(&added.key.hash())
+            .await
+            .expect("lookup")
+            .expect("found");
+        let hour = 1_800_000_000 - 1_800_000_000 % COUNT_PERIOD_SECS;
+        for _ in 0..3 {
+            s.note_use(&active, hour + 10);
+        }
+        // Within the hour: counted, nothing written yet.
+        assert_eq!(
+            s.flush_request_counts(hour + 20, false)
+                .await
+                .expect("flush"),
+            0
+        );
+        s.note_use(&active, hour + 30);
+        // A copy cached anew counts into the same counter.
+        s.invalidate(&added.id);
+        let again = s.by_id(&added.id).await.expect("lookup").expect("found");
+        s.note_use(&again, hour + 40);
+        assert_eq!(
+            s.flush_request_counts(hour + 50, false)
+                .await
+                .expect("flush"),
+            0
+        );
+        // The next hour: the last one is written, once.
+        s.note_use(&again, hour + COUNT_PERIOD_SECS + 1);
+        let later = hour + COUNT_PERIOD_SECS + 5;
+        assert_eq!(
+            s.flush_request_counts(later, false).await.expect("flush"),
+            1
+        );
+        assert_eq!(
+            s.flush_request_counts(later, false).await.expect("flush"),
+            0
+        );
+        // A graceful shutdown writes the hour under way too.
+        assert_eq!(s.flush_request_counts(later, true).await.expect("flush"), 1);
+        let rows = s
+            .store()
+            .list_audit(&audit::AuditFilter {
+                session_id: Some(added.id.clone()),
+                since_ms: None,
+                limit: 10,
+            })
+            .await
+            .expect("list");
+        let counts: Vec<serde_json::Value> = rows
+            .iter()
+            .filter(|r| r.kind == audit::kind::SESSION_REQUESTS)
+            .map(|r| serde_json::from_str(&r.detail).expect("json"))
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                serde_json::json!({"hour": rfc3339(hour), "count": 5}),
+                serde_json::json!({"hour": rfc3339(hour + COUNT_PERIOD_SECS), "count": 1, "partial": true}),
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn a_refresh_without_a_new_refresh_token_keeps_the_old_one() {
         let dir = tempfile::tempdir().expect("dir");
         let s = sessions(dir.path()).await;
@@ -916,7 +1133,7 @@ mod tests {
             expires_in: Some(60),
         };
         let added = s
-            .add("spark", tokens("a1", Some("r1")), None, None)
+            .add("spark", tokens("a1", Some("r1")), None, None, Actor::Cli)
             .await
             .expect("add");
         let rec = s
@@ -961,6 +1178,7 @@ mod tests {
                 },
                 None,
                 None,
+                Actor::Cli,
             )
             .await
             .expect("add");

@@ -184,6 +184,7 @@ pub async fn add_tokens(
             },
             Some(format!("{provider} test")),
             None,
+            credproxy::audit::Actor::Cli,
         )
         .await
         .expect("session added");

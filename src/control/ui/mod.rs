@@ -982,7 +982,11 @@ async fn refresh(
         Err(refused) => return refused.into_response(),
     };
     let mut secs = 0;
-    let outcome = match dash.refresher.refresh_now(&id).await {
+    let outcome = match dash
+        .refresher
+        .refresh_now(&id, crate::audit::Actor::Ui)
+        .await
+    {
         Ok(_) => {
             tracing::info!(session = %id, "session refreshed via the dashboard");
             Outcome::Refreshed
