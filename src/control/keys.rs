@@ -148,7 +148,7 @@ fn lock_beside(path: &Path) -> anyhow::Result<std::fs::File> {
 
 /// What to do instead with a ring credproxy does not write: `next` is the
 /// ring as it should become.
-fn say_what_to_change(config: &Config, ring: &Ring, next: &Ring, what: &str) -> anyhow::Error {
+fn say_what_to_change(config: &Config, next: &Ring, what: &str) -> anyhow::Error {
     match &config.store.key {
         KeySource::Env(var) => {
             // The primary goes first (the first sealing entry is primary).
@@ -162,7 +162,6 @@ fn say_what_to_change(config: &Config, ring: &Ring, next: &Ring, what: &str) -> 
                     .filter_map(|k| next.env_entry(k.id)),
             );
             println!("{}", entries.join(","));
-            let _ = ring;
             anyhow::anyhow!(
                 "store.key_env: credproxy does not change environment variables. {what}: set {var} to the line printed on stdout (the ring as it should be, primary first), and restart every instance"
             )
@@ -186,7 +185,6 @@ pub async fn rotate(config: &Config, sessions: &Sessions) -> anyhow::Result<()> 
         let id = next.rotate(now);
         return Err(say_what_to_change(
             config,
-            &ring,
             &next,
             &format!("Key {id} is new and primary"),
         ));
@@ -342,7 +340,7 @@ pub async fn retire(config: &Config, sessions: &Sessions, id: &str) -> anyhow::R
             return Err(refuse(sealed));
         }
         let next = retired(&ring, audit)?;
-        return Err(say_what_to_change(config, &ring, &next, &what(audit)));
+        return Err(say_what_to_change(config, &next, &what(audit)));
     };
     let lock = lock_beside(path)?;
     let ring = ring_of(config)?;

@@ -288,15 +288,7 @@ impl Store for PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let k: String = r.try_get("k")?;
-                Ok(SealedCount {
-                    key_id: (!k.is_empty()).then_some(k),
-                    count: r.try_get("n")?,
-                })
-            })
-            .collect()
+        rows.iter().map(sql::sealed_count).collect()
     }
 
     async fn sealed_not_under(

@@ -47,6 +47,22 @@ where
     })
 }
 
+/// A row of either store's count of sealed values by key: `k` (8 hex
+/// digits, or empty for a value from before key ids) and `n`.
+pub(crate) fn sealed_count<R>(row: &R) -> Result<super::SealedCount, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let k: String = row.try_get("k")?;
+    Ok(super::SealedCount {
+        key_id: (!k.is_empty()).then_some(k),
+        count: row.try_get("n")?,
+    })
+}
+
 /// The sessions `key rewrap` has left: a sealed value whose first 5 bytes
 /// (version and key id) are not the primary's. Binds: after, header,
 /// header, limit.
