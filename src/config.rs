@@ -283,8 +283,30 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Connections served at once per listener; further accepts wait.
     pub max_connections: usize,
-    /// Tokio worker threads; `None`: one per core (or `TOKIO_WORKER_THREADS`).
+    /// Proxy worker threads; `None`: `TOKIO_WORKER_THREADS` if set, else
+    /// one per core. See [`ServerConfig::workers`].
     pub worker_threads: Option<usize>,
+}
+
+/// The most proxy workers `server.worker_threads` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
+impl ServerConfig {
+    /// How many proxy workers `serve` runs: `server.worker_threads`, else
+    /// `TOKIO_WORKER_THREADS` (a whole number above 0), else one per core.
+    pub fn workers(&self) -> usize {
+        self.worker_threads
+            .or_else(|| {
+                std::env::var("TOKIO_WORKER_THREADS")
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .map(|n| n.min(MAX_WORKERS))
+            })
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
 }
 
 /// Limits of `/connect` (the CLI's `credproxy connect` writes its states
@@ -725,6 +747,12 @@ fn validate(
     };
     if server.worker_threads == Some(0) {
         return Err(invalid("server.worker_threads", "must be at least 1"));
+    }
+    if server.worker_threads.is_some_and(|n| n > MAX_WORKERS) {
+        return Err(invalid(
+            "server.worker_threads",
+            format!("must be at most {MAX_WORKERS}"),
+        ));
     }
     if server.max_header_bytes < 8192 {
         return Err(invalid("server.max_header_bytes", "must be at least 8192"));

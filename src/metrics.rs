@@ -46,8 +46,14 @@ pub struct RefreshLatencyLabels {
     pub provider: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: u32,
+}
+
 pub struct Metrics {
     registry: Registry,
+    worker_connections: Family<WorkerLabels, Gauge>,
     refreshes: Family<RefreshLabels, Counter>,
     refresh_latency: Family<RefreshLatencyLabels, Histogram>,
     refresh_commit: Family<RefreshLatencyLabels, Histogram>,
@@ -96,6 +102,12 @@ impl Default for Metrics {
             "sessions",
             "Stored sessions by provider and status",
             sessions.clone(),
+        );
+        let worker_connections = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "worker_connections",
+            "Client connections open on each proxy worker",
+            worker_connections.clone(),
         );
         let cached_sessions = Gauge::default();
         registry.register(
@@ -172,11 +184,21 @@ impl Default for Metrics {
             upstream_latency,
             sessions,
             cached_sessions,
+            worker_connections,
         }
     }
 }
 
 impl Metrics {
+    /// The open-connection gauge of proxy worker `index` (its own atomic:
+    /// the hand-off reads it to pick the least loaded worker).
+    pub fn worker_connections(&self, index: usize) -> Gauge {
+        let worker = u32::try_from(index).unwrap_or(u32::MAX);
+        self.worker_connections
+            .get_or_create(&WorkerLabels { worker })
+            .clone()
+    }
+
     pub fn request(&self, provider: &'static str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels { provider, status })

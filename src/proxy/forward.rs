@@ -1,10 +1,12 @@
-//! Talking to an upstream API: one pooled hyper client per provider, over
+//! Talking to an upstream API: pooled hyper clients per provider (one per
+//! proxy worker, see [`Upstreams`]), over
 //! rustls (HTTP/1.1 or HTTP/2 by ALPN, webpki roots), with the provider's
 //! connect and response-header timeouts, and hop-by-hop header hygiene.
 //!
 //! Bodies are never collected here: request and response bodies stream
 //! through frame by frame, so memory use does not grow with body size.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,14 +86,48 @@ pub struct Upstream {
     response_timeout: Duration,
 }
 
+thread_local! {
+    /// The proxy worker this thread is, if it is one.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks this thread as proxy worker `index`: its requests use that
+/// worker's upstream pools (see [`Upstreams::here`]).
+pub fn enter_worker(index: usize) {
+    WORKER.with(|w| w.set(Some(index)));
+}
+
+/// One provider's upstream clients: one per proxy worker, so that a
+/// worker's upstream connections (and the tasks that drive them) stay on
+/// its thread and its reactor, and one for every other thread.
+pub struct Upstreams(Box<[Upstream]>);
+
+impl Upstreams {
+    pub fn new(provider: &ProviderConfig, workers: usize) -> Result<Upstreams, TlsError> {
+        let tls = tls_config(provider)?;
+        Ok(Upstreams(
+            (0..=workers)
+                .map(|_| Upstream::new(provider, tls.clone()))
+                .collect(),
+        ))
+    }
+
+    /// The client of the worker running this, or the shared one.
+    pub fn here(&self) -> &Upstream {
+        let shared = self.0.len() - 1;
+        let i = WORKER.with(Cell::get).map_or(shared, |i| i.min(shared));
+        &self.0[i]
+    }
+}
+
 impl Upstream {
-    pub fn new(provider: &ProviderConfig) -> Result<Upstream, TlsError> {
+    fn new(provider: &ProviderConfig, tls: rustls::ClientConfig) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(provider.connect_timeout));
         http.set_nodelay(true);
         let https = HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(provider)?)
+            .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
@@ -99,10 +135,10 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(https);
-        Ok(Upstream {
+        Upstream {
             client,
             response_timeout: provider.request_timeout,
-        })
+        }
     }
 
     /// Time allowed from sending a request to the response head (also the

@@ -52,7 +52,8 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::forward::{strip_hop_by_hop, tls_config, TlsError, Upstream, UpstreamBody};
+pub use crate::forward::enter_worker;
+use crate::forward::{strip_hop_by_hop, TlsError, UpstreamBody, Upstreams};
 use crate::metrics::Metrics;
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
@@ -94,7 +95,7 @@ struct Route {
     /// `server.body_read_timeout`: a request body's no-progress limit.
     body_read_timeout: Duration,
     refresh_margin: Duration,
-    upstream: Upstream,
+    upstream: Upstreams,
     /// Whose sessions this route serves (`sessions_from`, or its own name).
     session_owner: &'static str,
     /// The origins whose links this route's responses move behind the proxy:
@@ -207,6 +208,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, TlsError> {
         let mut routes = Vec::with_capacity(config.providers.len());
+        let workers = config.server.workers();
         // Names this process in the shared budget's lease table.
         let instance = format!(
             "{}-{}",
@@ -225,7 +227,6 @@ impl Proxy {
                 Some(port) => format!("{host}:{port}"),
                 None => host.to_owned(),
             };
-            tls_config(p)?; // surface a bad ca_file before binding anything
             let name: &'static str = Box::leak(p.name.clone().into_boxed_str());
             let store = sessions.store();
             let gate = Gate::new(
@@ -251,7 +252,7 @@ impl Proxy {
                 max_replay_body: p.max_replay_body,
                 body_read_timeout: config.server.body_read_timeout,
                 refresh_margin: p.refresh_margin,
-                upstream: Upstream::new(p)?,
+                upstream: Upstreams::new(p, workers)?,
                 session_owner: Box::leak(p.session_owner().to_owned().into_boxed_str()),
                 links: None,
                 link_targets: Vec::new(),
@@ -569,7 +570,7 @@ impl Proxy {
         let req = upstream_request(route, session, out, body)?;
         permit.sent();
         let sent = Instant::now();
-        let resp = route.upstream.send(req).await;
+        let resp = route.upstream.here().send(req).await;
         let took = sent.elapsed();
         self.metrics.upstream_latency(route.name, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
@@ -582,7 +583,7 @@ impl Proxy {
             && may_be_spark_1550(resp.headers())
         {
             let (parts, body) = resp.into_parts();
-            let bytes = read_error_body(body, route.upstream.response_timeout()).await?;
+            let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
             let spark_1550 = decoded_error_body(&parts.headers, &bytes)
                 .is_some_and(|plain| pacing::is_spark_1550(&plain));
             let verdict = pacing::verdict(parts.status, &parts.headers, spark_1550);
@@ -1211,7 +1212,8 @@ impl Proxy {
         };
         match content_length(&parts.headers) {
             Some(len) if len <= WHOLE_BODY_LIMIT => {
-                let collected = read_whole(body, len, route.upstream.response_timeout()).await?;
+                let collected =
+                    read_whole(body, len, route.upstream.here().response_timeout()).await?;
                 if coding == Coding::Identity && !map.may_contain_links(&collected) {
                     // Most answers: nothing to rewrite, the same bytes and length.
                     return Ok(Response::from_parts(parts, own(Full::new(collected))));

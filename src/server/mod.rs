@@ -12,7 +12,6 @@
 //! shutdown, listeners stop accepting, in-flight requests get
 //! `shutdown_grace` to finish, then the rest are dropped.
 
-use std::convert::Infallible;
 use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +23,6 @@ use std::time::Duration;
 use anyhow::Context;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -41,7 +39,12 @@ use crate::proxy::{Mount, Proxy};
 use crate::refresh::Refresher;
 use crate::sessions::Sessions;
 
-/// A started server. Dropping it does not stop it; call [`Running::shutdown`].
+mod workers;
+
+use workers::{Handoff, Workers};
+
+/// A started server. Dropping it stops it at once (its tasks end, its
+/// workers close their connections); [`Running::shutdown`] drains first.
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -51,6 +54,7 @@ pub struct Running {
     pub refresher: Arc<Refresher>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    workers: Option<Workers>,
 }
 
 impl Running {
@@ -64,7 +68,13 @@ impl Running {
     /// writes the sessions' last uses once more.
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        if let Some(workers) = self.workers.as_mut() {
+            workers.drained().await;
+        }
         self.sessions.flush_all_uses().await;
+        if let Some(workers) = self.workers.take() {
+            workers.release();
+        }
     }
 
     /// Stops accepting, drains in-flight requests, and returns when done.
@@ -136,11 +146,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin_addr = admin_listener.local_addr()?;
     tracing::info!(addr = %proxy_addr, "proxy listening");
     tracing::info!(addr = %admin_addr, "admin listening");
+    let (handoff, workers) =
+        Workers::start(config.server.workers(), &proxy, &config.server, &metrics)?;
     tasks.spawn(serve_proxy(
         proxy_listener,
-        Arc::clone(&proxy),
+        handoff.clone(),
         Mount::Prefixed,
-        config.server.clone(),
         proxy_limits.clone(),
         shutdown.clone(),
     ));
@@ -151,13 +162,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         provider_addrs.push((name, addr));
         tasks.spawn(serve_proxy(
             listener,
-            Arc::clone(&proxy),
+            handoff.clone(),
             Mount::Dedicated(index),
-            config.server.clone(),
             proxy_limits.clone(),
             shutdown.clone(),
         ));
     }
+    // The workers stop taking connections once the acceptors are done.
+    drop(handoff);
     let admin_state = admin::AdminState::new(
         &config,
         Arc::clone(&refresher),
@@ -199,32 +211,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         refresher,
         shutdown,
         tasks,
+        workers: Some(workers),
     })
 }
 
-/// Accepts connections on one proxy listener until shutdown, then drains.
+/// Accepts connections on one proxy listener until shutdown and hands
+/// each to a worker (see [`workers`]), which serves and drains it.
 async fn serve_proxy(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    workers: Handoff,
     mount: Mount,
-    cfg: ServerConfig,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    serve(listener, cfg, limits, shutdown, move |local, _peer| {
-        let proxy = Arc::clone(&proxy);
-        service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
-        })
+    let fallback = listener.local_addr().ok();
+    accept(listener, &limits, &shutdown, |stream, _peer, permits| {
+        let local = stream.local_addr().ok().or(fallback);
+        if let Some(local) = local {
+            workers.hand_off(stream, local, mount, permits);
+        }
     })
     .await;
 }
 
-/// Accepts HTTP/1.1 connections on one listener until shutdown, then
-/// drains: the proxy listeners and the admin listener alike, so every
-/// listener has the connection cap, the head-size limit, the header-read
-/// and write timeouts, and the accept back-off.
+/// Accepts HTTP/1.1 connections on one listener until shutdown and serves
+/// them on this runtime, then drains (the admin listener).
 async fn serve<S, B>(
     listener: TcpListener,
     cfg: ServerConfig,
@@ -243,25 +254,30 @@ async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(limits.per_listener));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        // The head limit, exact: request line, headers and the blank line,
-        // as sent. `max_buf_size` alone is a buffer size that reads may
-        // overshoot; it stays as the cap on what a connection buffers in
-        // each direction (hyper answers one request at a time, so a peer
-        // that pipelines without reading holds at most this much here,
-        // besides the kernel's socket buffers, until `write_timeout`).
-        .max_header_size(cfg.max_header_bytes)
-        .max_buf_size(cfg.max_header_bytes)
-        .keep_alive(true);
+    let connections = Connections::new(&cfg);
+    accept(listener, &limits, &shutdown, |stream, peer, permits| {
+        let local = stream.local_addr().unwrap_or(cfg.listen);
+        connections.serve(stream, make(local, peer), permits);
+    })
+    .await;
+    connections.drain().await;
+}
+
+/// Accepts on `listener` until shutdown, each connection under the
+/// listener's caps (its permits go with it), backing off when accepting
+/// fails, and gives each to `take`.
+async fn accept(
+    listener: TcpListener,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+    mut take: impl FnMut(TcpStream, SocketAddr, Permits),
+) {
+    let own = Arc::new(Semaphore::new(limits.per_listener));
     let mut backoff = AcceptBackoff::default();
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
-            p = limits.acquire(&connections) => match p {
+            p = limits.acquire(&own) => match p {
                 Some(p) => p,
                 None => break,
             },
@@ -285,23 +301,75 @@ async fn serve<S, B>(
                 }
             },
         };
+        take(stream, peer, permit);
+    }
+}
+
+/// The HTTP/1.1 side of every listener: hyper's settings (the same on the
+/// proxy's workers and the admin listener), and the connections served, so
+/// they can be drained.
+struct Connections {
+    http: http1::Builder,
+    graceful: GracefulShutdown,
+    write_timeout: Duration,
+    shutdown_grace: Duration,
+}
+
+impl Connections {
+    fn new(cfg: &ServerConfig) -> Connections {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            // The head limit, exact: request line, headers and the blank line,
+            // as sent. `max_buf_size` alone is a buffer size that reads may
+            // overshoot; it stays as the cap on what a connection buffers in
+            // each direction (hyper answers one request at a time, so a peer
+            // that pipelines without reading holds at most this much here,
+            // besides the kernel's socket buffers, until `write_timeout`).
+            .max_header_size(cfg.max_header_bytes)
+            .max_buf_size(cfg.max_header_bytes)
+            .keep_alive(true);
+        Connections {
+            http,
+            graceful: GracefulShutdown::new(),
+            write_timeout: cfg.write_timeout,
+            shutdown_grace: cfg.shutdown_grace,
+        }
+    }
+
+    /// Serves one connection on the current runtime; `hold` (its permits)
+    /// is dropped when it ends.
+    fn serve<S, B>(&self, stream: TcpStream, service: S, hold: impl Send + 'static)
+    where
+        S: hyper::service::Service<
+                hyper::Request<hyper::body::Incoming>,
+                Response = hyper::Response<B>,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(cfg.listen);
-        let service = make(local, peer);
-        let io = TokioIo::new(WriteTimeout::new(stream, cfg.write_timeout));
-        let conn = graceful.watch(http.serve_connection(io, service));
+        let io = TokioIo::new(WriteTimeout::new(stream, self.write_timeout));
+        let conn = self.graceful.watch(self.http.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            drop(permit);
+            drop(hold);
         });
     }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("connections drained"),
-        () = tokio::time::sleep(cfg.shutdown_grace) => {
-            tracing::warn!(grace_secs = cfg.shutdown_grace.as_secs_f64(), "shutdown grace period over; closing remaining connections");
+
+    /// Lets in-flight requests finish, for `shutdown_grace` at most.
+    async fn drain(self) {
+        tokio::select! {
+            () = self.graceful.shutdown() => tracing::debug!("connections drained"),
+            () = tokio::time::sleep(self.shutdown_grace) => {
+                tracing::warn!(grace_secs = self.shutdown_grace.as_secs_f64(), "shutdown grace period over; closing remaining connections");
+            }
         }
     }
 }
