@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Load comparison: how much does credproxy cost per request, next to the
-# upstream alone and next to a plain nginx reverse proxy doing the same job?
+# upstream alone and next to nginx and HAProxy doing the same job?
 #
 # Usage:
-#   benches/load.sh             # run (needs wrk, nginx; builds credproxy --release)
+#   benches/load.sh             # run (needs wrk, nginx, haproxy; builds credproxy --release)
 #   benches/load.sh --install   # apt-get install the missing tools first, then run
 #
 # Settings (environment):
@@ -11,20 +11,25 @@
 #   ROUNDS=3         rounds; each round measures every target once, in turn (1..20)
 #   CONNECTIONS=50   wrk connections (one wrk thread)
 #   WARMUP=2         seconds of unrecorded load per target before round 1 (0 = none)
-#   TARGETS="upstream nginx credproxy credproxy-info"   which targets, in round order
-#   SERVER_CPU=0     core for the server side (upstream, proxy under test)
-#   CLIENT_CPU=1     core for wrk
-#   PORT_BASE=18480  first of the 8 consecutive loopback ports used
+#   TARGETS="upstream nginx haproxy credproxy credproxy-info"   which targets, in round order
+#   WORKERS=1        workers of each proxy: credproxy TOKIO_WORKER_THREADS=N,
+#                    HAProxy nbthread N, nginx worker_processes N (1..64)
+#   SERVER_CPU=0     core for the server side (upstream, proxy under test), WORKERS=1
+#   CLIENT_CPU=1     core for wrk, WORKERS=1
+#   PORT_BASE=18480  first of the 9 consecutive loopback ports used
 #   CREDPROXY_BIN=   use this binary instead of building target/release/credproxy
 #
-# Targets, each served with ONE worker:
+# Targets, each served with WORKERS workers (one by default):
 #   upstream        nginx answering every request with a fixed small JSON
 #                   (`return 200 '{"ok":true}'`), one worker process, no access log.
 #   nginx           nginx as a reverse proxy (one worker): strips /spark/, sets
 #                   `Authorization: OAuth sometoken`, drops the session header,
 #                   keepalive connections to the upstream; no access log.
+#   haproxy         HAProxy (nbthread WORKERS) doing what the nginx proxy does:
+#                   `replace-path`, `set-header Authorization`, `del-header` of
+#                   the session header, `http-reuse always`; no log.
 #   credproxy       `credproxy serve`, RUST_LOG=warn (no per-request log line),
-#                   TOKIO_WORKER_THREADS=1, with one Spark session; wrk sends
+#                   TOKIO_WORKER_THREADS=WORKERS, with one Spark session; wrk sends
 #                   `X-Credproxy-Session: KEY` to /spark/v1/listings.
 #   credproxy-info  the same at the default `info` level: the per-request
 #                   access log line (part of the product) goes to a file.
@@ -38,15 +43,17 @@
 # the ratios would measure the stand-in. A `return 200` nginx is about as
 # cheap as an HTTP server gets, so the differences below are proxy overhead.
 #
-# Placement: every server process is pinned to SERVER_CPU with taskset and wrk
-# to CLIENT_CPU, so the upstream shares its core with the proxy under test.
-# With the server core saturated, 1e6/req_per_s is the server-side CPU time
-# per request in microseconds, and "overhead us/req" (that figure minus the
-# upstream-alone one) is the proxy's own CPU cost per request. The upstream
-# alone can outrun a single wrk thread (~230k req/s on the reference
-# machine); then its figure is an upper bound and the overhead is slightly
-# understated. Without taskset, the processes float and the figures are
-# noisier. The credproxy-info run reports its access log's size per line.
+# Placement: with WORKERS=1 every server process is pinned to SERVER_CPU with
+# taskset and wrk to CLIENT_CPU, so the upstream shares its core with the
+# proxy under test. With more workers the proxy's workers get cores 0..N-1
+# and the upstream and wrk the cores after them, when the machine has
+# N + 1 cores or more; otherwise (a 2-core machine at WORKERS=2) nothing is
+# pinned and the report says so. "cpu us/req" is the proxy's own CPU time
+# (user + system of its processes and threads, from /proc) per request; the
+# upstream's is not in it. Without taskset, the processes float and the
+# figures are noisier. The credproxy-info run reports its access log's size
+# per line. The report ends with each credproxy target's ratios to HAProxy
+# and to nginx: req/s (higher is better), p99 and CPU per request (lower).
 #
 # Everything listens on 127.0.0.1 only. All servers are stopped on exit and
 # the temporary directory (configs, store, key, logs) is deleted.
@@ -57,7 +64,8 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-50}
 WARMUP=${WARMUP:-2}
-TARGETS=${TARGETS:-"upstream nginx credproxy credproxy-info"}
+TARGETS=${TARGETS:-"upstream nginx haproxy credproxy credproxy-info"}
+WORKERS=${WORKERS:-1}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PORT_BASE=${PORT_BASE:-18480}
@@ -78,13 +86,14 @@ in_range DURATION "$DURATION" 1 600
 in_range ROUNDS "$ROUNDS" 1 20
 in_range CONNECTIONS "$CONNECTIONS" 1 10000
 in_range WARMUP "$WARMUP" 0 60
+in_range WORKERS "$WORKERS" 1 64
 in_range PORT_BASE "$PORT_BASE" 1024 65527
 in_range SERVER_CPU "$SERVER_CPU" 0 4095
 in_range CLIENT_CPU "$CLIENT_CPU" 0 4095
 for t in $TARGETS; do
     case $t in
-        upstream | nginx | credproxy | credproxy-info | credproxy-budget) ;;
-        *) die "unknown target '$t' (known: upstream nginx credproxy credproxy-info credproxy-budget)" ;;
+        upstream | nginx | haproxy | credproxy | credproxy-info | credproxy-budget) ;;
+        *) die "unknown target '$t' (known: upstream nginx haproxy credproxy credproxy-info credproxy-budget)" ;;
     esac
 done
 
@@ -107,6 +116,9 @@ NGINX=$(command -v nginx || true)
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 [[ -n $NGINX ]] || missing+=(nginx)
+HAPROXY=$(command -v haproxy || true)
+[[ -z $HAPROXY && -x /usr/sbin/haproxy ]] && HAPROXY=/usr/sbin/haproxy
+[[ " $TARGETS " != *" haproxy "* || -n $HAPROXY ]] || missing+=(haproxy)
 if ((${#missing[@]})); then
     if ((INSTALL)); then
         SUDO=()
@@ -119,6 +131,7 @@ if ((${#missing[@]})); then
             case $m in
                 wrk) pkgs+=(wrk) ;;
                 nginx) pkgs+=(nginx-light) ;;
+                haproxy) pkgs+=(haproxy) ;;
             esac
         done
         "${SUDO[@]}" apt-get update -qq
@@ -128,21 +141,29 @@ if ((${#missing[@]})); then
             DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${pkgs[@]}"
         fi
         NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
         if ! command -v wrk >/dev/null || [[ ! -x $NGINX ]]; then
             die "installation did not provide wrk and nginx"
         fi
     else
-        die "missing: ${missing[*]}; install them (e.g. apt-get install wrk nginx-light) or rerun with --install"
+        die "missing: ${missing[*]}; install them (e.g. apt-get install wrk nginx-light haproxy) or rerun with --install"
     fi
 fi
 
 PIN_SERVER=()
 PIN_CLIENT=()
-if command -v taskset >/dev/null; then
+PIN_PROXY=()
+CORES=$(nproc 2>/dev/null || echo 1)
+if ! command -v taskset >/dev/null; then
+    echo "load.sh: taskset not found; processes are not pinned to cores" >&2
+elif ((WORKERS == 1)); then
     PIN_SERVER=(taskset -c "$SERVER_CPU")
     PIN_CLIENT=(taskset -c "$CLIENT_CPU")
-else
-    echo "load.sh: taskset not found; processes are not pinned to cores" >&2
+    PIN_PROXY=("${PIN_SERVER[@]}")
+elif ((CORES > WORKERS)); then
+    PIN_PROXY=(taskset -c "0-$((WORKERS - 1))")
+    PIN_SERVER=(taskset -c "$WORKERS-$((CORES - 1))")
+    PIN_CLIENT=("${PIN_SERVER[@]}")
 fi
 
 if [[ -z $CREDPROXY_BIN ]]; then
@@ -184,11 +205,12 @@ CP_ADMIN_PORT=$((PORT_BASE + 4))
 CP_INFO_ADMIN_PORT=$((PORT_BASE + 5))
 CP_BUDGET_PORT=$((PORT_BASE + 6))
 CP_BUDGET_ADMIN_PORT=$((PORT_BASE + 7))
+HAPROXY_PORT=$((PORT_BASE + 8))
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 for p in "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT" \
-    "$CP_BUDGET_PORT" "$CP_BUDGET_ADMIN_PORT"; do
+    "$CP_BUDGET_PORT" "$CP_BUDGET_ADMIN_PORT" "$HAPROXY_PORT"; do
     port_open "$p" && die "port 127.0.0.1:$p is in use; set PORT_BASE"
 done
 
@@ -214,7 +236,8 @@ http_status() { # PORT PATH HEADER
 }
 
 # One nginx, master plus one worker, in its own prefix under $WORK.
-start_nginx() { # NAME PORT HTTP_BLOCK_BODY
+declare -A PID_OF
+start_nginx() { # NAME PORT WORKERS HTTP_BLOCK_BODY
     local dir=$WORK/$1
     mkdir -p "$dir/logs"
     # As root the worker would run as nobody and could not enter $WORK (0700).
@@ -222,7 +245,7 @@ start_nginx() { # NAME PORT HTTP_BLOCK_BODY
     ((EUID == 0)) && user="user root root;"
     cat >"$dir/nginx.conf" <<EOF
 $user
-worker_processes 1;
+worker_processes $3;
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/logs/error.log warn;
@@ -235,16 +258,19 @@ http {
     uwsgi_temp_path $dir/uwsgi;
     scgi_temp_path $dir/scgi;
     keepalive_requests 1000000;
-$3
+$4
 }
 EOF
-    "${PIN_SERVER[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
+    local pin=("${PIN_SERVER[@]}")
+    [[ $1 == upstream ]] || pin=("${PIN_PROXY[@]}")
+    "${pin[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" \
         >"$dir/logs/stdout.log" 2>&1 &
     PIDS+=($!)
+    PID_OF[$1]=$!
     wait_port "$2" "nginx ($1)" "$!" "$dir/logs/error.log" "$dir/logs/stdout.log"
 }
 
-start_nginx upstream "$UP_PORT" "    server {
+start_nginx upstream "$UP_PORT" 1 "    server {
         listen 127.0.0.1:$UP_PORT;
         location / {
             default_type application/json;
@@ -252,7 +278,7 @@ start_nginx upstream "$UP_PORT" "    server {
         }
     }"
 
-start_nginx proxy "$NGINX_PORT" "    upstream up {
+start_nginx proxy "$NGINX_PORT" "$WORKERS" "    upstream up {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
     }
@@ -267,6 +293,33 @@ start_nginx proxy "$NGINX_PORT" "    upstream up {
             proxy_buffering on;
         }
     }"
+
+if [[ " $TARGETS " == *" haproxy "* ]]; then
+    cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread $WORKERS
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend fe
+    bind 127.0.0.1:$HAPROXY_PORT
+    http-request replace-path ^/spark(/.*) \\1
+    http-request set-header Authorization "OAuth sometoken"
+    http-request del-header X-Credproxy-Session
+    default_backend be
+backend be
+    http-reuse always
+    server api 127.0.0.1:$UP_PORT
+EOF
+    "${PIN_PROXY[@]}" "$HAPROXY" -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+    PIDS+=($!)
+    PID_OF[haproxy]=$!
+    wait_port "$HAPROXY_PORT" haproxy "$!" "$WORK/haproxy.log"
+fi
 
 # credproxy: a generated config with inline secrets; store and key in $WORK.
 CFG=$WORK/credproxy.toml
@@ -302,9 +355,10 @@ KEY=$(sed -n 's/.*"session_key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"
 [[ -n $KEY ]] || die "no session_key in: $json"
 
 start_credproxy() { # NAME CONFIG PORT RUST_LOG
-    RUST_LOG=$4 TOKIO_WORKER_THREADS=1 "${PIN_SERVER[@]}" "$CREDPROXY_BIN" serve --config "$2" \
+    RUST_LOG=$4 TOKIO_WORKER_THREADS=$WORKERS "${PIN_PROXY[@]}" "$CREDPROXY_BIN" serve --config "$2" \
         >>"$WORK/$1.log" 2>&1 & # append mode, so truncating it between runs frees the space
     PIDS+=($!)
+    PID_OF[$1]=$!
     wait_port "$3" "$1" "$!" "$WORK/$1.log"
     # Show what TOKIO_WORKER_THREADS gave us (sqlx's SQLite threads idle on cache hits).
     if [[ -d /proc/$!/task ]]; then
@@ -324,6 +378,7 @@ url_of() {
     case $1 in
         upstream) echo "http://127.0.0.1:$UP_PORT/v1/listings" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT/spark/v1/listings" ;;
+        haproxy) echo "http://127.0.0.1:$HAPROXY_PORT/spark/v1/listings" ;;
         credproxy) echo "http://127.0.0.1:$CP_PORT/spark/v1/listings" ;;
         credproxy-info) echo "http://127.0.0.1:$CP_INFO_PORT/spark/v1/listings" ;;
         credproxy-budget) echo "http://127.0.0.1:$CP_BUDGET_PORT/spark/v1/listings" ;;
@@ -360,9 +415,26 @@ run_wrk() { # TARGET SECONDS -> wrk output on stdout
         -H "$SESSION_HEADER" "$(url_of "$1")"
 }
 
+# CPU ticks (user + system) of a process, its threads and its children (an
+# nginx master's workers).
+ticks() { # PID
+    local total=0 p f
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+        f=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || f=0
+        total=$((total + ${f:-0}))
+    done
+    echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+pid_of() { case $1 in nginx) echo "${PID_OF[proxy]}" ;; *) echo "${PID_OF[$1]}" ;; esac; }
+
 measure() { # TARGET ROUND
-    local out rps p50 p99 bad errors
+    local out rps p50 p99 bad errors t0 t1 n cpu
+    t0=$(ticks "$(pid_of "$1")")
     out=$(run_wrk "$1" "$DURATION") || die "wrk failed against $1"
+    t1=$(ticks "$(pid_of "$1")")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="${n:-0}" 'BEGIN { printf "%.1f", (n > 0 ? d / hz * 1e6 / n : 0) }')
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
@@ -371,15 +443,16 @@ measure() { # TARGET ROUND
     [[ -n $rps && -n $p50 && -n $p99 ]] || die "cannot read wrk's output for $1: $out"
     p50=$(to_us "$p50")
     p99=$(to_us "$p99")
-    printf '%s\t%s\t%s\t%s\n' "$1" "$rps" "$p50" "$p99" >>"$RESULTS"
-    printf '  round %d  %-15s %10s req/s  p50 %8s us  p99 %8s us%s%s\n' "$2" "$1" "$rps" "$p50" "$p99" \
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$rps" "$p50" "$p99" "$cpu" >>"$RESULTS"
+    printf '  round %d  %-15s %10s req/s  p50 %8s us  p99 %8s us  cpu %6s us/req%s%s\n' "$2" "$1" "$rps" "$p50" "$p99" "$cpu" \
         "${bad:+  NON-2xx: $bad}" "${errors:+  socket errors: $errors}"
 }
 
 n_targets=$(wc -w <<<"$TARGETS")
-placement="servers and wrk unpinned"
-((${#PIN_SERVER[@]})) && placement="servers on cpu $SERVER_CPU, wrk on cpu $CLIENT_CPU"
-echo "load: $ROUNDS rounds x $n_targets targets x ${DURATION}s, wrk -t1 -c$CONNECTIONS; $placement"
+placement="servers and wrk unpinned ($CORES cores: too few to pin $WORKERS workers apart)"
+((WORKERS == 1 && ${#PIN_SERVER[@]})) && placement="servers on cpu $SERVER_CPU, wrk on cpu $CLIENT_CPU"
+((WORKERS > 1 && ${#PIN_PROXY[@]})) && placement="proxies on cpus 0-$((WORKERS - 1)), upstream and wrk on the rest"
+echo "load: $ROUNDS rounds x $n_targets targets x ${DURATION}s, wrk -t1 -c$CONNECTIONS, $WORKERS worker(s) per proxy; $placement"
 if ((WARMUP > 0)); then
     for t in $TARGETS; do
         run_wrk "$t" "$WARMUP" >/dev/null || die "wrk failed against $t"
@@ -402,7 +475,7 @@ done
 
 # ---------------------------------------------------------------- report
 
-# Medians across rounds, then ratios against the upstream and nginx rows.
+# Medians across rounds, then each credproxy target's ratios to HAProxy and nginx.
 awk -F '\t' -v order="$TARGETS" '
 function median(list,    a, n, i, j, t) {
     n = split(list, a, " ")
@@ -413,29 +486,25 @@ function median(list,    a, n, i, j, t) {
     }
     return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 }
-{ rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4 }
+{ rps[$1] = rps[$1] " " $2; p50[$1] = p50[$1] " " $3; p99[$1] = p99[$1] " " $4; cpu[$1] = cpu[$1] " " $5 }
 END {
     n = split(order, names, " ")
-    printf "\n%-15s %12s %10s %10s %12s %14s\n", "target", "req/s", "p50 us", "p99 us", "cpu us/req", "overhead us/req"
+    printf "\n%-17s %12s %10s %10s %12s\n", "target", "req/s", "p50 us", "p99 us", "cpu us/req"
     for (i = 1; i <= n; i++) {
         t = names[i]
-        R[t] = median(rps[t]); P50[t] = median(p50[t]); P99[t] = median(p99[t])
-        cpu[t] = R[t] > 0 ? 1e6 / R[t] : 0
+        R[t] = median(rps[t]); P50[t] = median(p50[t]); P99[t] = median(p99[t]); C[t] = median(cpu[t])
+        printf "%-17s %12.0f %10.1f %10.1f %12.1f\n", t, R[t], P50[t], P99[t], C[t]
     }
-    for (i = 1; i <= n; i++) {
-        t = names[i]
-        over = ("upstream" in R) && t != "upstream" ? sprintf("%.1f", cpu[t] - cpu["upstream"]) : "-"
-        printf "%-15s %12.0f %10.1f %10.1f %12.1f %14s\n", t, R[t], P50[t], P99[t], cpu[t], over
-    }
-    printf "(medians of %d rounds; cpu us/req = 1e6 / req/s with the server core saturated)\n\n", split(rps[names[1]], x, " ")
+    printf "(medians of %d rounds; cpu us/req: the proxy own CPU, the upstream not included)\n\n", split(rps[names[1]], x, " ")
     for (i = 1; i <= n; i++) {
         t = names[i]
         if (t !~ /^credproxy/) continue
-        if ("upstream" in R && R["upstream"] > 0 && P99["upstream"] > 0)
-            printf "%-15s / upstream: req/s x%.3f   p99 x%.2f\n", t, R[t] / R["upstream"], P99[t] / P99["upstream"]
-        if ("nginx" in R && R["nginx"] > 0 && P99["nginx"] > 0)
-            printf "%-15s / nginx:    req/s x%.3f   p99 x%.2f\n", t, R[t] / R["nginx"], P99[t] / P99["nginx"]
+        for (k = 1; k <= 2; k++) {
+            peer = k == 1 ? "haproxy" : "nginx"
+            if (!(peer in R) || R[peer] <= 0 || P99[peer] <= 0 || C[peer] <= 0) continue
+            printf "%-17s / %-8s req/s x%.2f (goal >= 1)   p99 x%.2f (<= 1)   cpu/req x%.2f (<= 1)\n", t, peer, R[t] / R[peer], P99[t] / P99[peer], C[t] / C[peer]
+        }
     }
     if ("credproxy-budget" in R && R["credproxy"] > 0 && P99["credproxy"] > 0)
-        printf "%-15s / credproxy: req/s x%.3f   p99 x%.2f   (a budget far from spent)\n", "credproxy-budget", R["credproxy-budget"] / R["credproxy"], P99["credproxy-budget"] / P99["credproxy"]
+        printf "%-17s / credproxy: req/s x%.3f   p99 x%.2f   (a budget far from spent)\n", "credproxy-budget", R["credproxy-budget"] / R["credproxy"], P99["credproxy-budget"] / P99["credproxy"]
 }' "$RESULTS"
