@@ -257,12 +257,24 @@ fn whole(c: &mut Criterion, w: &World) {
     });
 }
 
+/// Which upstream pool a request uses: the worker's own, found through a
+/// thread-local (`forward::Upstreams::here`), once per upstream send.
+fn upstream_pick(c: &mut Criterion, w: &World) {
+    let spark = w.config.provider("spark").expect("spark provider");
+    let ups = credproxy::forward::Upstreams::new(spark, 2).expect("upstreams");
+    credproxy::forward::enter_worker(1);
+    c.bench_function("upstream/pick_worker_pool", |b| {
+        b.iter(|| black_box(black_box(&ups).here().response_timeout()))
+    });
+}
+
 fn benches(c: &mut Criterion) {
     extraction(c);
     let w = world();
     lookup(c, &w);
     injection(c, &w);
     whole(c, &w);
+    upstream_pick(c, &w);
 }
 
 criterion_group!(hot_path, benches);
