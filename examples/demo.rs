@@ -92,7 +92,7 @@ fn fresh_store(dir: &Path) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    credproxy::telemetry::init("info");
+    let _log = credproxy::telemetry::init("info");
     // Spark with its replication host, as flex-mls and replication jobs use it.
     let spark = Standin::start(Options {
         replication: true,

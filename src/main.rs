@@ -220,8 +220,11 @@ fn main() -> ExitCode {
         Command::Serve => "info",
         _ => "warn",
     };
-    telemetry::init(default_level);
-    match run(cli) {
+    let log = telemetry::init(default_level);
+    let result = run(cli);
+    // Every log line out before the error lines below.
+    drop(log);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Several problems (e.g. every missing secret) come one per line.
