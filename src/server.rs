@@ -211,10 +211,12 @@ async fn serve_proxy(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    serve(listener, cfg, limits, shutdown, move |local, _peer| {
+    serve(listener, cfg, limits, shutdown, move |local, peer| {
         let proxy = Arc::clone(&proxy);
-        service_fn(move |req| {
+        let client = crate::proxy::ClientAddr(peer.ip());
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let proxy = Arc::clone(&proxy);
+            req.extensions_mut().insert(client);
             async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
         })
     })
