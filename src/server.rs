@@ -103,6 +103,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{w}");
     }
     let sessions = Arc::new(sessions);
+    // Where the change follower starts, read before any request can put a
+    // key in the negative cache (on an error the follower reads it itself).
+    let change_cursor = sessions.store().change_cursor().await.ok();
     let metrics = Arc::new(Metrics::default());
     let refresher = Arc::new(Refresher::new(
         &config,
@@ -174,7 +177,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop,
         move |_, peer| admin::service(&app, peer),
     ));
-    tasks.spawn(Arc::clone(&sessions).follow_changes(
+    tasks.spawn(Arc::clone(&sessions).follow_changes_from(
+        change_cursor,
         config.store.invalidation_interval,
         shutdown.clone().cancelled_owned(),
     ));

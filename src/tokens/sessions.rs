@@ -1264,8 +1264,23 @@ impl Sessions {
         every: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) {
+        self.follow_changes_from(None, every, stop).await
+    }
+
+    /// [`Sessions::follow_changes`] from `cursor`, read before this process
+    /// served any lookup (`server::start`); with `None`, from the position
+    /// read now, forgetting the keys found absent before it.
+    pub async fn follow_changes_from(
+        self: Arc<Self>,
+        cursor: Option<i64>,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(stop);
         let mut cursor = loop {
+            if let Some(c) = cursor {
+                break c;
+            }
             match self.store.change_cursor().await {
                 Ok(c) => {
                     // Keys found absent before the cursor was read may have
