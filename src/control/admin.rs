@@ -369,6 +369,13 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             Vec::new()
         }
     };
+    let s = &state.sessions;
+    state.metrics.note_cache(crate::metrics::CacheStats {
+        key_reads: s.key_reads(),
+        absent_hits: s.absent_hits(),
+        cold_refusals: s.cold_refusals(),
+        absent_cached: s.cache_sizes().1,
+    });
     let text = state.metrics.render(&counts, state.sessions.cached());
     let mut headers = HeaderMap::new();
     headers.insert(
