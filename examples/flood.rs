@@ -2,8 +2,12 @@
 //! address, for `benches/scale.sh`:
 //!
 //! ```text
-//! cargo run --release --example flood -- URL RATE SECONDS [LOCAL_ADDR] [CONNECTIONS]
+//! cargo run --release --example flood -- URL RATE SECONDS [LOCAL_ADDR] [CONNECTIONS] [--same-key]
 //! ```
+//!
+//! With `--same-key` every request presents one unknown key (after the
+//! first, negative-cache hits: 401 without a store read), the control that
+//! shows what serving RATE rejected requests a second costs by itself.
 //!
 //! Sends `GET URL` with `X-Credproxy-Session: flood-RANDOM` RATE times a
 //! second (paced per connection; CONNECTIONS default 32) for SECONDS, from
@@ -21,7 +25,9 @@ use anyhow::Context;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let same_key = args.iter().any(|a| a == "--same-key");
+    args.retain(|a| a != "--same-key");
     let (Some(url), Some(rate), Some(secs)) = (args.first(), args.get(1), args.get(2)) else {
         anyhow::bail!("usage: flood URL RATE SECONDS [LOCAL_ADDR] [CONNECTIONS]");
     };
@@ -67,7 +73,11 @@ async fn main() -> anyhow::Result<()> {
                 if Instant::now() >= until {
                     return;
                 }
-                let key = format!("flood-{:032x}", rand::random::<u128>());
+                let key = if same_key {
+                    "flood-one-unknown-key".to_owned()
+                } else {
+                    format!("flood-{:032x}", rand::random::<u128>())
+                };
                 counts[0].fetch_add(1, Ordering::Relaxed);
                 let slot = match client
                     .get(&url)
@@ -92,13 +102,26 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let n = |i: usize| counts[i].load(Ordering::Relaxed);
     println!(
-        "flood: sent {} in {elapsed:.1} s ({:.0}/s) from {local}: {} x 401, {} x 429, {} other, {} errors",
+        "flood{}: sent {} in {elapsed:.1} s ({:.0}/s) from {local}: {} x 401, {} x 429, {} other, {} errors; flood client cpu {}",
+        if same_key { " (one key)" } else { "" },
         n(0),
         n(0) as f64 / elapsed,
         n(1),
         n(2),
         n(3),
-        n(4)
+        n(4),
+        own_cpu().map_or_else(|| "?".to_owned(), |s| format!("{:.0}% of a core", 100.0 * s / elapsed)),
     );
     Ok(())
+}
+
+/// This process's user + system CPU seconds (/proc/self/stat, 100 ticks a second).
+fn own_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), 1-based from
+    // field 3: utime is field 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
