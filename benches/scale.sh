@@ -261,8 +261,15 @@ for r in $(seq "$ROUNDS"); do
     quiet=$(rps_of <<<"$out")
     bad=$(non2xx_of <<<"$out")
     printf '  round %d  %-12s %10s req/s%s\n' "$r" "no flood" "$quiet" "${bad:+  NON-2xx: $bad}"
-    flooded=$(with_flood "random keys")
-    control=$(with_flood "one key" --same-key)
+    # Alternate which flood goes first, so a drift of the machine's load
+    # does not always favour the same one.
+    if ((r % 2)); then
+        flooded=$(with_flood "random keys")
+        control=$(with_flood "one key" --same-key)
+    else
+        control=$(with_flood "one key" --same-key)
+        flooded=$(with_flood "random keys")
+    fi
     printf '%s\t%s\t%s\n' "$quiet" "$flooded" "$control" >>"$WORK/results.tsv"
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg); credproxy rss $(awk '/VmRSS/ {print $2, $3}' "/proc/$CP_PID/status")"

@@ -367,3 +367,49 @@ async fn a_flood_of_random_keys_is_held_to_its_budget_sqlite() {
 async fn a_flood_of_random_keys_is_held_to_its_budget_postgres() {
     a_flood_of_random_keys_is_held_to_its_budget(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_late_in_a_big_batch_from_elsewhere_works_within_the_interval() {
+    let w = World::new().await;
+    let extra = Extra {
+        store: "invalidation_interval = 0.5".to_owned(),
+        ..Extra::default()
+    };
+    let srv = w.start(&extra).await;
+    let last = "batch-key-00024999-late-in-the-batch";
+    assert_eq!(status_of(srv.proxy_addr, last).await, 401);
+    assert_eq!(status_of(srv.proxy_addr, last).await, 401);
+    assert_eq!(srv.sessions.key_reads(), 1);
+    // Another writer of the same store (as `seed --bulk` would be): 25,000
+    // sessions, more than two pages of the change log, in one transaction.
+    let (other, _) = credproxy::sessions::Sessions::open(&w.config(&extra))
+        .await
+        .expect("open");
+    let t = w.spark.issue_tokens();
+    let batch = (0..25_000)
+        .map(|i| {
+            let key = if i == 24_999 {
+                last.to_owned()
+            } else {
+                format!("batch-key-{i:08}-early")
+            };
+            (
+                KeyHash::of(key.as_bytes()),
+                NewTokens {
+                    access_token: SecretString::from(t.access_token.clone()),
+                    refresh_token: Some(SecretString::from(t.refresh_token.clone())),
+                    expires_in: t.expires_in,
+                },
+            )
+        })
+        .collect();
+    other
+        .add_many("spark", batch, credproxy::audit::Actor::Cli)
+        .await
+        .expect("add many");
+    // Within one poll: read page by page, not one page a poll (which
+    // would take three polls, 1 s and more).
+    let took = until_ok(srv.proxy_addr, last, Duration::from_millis(990)).await;
+    println!("the last key of a 25,000-session batch worked after {took:?}");
+    srv.shutdown().await;
+}

@@ -236,7 +236,12 @@ pub struct Changes {
     pub ids: Vec<String>,
     /// Key hashes of the sessions inserted.
     pub added_keys: Vec<KeyHash>,
+    /// The page was full ([`CHANGES_PAGE`] rows): more may follow at once.
+    pub more: bool,
 }
+
+/// Change-log rows one [`Store::changes`] reads at most.
+pub const CHANGES_PAGE: usize = 10_000;
 
 /// The answer to a request for a session's refresh lease.
 // One per refresh attempt, moved once: not worth a box.

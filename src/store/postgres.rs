@@ -911,10 +911,11 @@ impl Store for PgStore {
         // forgetting an absent key twice) is harmless.
         let rows = sqlx::query(&format!(
             "SELECT seq, session_id, key_hash FROM session_changes
-             WHERE seq > $1 OR at >= {DB_NOW_MS} / 1000 - $2 ORDER BY seq LIMIT 10000"
+             WHERE seq > $1 OR at >= {DB_NOW_MS} / 1000 - $2 ORDER BY seq LIMIT $3"
         ))
         .bind(cursor)
         .bind(LOOKBACK_SECS)
+        .bind(super::CHANGES_PAGE as i64)
         .fetch_all(&self.pool)
         .await?;
         let mut changes = sql::changes(&rows, cursor)?;

@@ -416,6 +416,7 @@ where
             out.added_keys.push(KeyHash(h));
         }
     }
+    out.more = rows.len() >= super::CHANGES_PAGE;
     Ok(out)
 }
 

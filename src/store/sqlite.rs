@@ -1384,9 +1384,10 @@ impl Store for SqliteStore {
 
     async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, session_id, key_hash FROM session_changes WHERE seq > ? ORDER BY seq LIMIT 10000",
+            "SELECT seq, session_id, key_hash FROM session_changes WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(cursor)
+        .bind(super::CHANGES_PAGE as i64)
         .fetch_all(&self.pool)
         .await?;
         sql::changes(&rows, cursor)

@@ -256,6 +256,9 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Change-log pages (of [`store::CHANGES_PAGE`] rows) one poll reads at most.
+const MAX_PAGES_PER_POLL: usize = 100;
+
 /// Above this many clients in the cold-lookup limiter, a cold lookup first
 /// forgets the quiet ones (the change follower does it too).
 const MAX_TRACKED_CLIENTS: usize = 100_000;
@@ -1307,17 +1310,28 @@ impl Sessions {
                     }
                 }
             }
-            match self.store.changes(cursor).await {
-                Ok(changes) => {
-                    cursor = changes.cursor;
-                    // Keys added elsewhere work here from now on.
-                    self.forget_absent(&changes.added_keys);
-                    for id in changes.ids {
-                        tracing::debug!(session = %id, "session changed in the store; dropping cached copy");
-                        self.invalidate(&id);
+            // A full page (a bulk insert, say) is followed at once by the
+            // next, so a key added late in a big batch waits no extra polls.
+            for _ in 0..MAX_PAGES_PER_POLL {
+                match self.store.changes(cursor).await {
+                    Ok(changes) => {
+                        let more = changes.more && changes.cursor > cursor;
+                        cursor = changes.cursor;
+                        // Keys added elsewhere work here from now on.
+                        self.forget_absent(&changes.added_keys);
+                        for id in changes.ids {
+                            tracing::debug!(session = %id, "session changed in the store; dropping cached copy");
+                            self.invalidate(&id);
+                        }
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the store's change log");
+                        break;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the store's change log"),
             }
             polls += 1;
             // Keep the change log short: an hour is far longer than any poll gap.
