@@ -178,9 +178,38 @@ fn world() -> World {
 fn lookup(c: &mut Criterion, w: &World) {
     let hash = KeyHash::of(KEY.as_bytes());
     let sessions = &*w.sessions;
+    let client: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     c.bench_function("lookup/cache_hit", |b| {
         b.to_async(&w.rt)
             .iter(|| async { sessions.by_key(black_box(&hash)).await.unwrap().unwrap() })
+    });
+    // As the proxy calls it: with the client's address (never charged on a hit).
+    c.bench_function("lookup/cache_hit_from_client", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            sessions
+                .by_key_from(black_box(&hash), Some(client))
+                .await
+                .unwrap()
+                .unwrap()
+        })
+    });
+    // A key the store said does not exist: answered by the negative cache.
+    let unknown = KeyHash::of(b"cpk_not-a-session-key-at-all-0123456789abcdefgh");
+    w.rt.block_on(sessions.by_key(&unknown)).unwrap();
+    assert!(sessions.known_absent(&unknown));
+    c.bench_function("lookup/negative_cache_hit", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let none = sessions
+                .by_key_from(black_box(&unknown), Some(client))
+                .await
+                .unwrap();
+            assert!(none.is_none());
+        })
+    });
+    // The budget check of a cold lookup; spent after the first 200, so this
+    // is the refused path a flood of random keys takes.
+    c.bench_function("lookup/cold_budget_check", |b| {
+        b.iter(|| black_box(sessions.admit_cold(black_box(client)).is_ok()))
     });
 }
 

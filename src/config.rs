@@ -171,6 +171,8 @@ struct RawStore {
     key_reload_interval: Option<RawDuration>,
     invalidation_interval: Option<RawDuration>,
     use_flush_interval: Option<RawDuration>,
+    session_cache_capacity: Option<u64>,
+    cold_lookups_per_client: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -349,7 +351,22 @@ pub struct StoreConfig {
     /// when it changed; `key_command`: runs it); default 60 s. A key id the
     /// ring does not know makes it read the ring at once.
     pub key_reload_interval: Duration,
+    /// Sessions the hot-path cache holds at most (S3-FIFO eviction beyond);
+    /// also the cap of the cache of unknown keys. Default 100,000.
+    pub session_cache_capacity: usize,
+    /// Store reads for keys not in the cache allowed per client address a
+    /// second (a burst of as many); 0: no limit. Default 200.
+    pub cold_lookups_per_client: u32,
 }
+
+/// Default of `store.session_cache_capacity`.
+pub const DEFAULT_SESSION_CACHE_CAPACITY: usize = 100_000;
+/// Bounds of `store.session_cache_capacity`.
+pub const SESSION_CACHE_CAPACITY_BOUNDS: (u64, u64) = (100, 50_000_000);
+/// Default of `store.cold_lookups_per_client`.
+pub const DEFAULT_COLD_LOOKUPS_PER_CLIENT: u32 = 200;
+/// Largest `store.cold_lookups_per_client`.
+pub const MAX_COLD_LOOKUPS_PER_CLIENT: u64 = 1_000_000;
 
 /// Where the ring of sealing keys comes from (formats: `seal.rs`).
 #[derive(Debug, Clone)]
@@ -827,6 +844,29 @@ fn validate(
         invalidation_interval: dur(st.invalidation_interval, "store.invalidation_interval", 0.5)?,
         use_flush_interval: dur(st.use_flush_interval, "store.use_flush_interval", 60.0)?,
         key_reload_interval: dur(st.key_reload_interval, "store.key_reload_interval", 60.0)?,
+        session_cache_capacity: match st.session_cache_capacity {
+            None => DEFAULT_SESSION_CACHE_CAPACITY,
+            Some(n) => {
+                let (lo, hi) = SESSION_CACHE_CAPACITY_BOUNDS;
+                if !(lo..=hi).contains(&n) {
+                    return Err(invalid(
+                        "store.session_cache_capacity",
+                        format!("must be between {lo} and {hi} sessions (got {n})"),
+                    ));
+                }
+                n as usize
+            }
+        },
+        cold_lookups_per_client: match st.cold_lookups_per_client {
+            None => DEFAULT_COLD_LOOKUPS_PER_CLIENT,
+            Some(n) if n > MAX_COLD_LOOKUPS_PER_CLIENT => {
+                return Err(invalid(
+                    "store.cold_lookups_per_client",
+                    format!("must be at most {MAX_COLD_LOOKUPS_PER_CLIENT} a second, or 0 for no limit (got {n})"),
+                ))
+            }
+            Some(n) => n as u32,
+        },
     };
     if store.key_reload_interval < Duration::from_secs(1)
         || store.key_reload_interval > Duration::from_secs(3600)
@@ -1381,6 +1421,34 @@ mod tests {
             "rate_limit = { requests = 10, per = \"1s\", burst = 3 }",
         ));
         assert!(e.contains("burst"), "{e}");
+    }
+
+    #[test]
+    fn session_cache_keys_are_read_and_bounded() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.store.session_cache_capacity, 100_000);
+        assert_eq!(c.store.cold_lookups_per_client, 200);
+        let with = |k: &str, v: &str| GOOD.replacen("[store]", &format!("[store]\n{k} = {v}"), 1);
+        let c = parse(&with("session_cache_capacity", "2500")).expect("valid");
+        assert_eq!(c.store.session_cache_capacity, 2500);
+        let c = parse(&with("cold_lookups_per_client", "0")).expect("valid");
+        assert_eq!(c.store.cold_lookups_per_client, 0);
+        for bad in ["0", "99", "50000001"] {
+            let e = parse(&with("session_cache_capacity", bad))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("store.session_cache_capacity"), "{e}");
+            assert!(e.contains("between 100 and 50000000"), "{e}");
+        }
+        let e = parse(&with("cold_lookups_per_client", "1000001"))
+            .expect_err("too many")
+            .to_string();
+        assert!(e.contains("store.cold_lookups_per_client"), "{e}");
+        // A negative number is not a count at all.
+        let e = parse(&with("session_cache_capacity", "-1"))
+            .expect_err("negative")
+            .to_string();
+        assert!(e.contains("session_cache_capacity"), "{e}");
     }
 
     #[test]

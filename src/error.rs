@@ -33,6 +33,11 @@ pub enum ProxyError {
     },
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// The client presented too many keys that are not cached (each costs a
+    /// store read): `store.cold_lookups_per_client`.
+    LookupsLimited {
+        retry_after_secs: u64,
+    },
     /// The store could not be read for a session that is not cached.
     StoreUnavailable,
     /// A stored session cannot be used (e.g. sealed with another key).
@@ -53,6 +58,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::LookupsLimited { .. } => "too_many_lookups",
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::Internal => "internal_error",
         }
@@ -71,7 +77,9 @@ impl ProxyError {
             ProxyError::TokenRefreshFailed { .. } | ProxyError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::LookupsLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +100,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "the provider's request budget is spent for now; retry after Retry-After seconds",
             ProxyError::UpstreamUnreachable => "the upstream API could not be reached",
             ProxyError::UpstreamTimeout => "the upstream API did not answer in time",
+            ProxyError::LookupsLimited { .. } => "too many requests from this address presented session keys that are not cached; retry after Retry-After seconds",
             ProxyError::StoreUnavailable => "the session store is unavailable; retry later",
             ProxyError::Internal => "this session cannot be used; see the server log",
         }
@@ -109,7 +118,8 @@ impl ProxyError {
         h.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         match self {
             ProxyError::TokenRefreshFailed { retry_after_secs }
-            | ProxyError::RateLimited { retry_after_secs } => {
+            | ProxyError::RateLimited { retry_after_secs }
+            | ProxyError::LookupsLimited { retry_after_secs } => {
                 h.insert(
                     http::header::RETRY_AFTER,
                     HeaderValue::from(*retry_after_secs),
@@ -143,6 +153,9 @@ mod tests {
             },
             ProxyError::RateLimited {
                 retry_after_secs: 4,
+            },
+            ProxyError::LookupsLimited {
+                retry_after_secs: 1,
             },
             ProxyError::UpstreamUnreachable,
             ProxyError::UpstreamTimeout,

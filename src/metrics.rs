@@ -61,6 +61,8 @@ pub struct Metrics {
     upstream_latency: Family<ProviderLabels, Histogram>,
     sessions: Family<SessionLabels, Gauge>,
     cached_sessions: Gauge,
+    /// The session cache's figures, copied from `Sessions` at each scrape.
+    cache: CacheMetrics,
     rate_wait: Family<ProviderLabels, Histogram>,
     upstream_refusals: Family<ProviderLabels, Counter>,
     rate_limited: Family<ProviderLabels, Counter>,
@@ -68,6 +70,26 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     /// The gates whose remaining budget is read at each scrape.
     gates: std::sync::Mutex<Vec<std::sync::Weak<Gate>>>,
+}
+
+/// What the session cache counts (`Sessions::key_reads` and the like),
+/// as read at a scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheStats {
+    pub key_reads: u64,
+    pub absent_hits: u64,
+    pub cold_refusals: u64,
+    pub absent_cached: usize,
+}
+
+#[derive(Default)]
+struct CacheMetrics {
+    key_reads: Counter,
+    absent_hits: Counter,
+    cold_refusals: Counter,
+    absent_cached: Gauge,
+    /// Keeps two scrapes from adding the same increase twice.
+    sync: std::sync::Mutex<()>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -114,6 +136,27 @@ impl Default for Metrics {
             "cached_sessions",
             "Sessions held in this process's hot-path cache",
             cached_sessions.clone(),
+        );
+        let cache = CacheMetrics::default();
+        registry.register(
+            "session_key_reads",
+            "Store reads for session keys in neither cache (cold lookups)",
+            cache.key_reads.clone(),
+        );
+        registry.register(
+            "session_absent_hits",
+            "Lookups of unknown keys answered by the negative cache, without a store read",
+            cache.absent_hits.clone(),
+        );
+        registry.register(
+            "session_cold_lookups_refused",
+            "Requests answered 429 too_many_lookups: the client's budget of cold lookups was spent",
+            cache.cold_refusals.clone(),
+        );
+        registry.register(
+            "absent_keys_cached",
+            "Unknown key hashes held in the negative cache",
+            cache.absent_cached.clone(),
         );
         let refreshes = Family::<RefreshLabels, Counter>::default();
         registry.register(
@@ -185,6 +228,7 @@ impl Default for Metrics {
             sessions,
             cached_sessions,
             worker_connections,
+            cache,
         }
     }
 }
@@ -197,6 +241,20 @@ impl Metrics {
         self.worker_connections
             .get_or_create(&WorkerLabels { worker })
             .clone()
+    }
+
+    /// Copies the session cache's counts into the registry (before a render).
+    pub fn note_cache(&self, stats: CacheStats) {
+        let c = &self.cache;
+        let _one = c.sync.lock().unwrap_or_else(|e| e.into_inner());
+        for (counter, now) in [
+            (&c.key_reads, stats.key_reads),
+            (&c.absent_hits, stats.absent_hits),
+            (&c.cold_refusals, stats.cold_refusals),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
+        c.absent_cached.set(stats.absent_cached as i64);
     }
 
     pub fn request(&self, provider: &'static str, status: u16) {

@@ -244,6 +244,15 @@ impl From<SessionError> for ApiError {
             SessionError::NotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
+            // The admin API looks sessions up without a budget; kept total.
+            SessionError::ColdBudget { retry_after_secs } => ApiError {
+                retry_after: Some(retry_after_secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_lookups",
+                    e.to_string(),
+                )
+            },
             SessionError::Unseal(_) => {
                 tracing::error!(error = %e, "admin: cannot open a sealed session");
                 ApiError::new(
@@ -360,6 +369,13 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             Vec::new()
         }
     };
+    let s = &state.sessions;
+    state.metrics.note_cache(crate::metrics::CacheStats {
+        key_reads: s.key_reads(),
+        absent_hits: s.absent_hits(),
+        cold_refusals: s.cold_refusals(),
+        absent_cached: s.cache_sizes().1,
+    });
     let text = state.metrics.render(&counts, state.sessions.cached());
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -165,20 +165,8 @@ fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// What one client's `/connect` requests count against: its address, an
-/// IPv6 address by its /64 (one host usually holds a whole /64), and an
-/// IPv4-mapped IPv6 address as the IPv4 address it is.
-pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
+/// IPv6 address by its /64, as for the proxy's cold lookups.
+pub(crate) use crate::sessions::client_key;
 
 /// Above this many clients in the rate limiter's map, a `/connect` first
 /// forgets the quiet ones (the timer does it too), so the map stays small

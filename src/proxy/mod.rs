@@ -130,6 +130,11 @@ impl Asked<'_> {
     }
 }
 
+/// The TCP peer's address, put in each request's extensions by the
+/// server: what the budget of cold session lookups is kept per.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 pub struct Proxy {
     routes: Vec<Route>,
     /// `server.proxy_url` without its trailing slash.
@@ -377,7 +382,8 @@ impl Proxy {
                 "a request from a web page must present a session key; the default session is not used for it",
             ));
         }
-        let session = self.resolve(route, presented).await?;
+        let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+        let session = self.resolve(route, presented, client).await?;
         log.session = Some(Arc::clone(&session));
         let session = self.ensure_fresh(route, session).await?;
         log.session = Some(Arc::clone(&session));
@@ -698,9 +704,10 @@ impl Proxy {
         &self,
         route: &Route,
         presented: Option<Presented<'_>>,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Arc<ActiveSession>, ProxyError> {
         let found = match presented.ok_or(ProxyError::MissingSession)? {
-            Presented::Key(hash) => self.sessions.by_key(&hash).await,
+            Presented::Key(hash) => self.sessions.by_key_from(&hash, client).await,
             Presented::Default(id) => self.sessions.by_id(id).await,
         };
         let session = match found {
@@ -708,6 +715,9 @@ impl Proxy {
             // A session of a provider no longer configured is no session here.
             Ok(None) | Err(SessionError::UnknownProvider(_)) => {
                 return Err(ProxyError::UnknownSession)
+            }
+            Err(SessionError::ColdBudget { retry_after_secs }) => {
+                return Err(ProxyError::LookupsLimited { retry_after_secs })
             }
             Err(SessionError::Store(e)) => {
                 tracing::warn!(provider = route.name, error = %e, "session lookup failed");

@@ -113,6 +113,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{w}");
     }
     let sessions = Arc::new(sessions);
+    // Where the change follower starts, read before any request can put a
+    // key in the negative cache (on an error the follower reads it itself).
+    let change_cursor = sessions.store().change_cursor().await.ok();
     let metrics = Arc::new(Metrics::default());
     let refresher = Arc::new(Refresher::new(
         &config,
@@ -186,7 +189,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop,
         move |_, peer| admin::service(&app, peer),
     ));
-    tasks.spawn(Arc::clone(&sessions).follow_changes(
+    tasks.spawn(Arc::clone(&sessions).follow_changes_from(
+        change_cursor,
         config.store.invalidation_interval,
         shutdown.clone().cancelled_owned(),
     ));
@@ -225,10 +229,10 @@ async fn serve_proxy(
     shutdown: CancellationToken,
 ) {
     let fallback = listener.local_addr().ok();
-    accept(listener, &limits, &shutdown, |stream, _peer, permits| {
+    accept(listener, &limits, &shutdown, |stream, peer, permits| {
         let local = stream.local_addr().ok().or(fallback);
         if let Some(local) = local {
-            workers.hand_off(stream, local, mount, permits);
+            workers.hand_off(stream, peer, local, mount, permits);
         }
     })
     .await;

@@ -39,11 +39,13 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{Connections, Permits};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
-use crate::proxy::{self, Mount, Proxy};
+use crate::proxy::{self, ClientAddr, Mount, Proxy};
 
 /// An accepted connection on its way to a worker.
 struct Conn {
     stream: std::net::TcpStream,
+    /// The client's address: its budget of cold lookups is keyed by it.
+    client: ClientAddr,
     local: SocketAddr,
     mount: Mount,
     permits: Permits,
@@ -69,6 +71,7 @@ impl Handoff {
     pub(super) fn hand_off(
         &self,
         stream: TcpStream,
+        peer: SocketAddr,
         local: SocketAddr,
         mount: Mount,
         permits: Permits,
@@ -86,6 +89,7 @@ impl Handoff {
         queue.open.inc();
         let conn = Conn {
             stream,
+            client: ClientAddr(peer.ip()),
             local,
             mount,
             permits,
@@ -207,9 +211,10 @@ impl Worker {
                 }
             };
             let proxy = Arc::clone(&self.proxy);
-            let (mount, local) = (conn.mount, conn.local);
-            let service = service_fn(move |req| {
+            let (mount, local, client) = (conn.mount, conn.local, conn.client);
+            let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let proxy = Arc::clone(&proxy);
+                req.extensions_mut().insert(client);
                 async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
             });
             connections.serve(stream, service, (conn.permits, open));

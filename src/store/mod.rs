@@ -227,6 +227,22 @@ pub struct NewSession {
     pub now: i64,
 }
 
+/// What [`Store::changes`] read from the change log.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// The newest position read (the cursor of the next call).
+    pub cursor: i64,
+    /// Sessions changed (inserted, replaced, refreshed, deleted...).
+    pub ids: Vec<String>,
+    /// Key hashes of the sessions inserted.
+    pub added_keys: Vec<KeyHash>,
+    /// The page was full ([`CHANGES_PAGE`] rows): more may follow at once.
+    pub more: bool,
+}
+
+/// Change-log rows one [`Store::changes`] reads at most.
+pub const CHANGES_PAGE: usize = 10_000;
+
 /// The answer to a request for a session's refresh lease.
 // One per refresh attempt, moved once: not worth a box.
 #[allow(clippy::large_enum_variant)]
@@ -667,8 +683,26 @@ pub trait Store: Send + Sync + 'static {
     /// The newest change-log position.
     async fn change_cursor(&self) -> Result<i64, StoreError>;
 
+    /// The change log after `cursor`: ids of sessions changed, the key
+    /// hashes of sessions inserted (so negative caches forget them), and
+    /// the new cursor.
+    async fn changes(&self, cursor: i64) -> Result<Changes, StoreError>;
+
     /// Ids of sessions changed after `cursor`, and the new cursor.
-    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError>;
+    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError> {
+        let c = self.changes(cursor).await?;
+        Ok((c.cursor, c.ids))
+    }
+
+    /// Inserts many new sessions in one transaction (multi-row inserts),
+    /// each with its change-log entry, and `audit` (one row for the batch)
+    /// last; [`StoreError::DuplicateKey`] (and nothing written) when a key
+    /// hash or id exists. For seeding large stores; no events.
+    async fn insert_sessions(
+        &self,
+        batch: &[NewSession],
+        audit: Option<&AuditAppend>,
+    ) -> Result<u64, StoreError>;
 
     /// Forgets change-log entries older than `before` (unix seconds).
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError>;

@@ -23,8 +23,8 @@ use super::sql::{
     self, bind_event, event_row, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
 use super::{
-    BudgetAsk, BudgetLease, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent,
-    NewSession, OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens,
+    BudgetAsk, BudgetLease, Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease,
+    NewEvent, NewSession, OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens,
     SessionCount, SessionRecord, Store, StoreError,
 };
 use crate::audit::{AuditAppend, AuditFilter, AuditRow};
@@ -184,6 +184,23 @@ async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<
     Ok(())
 }
 
+/// Change-log entries of inserted sessions, with their key hashes (timed
+/// by the database's clock, as every entry).
+async fn log_added(tx: &mut sqlx::PgConnection, new: &[NewSession]) -> Result<(), StoreError> {
+    for chunk in new.chunks(sql::BULK_ROWS) {
+        let text = sql::numbered(&sql::insert_added_changes_sql(
+            chunk.len(),
+            &format!("{DB_NOW_MS} / 1000"),
+        ));
+        let mut q = sqlx::query(&text);
+        for s in chunk {
+            q = q.bind(s.id.as_str()).bind(&s.key_hash.0[..]);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -221,7 +238,7 @@ impl Store for PgStore {
             other => other?,
         };
         let rec = record(&row)?;
-        log_change(&mut tx, &new.id, new.now).await?;
+        log_added(&mut tx, std::slice::from_ref(&new)).await?;
         insert_event(&mut tx, event).await?;
         append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
@@ -887,27 +904,52 @@ impl Store for PgStore {
         Ok(seq.unwrap_or(0))
     }
 
-    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError> {
+    async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
         // A sequence number is taken at insert but becomes visible at commit,
         // so a smaller one can appear after a larger one was read: re-read
-        // the last few seconds too. Dropping a cached session twice is harmless.
+        // the last few seconds too. Dropping a cached session twice (or
+        // forgetting an absent key twice) is harmless.
         let rows = sqlx::query(&format!(
-            "SELECT seq, session_id FROM session_changes
-             WHERE seq > $1 OR at >= {DB_NOW_MS} / 1000 - $2 ORDER BY seq LIMIT 10000"
+            "SELECT seq, session_id, key_hash FROM session_changes
+             WHERE seq > $1 OR at >= {DB_NOW_MS} / 1000 - $2 ORDER BY seq LIMIT $3"
         ))
         .bind(cursor)
         .bind(LOOKBACK_SECS)
+        .bind(super::CHANGES_PAGE as i64)
         .fetch_all(&self.pool)
         .await?;
-        let mut next = cursor;
-        let mut ids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            next = next.max(r.try_get::<i64, _>("seq")?);
-            ids.push(r.try_get("session_id")?);
+        let mut changes = sql::changes(&rows, cursor)?;
+        changes.ids.sort_unstable();
+        changes.ids.dedup();
+        changes.added_keys.sort_unstable_by_key(|h| h.0);
+        changes.added_keys.dedup();
+        Ok(changes)
+    }
+
+    async fn insert_sessions(
+        &self,
+        batch: &[NewSession],
+        audit: Option<&AuditAppend>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        for chunk in batch.chunks(sql::BULK_ROWS) {
+            let text = sql::numbered(&sql::insert_sessions_sql(chunk.len()));
+            let mut q = sqlx::query(&text);
+            for s in chunk {
+                q = sql::bind_new_session(q, s);
+            }
+            match q.execute(&mut *tx).await {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(StoreError::DuplicateKey)
+                }
+                other => inserted += other?.rows_affected(),
+            }
         }
-        ids.sort_unstable();
-        ids.dedup();
-        Ok((next, ids))
+        log_added(&mut tx, batch).await?;
+        append_audit_tx(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError> {

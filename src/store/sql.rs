@@ -344,3 +344,82 @@ pub(crate) fn audit_page_sql() -> String {
 /// Rows chained under each key id.
 pub(crate) const COUNT_AUDIT_BY_KEY: &str =
     "SELECT key_id, COUNT(*) AS n FROM audit GROUP BY key_id ORDER BY key_id";
+
+/// The columns of a new session row, as both inserts write them.
+const NEW_SESSION_COLUMNS: &str = "id, provider, label, key_hash, access_token, refresh_token, expires_at, status, version, created_at, updated_at";
+
+/// Inserts `rows` new sessions in one statement ([`bind_new_session`]
+/// each, in order).
+pub(crate) fn insert_sessions_sql(rows: usize) -> String {
+    let one = "(?, ?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)";
+    format!(
+        "INSERT INTO sessions ({NEW_SESSION_COLUMNS}) VALUES {}",
+        vec![one; rows].join(", ")
+    )
+}
+
+/// Binds a new session to a row of [`insert_sessions_sql`].
+pub(crate) fn bind_new_session<'q, DB: sqlx::Database>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    s: &'q super::NewSession,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q [u8]>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    q.bind(s.id.as_str())
+        .bind(s.provider.as_str())
+        .bind(s.label.as_deref())
+        .bind(&s.key_hash.0[..])
+        .bind(s.tokens.access_token.as_slice())
+        .bind(s.tokens.refresh_token.as_deref())
+        .bind(s.tokens.expires_at)
+        .bind(s.now)
+        .bind(s.now)
+}
+
+/// Change-log entries of `rows` inserted sessions, with their key hashes:
+/// binds `session_id, key_hash` per row; `at` is the time expression
+/// (each store's clock, no bind).
+pub(crate) fn insert_added_changes_sql(rows: usize, at: &str) -> String {
+    let one = format!("(?, {at}, ?)");
+    format!(
+        "INSERT INTO session_changes (session_id, at, key_hash) VALUES {}",
+        vec![one.as_str(); rows].join(", ")
+    )
+}
+
+/// The change log after a cursor, as both stores read it (PostgreSQL adds
+/// its look-back); `key_hash` is set for inserted sessions.
+pub(crate) fn changes<R>(rows: &[R], cursor: i64) -> Result<super::Changes, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut out = super::Changes {
+        cursor,
+        ..Default::default()
+    };
+    for r in rows {
+        out.cursor = out.cursor.max(r.try_get::<i64, _>("seq")?);
+        out.ids.push(r.try_get("session_id")?);
+        let hash: Option<Vec<u8>> = r.try_get("key_hash")?;
+        // A hash of another length is no key: nothing to forget.
+        if let Some(h) = hash.and_then(|h| <[u8; 32]>::try_from(h).ok()) {
+            out.added_keys.push(KeyHash(h));
+        }
+    }
+    out.more = rows.len() >= super::CHANGES_PAGE;
+    Ok(out)
+}
+
+/// Rows a bulk insert writes per statement at most (9 binds each, below
+/// SQLite's 32,766 and PostgreSQL's 65,535 parameters).
+pub(crate) const BULK_ROWS: usize = 2000;

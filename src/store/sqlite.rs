@@ -22,9 +22,9 @@ use super::sql::{
     self, bind_event, event_row, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
 use super::{
-    EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession, OAuthOutcome,
-    OAuthState, Resealed, SealedCount, SealedRow, SealedTokens, SessionCount, SessionRecord, Store,
-    StoreError,
+    Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession,
+    OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens, SessionCount,
+    SessionRecord, Store, StoreError,
 };
 use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::session::{KeyHash, Status};
@@ -735,6 +735,19 @@ async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Resu
     Ok(())
 }
 
+/// Change-log entries of inserted sessions, with their key hashes.
+async fn log_added(tx: &mut sqlx::SqliteConnection, new: &[NewSession]) -> Result<(), StoreError> {
+    for chunk in new.chunks(sql::BULK_ROWS) {
+        let text = sql::insert_added_changes_sql(chunk.len(), "?");
+        let mut q = sqlx::query(&text);
+        for s in chunk {
+            q = q.bind(s.id.as_str()).bind(s.now).bind(&s.key_hash.0[..]);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -775,7 +788,7 @@ impl Store for SqliteStore {
             }
         }
         res?;
-        log_change(&mut tx, &new.id, new.now).await?;
+        log_added(&mut tx, std::slice::from_ref(&new)).await?;
         insert_event(&mut tx, event).await?;
         append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
@@ -1369,20 +1382,42 @@ impl Store for SqliteStore {
         Ok(seq.unwrap_or(0))
     }
 
-    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError> {
+    async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, session_id FROM session_changes WHERE seq > ? ORDER BY seq LIMIT 10000",
+            "SELECT seq, session_id, key_hash FROM session_changes WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(cursor)
+        .bind(super::CHANGES_PAGE as i64)
         .fetch_all(&self.pool)
         .await?;
-        let mut next = cursor;
-        let mut ids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            next = next.max(r.try_get::<i64, _>("seq")?);
-            ids.push(r.try_get("session_id")?);
+        sql::changes(&rows, cursor)
+    }
+
+    async fn insert_sessions(
+        &self,
+        batch: &[NewSession],
+        audit: Option<&AuditAppend>,
+    ) -> Result<u64, StoreError> {
+        self.writable()?;
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        for chunk in batch.chunks(sql::BULK_ROWS) {
+            let text = sql::insert_sessions_sql(chunk.len());
+            let mut q = sqlx::query(&text);
+            for s in chunk {
+                q = sql::bind_new_session(q, s);
+            }
+            match q.execute(&mut *tx).await {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(StoreError::DuplicateKey)
+                }
+                other => inserted += other?.rows_affected(),
+            }
         }
-        Ok((next, ids))
+        log_added(&mut tx, batch).await?;
+        append_audit_tx(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     async fn prune_changes(&self, before: i64) -> Result<(), StoreError> {

@@ -3,8 +3,19 @@
 //!
 //! The cache maps a key hash to an [`ActiveSession`] whose credentials are
 //! already in their injected form, so a cached request does no store I/O and
-//! no decryption. It holds only sessions that exist in the store, so it is
-//! bounded by the store's size.
+//! no decryption. It holds at most `store.session_cache_capacity` sessions
+//! (S3-FIFO eviction, `quick_cache`); an evicted session is read again with
+//! one indexed store read (`key_hash`). An index from session id to key
+//! hash, kept for exactly the cached entries, makes an invalidation O(1).
+//!
+//! Keys the store said do not exist are remembered in a bounded negative
+//! cache, so a client repeating a revoked or mistyped key costs no store
+//! read. **Invariant (negative coherence):** a key added by this process is
+//! forgotten there at once (`add_hashed`), one added by another process as
+//! soon as [`Sessions::follow_changes`] reads its change-log entry (which
+//! carries the key hash); a fill that raced an add is discarded (the
+//! `added` counter, like `generation` below). Store reads for keys in
+//! neither cache are budgeted per client address (`store.cold_lookups_per_client`).
 //!
 //! **Invariant (coherence):** every change to a session, by this process or
 //! another one sharing the store, drops the cached copy: directly for changes
@@ -19,8 +30,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 use secrecy::SecretString;
 use serde::Serialize;
+use std::net::IpAddr;
 
 use crate::audit::{self, Actor, AuditAppend, AuditEntry, AuditSigner};
 use crate::config::{Config, KeySource, ProviderConfig};
@@ -52,6 +66,9 @@ pub enum SessionError {
     BadKey(#[from] BadKey),
     #[error("the access token is empty")]
     EmptyToken,
+    /// The client is over its budget of store reads for uncached keys.
+    #[error("too many lookups of uncached session keys from this client")]
+    ColdBudget { retry_after_secs: u64 },
 }
 
 /// Why the store and the sealing key could not be opened together. The
@@ -197,13 +214,82 @@ pub(crate) fn aad(id: &str, field: &str) -> Vec<u8> {
     format!("credproxy/{id}/{field}").into_bytes()
 }
 
+/// A capped cache that hands its evictions back to the caller (after the
+/// shard lock is released), so the id index can follow them.
+type Capped<K, V> = Cache<K, V, UnitWeighter, DefaultHashBuilder, Evictions>;
+
+/// [`Lifecycle`] collecting evicted entries into the request's state.
+#[derive(Clone, Copy, Default)]
+struct Evictions;
+
+impl<K, V> Lifecycle<K, V> for Evictions {
+    type RequestState = Vec<(K, V)>;
+
+    fn on_evict(&self, state: &mut Self::RequestState, key: K, val: V) {
+        state.push((key, val));
+    }
+}
+
+fn capped<K: Eq + std::hash::Hash, V: Clone>(capacity: usize) -> Capped<K, V> {
+    Cache::with(
+        capacity,
+        capacity as u64,
+        UnitWeighter,
+        DefaultHashBuilder::default(),
+        Evictions,
+    )
+}
+
+/// What one client's cold lookups count against: its address, an IPv6
+/// address by its /64 (one host usually holds a whole /64), and an
+/// IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// Change-log pages (of [`store::CHANGES_PAGE`] rows) one poll reads at most.
+const MAX_PAGES_PER_POLL: usize = 100;
+
+/// Above this many clients in the cold-lookup limiter, a cold lookup first
+/// forgets the quiet ones (the change follower does it too).
+const MAX_TRACKED_CLIENTS: usize = 100_000;
+
 pub struct Sessions {
     store: Arc<dyn Store>,
     /// The ring, followed as other processes change it.
     ring: Arc<LiveRing>,
     providers: HashMap<String, ProviderConfig>,
-    by_key: DashMap<KeyHash, Arc<ActiveSession>>,
-    by_id: DashMap<String, Arc<ActiveSession>>,
+    by_key: Capped<KeyHash, Arc<ActiveSession>>,
+    /// Session id -> key hash of every session in `by_key` (and, briefly,
+    /// of some just evicted or discarded): what `invalidate` removes by.
+    /// An entry is added after its cache insert and removed only when the
+    /// cache no longer holds that key, under the index's shard lock, so a
+    /// cached session always has its entry.
+    key_of: DashMap<String, KeyHash>,
+    by_id: Capped<String, Arc<ActiveSession>>,
+    /// Key hashes the store said do not exist (bounded like the cache).
+    absent: Capped<KeyHash, ()>,
+    /// Bumped whenever keys may have been added; a negative fill that saw
+    /// it move is not cached.
+    added: AtomicU64,
+    /// Store reads by key hash ([`Sessions::by_key`] misses), for tests and metrics.
+    key_reads: AtomicU64,
+    /// Lookups answered by the negative cache.
+    absent_hits: AtomicU64,
+    /// Lookups refused by the cold-lookup budget.
+    cold_refusals: AtomicU64,
+    /// Store reads for uncached keys per client address; `None`: no limit.
+    cold_budget: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
+    capacity: usize,
     /// Bumped by every invalidation; a fill that saw it move is not cached.
     generation: AtomicU64,
     /// Session id -> unix seconds of its last use, for refresh-ahead, idle
@@ -264,8 +350,17 @@ impl Sessions {
                 .iter()
                 .map(|p| (p.name.clone(), p.clone()))
                 .collect(),
-            by_key: DashMap::new(),
-            by_id: DashMap::new(),
+            by_key: capped(config.store.session_cache_capacity),
+            key_of: DashMap::new(),
+            by_id: capped(config.store.session_cache_capacity),
+            absent: capped(config.store.session_cache_capacity),
+            added: AtomicU64::new(0),
+            key_reads: AtomicU64::new(0),
+            absent_hits: AtomicU64::new(0),
+            cold_refusals: AtomicU64::new(0),
+            cold_budget: std::num::NonZeroU32::new(config.store.cold_lookups_per_client)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_second(n))),
+            capacity: config.store.session_cache_capacity,
             generation: AtomicU64::new(0),
             recent: DashMap::new(),
             flushed_to: tokio::sync::Mutex::new(0),
@@ -401,25 +496,141 @@ impl Sessions {
         Ok((Sessions::new(store, sealer, config), warnings))
     }
 
-    /// The session a key names, from the cache or else the store.
+    /// The session a key names, from the cache or else the store, with no
+    /// budget of cold lookups (the CLI, tests, benches).
     pub async fn by_key(&self, hash: &KeyHash) -> Result<Option<Arc<ActiveSession>>, SessionError> {
+        self.by_key_from(hash, None).await
+    }
+
+    /// The session a key presented by `client` names: from the cache, or
+    /// `None` at once when the store said lately that the key does not
+    /// exist, or else from the store (one indexed read), charged to the
+    /// client's budget of cold lookups ([`SessionError::ColdBudget`] over it).
+    pub async fn by_key_from(
+        &self,
+        hash: &KeyHash,
+        client: Option<IpAddr>,
+    ) -> Result<Option<Arc<ActiveSession>>, SessionError> {
         if let Some(s) = self.by_key.get(hash) {
-            return Ok(Some(Arc::clone(s.value())));
+            return Ok(Some(s));
+        }
+        if self.absent.get(hash).is_some() {
+            self.absent_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        if let Some(client) = client {
+            self.admit_cold(client)?;
         }
         let generation = self.generation.load(Ordering::Acquire);
+        let added = self.added.load(Ordering::Acquire);
+        self.key_reads.fetch_add(1, Ordering::Relaxed);
         let Some(rec) = self.store.session_by_key(hash).await? else {
+            self.remember_absent(*hash, added);
             return Ok(None);
         };
         self.know_keys_of(&rec).await;
         let active = Arc::new(self.activate(&rec)?);
-        self.cache_if_unchanged(&self.by_key, *hash, &active, generation);
+        self.cache_by_key(*hash, &active, generation);
         Ok(Some(active))
+    }
+
+    /// Whether the cache holds `hash` (no store read, no budget): for
+    /// benches and tests.
+    pub fn cached_key(&self, hash: &KeyHash) -> Option<Arc<ActiveSession>> {
+        self.by_key.get(hash)
+    }
+
+    /// Whether `hash` is in the negative cache.
+    pub fn known_absent(&self, hash: &KeyHash) -> bool {
+        self.absent.get(hash).is_some()
+    }
+
+    /// Counts a cold lookup against `client`'s budget: `Err` with the whole
+    /// seconds until it has room again (at least 1) when it is spent.
+    pub fn admit_cold(&self, client: IpAddr) -> Result<(), SessionError> {
+        use governor::clock::Clock;
+        let Some(limiter) = &self.cold_budget else {
+            return Ok(());
+        };
+        if limiter.len() > MAX_TRACKED_CLIENTS {
+            limiter.retain_recent();
+        }
+        limiter.check_key(&client_key(client)).map_err(|not_until| {
+            self.cold_refusals.fetch_add(1, Ordering::Relaxed);
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            SessionError::ColdBudget {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            }
+        })
+    }
+
+    /// Remembers that the store has no session for `hash`, unless keys may
+    /// have been added since `added` was read (before the store read).
+    fn remember_absent(&self, hash: KeyHash, added: u64) {
+        if self.added.load(Ordering::Acquire) != added {
+            return;
+        }
+        self.absent.insert(hash, ());
+        if self.added.load(Ordering::Acquire) != added {
+            self.absent.remove(&hash);
+        }
+    }
+
+    /// Forgets that these keys were absent: they have just been added (here
+    /// or, as the change log says, by another process). The bump first, so
+    /// a lookup that read the store before the add discards its answer.
+    pub fn forget_absent(&self, hashes: &[KeyHash]) {
+        if hashes.is_empty() {
+            return;
+        }
+        self.added.fetch_add(1, Ordering::AcqRel);
+        for h in hashes {
+            self.absent.remove(h);
+        }
+    }
+
+    /// Forgets every absent key (start of change following: the log read
+    /// from here on does not cover what came before).
+    fn forget_all_absent(&self) {
+        self.added.fetch_add(1, Ordering::AcqRel);
+        self.absent.clear();
+    }
+
+    /// Store reads by key hash so far (lookups the caches could not answer).
+    pub fn key_reads(&self) -> u64 {
+        self.key_reads.load(Ordering::Relaxed)
+    }
+
+    /// Lookups answered by the negative cache so far.
+    pub fn absent_hits(&self) -> u64 {
+        self.absent_hits.load(Ordering::Relaxed)
+    }
+
+    /// Lookups refused by the cold-lookup budget so far.
+    pub fn cold_refusals(&self) -> u64 {
+        self.cold_refusals.load(Ordering::Relaxed)
+    }
+
+    /// Sessions cached by key now, and key hashes cached as absent.
+    pub fn cache_sizes(&self) -> (usize, usize) {
+        (self.by_key.len(), self.absent.len())
+    }
+
+    /// `store.session_cache_capacity`.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Entries of the id index (the cached sessions, plus any left by a
+    /// race that the next sweep removes).
+    pub fn indexed(&self) -> usize {
+        self.key_of.len()
     }
 
     /// The session with this id (a provider's `default_session`), cached likewise.
     pub async fn by_id(&self, id: &str) -> Result<Option<Arc<ActiveSession>>, SessionError> {
         if let Some(s) = self.by_id.get(id) {
-            return Ok(Some(Arc::clone(s.value())));
+            return Ok(Some(s));
         }
         let generation = self.generation.load(Ordering::Acquire);
         let Some(rec) = self.store.session_by_id(id).await? else {
@@ -427,7 +638,7 @@ impl Sessions {
         };
         self.know_keys_of(&rec).await;
         let active = Arc::new(self.activate(&rec)?);
-        self.cache_if_unchanged(&self.by_id, id.to_owned(), &active, generation);
+        self.cache_by_id(id.to_owned(), &active, generation);
         Ok(Some(active))
     }
 
@@ -468,15 +679,20 @@ impl Sessions {
             // Not cached (something was invalidated meanwhile), but an
             // older copy must not stay: requests would keep presenting the
             // tokens this refresh replaced, each refused and replayed.
-            self.by_key
-                .remove_if(&rec.key_hash, |_, cached| cached.version < rec.version);
+            if self
+                .by_key
+                .remove_if(&rec.key_hash, |cached| cached.version < rec.version)
+                .is_some()
+            {
+                self.unindex(&rec.id, &rec.key_hash);
+            }
             self.by_id
-                .remove_if(&rec.id, |_, cached| cached.version < rec.version);
+                .remove_if(&rec.id, |cached| cached.version < rec.version);
             return Ok(active);
         }
-        self.cache_if_unchanged(&self.by_key, rec.key_hash, &active, before + 1);
+        self.cache_by_key(rec.key_hash, &active, before + 1);
         if self.by_id.contains_key(&rec.id) {
-            self.cache_if_unchanged(&self.by_id, rec.id.clone(), &active, before + 1);
+            self.cache_by_id(rec.id.clone(), &active, before + 1);
         }
         Ok(active)
     }
@@ -489,6 +705,7 @@ impl Sessions {
         let active = Arc::new(self.activate(rec)?);
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.by_key.remove(&rec.key_hash);
+        self.unindex(&rec.id, &rec.key_hash);
         self.by_id.remove(&rec.id);
         Ok(active)
     }
@@ -499,23 +716,59 @@ impl Sessions {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Caches `active` unless an invalidation happened since `generation`
-    /// was read, checking again after the insert (an invalidation may land
-    /// between the check and the insert) and taking the entry back if so.
-    fn cache_if_unchanged<K: std::hash::Hash + Eq + Clone>(
-        &self,
-        map: &DashMap<K, Arc<ActiveSession>>,
-        key: K,
-        active: &Arc<ActiveSession>,
-        generation: u64,
-    ) {
+    /// Caches `active` by its key unless an invalidation happened since
+    /// `generation` was read, checking again after the insert (an
+    /// invalidation may land between the check and the insert) and taking
+    /// the entry back if so. The id index gets its entry after the cache
+    /// insert and before the second check, so an invalidation after that
+    /// check finds it. Evicted entries leave the index.
+    fn cache_by_key(&self, key: KeyHash, active: &Arc<ActiveSession>, generation: u64) {
         if self.generation() != generation {
             return;
         }
-        map.insert(key.clone(), Arc::clone(active));
-        if self.generation() != generation {
-            map.remove_if(&key, |_, cached| Arc::ptr_eq(cached, active));
+        let mut evicted = Vec::new();
+        self.by_key
+            .insert_with_lifecycle(key, Arc::clone(active), &mut evicted);
+        self.key_of.insert(active.id.clone(), key);
+        if self.generation() != generation
+            && self
+                .by_key
+                .remove_if(&key, |cached| Arc::ptr_eq(cached, active))
+                .is_some()
+        {
+            self.unindex(&active.id, &key);
         }
+        for (hash, session) in evicted {
+            self.unindex(&session.id, &hash);
+        }
+    }
+
+    /// Drops `id`'s index entry if it names `hash` and the cache no longer
+    /// holds `hash`. Checked under the index's shard lock: a fill inserts
+    /// into the cache before the index, so either this sees the new cache
+    /// entry and keeps the index entry, or the fill's index insert comes after.
+    fn unindex(&self, id: &str, hash: &KeyHash) {
+        self.key_of
+            .remove_if(id, |_, h| h == hash && !self.by_key.contains_key(hash));
+    }
+
+    /// [`Sessions::cache_by_key`] for the cache by id (default sessions).
+    fn cache_by_id(&self, id: String, active: &Arc<ActiveSession>, generation: u64) {
+        if self.generation() != generation {
+            return;
+        }
+        self.by_id.insert(id.clone(), Arc::clone(active));
+        if self.generation() != generation {
+            self.by_id
+                .remove_if(&id, |cached| Arc::ptr_eq(cached, active));
+        }
+    }
+
+    /// Removes index entries whose session the cache no longer holds (left
+    /// by races; each check as in [`Sessions::unindex`]).
+    fn sweep_index(&self) {
+        self.key_of
+            .retain(|id, h| self.by_key.peek(h).is_some_and(|s| s.id == *id));
     }
 
     /// The session's refresh token, opened.
@@ -825,7 +1078,48 @@ impl Sessions {
                 Some(&audit),
             )
             .await?;
+        // The key works here at once, even if a lookup just found it absent.
+        self.forget_absent(&[hash]);
         Ok((id, false))
+    }
+
+    /// Stores many new sessions of `provider` at once (seeding a large
+    /// store): sealed as [`Sessions::add`] seals them, inserted in one
+    /// transaction with one `session.created` audit row for the batch
+    /// (`{"provider", "count"}`) and no events. Every key must be new
+    /// ([`StoreError::DuplicateKey`] and nothing written otherwise).
+    /// Returns the new sessions' ids, in order.
+    pub async fn add_many(
+        &self,
+        provider: &str,
+        batch: Vec<(KeyHash, NewTokens)>,
+        actor: Actor,
+    ) -> Result<Vec<String>, SessionError> {
+        let now = store::now();
+        let mut rows = Vec::with_capacity(batch.len());
+        for (hash, tokens) in batch {
+            self.check_tokens(provider, &tokens)?;
+            let id = new_session_id();
+            let sealed = self.seal_tokens(&id, &tokens, now);
+            rows.push(NewSession {
+                id,
+                provider: provider.to_owned(),
+                label: None,
+                key_hash: hash,
+                tokens: sealed,
+                now,
+            });
+        }
+        let audit = self.audit(
+            audit::kind::SESSION_CREATED,
+            None,
+            actor,
+            serde_json::json!({"provider": provider, "count": rows.len()}),
+        );
+        self.store.insert_sessions(&rows, Some(&audit)).await?;
+        let hashes: Vec<KeyHash> = rows.iter().map(|r| r.key_hash).collect();
+        self.forget_absent(&hashes);
+        Ok(rows.into_iter().map(|r| r.id).collect())
     }
 
     /// Replaces the tokens of session `id` (a reconnect, or `add --key`),
@@ -952,11 +1246,13 @@ impl Sessions {
         self.revoke_by(id, RevokedBy::Admin).await
     }
 
-    /// Drops every cached copy of session `id`.
+    /// Drops every cached copy of session `id`: O(1), through the id index.
     pub fn invalidate(&self, id: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.by_id.remove(id);
-        self.by_key.retain(|_, s| s.id != id);
+        if let Some((_, hash)) = self.key_of.remove(id) {
+            self.by_key.remove(&hash);
+        }
     }
 
     pub fn cached(&self) -> usize {
@@ -971,10 +1267,30 @@ impl Sessions {
         every: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) {
+        self.follow_changes_from(None, every, stop).await
+    }
+
+    /// [`Sessions::follow_changes`] from `cursor`, read before this process
+    /// served any lookup (`server::start`); with `None`, from the position
+    /// read now, forgetting the keys found absent before it.
+    pub async fn follow_changes_from(
+        self: Arc<Self>,
+        cursor: Option<i64>,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(stop);
         let mut cursor = loop {
+            if let Some(c) = cursor {
+                break c;
+            }
             match self.store.change_cursor().await {
-                Ok(c) => break c,
+                Ok(c) => {
+                    // Keys found absent before the cursor was read may have
+                    // been added before it, where the log is not read.
+                    self.forget_all_absent();
+                    break c;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the store's change log; retrying");
                     tokio::select! {
@@ -994,19 +1310,37 @@ impl Sessions {
                     }
                 }
             }
-            match self.store.changes_since(cursor).await {
-                Ok((next, ids)) => {
-                    cursor = next;
-                    for id in ids {
-                        tracing::debug!(session = %id, "session changed in the store; dropping cached copy");
-                        self.invalidate(&id);
+            // A full page (a bulk insert, say) is followed at once by the
+            // next, so a key added late in a big batch waits no extra polls.
+            for _ in 0..MAX_PAGES_PER_POLL {
+                match self.store.changes(cursor).await {
+                    Ok(changes) => {
+                        let more = changes.more && changes.cursor > cursor;
+                        cursor = changes.cursor;
+                        // Keys added elsewhere work here from now on.
+                        self.forget_absent(&changes.added_keys);
+                        for id in changes.ids {
+                            tracing::debug!(session = %id, "session changed in the store; dropping cached copy");
+                            self.invalidate(&id);
+                        }
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the store's change log");
+                        break;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the store's change log"),
             }
             polls += 1;
             // Keep the change log short: an hour is far longer than any poll gap.
             if polls.is_multiple_of(1200) {
+                self.sweep_index();
+                if let Some(limiter) = &self.cold_budget {
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
                 if let Err(e) = self.store.prune_changes(store::now() - 3600).await {
                     tracing::warn!(error = %e, "cannot prune the store's change log");
                 }
@@ -1033,18 +1367,195 @@ mod tests {
     use secrecy::ExposeSecret;
 
     async fn sessions(dir: &std::path::Path) -> Sessions {
-        let text = r#"
+        sessions_with(dir, "").await
+    }
+
+    /// Sessions on a SQLite store in `dir`, with `store` lines in `[store]`.
+    async fn sessions_with(dir: &std::path::Path, store: &str) -> Sessions {
+        let text = format!(
+            r#"
+            [store]
+            {store}
             [providers.spark]
             kind = "spark"
             api_base = "https://sparkapi.com"
             client_id = "c"
             client_secret = "s"
-        "#;
-        let config = Config::parse(text, std::path::Path::new("t"), |_| None).expect("config");
+        "#
+        );
+        let config = Config::parse(&text, std::path::Path::new("t"), |_| None).expect("config");
         let store = store::open(&format!("sqlite://{}", dir.join("t.db").display()))
             .await
             .expect("store");
         Sessions::new(store, Sealer::from_key(&[3; 32]), &config)
+    }
+
+    fn seed_tokens(i: usize) -> NewTokens {
+        NewTokens {
+            access_token: SecretString::from(format!("at-{i}")),
+            refresh_token: Some(SecretString::from(format!("rt-{i}"))),
+            expires_in: Some(3600),
+        }
+    }
+
+    fn key_hash(i: usize) -> KeyHash {
+        KeyHash::of(format!("unit-key-{i:06}").as_bytes())
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_at_its_cap_and_an_evicted_session_costs_one_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions_with(dir.path(), "session_cache_capacity = 100").await;
+        let ids = s
+            .add_many(
+                "spark",
+                (0..400).map(|i| (key_hash(i), seed_tokens(i))).collect(),
+                Actor::Cli,
+            )
+            .await
+            .expect("add many");
+        assert_eq!(ids.len(), 400);
+        for (i, id) in ids.iter().enumerate() {
+            let found = s
+                .by_key(&key_hash(i))
+                .await
+                .expect("lookup")
+                .expect("found");
+            assert_eq!(&found.id, id);
+            let (cached, _) = s.cache_sizes();
+            assert!(cached <= 100, "{cached} cached with a cap of 100");
+        }
+        assert_eq!(s.key_reads(), 400);
+        // The index follows the cache exactly: evicted sessions left it.
+        assert_eq!(s.indexed(), s.cache_sizes().0);
+        let evicted = (0..400)
+            .find(|i| s.cached_key(&key_hash(*i)).is_none())
+            .expect("some session was evicted");
+        let reads = s.key_reads();
+        let again = s
+            .by_key(&key_hash(evicted))
+            .await
+            .expect("lookup")
+            .expect("an evicted session still works");
+        assert_eq!(again.id, ids[evicted]);
+        assert_eq!(s.key_reads(), reads + 1, "exactly one store read");
+        s.by_key(&key_hash(evicted)).await.expect("lookup");
+        assert_eq!(s.key_reads(), reads + 1, "cached again");
+        // An invalidation finds the cached copy through the index.
+        s.invalidate(&ids[evicted]);
+        assert!(s.cached_key(&key_hash(evicted)).is_none());
+        assert_eq!(s.indexed(), s.cache_sizes().0);
+        s.sweep_index();
+        assert_eq!(s.indexed(), s.cache_sizes().0);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_is_read_once_and_works_at_once_when_added_here() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions(dir.path()).await;
+        let key =
+            SessionKey::chosen(SecretString::from("unit-later-key-0001".to_owned())).expect("key");
+        let hash = key.hash();
+        assert!(s.by_key(&hash).await.expect("lookup").is_none());
+        assert_eq!(s.key_reads(), 1);
+        for _ in 0..5 {
+            assert!(s.by_key(&hash).await.expect("lookup").is_none());
+        }
+        assert_eq!(s.key_reads(), 1, "the negative cache answered");
+        assert_eq!(s.absent_hits(), 5);
+        s.add("spark", seed_tokens(1), None, Some(key), Actor::Cli)
+            .await
+            .expect("add");
+        assert!(!s.known_absent(&hash));
+        assert!(s.by_key(&hash).await.expect("lookup").is_some());
+        assert_eq!(s.key_reads(), 2);
+        // A revoked key is unknown again, then remembered as such.
+        let id = s
+            .by_key(&hash)
+            .await
+            .expect("lookup")
+            .expect("found")
+            .id
+            .clone();
+        s.revoke(&id).await.expect("revoke");
+        assert!(s.by_key(&hash).await.expect("lookup").is_none());
+        assert!(s.by_key(&hash).await.expect("lookup").is_none());
+        assert_eq!(s.key_reads(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_negative_fill_that_raced_an_add_is_not_kept() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions(dir.path()).await;
+        let hash = key_hash(7);
+        let before = s.added.load(Ordering::Acquire);
+        // The add lands between the lookup's store read and its fill.
+        s.forget_absent(&[hash]);
+        s.remember_absent(hash, before);
+        assert!(!s.known_absent(&hash));
+        s.remember_absent(hash, s.added.load(Ordering::Acquire));
+        assert!(s.known_absent(&hash));
+    }
+
+    #[tokio::test]
+    async fn cold_lookups_are_budgeted_per_client_and_cached_keys_are_free() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = sessions_with(dir.path(), "cold_lookups_per_client = 5").await;
+        let ids = s
+            .add_many("spark", vec![(key_hash(0), seed_tokens(0))], Actor::Cli)
+            .await
+            .expect("add");
+        let a: IpAddr = "127.0.0.2".parse().expect("ip");
+        let b: IpAddr = "127.0.0.3".parse().expect("ip");
+        // The valid key, cached by a first (charged) lookup.
+        assert_eq!(
+            s.by_key_from(&key_hash(0), Some(a))
+                .await
+                .expect("ok")
+                .expect("found")
+                .id,
+            ids[0]
+        );
+        for i in 1..5 {
+            assert!(s
+                .by_key_from(&key_hash(i), Some(a))
+                .await
+                .expect("ok")
+                .is_none());
+        }
+        match s.by_key_from(&key_hash(99), Some(a)).await {
+            Err(SessionError::ColdBudget { retry_after_secs }) => assert!(retry_after_secs >= 1),
+            other => panic!(
+                "expected the budget to be spent: {:?}",
+                other.map(|o| o.is_some())
+            ),
+        }
+        assert_eq!(s.key_reads(), 5);
+        assert_eq!(s.cold_refusals(), 1);
+        // Cached and known-absent keys cost nothing.
+        for _ in 0..20 {
+            assert!(s
+                .by_key_from(&key_hash(0), Some(a))
+                .await
+                .expect("ok")
+                .is_some());
+            assert!(s
+                .by_key_from(&key_hash(1), Some(a))
+                .await
+                .expect("ok")
+                .is_none());
+        }
+        // Another client has its own budget; an IPv6 /64 counts as one.
+        assert!(s
+            .by_key_from(&key_hash(99), Some(b))
+            .await
+            .expect("ok")
+            .is_none());
+        assert_eq!(s.key_reads(), 6);
+        assert_eq!(
+            client_key("2001:db8::1".parse().expect("ip")),
+            client_key("2001:db8::ffff".parse().expect("ip"))
+        );
     }
 
     #[tokio::test]
