@@ -297,6 +297,28 @@ fn upstream_pick(c: &mut Criterion, w: &World) {
     });
 }
 
+/// Counting a request and its upstream latency: the route's resolved
+/// series against a label lookup in the family (what it replaced).
+fn metrics(c: &mut Criterion) {
+    let m = credproxy::metrics::Metrics::default();
+    let route = m.route("spark");
+    let took = std::time::Duration::from_micros(800);
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("route_series", |b| {
+        b.iter(|| {
+            route.request(&m, black_box(200));
+            route.upstream_latency(&m, black_box(took));
+        })
+    });
+    g.bench_function("family_lookup", |b| {
+        b.iter(|| {
+            m.request("spark", black_box(200));
+            m.upstream_latency("spark", black_box(took));
+        })
+    });
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     extraction(c);
     let w = world();
@@ -304,6 +326,7 @@ fn benches(c: &mut Criterion) {
     injection(c, &w);
     whole(c, &w);
     upstream_pick(c, &w);
+    metrics(c);
 }
 
 criterion_group!(hot_path, benches);

@@ -1,6 +1,7 @@
 //! Prometheus metrics, kept in a registry owned by the server (no global
 //! state, so several servers in one test process do not mix their counts).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -263,6 +264,16 @@ impl Metrics {
             .inc();
     }
 
+    /// One provider's per-request series, resolved once per series instead
+    /// of a label hash and a lock per request (see [`RouteMetrics`]).
+    pub fn route(&self, provider: &'static str) -> RouteMetrics {
+        RouteMetrics {
+            provider,
+            requests: (100..600).map(|_| OnceLock::new()).collect(),
+            latency: OnceLock::new(),
+        }
+    }
+
     pub fn upstream_latency(&self, provider: &'static str, took: Duration) {
         self.upstream_latency
             .get_or_create(&ProviderLabels { provider })
@@ -346,5 +357,90 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A provider's `credproxy_requests_total` counters (one per status, made
+/// on first use, so a series appears only once it counts something) and its
+/// upstream latency histogram: handles to the registry's own series, so the
+/// hot path increments an atomic without hashing labels or taking the
+/// family's lock.
+pub struct RouteMetrics {
+    provider: &'static str,
+    /// Index: status - 100.
+    requests: Box<[OnceLock<Counter>]>,
+    latency: OnceLock<Histogram>,
+}
+
+impl RouteMetrics {
+    pub fn request(&self, metrics: &Metrics, status: u16) {
+        let provider = self.provider;
+        match status
+            .checked_sub(100)
+            .and_then(|i| self.requests.get(usize::from(i)))
+        {
+            Some(slot) => {
+                slot.get_or_init(|| {
+                    metrics
+                        .requests
+                        .get_or_create(&RequestLabels { provider, status })
+                        .clone()
+                })
+                .inc();
+            }
+            None => metrics.request(provider, status),
+        };
+    }
+
+    pub fn upstream_latency(&self, metrics: &Metrics, took: Duration) {
+        let provider = self.provider;
+        self.latency
+            .get_or_init(|| {
+                metrics
+                    .upstream_latency
+                    .get_or_create(&ProviderLabels { provider })
+                    .clone()
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_series_are_the_registry_series_and_appear_once_used() {
+        let m = Metrics::default();
+        let spark = m.route("spark");
+        let before = m.render(&[], 0);
+        assert!(!before.contains("credproxy_requests_total{"), "{before}");
+        assert!(!before.contains("provider=\"spark\""), "{before}");
+        for _ in 0..3 {
+            spark.request(&m, 200);
+        }
+        spark.request(&m, 401);
+        // Outside 100..=599: counted through the family.
+        spark.request(&m, 999);
+        m.request("spark", 200);
+        spark.upstream_latency(&m, Duration::from_millis(3));
+        let text = m.render(&[], 0);
+        assert!(
+            text.contains(r#"credproxy_requests_total{provider="spark",status="200"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"credproxy_requests_total{provider="spark",status="401"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"credproxy_requests_total{provider="spark",status="999"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"credproxy_upstream_latency_seconds_count{provider="spark"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"status="500""#), "{text}");
     }
 }

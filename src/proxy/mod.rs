@@ -54,7 +54,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 pub use crate::forward::enter_worker;
 use crate::forward::{strip_hop_by_hop, TlsError, UpstreamBody, Upstreams};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
 use crate::refresh::{RefreshError, Refresher};
@@ -105,6 +105,10 @@ struct Route {
     link_targets: Vec<usize>,
     /// The provider's rate-limit gate: a permit before every send.
     gate: Arc<Gate>,
+    /// Its place in `Proxy::routes`.
+    index: usize,
+    /// Its per-request metric series, resolved once.
+    metrics: RouteMetrics,
 }
 
 /// What the response phase needs to know about the request.
@@ -178,6 +182,8 @@ type Identified<'q> = (Option<Presented<'q>>, Slot, Option<Cow<'q, str>>);
 /// The fields of the access log line, filled in as the phases learn them.
 struct AccessLog {
     provider: &'static str,
+    /// The route's index, once routing found one (its metrics).
+    route: Option<usize>,
     session: Option<Arc<ActiveSession>>,
     upstream_ms: Option<u128>,
     replayed: bool,
@@ -262,6 +268,8 @@ impl Proxy {
                 links: None,
                 link_targets: Vec::new(),
                 gate,
+                index: routes.len(),
+                metrics: metrics.route(name),
             });
         }
         // A route's family: the providers that share its sessions.
@@ -324,6 +332,7 @@ impl Proxy {
         let uri = parts.uri.clone();
         let mut log = AccessLog {
             provider: "-",
+            route: None,
             session: None,
             upstream_ms: None,
             replayed: false,
@@ -335,7 +344,10 @@ impl Proxy {
             Err(e) => e.to_response().map(own),
         };
         let status = resp.status().as_u16();
-        self.metrics.request(log.provider, status);
+        match log.route.and_then(|i| self.routes.get(i)) {
+            Some(route) => route.metrics.request(&self.metrics, status),
+            None => self.metrics.request(log.provider, status),
+        }
         tracing::info!(
             target: "credproxy::access",
             provider = log.provider,
@@ -364,6 +376,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (route, rest_at) = self.route(mount, local, &parts)?;
         log.provider = route.name;
+        log.route = Some(route.index);
         let uri = parts.uri.clone();
         let rest = &uri.path()[rest_at..];
         let rest = if rest.is_empty() { "/" } else { rest };
@@ -578,7 +591,7 @@ impl Proxy {
         let sent = Instant::now();
         let resp = route.upstream.here().send(req).await;
         let took = sent.elapsed();
-        self.metrics.upstream_latency(route.name, took);
+        route.metrics.upstream_latency(&self.metrics, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
         let mut resp = resp?;
         // Before anything else reads the answer: no injected secret in any
