@@ -31,6 +31,7 @@ RUN mkdir -p src benches examples crates/standins/src \
     && touch crates/standins/src/lib.rs \
     && cargo build --release --locked --bin credproxy \
     && rm -rf src crates/standins/src
+COPY build.rs build.rs
 COPY src src
 COPY migrations migrations
 COPY templates templates
