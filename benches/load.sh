@@ -72,16 +72,9 @@ PORT_BASE=${PORT_BASE:-18480}
 CREDPROXY_BIN=${CREDPROXY_BIN:-}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
-die() {
-    echo "load.sh: $*" >&2
-    exit 1
-}
-
-in_range() { # NAME VALUE MIN MAX
-    [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3 && $2 <= $4)) && return 0
-    die "$1 must be a whole number in $3..$4 (got '$2')"
-}
+SCRIPT=load.sh
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 in_range DURATION "$DURATION" 1 600
 in_range ROUNDS "$ROUNDS" 1 20
 in_range CONNECTIONS "$CONNECTIONS" 1 10000
@@ -175,27 +168,7 @@ fi
 
 # ---------------------------------------------------------------- servers
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/credproxy-load.XXXXXX")
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        # Bounded wait: escalate to SIGKILL after ~5 s.
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work credproxy-load
 
 UP_PORT=$PORT_BASE
 NGINX_PORT=$((PORT_BASE + 1))
@@ -207,24 +180,8 @@ CP_BUDGET_PORT=$((PORT_BASE + 6))
 CP_BUDGET_ADMIN_PORT=$((PORT_BASE + 7))
 HAPROXY_PORT=$((PORT_BASE + 8))
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-for p in "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT" \
-    "$CP_BUDGET_PORT" "$CP_BUDGET_ADMIN_PORT" "$HAPROXY_PORT"; do
-    port_open "$p" && die "port 127.0.0.1:$p is in use; set PORT_BASE"
-done
-
-wait_port() { # PORT NAME PID LOG...; on failure shows the logs and exits
-    local port=$1 name=$2 pid=$3
-    shift 3
-    for _ in $(seq 100); do
-        port_open "$port" && return 0
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$@" >&2 2>/dev/null || true
-    die "$name did not come up on 127.0.0.1:$port (within 10 s)"
-}
+ports_free "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT" \
+    "$CP_BUDGET_PORT" "$CP_BUDGET_ADMIN_PORT" "$HAPROXY_PORT"
 
 # Status code of one GET over bash's /dev/tcp (no curl needed), bounded by `timeout`.
 http_status() { # PORT PATH HEADER

@@ -46,14 +46,10 @@ WORKERS=${WORKERS:-}
 PORT_BASE=${PORT_BASE:-18580}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-die() {
-    echo "scale.sh: $*" >&2
-    exit 1
-}
-in_range() { # NAME VALUE MIN MAX
-    [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3 && $2 <= $4)) && return 0
-    die "$1 must be a whole number in $3..$4 (got '$2')"
-}
+SCRIPT=scale.sh
+WAIT_SECS=30
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 in_range SESSIONS "$SESSIONS" 1 100000000
 in_range DURATION "$DURATION" 1 600
 in_range ROUNDS "$ROUNDS" 1 20
@@ -88,40 +84,12 @@ echo "building credproxy and the examples (release)..." >&2
 BIN_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/release
 CREDPROXY_BIN=$BIN_DIR/credproxy
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/credproxy-scale.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work credproxy-scale
 
 UP_PORT=$PORT_BASE
 CP_PORT=$((PORT_BASE + 1))
 CP_ADMIN_PORT=$((PORT_BASE + 2))
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$UP_PORT" "$CP_PORT" "$CP_ADMIN_PORT"; do
-    port_open "$p" && die "port 127.0.0.1:$p is in use; set PORT_BASE"
-done
-wait_port() { # PORT NAME PID LOG
-    for _ in $(seq 300); do
-        port_open "$1" && return 0
-        kill -0 "$3" 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$4" >&2 2>/dev/null || true
-    die "$2 did not come up on 127.0.0.1:$1"
-}
+ports_free "$UP_PORT" "$CP_PORT" "$CP_ADMIN_PORT"
 
 # ---------------------------------------------------------------- upstream
 
