@@ -297,6 +297,97 @@ fn upstream_pick(c: &mut Criterion, w: &World) {
     });
 }
 
+/// Taking the hop-by-hop headers out of an upstream answer's head: the
+/// usual head (none there, one pass over the names) and one that has them.
+fn hop_by_hop(c: &mut Criterion) {
+    use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
+    let mut plain = HeaderMap::new();
+    plain.insert(SERVER, HeaderValue::from_static("nginx"));
+    plain.insert(
+        DATE,
+        HeaderValue::from_static("Wed, 02 Dec 2026 14:00:00 GMT"),
+    );
+    plain.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    plain.insert(CONTENT_LENGTH, HeaderValue::from_static("72"));
+    plain.insert("x-request-id", HeaderValue::from_static("8c1f"));
+    let mut hop = plain.clone();
+    hop.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-hop"));
+    hop.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    hop.insert("x-hop", HeaderValue::from_static("1"));
+    let mut g = c.benchmark_group("hop_by_hop");
+    for (name, head) in [("none", plain), ("three", hop)] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || head.clone(),
+                |mut h| {
+                    credproxy::forward::strip_hop_by_hop(&mut h);
+                    black_box(h)
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+/// One request through a provider's pooled upstream connection to a
+/// loopback stand-in that answers every request with a fixed 200: the
+/// pool's checkout and check-in, hyper's client encode and parse, the
+/// connection task's wake-ups, and loopback TCP (most of it).
+fn upstream_roundtrip(c: &mut Criterion, w: &World) {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener =
+        w.rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the stand-in");
+    let port = listener.local_addr().expect("local addr").port();
+    w.rt.spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                let mut buf = Vec::with_capacity(4096);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = sock.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if sock.write_all(ANSWER).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let text = config_text(w._dir.path()).replace(
+        "127.0.0.1:9/\"\ntoken_url = \"http://127.0.0.1:9/v1",
+        &format!("127.0.0.1:{port}/\"\ntoken_url = \"http://127.0.0.1:9/v1"),
+    );
+    let config = Config::parse(&text, Path::new("bench.toml"), |_| None).expect("config");
+    let spark = config.provider("spark").expect("spark provider");
+    let ups = credproxy::forward::Upstreams::new(spark, 1).expect("upstreams");
+    credproxy::forward::enter_worker(0);
+    let up = ups.here();
+    c.bench_function("upstream/roundtrip_pooled", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let req = http::Request::get("/v1/listings")
+                .header(ACCEPT, "application/json")
+                .body(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .expect("request");
+            let resp = up.send(req).await.expect("answer");
+            black_box(resp.into_body().collect().await.expect("body"));
+        })
+    });
+}
+
 /// Counting a request and its upstream latency: the route's resolved
 /// series against a label lookup in the family (what it replaced).
 fn metrics(c: &mut Criterion) {
@@ -326,6 +417,8 @@ fn benches(c: &mut Criterion) {
     injection(c, &w);
     whole(c, &w);
     upstream_pick(c, &w);
+    upstream_roundtrip(c, &w);
+    hop_by_hop(c);
     metrics(c);
 }
 

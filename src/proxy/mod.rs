@@ -85,8 +85,6 @@ struct Route {
     /// Leaked once at start-up so metrics labels need no allocation per request.
     name: &'static str,
     kind: ProviderKind,
-    scheme: Scheme,
-    authority: Authority,
     /// `api_base`'s path without its trailing slash ("" for a bare host).
     base_path: String,
     default_session: Option<String>,
@@ -227,17 +225,6 @@ impl Proxy {
             crate::session::new_session_id()
         );
         for p in &config.providers {
-            // Validated at load: api_base is an http(s) URL with a host.
-            let scheme = if p.api_base.scheme() == "https" {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            };
-            let host = p.api_base.host_str().unwrap_or_default();
-            let authority = match p.api_base.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_owned(),
-            };
             let name: &'static str = Box::leak(p.name.clone().into_boxed_str());
             let store = sessions.store();
             let gate = Gate::new(
@@ -251,12 +238,6 @@ impl Proxy {
             routes.push(Route {
                 name,
                 kind: p.kind,
-                scheme,
-                authority: Authority::try_from(authority.as_str()).map_err(|_| {
-                    TlsError::Authority {
-                        key: format!("providers.{}.api_base", p.name),
-                    }
-                })?,
                 base_path: p.api_base.path().trim_end_matches('/').to_owned(),
                 default_session: p.default_session.clone(),
                 max_request_body: p.max_request_body,
@@ -1178,11 +1159,9 @@ fn upstream_request(
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
-    let uri = Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    // Origin form: the upstream client adds the scheme and authority
+    // where the protocol wants them (Host for HTTP/1.1, :authority for h2).
+    let uri = Uri::try_from(path_and_query)
         .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
     let mut req = Request::new(body);
     *req.method_mut() = method;
