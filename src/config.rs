@@ -173,6 +173,7 @@ struct RawStore {
     use_flush_interval: Option<RawDuration>,
     session_cache_capacity: Option<u64>,
     cold_lookups_per_client: Option<u64>,
+    over_budget_hold: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +358,10 @@ pub struct StoreConfig {
     /// Store reads for keys not in the cache allowed per client address a
     /// second (a burst of as many); 0: no limit. Default 200.
     pub cold_lookups_per_client: u32,
+    /// How long a request over its client's budget of cold lookups waits
+    /// before its 429: a client flooding unknown keys gets one answer per
+    /// connection per hold. Default 1 s; 0: none; at most 10 s.
+    pub over_budget_hold: Duration,
 }
 
 /// Default of `store.session_cache_capacity`.
@@ -867,7 +872,14 @@ fn validate(
             }
             Some(n) => n as u32,
         },
+        over_budget_hold: dur(st.over_budget_hold, "store.over_budget_hold", 1.0)?,
     };
+    if store.over_budget_hold > Duration::from_secs(10) {
+        return Err(invalid(
+            "store.over_budget_hold",
+            "must be at most 10 seconds (0 answers at once)",
+        ));
+    }
     if store.key_reload_interval < Duration::from_secs(1)
         || store.key_reload_interval > Duration::from_secs(3600)
     {
@@ -1449,6 +1461,24 @@ mod tests {
             .expect_err("negative")
             .to_string();
         assert!(e.contains("session_cache_capacity"), "{e}");
+    }
+
+    #[test]
+    fn over_budget_hold_is_read_and_bounded() {
+        assert_eq!(
+            parse(GOOD).expect("valid").store.over_budget_hold,
+            Duration::from_secs(1)
+        );
+        let with =
+            |v: &str| GOOD.replacen("[store]", &format!("[store]\nover_budget_hold = {v}"), 1);
+        for (v, d) in [("\"0s\"", 0), ("\"250ms\"", 250), ("\"10s\"", 10_000)] {
+            assert_eq!(
+                parse(&with(v)).expect(v).store.over_budget_hold,
+                Duration::from_millis(d)
+            );
+        }
+        let e = parse(&with("\"11s\"")).expect_err("over 10 s").to_string();
+        assert!(e.contains("store.over_budget_hold"), "{e}");
     }
 
     #[test]

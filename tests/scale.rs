@@ -263,7 +263,9 @@ async fn a_flood_of_random_keys_is_held_to_its_budget(pg: bool) {
     };
     let extra = Extra {
         store_url,
-        store: "cold_lookups_per_client = 50".to_owned(),
+        // No hold here: this counts reads under a fast flood (the hold
+        // has a test of its own below).
+        store: "cold_lookups_per_client = 50\nover_budget_hold = \"0s\"".to_owned(),
         ..Extra::default()
     };
     let srv = w.start(&extra).await;
@@ -355,6 +357,65 @@ async fn a_flood_of_random_keys_is_held_to_its_budget(pg: bool) {
         reads <= unknown + 10,
         "{reads} store reads for {unknown} unknown keys"
     );
+    srv.shutdown().await;
+}
+
+/// `store.over_budget_hold`: a request over its client's budget gets its
+/// 429 only after the hold, while other clients are served meanwhile.
+#[tokio::test]
+async fn requests_over_the_budget_are_held_while_others_are_served() {
+    let w = World::new().await;
+    let extra = Extra {
+        store: "cold_lookups_per_client = 2\nover_budget_hold = \"2s\"".to_owned(),
+        ..Extra::default()
+    };
+    let srv = w.start(&extra).await;
+    let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let flood = client_from("127.0.0.2".parse().expect("ip"));
+    let addr = srv.proxy_addr;
+    let made_up = |i: u32| format!("made-up-{i}-{:016x}", rand::random::<u64>());
+    // The burst: two cold lookups, answered at once (401 unknown).
+    for i in 0..2 {
+        let r = flood
+            .get(url(addr, "/spark/v1/x"))
+            .header(HDR, made_up(i))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 401);
+    }
+    let held = {
+        let (flood, k) = (flood.clone(), made_up(9));
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            let r = flood
+                .get(url(addr, "/spark/v1/x"))
+                .header(HDR, k)
+                .send()
+                .await
+                .expect("send");
+            (r.status(), error_code(&r), asked.elapsed())
+        })
+    };
+    // Another client is served while the flood's request is held.
+    let valid = client_from("127.0.0.1".parse().expect("ip"));
+    for _ in 0..5 {
+        let r = valid
+            .get(url(addr, "/spark/v1/valid"))
+            .header(HDR, &key)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        !held.is_finished(),
+        "the refusal waits for its hold (2 s) while the valid client is served"
+    );
+    let (status, code, took) = held.await.expect("held request");
+    assert_eq!(status, 429);
+    assert_eq!(code.as_deref(), Some("too_many_lookups"));
+    assert!(took >= Duration::from_secs(2), "answered after {took:?}");
     srv.shutdown().await;
 }
 

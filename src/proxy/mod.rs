@@ -144,6 +144,8 @@ pub struct Proxy {
     /// The main listener, for links from a dedicated listener to another provider.
     listen: SocketAddr,
     session_header: HeaderName,
+    /// `store.over_budget_hold`: how long a 429 for the cold-lookup budget waits.
+    over_budget_hold: Duration,
     sessions: Arc<Sessions>,
     refresher: Arc<Refresher>,
     metrics: Arc<Metrics>,
@@ -289,6 +291,7 @@ impl Proxy {
                 .map(|u| u.as_str().trim_end_matches('/').to_owned()),
             listen: config.server.listen,
             session_header: config.server.session_header.clone(),
+            over_budget_hold: config.store.over_budget_hold,
             sessions,
             refresher,
             metrics,
@@ -711,7 +714,13 @@ impl Proxy {
                 return Err(ProxyError::UnknownSession)
             }
             Err(SessionError::ColdBudget { retry_after_secs }) => {
-                return Err(ProxyError::LookupsLimited { retry_after_secs })
+                // A tarpit: a client over its budget (a flood of made-up
+                // keys) waits for its answer, so each of its connections
+                // costs one refusal per hold instead of one per round trip.
+                if !self.over_budget_hold.is_zero() {
+                    tokio::time::sleep(self.over_budget_hold).await;
+                }
+                return Err(ProxyError::LookupsLimited { retry_after_secs });
             }
             Err(SessionError::Store(e)) => {
                 tracing::warn!(provider = route.name, error = %e, "session lookup failed");
