@@ -332,8 +332,9 @@ fn hop_by_hop(c: &mut Criterion) {
 
 /// One request through a provider's pooled upstream connection to a
 /// loopback stand-in that answers every request with a fixed 200: the
-/// pool's checkout and check-in, hyper's client encode and parse, the
-/// connection task's wake-ups, and loopback TCP (most of it).
+/// pool's checkout and check-in, the client's encode and parse, and
+/// loopback TCP (most of it); credproxy's own HTTP/1.1 client against
+/// hyper's (with its connection task's wake-ups).
 fn upstream_roundtrip(c: &mut Criterion, w: &World) {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -372,15 +373,26 @@ fn upstream_roundtrip(c: &mut Criterion, w: &World) {
     let ups = credproxy::forward::Upstreams::new(spark, 1).expect("upstreams");
     credproxy::forward::enter_worker(0);
     let up = ups.here();
-    c.bench_function("upstream/roundtrip_pooled", |b| {
+    // A body in memory (the usual case): credproxy's HTTP/1.1 client.
+    c.bench_function("upstream/roundtrip_kept_body", |b| {
         b.to_async(&w.rt).iter(|| async {
             let req = http::Request::get("/v1/listings")
                 .header(ACCEPT, "application/json")
-                .body(
-                    http_body_util::Empty::new()
-                        .map_err(|never| match never {})
-                        .boxed(),
-                )
+                .body(credproxy::forward::Outbound::Kept(bytes::Bytes::new()))
+                .expect("request");
+            let resp = up.send(req).await.expect("answer");
+            black_box(resp.into_body().collect().await.expect("body"));
+        })
+    });
+    // A streamed body: hyper's client, its connection in a task of its own.
+    c.bench_function("upstream/roundtrip_streamed_body", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let body = http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed();
+            let req = http::Request::get("/v1/listings")
+                .header(ACCEPT, "application/json")
+                .body(credproxy::forward::Outbound::Streamed(body))
                 .expect("request");
             let resp = up.send(req).await.expect("answer");
             black_box(resp.into_body().collect().await.expect("body"));

@@ -1,7 +1,9 @@
-//! credproxy's own upstream connection pool (`proxy/forward.rs`): kept-alive
+//! credproxy's upstream connections (`proxy/forward/`): kept-alive
 //! connections are reused, concurrency bounds how many are opened, a
-//! connection the upstream closed is never handed out again, and the
-//! HTTP/1.1 request carries `Host` and an origin-form target.
+//! connection the upstream closed is never handed out again, the HTTP/1.1
+//! request carries `Host` and an origin-form target, and credproxy's own
+//! HTTP/1.1 client reads every framing an upstream may answer with (and
+//! refuses broken ones with 502).
 
 mod support;
 
@@ -162,5 +164,238 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
         r.bytes().await.expect("body");
     }
     assert_eq!(up.connections.load(Ordering::SeqCst), 10);
+    srv.shutdown().await;
+}
+
+/// An upstream that answers by path with canned bytes, as a server might
+/// put them on the wire; records each request's head and body.
+struct Scripted {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+/// The raw answer for a request path, and whether the connection closes after it.
+fn scripted_answer(path: &str) -> (&'static [u8], bool) {
+    match path {
+        "/api/chunked" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: dropped\r\n\r\n",
+            false,
+        ),
+        "/api/until-close" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nthe body ends when the connection does",
+            true,
+        ),
+        "/api/interim" => (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nfinal",
+            false,
+        ),
+        "/api/no-content" => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        "/api/head" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 50\r\n\r\n",
+            false,
+        ),
+        "/api/both" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            true,
+        ),
+        "/api/close-header" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye",
+            true,
+        ),
+        "/api/garbage" => (b"HTTP/1.1 2x0 Nope\r\n\r\n", true),
+        "/api/two-lengths" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!",
+            true,
+        ),
+        "/api/short" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 10\r\n\r\nabc",
+            true,
+        ),
+        "/api/bad-chunk" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            true,
+        ),
+        _ => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+    }
+}
+
+async fn scripted() -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (count, log) = (Arc::clone(&connections), Arc::clone(&seen));
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < length {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..length).collect();
+                    let path = head
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or("/")
+                        .split('?')
+                        .next()
+                        .unwrap_or("/")
+                        .to_owned();
+                    log.lock().expect("seen").push((head, body));
+                    let (answer, close) = scripted_answer(&path);
+                    if sock.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Scripted {
+        addr,
+        connections,
+        seen,
+    }
+}
+
+#[tokio::test]
+async fn every_framing_an_upstream_answers_with_is_read() {
+    let up = scripted().await;
+    let fake = Upstream {
+        addr: up.addr,
+        connections: Arc::clone(&up.connections),
+        heads: Arc::new(Mutex::new(Vec::new())),
+    };
+    let (w, srv) = world_against(&fake).await;
+    let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let c = client();
+    let get = |path: &str| {
+        c.get(url(srv.proxy_addr, &format!("/spark{path}")))
+            .header("X-Credproxy-Session", &key)
+    };
+    let text = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let length = r.headers().get("content-length").cloned();
+        let trailer = r.headers().get("x-trailer").cloned();
+        let body = r.text().await.expect("body");
+        (status, length, trailer, body)
+    };
+
+    let (status, _, trailer, body) = text(get("/chunked").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (200, "hello world"));
+    assert!(trailer.is_none(), "trailers are not passed on as headers");
+    let (status, _, _, body) = text(get("/interim").send().await.expect("send")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "final"),
+        "1xx answers are skipped"
+    );
+    let (status, _, _, body) = text(get("/no-content").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (204, ""));
+    // HEAD: the answer's length is not waited for, and the connection goes on.
+    let r = c
+        .head(url(srv.proxy_addr, "/spark/head"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "50");
+    let (status, _, _, body) = text(get("/ok").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "chunked, interim, 204, HEAD and plain answers all kept one connection"
+    );
+
+    let (status, _, _, body) = text(get("/until-close").send().await.expect("send")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "the body ends when the connection does")
+    );
+    let (status, length, _, body) = text(get("/both").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_ne!(
+        length.as_ref().map(|v| v.as_bytes()),
+        Some(&b"100"[..]),
+        "a length beside chunked is not passed on"
+    );
+    let (status, _, _, body) = text(get("/close-header").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (200, "bye"));
+    let before = up.connections.load(Ordering::SeqCst);
+    let (status, _, _, _) = text(get("/ok").send().await.expect("send")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        before + 1,
+        "after answers that end with the connection, a new one"
+    );
+
+    for broken in ["/garbage", "/two-lengths"] {
+        let r = get(broken).send().await.expect("send");
+        assert_eq!(r.status(), 502, "{broken}");
+        assert_eq!(
+            support::error_code(&r).as_deref(),
+            Some("upstream_unreachable"),
+            "{broken}"
+        );
+    }
+    // A body that breaks off midway reaches the client broken off, not complete.
+    for broken in ["/short", "/bad-chunk"] {
+        let outcome = match get(broken).send().await {
+            Err(_) => None,
+            Ok(r) => Some(r.bytes().await.map(|b| b.len())),
+        };
+        assert!(
+            !matches!(outcome, Some(Ok(n)) if n == 10 || n == 5),
+            "{broken}: {outcome:?}"
+        );
+    }
+
+    // A small POST: the body goes with its length, in one piece.
+    let r = c
+        .post(url(srv.proxy_addr, "/spark/post"))
+        .header("X-Credproxy-Session", &key)
+        .body(r#"{"a":1}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let seen = up.seen.lock().expect("seen").clone();
+    let (head, body) = seen.last().expect("the POST arrived");
+    assert!(head.starts_with("POST /api/post HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\ncontent-length: 7"),
+        "{head}"
+    );
+    assert_eq!(body, br#"{"a":1}"#);
     srv.shutdown().await;
 }

@@ -30,13 +30,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::forward::UpBody;
 use aho_corasick::{
     AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, Anchored, Input, MatchKind, StartKind,
 };
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// The longest link whose query is scrubbed of credentials; a longer one
 /// has its origin rewritten and its first `MAX_LINK` bytes scrubbed.
@@ -800,7 +800,7 @@ pub fn rewrite_whole(
 
 /// An upstream body with its links rewritten as it streams.
 pub struct LinkBody {
-    inner: Incoming,
+    inner: UpBody,
     rewriter: Rewriter,
     decoder: Option<Decoder>,
     encoder: Option<Encoder>,
@@ -816,7 +816,7 @@ pub struct LinkBody {
 pub struct RewriteError(std::io::Error);
 
 impl LinkBody {
-    pub fn new(inner: Incoming, rewriter: Rewriter, coding: Coding) -> LinkBody {
+    pub fn new(inner: UpBody, rewriter: Rewriter, coding: Coding) -> LinkBody {
         LinkBody {
             inner,
             rewriter,
@@ -892,7 +892,7 @@ impl Body for LinkBody {
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if let Err(e) = this.process(data) {

@@ -53,7 +53,7 @@ use hyper::body::Incoming;
 use crate::config::Config;
 use crate::error::ProxyError;
 pub use crate::forward::enter_worker;
-use crate::forward::{strip_hop_by_hop, TlsError, UpstreamBody, Upstreams};
+use crate::forward::{strip_hop_by_hop, Outbound, TlsError, UpBody, UpstreamBody, Upstreams};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
@@ -65,7 +65,7 @@ use crate::store;
 use links::{Bases, Coding, LinkBody, LinkMap, Origin, Rewriter};
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
-pub type ProxyBody = Either<Incoming, Either<LinkBody, Full<Bytes>>>;
+pub type ProxyBody = Either<UpBody, Either<LinkBody, Full<Bytes>>>;
 
 fn own(body: Full<Bytes>) -> ProxyBody {
     Either::Right(Either::Right(body))
@@ -204,7 +204,7 @@ struct Pace {
 /// An upstream answer: streaming, or read whole to be classified (Spark's
 /// 503, which says in its body whether it is the rate limit).
 enum Answer {
-    Stream(Response<Incoming>),
+    Stream(Response<UpBody>),
     Read(Response<Bytes>),
 }
 
@@ -406,7 +406,14 @@ impl Proxy {
         let bytes = match body {
             Prepared::Streamed(body) => {
                 let (answer, _) = self
-                    .send(route, &session, out.clone_parts(), body, log, &mut pace)
+                    .send(
+                        route,
+                        &session,
+                        out.clone_parts(),
+                        Outbound::Streamed(body),
+                        log,
+                        &mut pace,
+                    )
                     .await?;
                 let resp = match answer {
                     Answer::Stream(resp) => resp,
@@ -490,7 +497,7 @@ impl Proxy {
                     route,
                     session,
                     out.clone_parts(),
-                    full(bytes.clone()),
+                    Outbound::Kept(bytes.clone()),
                     log,
                     pace,
                 )
@@ -555,7 +562,7 @@ impl Proxy {
         route: &Route,
         session: &ActiveSession,
         out: Outgoing<'_>,
-        body: UpstreamBody,
+        body: Outbound,
         log: &mut AccessLog,
         pace: &mut Pace,
     ) -> Result<(Answer, Verdict), ProxyError> {
@@ -969,10 +976,6 @@ impl Outgoing<'_> {
     }
 }
 
-fn full(bytes: Bytes) -> UpstreamBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
-}
-
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
@@ -1046,7 +1049,7 @@ fn pass_read(resp: Response<Bytes>) -> Response<ProxyBody> {
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads an error body (up to [`ERROR_BODY_LIMIT`]) to see what it says.
-async fn read_error_body(body: Incoming, wait: Duration) -> Result<Bytes, ProxyError> {
+async fn read_error_body(body: UpBody, wait: Duration) -> Result<Bytes, ProxyError> {
     let limited = Limited::new(body, ERROR_BODY_LIMIT);
     match tokio::time::timeout(wait, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
@@ -1109,7 +1112,7 @@ fn decoded_error_body<'b>(headers: &HeaderMap, body: &'b [u8]) -> Option<Cow<'b,
 
 /// Reads (a little of) an answer that will be thrown away, so its
 /// connection can go back to the pool.
-async fn drain(resp: Response<Incoming>) {
+async fn drain(resp: Response<UpBody>) {
     let body = Limited::new(resp.into_body(), 64 * 1024);
     let _ = tokio::time::timeout(Duration::from_secs(1), body.collect()).await;
 }
@@ -1149,8 +1152,8 @@ fn upstream_request(
     route: &Route,
     session: &ActiveSession,
     out: Outgoing<'_>,
-    body: UpstreamBody,
-) -> Result<Request<UpstreamBody>, ProxyError> {
+    body: Outbound,
+) -> Result<Request<Outbound>, ProxyError> {
     let Outgoing {
         method,
         mut headers,
@@ -1193,7 +1196,7 @@ impl Proxy {
         &self,
         route: &Route,
         asked: &Asked<'_>,
-        resp: Response<Incoming>,
+        resp: Response<UpBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -1336,13 +1339,9 @@ impl Proxy {
 /// declared length instead of waiting for the connection task to signal the
 /// end (a wake-up and a timer per response); only a frame that is not there
 /// yet is waited for, within `wait`.
-async fn read_whole(
-    mut body: Incoming,
-    declared: u64,
-    wait: Duration,
-) -> Result<Bytes, ProxyError> {
+async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<Bytes, ProxyError> {
     use futures_util::FutureExt;
-    let broke = |e: hyper::Error| {
+    let broke = |e: Box<dyn std::error::Error + Send + Sync>| {
         tracing::debug!(error = %e, "upstream body broke off");
         ProxyError::UpstreamUnreachable
     };

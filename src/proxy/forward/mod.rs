@@ -7,25 +7,33 @@
 //! through frame by frame, so memory use does not grow with body size.
 
 use std::cell::Cell;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use tokio::net::TcpStream;
 use tower_service::Service as _;
 
 use crate::config::ProviderConfig;
 use crate::error::ProxyError;
+
+pub mod h1;
 
 /// A request body on its way upstream: the caller's stream (with the
 /// provider's size limit), bytes held for a replay, or both (a prefix read
@@ -81,15 +89,68 @@ pub fn tls_config(provider: &ProviderConfig) -> Result<rustls::ClientConfig, Tls
     Ok(config)
 }
 
+/// A request body on its way upstream, as the proxy has it: in memory
+/// (none, or kept for a replay), or streaming from the caller.
+pub enum Outbound {
+    Kept(Bytes),
+    Streamed(UpstreamBody),
+}
+
+impl Outbound {
+    fn into_body(self) -> UpstreamBody {
+        match self {
+            Outbound::Kept(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
+            Outbound::Streamed(body) => body,
+        }
+    }
+}
+
+/// An upstream answer's body: read by credproxy's HTTP/1.1 client, or by
+/// hyper's (streamed requests, HTTP/2).
+pub enum UpBody {
+    Own(h1::H1Body),
+    Hyper(Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Own(b) => b.is_end_stream(),
+            UpBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Own(b) => b.size_hint(),
+            UpBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// One provider's upstream connections (for one proxy worker) and timeouts.
 ///
-/// The pool is credproxy's own rather than hyper-util's legacy client: a
-/// worker's requests reach their connection through a short uncontended
-/// lock and a scan for a ready sender, with no checkout future, no pool
-/// key hashing and no task per request to put the connection back
-/// (hyper-util's spends ~1.6 us per request here, the profile on issue 15).
-/// Connections are made by hyper-rustls's connector and driven by hyper's
-/// HTTP/1.1 or HTTP/2 client (by ALPN), each in a task of the worker.
+/// Pools are credproxy's own rather than hyper-util's legacy client (which
+/// spent ~1.6 us per request here: a checkout future, pool key hashing, a
+/// task per request to put the connection back; the profile on issue 15).
+/// A request whose body is in memory goes over credproxy's HTTP/1.1 client
+/// ([`h1`]), read and written by the request's own task; a streamed one
+/// over hyper's HTTP/1.1 client, in a task of the worker; when ALPN picks
+/// HTTP/2, every request goes over that connection. Connections come from
+/// hyper-rustls's connector (TCP, then TLS for https).
 pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/`, where connections go.
@@ -98,11 +159,16 @@ pub struct Upstream {
     authority: Authority,
     /// The `Host` of HTTP/1.1 requests (HTTP/2 carries `:authority`).
     host: HeaderValue,
+    /// Idle connections of credproxy's HTTP/1.1 client.
+    own: h1::Idle,
+    /// hyper's connections (streamed requests, HTTP/2).
     pool: Mutex<Pool>,
+    /// Whether the upstream has answered in HTTP/2 (then `pool.h2`).
+    speaks_h2: AtomicBool,
     response_timeout: Duration,
 }
 
-/// Connections kept open between requests.
+/// hyper's connections kept open between requests.
 #[derive(Default)]
 struct Pool {
     /// HTTP/1.1 connections, the most recently used last. A connection
@@ -118,13 +184,12 @@ struct Pooled {
     since: Instant,
 }
 
-enum Sender {
-    H1(http1::SendRequest<UpstreamBody>),
+/// A new connection, by what ALPN chose (plain http: HTTP/1.1).
+enum Connected {
+    H1(Box<MaybeHttpsStream<TokioIo<TcpStream>>>),
     H2(http2::SendRequest<UpstreamBody>),
 }
 
-/// At most this many HTTP/1.1 connections per provider and worker are kept.
-const MAX_IDLE: usize = 256;
 /// A connection unused for this long is closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -200,7 +265,9 @@ impl Upstream {
             scheme,
             authority: Authority::try_from(authority.as_str()).map_err(|_| bad())?,
             host: HeaderValue::try_from(authority).map_err(|_| bad())?,
+            own: h1::Idle::default(),
             pool: Mutex::new(Pool::default()),
+            speaks_h2: AtomicBool::new(false),
             response_timeout: provider.request_timeout,
         })
     }
@@ -214,60 +281,137 @@ impl Upstream {
     /// Sends the request (its URI in origin form: path and query) and waits
     /// for the response head, within the provider's timeouts; the response
     /// body is left streaming.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, req: Request<Outbound>) -> Result<Response<UpBody>, ProxyError> {
         match tokio::time::timeout(self.response_timeout, self.send_now(req)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
             Ok(answer) => answer,
         }
     }
 
-    async fn send_now(
+    async fn send_now(&self, req: Request<Outbound>) -> Result<Response<UpBody>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        match body {
+            Outbound::Kept(bytes)
+                if bytes.len() <= h1::COALESCE && !self.speaks_h2.load(Ordering::Relaxed) =>
+            {
+                self.send_own(parts, bytes).await
+            }
+            body => {
+                let req = Request::from_parts(parts, body.into_body());
+                Ok(self.send_hyper(req).await?.map(UpBody::Hyper))
+            }
+        }
+    }
+
+    /// Over credproxy's HTTP/1.1 client. An idempotent request that finds
+    /// its kept-alive connection closed by the upstream (before any byte of
+    /// an answer) goes once more, on a new connection.
+    async fn send_own(
+        &self,
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<UpBody>, ProxyError> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (wire, rest) = h1::encode(&parts.method, path, &self.host, &parts.headers, &body);
+        let head_request = parts.method == Method::HEAD;
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+        );
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (mut conn, reused) = match self.checkout_own() {
+                Some(conn) => (conn, true),
+                None => match self.connect().await? {
+                    Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io)), false),
+                    Connected::H2(tx) => {
+                        let req = Request::from_parts(parts, Outbound::Kept(body).into_body());
+                        return Ok(self.send_h2(tx, req).await?.map(UpBody::Hyper));
+                    }
+                },
+            };
+            let answer = match conn.send(&wire, rest).await {
+                Ok(()) => conn.answer(head_request, &self.own).await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(resp) => return Ok(resp.map(UpBody::Own)),
+                Err(e) if reused && idempotent && tries < 2 && e.unanswered() => {
+                    tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
+                }
+                Err(e) => return Err(classify(&e)),
+            }
+        }
+    }
+
+    /// An idle connection of credproxy's client that can take a request.
+    fn checkout_own(&self) -> Option<Box<h1::Conn>> {
+        loop {
+            let mut conn = self
+                .own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()?;
+            if conn.since().elapsed() < IDLE_TIMEOUT && conn.still_open() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Over hyper's client: HTTP/2 if the upstream speaks it, else HTTP/1.1.
+    async fn send_hyper(
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         loop {
-            let (sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
-            };
-            let sent = match sender {
-                Sender::H1(mut tx) => {
-                    req.headers_mut().insert(HOST, self.host.clone());
-                    let sent = tx.try_send_request(req).await;
-                    if sent.is_ok() {
-                        self.checkin(tx);
+            let (mut tx, reused) = match self.checkout() {
+                Some(Sender::H2(tx)) => return self.send_h2(tx, req).await,
+                Some(Sender::H1(tx)) => (tx, true),
+                None => match self.connect().await? {
+                    Connected::H2(tx) => return self.send_h2(tx, req).await,
+                    Connected::H1(io) => {
+                        let (tx, conn) = http1::handshake(*io).await.map_err(|e| classify(&e))?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "upstream connection ended");
+                            }
+                        });
+                        (tx, false)
                     }
-                    sent
-                }
-                Sender::H2(mut tx) => {
-                    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-                    parts.scheme = Some(self.scheme.clone());
-                    parts.authority = Some(self.authority.clone());
-                    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| {
-                        ProxyError::BadRequest("the request path cannot be forwarded")
-                    })?;
-                    tx.try_send_request(req).await
-                }
+                },
             };
-            match sent {
-                Ok(resp) => return Ok(resp),
+            req.headers_mut().insert(HOST, self.host.clone());
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin(tx);
+                    return Ok(resp);
+                }
                 Err(mut e) => match e.take_message() {
                     // The connection closed before the request went out on
                     // it (a kept-alive one the upstream had just closed):
                     // nothing was sent, so it goes again, on another one.
-                    Some(back) if reused => {
-                        req = back;
-                        if let Some(uri) = origin_form(req.uri()) {
-                            *req.uri_mut() = uri;
-                        }
-                    }
+                    Some(back) if reused => req = back,
                     _ => return Err(classify(e.error())),
                 },
             }
         }
     }
 
-    /// A connection ready for a request, if the pool has one.
+    async fn send_h2(
+        &self,
+        mut tx: http2::SendRequest<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        *req.uri_mut() = Uri::from_parts(parts)
+            .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
+        tx.send_request(req).await.map_err(|e| classify(&e))
+    }
+
+    /// One of hyper's connections ready for a request, if the pool has one.
     fn checkout(&self) -> Option<Sender> {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h2) = &pool.h2 {
@@ -275,6 +419,7 @@ impl Upstream {
                 return Some(Sender::H2(h2.clone()));
             }
             pool.h2 = None;
+            self.speaks_h2.store(false, Ordering::Relaxed);
         }
         while let Some(i) = pool
             .idle
@@ -291,9 +436,9 @@ impl Upstream {
 
     fn checkin(&self, tx: http1::SendRequest<UpstreamBody>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if pool.idle.len() >= MAX_IDLE {
+        if pool.idle.len() >= h1::MAX_IDLE {
             pool.idle.retain(|c| !c.tx.is_closed());
-            if pool.idle.len() >= MAX_IDLE {
+            if pool.idle.len() >= h1::MAX_IDLE {
                 pool.idle.remove(0);
             }
         }
@@ -303,43 +448,36 @@ impl Upstream {
         });
     }
 
-    /// Opens a connection (TCP, then TLS for https; HTTP/2 if ALPN says
-    /// so) and starts the task that drives it.
-    async fn connect(&self) -> Result<Sender, ProxyError> {
+    /// Opens a connection (TCP, then TLS for https). An HTTP/2 one (by
+    /// ALPN) gets its task and becomes the pool's; an HTTP/1.1 one is
+    /// returned as it is, for one client or the other.
+    async fn connect(&self) -> Result<Connected, ProxyError> {
         let mut connector = self.connector.clone();
         let io = connector
             .call(self.origin.clone())
             .await
             .map_err(|e| classify(&*e))?;
-        if io.connected().is_negotiated_h2() {
-            let (tx, conn) = http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| classify(&e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-            pool.h2 = Some(tx.clone());
-            return Ok(Sender::H2(tx));
+        if !io.connected().is_negotiated_h2() {
+            return Ok(Connected::H1(Box::new(io)));
         }
-        let (tx, conn) = http1::handshake(io).await.map_err(|e| classify(&e))?;
+        let (tx, conn) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| classify(&e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok(Sender::H1(tx))
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.h2 = Some(tx.clone());
+        self.speaks_h2.store(true, Ordering::Relaxed);
+        Ok(Connected::H2(tx))
     }
 }
 
-/// `uri` reduced to its path and query, if it has more.
-fn origin_form(uri: &Uri) -> Option<Uri> {
-    uri.authority()?;
-    let mut parts = http::uri::Parts::default();
-    parts.path_and_query = uri.path_and_query().cloned();
-    Uri::from_parts(parts).ok()
+enum Sender {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
 /// Maps a client error to the contract: a timed-out connect is a timeout,

@@ -1,0 +1,643 @@
+//! credproxy's own HTTP/1.1 client, for requests whose body is in memory
+//! (none, or one kept for a replay: nearly every API call). The request
+//! head is written straight from the request's parts into one buffer, the
+//! response head is parsed in the connection's read buffer (httparse) with
+//! header values sliced out of it, and the body is read by the task that
+//! polls it: no connection task, no channel between two tasks, no second
+//! copy of the head. Requests with a streamed body go through hyper's
+//! client instead (see [`super::Upstream`]), which can read an early answer
+//! while it is still sending.
+//!
+//! Framing follows RFC 9112 §6: no body for HEAD, 1xx, 204 and 304; a
+//! chunked transfer coding (trailers are read and dropped); a
+//! `Content-Length` (several different ones are refused); else until the
+//! upstream closes. A connection goes back to its pool only once its answer
+//! was read to the end, when the answer keeps it alive (HTTP/1.1, no
+//! `Connection: close`, no body delimited by the close) and nothing more is
+//! in its buffer.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// An upstream connection as hyper-rustls's connector makes it, seen
+/// through tokio's I/O traits.
+pub type Io = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
+/// Response heads over this size are refused (hyper's client reads ~400 KiB).
+const MAX_HEAD: usize = 64 * 1024;
+/// Response headers over this many are refused (hyper's client: 100).
+const MAX_HEADERS: usize = 128;
+/// How much room a read asks for.
+const READ_CHUNK: usize = 16 * 1024;
+/// A chunk-size line or trailer line over this is refused.
+const MAX_LINE: usize = 4096;
+/// Bodies up to this size are written with the head, in one write, and go
+/// over this client; larger ones go over hyper's, which reads an early
+/// answer (a 413, say) while it is still sending.
+pub const COALESCE: usize = 64 * 1024;
+
+/// Why an exchange on a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    /// The connection closed before any byte of an answer: on a reused
+    /// connection, the upstream had closed it while it was idle.
+    #[error("the upstream closed the connection before answering")]
+    Closed,
+    #[error("the upstream's answer is not valid HTTP/1.1: {0}")]
+    Invalid(&'static str),
+}
+
+impl H1Error {
+    /// Whether the upstream cannot have acted on the request: the
+    /// connection was closed or reset before any byte of an answer.
+    pub fn unanswered(&self) -> bool {
+        match self {
+            H1Error::Closed => true,
+            H1Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            H1Error::Invalid(_) => false,
+        }
+    }
+}
+
+/// One HTTP/1.1 connection and what has been read from it but not used.
+/// Boxed where it is held ([`Idle`], [`H1Body`]): a TLS connection's state
+/// is over a kilobyte, not to be moved with every request.
+pub struct Conn {
+    io: Io,
+    buf: BytesMut,
+    since: Instant,
+}
+
+/// Idle connections, the most recently used last.
+pub type Idle = Arc<Mutex<Vec<Box<Conn>>>>;
+
+impl Conn {
+    pub fn new(io: Io) -> Box<Conn> {
+        Box::new(Conn {
+            io,
+            buf: BytesMut::new(),
+            since: Instant::now(),
+        })
+    }
+
+    /// When it was last put back.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Whether an idle connection can take a request: nothing to read on
+    /// it (no EOF, no stray bytes). Tokio answers from its readiness state,
+    /// with a read (that would block) only when the reactor saw an event.
+    pub fn still_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
+            Poll::Pending
+        )
+    }
+
+    /// Writes the request: the head (with a small body in the same
+    /// buffer), then a large body.
+    pub async fn send(&mut self, wire: &[u8], rest: Option<&Bytes>) -> Result<(), H1Error> {
+        self.io.write_all(wire).await?;
+        if let Some(body) = rest {
+            self.io.write_all(body).await?;
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the response head (skipping interim 1xx answers) and frames
+    /// its body. `head_request`: the request was HEAD (no body follows).
+    pub async fn answer(
+        mut self: Box<Self>,
+        head_request: bool,
+        idle: &Idle,
+    ) -> Result<Response<H1Body>, H1Error> {
+        let mut read_any = false;
+        loop {
+            if let Some(parsed) = parse_head(&mut self.buf)? {
+                if parsed.status.is_informational() {
+                    if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(H1Error::Invalid("a protocol switch was not asked for"));
+                    }
+                    continue;
+                }
+                return build(self, parsed, head_request, idle);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(H1Error::Invalid("the response head is over 64 KiB"));
+            }
+            self.buf.reserve(READ_CHUNK);
+            let n = match tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf).await {
+                Ok(n) => n,
+                Err(e) if read_any || !self.buf.is_empty() => {
+                    tracing::debug!(error = %e, "upstream connection broke off");
+                    return Err(H1Error::Invalid(
+                        "the connection broke off within the response head",
+                    ));
+                }
+                Err(e) => return Err(H1Error::Io(e)),
+            };
+            if n == 0 {
+                return Err(if read_any || !self.buf.is_empty() {
+                    H1Error::Invalid("the connection closed within the response head")
+                } else {
+                    H1Error::Closed
+                });
+            }
+            read_any = true;
+        }
+    }
+}
+
+/// The request as it goes on the wire: the head written from the
+/// request's parts (request line in origin form, `Host`, the headers as
+/// they are, hop-by-hop ones having been removed by the proxy, and the
+/// body's length), with the body in the same buffer when it is small; a
+/// large body is returned to be written after it.
+pub fn encode<'b>(
+    method: &Method,
+    path_and_query: &str,
+    host: &HeaderValue,
+    headers: &HeaderMap,
+    body: &'b Bytes,
+) -> (Vec<u8>, Option<&'b Bytes>) {
+    let mut wire = encode_head(method, path_and_query, host, headers, body.len());
+    if body.len() <= COALESCE {
+        wire.extend_from_slice(body);
+        (wire, None)
+    } else {
+        (wire, Some(body))
+    }
+}
+
+fn encode_head(
+    method: &Method,
+    path_and_query: &str,
+    host: &HeaderValue,
+    headers: &HeaderMap,
+    body_len: usize,
+) -> Vec<u8> {
+    let mut size = method.as_str().len() + path_and_query.len() + host.len() + 48;
+    for (name, value) in headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut head = Vec::with_capacity(size + body_len.min(COALESCE));
+    head.extend_from_slice(method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path_and_query.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    head.extend_from_slice(host.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == http::header::HOST {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    // No length for an empty body of a method that defines none (RFC 9110 §8.6).
+    let bodiless = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    );
+    if body_len > 0 || !bodiless {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// A parsed response head, its header values still in the buffer it was
+/// read into.
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Parses a complete response head at the start of `buf` and takes it off
+/// the buffer; `None` if more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut slots);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid("more than 128 response headers"))
+        }
+        Err(_) => return Err(H1Error::Invalid("a malformed response head")),
+    };
+    let status = res
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Invalid("a malformed status code"))?;
+    let version = match res.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Where each name and value sits in the buffer, to slice them out of
+    // it once it is frozen (the values are not copied).
+    let base = buf.as_ptr() as usize;
+    let mut spans = Vec::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        spans.push((name, h.name.len(), value, h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name_at, name_len, value_at, value_len) in spans {
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
+            .map_err(|_| H1Error::Invalid("a malformed header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|_| H1Error::Invalid("a malformed header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Parsed {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How the body of an answer ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+fn build(
+    conn: Box<Conn>,
+    parsed: Parsed,
+    head_request: bool,
+    idle: &Idle,
+) -> Result<Response<H1Body>, H1Error> {
+    let Parsed {
+        status,
+        version,
+        mut headers,
+    } = parsed;
+    let chunked = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        });
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter().map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or(H1Error::Invalid("a malformed Content-Length"))
+    });
+    let length = match lengths.next() {
+        None => None,
+        Some(first) => {
+            let first = first?;
+            for other in lengths {
+                if other? != first {
+                    return Err(H1Error::Invalid("differing Content-Length values"));
+                }
+            }
+            Some(first)
+        }
+    };
+    let close = version != Version::HTTP_11
+        || headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("close"));
+    let no_body =
+        head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Length(0)
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked(Chunk::Size),
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    // A length beside a transfer coding: the coding wins, the length is not
+    // passed on, and the connection is not trusted again (RFC 9112 §6.3).
+    let both = chunked.is_some() && length.is_some();
+    if both {
+        headers.remove(CONTENT_LENGTH);
+    }
+    let reusable = !close && framing != Framing::UntilClose && !both;
+    let mut body = H1Body {
+        conn: Some(conn),
+        framing,
+        reusable,
+        idle: Arc::clone(idle),
+    };
+    if body.framing == Framing::Length(0) {
+        body.finish();
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+/// A response body read from its connection by whoever polls it; the
+/// connection goes back to its pool when the body has been read to its end
+/// and is closed if the body is dropped before.
+pub struct H1Body {
+    conn: Option<Box<Conn>>,
+    framing: Framing,
+    reusable: bool,
+    idle: Idle,
+}
+
+/// At most this many idle connections are kept per provider and worker.
+pub const MAX_IDLE: usize = 256;
+
+impl H1Body {
+    /// The end of the body: the connection goes back, or is closed.
+    fn finish(&mut self) {
+        self.framing = Framing::Length(0);
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !self.reusable || !conn.buf.is_empty() {
+            return;
+        }
+        conn.since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push(conn);
+    }
+
+    /// Reads more into the connection's buffer; `Ok(0)` at EOF.
+    fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+    }
+
+    /// The next frame, or the end; errors are the connection's.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, H1Error>>> {
+        loop {
+            if self.framing == Framing::Length(0) {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.framing {
+                Framing::Length(left) => {
+                    if conn.buf.is_empty() {
+                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(H1Error::Io(
+                                io::ErrorKind::UnexpectedEof.into(),
+                            ))));
+                        }
+                        continue;
+                    }
+                    let take = left.min(conn.buf.len() as u64);
+                    let data = conn.buf.split_to(take as usize).freeze();
+                    self.framing = Framing::Length(left - take);
+                    if left == take {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Framing::UntilClose => {
+                    if conn.buf.is_empty() {
+                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                            self.reusable = false;
+                            self.finish();
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(conn.buf.split().freeze())));
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    if conn.buf.is_empty() {
+                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(H1Error::Io(
+                                io::ErrorKind::UnexpectedEof.into(),
+                            ))));
+                        }
+                        continue;
+                    }
+                    let take = left.min(conn.buf.len() as u64);
+                    let data = conn.buf.split_to(take as usize).freeze();
+                    self.framing = Framing::Chunked(if left == take {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left - take)
+                    });
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Framing::Chunked(state) => {
+                    // A line: a chunk size, the CRLF after a chunk's data, or
+                    // a trailer line (an empty one ends the body).
+                    let Some(end) = conn.buf.windows(2).position(|w| w == b"\r\n") else {
+                        if conn.buf.len() > MAX_LINE {
+                            return Poll::Ready(Some(Err(H1Error::Invalid(
+                                "a chunk-size or trailer line is too long",
+                            ))));
+                        }
+                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(H1Error::Io(
+                                io::ErrorKind::UnexpectedEof.into(),
+                            ))));
+                        }
+                        continue;
+                    };
+                    let line = conn.buf.split_to(end);
+                    conn.buf.advance(2);
+                    match state {
+                        Chunk::DataEnd => {
+                            if !line.is_empty() {
+                                return Poll::Ready(Some(Err(H1Error::Invalid(
+                                    "a chunk is longer than its size",
+                                ))));
+                            }
+                            self.framing = Framing::Chunked(Chunk::Size);
+                        }
+                        Chunk::Size => {
+                            let size = chunk_size(&line)?;
+                            self.framing = Framing::Chunked(if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            });
+                        }
+                        Chunk::Trailers => {
+                            if line.is_empty() {
+                                self.finish();
+                                return Poll::Ready(None);
+                            }
+                        }
+                        Chunk::Data(_) => unreachable!("handled above"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The size of a chunk from its line: hex digits, then perhaps `;` and
+/// extensions (ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(H1Error::Invalid("a malformed chunk size"));
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let d = (b as char)
+            .to_digit(16)
+            .ok_or(H1Error::Invalid("a malformed chunk size"))?;
+        Ok(n * 16 + u64::from(d))
+    })
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.poll_next(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_with_values_sliced_from_the_buffer() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}"[..],
+        );
+        let p = parse_head(&mut buf).expect("valid").expect("complete");
+        assert_eq!(p.status, StatusCode::OK);
+        assert_eq!(p.version, Version::HTTP_11);
+        assert_eq!(p.headers["content-type"], "application/json");
+        assert_eq!(p.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&buf[..], b"{}");
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Ty"[..]);
+        assert!(parse_head(&mut partial).expect("valid so far").is_none());
+        assert_eq!(partial.len(), 27, "a partial head stays in the buffer");
+        for bad in [
+            &b"HTTP/1.1 2x0 OK\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        ] {
+            assert!(parse_head(&mut BytesMut::from(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_take_hex_and_ignore_extensions() {
+        assert_eq!(chunk_size(b"1a").expect("hex"), 26);
+        assert_eq!(chunk_size(b"FF;name=value").expect("extension"), 255);
+        assert_eq!(chunk_size(b"0").expect("last"), 0);
+        for bad in [&b""[..], b"xyz", b"-1", b"1234567890abcdef0"] {
+            assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn request_heads_carry_host_and_a_length_where_one_is_due() {
+        let host = HeaderValue::from_static("api.example:8443");
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let get = encode_head(&Method::GET, "/v1/x?a=1", &host, &h, 0);
+        assert_eq!(
+            String::from_utf8(get).expect("ascii"),
+            "GET /v1/x?a=1 HTTP/1.1\r\nhost: api.example:8443\r\naccept: application/json\r\n\r\n"
+        );
+        let post = encode_head(&Method::POST, "/v1/x", &host, &h, 0);
+        assert!(String::from_utf8(post)
+            .expect("ascii")
+            .ends_with("content-length: 0\r\n\r\n"));
+        let put = encode_head(&Method::PUT, "/v1/x", &host, &h, 12);
+        let put = String::from_utf8(put).expect("ascii");
+        assert!(put.ends_with("content-length: 12\r\n\r\n"), "{put}");
+        assert_eq!(
+            put.matches("content-length").count(),
+            1,
+            "the caller's length is replaced"
+        );
+    }
+}
