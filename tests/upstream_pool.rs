@@ -167,12 +167,15 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
     srv.shutdown().await;
 }
 
+/// Each request's head and body, as the upstream read them.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// An upstream that answers by path with canned bytes, as a server might
 /// put them on the wire; records each request's head and body.
 struct Scripted {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
 }
 
 /// The raw answer for a request path, and whether the connection closes after it.
@@ -227,7 +230,7 @@ async fn scripted() -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let connections = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen: Seen = Arc::default();
     let (count, log) = (Arc::clone(&connections), Arc::clone(&seen));
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
