@@ -314,8 +314,10 @@ fn hop_by_hop(c: &mut Criterion) {
     hop.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-hop"));
     hop.insert("keep-alive", HeaderValue::from_static("timeout=5"));
     hop.insert("x-hop", HeaderValue::from_static("1"));
+    let mut nginx = plain.clone();
+    nginx.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
     let mut g = c.benchmark_group("hop_by_hop");
-    for (name, head) in [("none", plain), ("three", hop)] {
+    for (name, head) in [("none", plain), ("keep_alive", nginx), ("three", hop)] {
         g.bench_function(name, |b| {
             b.iter_batched(
                 || head.clone(),

@@ -517,26 +517,29 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 /// `Upgrade` goes too: credproxy does not tunnel protocol switches.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most heads have none of them: one pass over the names (standard
-    // names compare as tags) instead of nine hashed removals.
+    // One pass over the names (standard names compare as tags), then
+    // removals only for what is there: most heads have none, or just
+    // `Connection: keep-alive`.
     let is_hop = |name: &HeaderName| HOP_BY_HOP.contains(name) || name == http::header::UPGRADE;
-    if !headers.keys().any(is_hop) {
+    let mut doomed: Vec<HeaderName> = headers.keys().filter(|n| is_hop(n)).cloned().collect();
+    if doomed.is_empty() {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    for token in headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    {
+        if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+            if headers.contains_key(&name) && !doomed.contains(&name) {
+                doomed.push(name);
+            }
+        }
+    }
+    for name in doomed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(http::header::UPGRADE);
 }
 
 #[cfg(test)]
@@ -557,5 +560,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-end-to-end"], "kept");
+
+        // nginx's answer: `Connection: keep-alive` and nothing else of the kind.
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+
+        // A name listed in Connection goes even when no other hop header is there.
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("x-a, X-B"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.insert("x-b", HeaderValue::from_static("3"));
+        h.insert("x-c", HeaderValue::from_static("4"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-c"], "4");
     }
 }
