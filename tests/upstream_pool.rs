@@ -211,6 +211,14 @@ fn scripted_answer(path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!",
             true,
         ),
+        "/api/plus-length" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: +2\r\n\r\nok",
+            true,
+        ),
+        "/api/same-lengths" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2, 2\r\n\r\nok",
+            false,
+        ),
         "/api/short" => (
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 10\r\n\r\nabc",
             true,
@@ -362,7 +370,9 @@ async fn every_framing_an_upstream_answers_with_is_read() {
         "after answers that end with the connection, a new one"
     );
 
-    for broken in ["/garbage", "/two-lengths"] {
+    let (status, _, _, body) = text(get("/same-lengths").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"), "one length, listed twice");
+    for broken in ["/garbage", "/two-lengths", "/plus-length"] {
         let r = get(broken).send().await.expect("send");
         assert_eq!(r.status(), 502, "{broken}");
         assert_eq!(

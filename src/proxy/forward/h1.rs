@@ -16,11 +16,12 @@
 //! `Connection: close`, no body delimited by the close) and nothing more is
 //! in its buffer.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -35,8 +36,8 @@ use tokio::net::TcpStream;
 /// through tokio's I/O traits.
 pub type Io = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
-/// Response heads over this size are refused (hyper's client reads ~400 KiB).
-const MAX_HEAD: usize = 64 * 1024;
+/// Response heads over this size are refused (hyper's client's limit too).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Response headers over this many are refused (hyper's client: 100).
 const MAX_HEADERS: usize = 128;
 /// How much room a read asks for.
@@ -87,8 +88,11 @@ pub struct Conn {
     since: Instant,
 }
 
-/// Idle connections, the most recently used last.
-pub type Idle = Arc<Mutex<Vec<Box<Conn>>>>;
+/// Idle connections, the most recently used last (so ordered by `since`).
+pub type Idle = Arc<Mutex<VecDeque<Box<Conn>>>>;
+
+/// A connection unused for this long is closed instead of reused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Conn {
     pub fn new(io: Io) -> Box<Conn> {
@@ -150,7 +154,7 @@ impl Conn {
                 return build(self, parsed, head_request, idle);
             }
             if self.buf.len() > MAX_HEAD {
-                return Err(H1Error::Invalid("the response head is over 64 KiB"));
+                return Err(H1Error::Invalid("the response head is over 408 KiB"));
             }
             self.buf.reserve(READ_CHUNK);
             let n = match tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf).await {
@@ -161,6 +165,8 @@ impl Conn {
                         "the connection broke off within the response head",
                     ));
                 }
+                // rustls reports a peer that closed without close_notify so.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(H1Error::Closed),
                 Err(e) => return Err(H1Error::Io(e)),
             };
             if n == 0 {
@@ -331,12 +337,11 @@ fn build(
                 .and_then(|v| v.rsplit(',').next())
                 .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
         });
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter().map(|v| {
-        v.to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or(H1Error::Invalid("a malformed Content-Length"))
-    });
+    let mut lengths = headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(content_length);
     let length = match lengths.next() {
         None => None,
         Some(first) => {
@@ -414,12 +419,19 @@ impl H1Body {
         if !self.reusable || !conn.buf.is_empty() {
             return;
         }
-        conn.since = Instant::now();
+        let now = Instant::now();
+        conn.since = now;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= MAX_IDLE {
-            idle.remove(0);
+        // The oldest first: past the idle timeout (the upstream has likely
+        // closed them; each holds a descriptor), or over the cap.
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+            || idle.len() >= MAX_IDLE
+        {
+            idle.pop_front();
         }
-        idle.push(conn);
+        idle.push_back(conn);
     }
 
     /// Reads more into the connection's buffer; `Ok(0)` at EOF.
@@ -538,6 +550,19 @@ impl H1Body {
     }
 }
 
+/// One `Content-Length` value: ASCII digits only (no sign, no spaces
+/// inside), as hyper reads it.
+fn content_length(value: &[u8]) -> Result<u64, H1Error> {
+    let digits = value.trim_ascii();
+    let bad = H1Error::Invalid("a malformed Content-Length");
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(bad);
+    }
+    Ok(digits
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
 /// The size of a chunk from its line: hex digits, then perhaps `;` and
 /// extensions (ignored).
 fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
@@ -562,10 +587,20 @@ impl Body for H1Body {
     type Error = H1Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
-        self.poll_next(cx).map(|o| o.map(|r| r.map(Frame::data)))
+        let this = self.get_mut();
+        match this.poll_next(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                // Whatever broke, the connection's framing is lost: close
+                // it, and end the body here.
+                this.conn = None;
+                this.framing = Framing::Length(0);
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other.map(|o| o.map(|r| r.map(Frame::data))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -603,6 +638,22 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
         ] {
             assert!(parse_head(&mut BytesMut::from(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        assert_eq!(content_length(b"70").expect("digits"), 70);
+        assert_eq!(content_length(b" 5 ").expect("spaces around"), 5);
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b"5 5",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert!(content_length(bad).is_err(), "{bad:?}");
         }
     }
 

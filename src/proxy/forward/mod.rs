@@ -190,9 +190,6 @@ enum Connected {
     H2(http2::SendRequest<UpstreamBody>),
 }
 
-/// A connection unused for this long is closed instead of reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 thread_local! {
     /// The proxy worker this thread is, if it is one.
     static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
@@ -303,7 +300,7 @@ impl Upstream {
         }
     }
 
-    /// Over credproxy's HTTP/1.1 client. An idempotent request that finds
+    /// Over credproxy's HTTP/1.1 client. A GET, HEAD or OPTIONS that finds
     /// its kept-alive connection closed by the upstream (before any byte of
     /// an answer) goes once more, on a new connection.
     async fn send_own(
@@ -314,14 +311,21 @@ impl Upstream {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let (wire, rest) = h1::encode(&parts.method, path, &self.host, &parts.headers, &body);
         let head_request = parts.method == Method::HEAD;
-        let idempotent = matches!(
-            parts.method,
-            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
-        );
+        // Only a safe method goes again: the request was written, and an
+        // upstream that acted on it and then reset would see a PUT or a
+        // DELETE twice.
+        let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let mut tries = 0;
         loop {
             tries += 1;
-            let (mut conn, reused) = match self.checkout_own() {
+            // The second try always on a new connection: another idle one
+            // may have been closed at the same moment.
+            let pooled = if tries == 1 {
+                self.checkout_own()
+            } else {
+                None
+            };
+            let (mut conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None => match self.connect().await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io)), false),
@@ -337,7 +341,7 @@ impl Upstream {
             };
             match answer {
                 Ok(resp) => return Ok(resp.map(UpBody::Own)),
-                Err(e) if reused && idempotent && tries < 2 && e.unanswered() => {
+                Err(e) if reused && safe && tries < 2 && e.unanswered() => {
                     tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
                 }
                 Err(e) => return Err(classify(&e)),
@@ -352,8 +356,8 @@ impl Upstream {
                 .own
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .pop()?;
-            if conn.since().elapsed() < IDLE_TIMEOUT && conn.still_open() {
+                .pop_back()?;
+            if conn.since().elapsed() < h1::IDLE_TIMEOUT && conn.still_open() {
                 return Some(conn);
             }
         }
@@ -427,7 +431,7 @@ impl Upstream {
             .rposition(|c| c.tx.is_ready() || c.tx.is_closed())
         {
             let c = pool.idle.swap_remove(i);
-            if !c.tx.is_closed() && c.since.elapsed() < IDLE_TIMEOUT {
+            if !c.tx.is_closed() && c.since.elapsed() < h1::IDLE_TIMEOUT {
                 return Some(Sender::H1(c.tx));
             }
         }
