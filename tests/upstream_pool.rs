@@ -371,7 +371,11 @@ async fn every_framing_an_upstream_answers_with_is_read() {
     );
 
     let (status, _, _, body) = text(get("/same-lengths").send().await.expect("send")).await;
-    assert_eq!((status, body.as_str()), (200, "ok"), "one length, listed twice");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "one length, listed twice"
+    );
     for broken in ["/garbage", "/two-lengths", "/plus-length"] {
         let r = get(broken).send().await.expect("send");
         assert_eq!(r.status(), 502, "{broken}");
