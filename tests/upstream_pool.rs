@@ -15,64 +15,6 @@ use support::{client, url, Extra, World};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// A raw HTTP/1.1 upstream: counts connections, records each request
-/// head, answers 200 with a small JSON body; with `close_after` it closes
-/// each connection after its first answer (without saying so in a header,
-/// as an upstream's idle timeout would).
-struct Upstream {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    heads: Arc<Mutex<Vec<String>>>,
-}
-
-async fn upstream(close_after: bool) -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let connections = Arc::new(AtomicUsize::new(0));
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let (count, seen) = (Arc::clone(&connections), Arc::clone(&heads));
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end + 4);
-                        seen.lock().expect("heads").push(head);
-                        let body = br#"{"D":{"Success":true}}"#;
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                            body.len()
-                        );
-                        if sock.write_all(answer.as_bytes()).await.is_err()
-                            || sock.write_all(body).await.is_err()
-                        {
-                            return;
-                        }
-                        if close_after {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Upstream {
-        addr,
-        connections,
-        heads,
-    }
-}
-
 /// A world whose Spark provider sends its API calls to `up`.
 async fn world_against(up: &Upstream) -> (World, credproxy::server::Running) {
     let w = World::new().await;
@@ -128,7 +70,13 @@ async fn kept_alive_connections_are_reused_and_bounded_by_concurrency() {
     }
     let opened = up.connections.load(Ordering::SeqCst);
     assert!(opened <= 9, "{opened} upstream connections for 8 at a time");
-    let heads = up.heads.lock().expect("heads").clone();
+    let heads: Vec<String> = up
+        .seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .map(|(head, _)| head.clone())
+        .collect();
     assert_eq!(heads.len(), 60);
     let host = format!("host: {}", up.addr);
     for head in &heads {
@@ -170,9 +118,12 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
 /// Each request's head and body, as the upstream read them.
 type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
-/// An upstream that answers by path with canned bytes, as a server might
-/// put them on the wire; records each request's head and body.
-struct Scripted {
+/// A raw HTTP/1.1 upstream that answers by path with canned bytes, as a
+/// server might put them on the wire ([`scripted_answer`]); counts
+/// connections and records each request's head and body. With
+/// `close_every` it closes each connection after its first answer (without
+/// saying so in a header, as an upstream's idle timeout would).
+struct Upstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     seen: Seen,
@@ -227,14 +178,18 @@ fn scripted_answer(path: &str) -> (&'static [u8], bool) {
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
             true,
         ),
-        _ => (
+        "/api/ok" => (
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        _ => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 22\r\n\r\n{\"D\":{\"Success\":true}}",
             false,
         ),
     }
 }
 
-async fn scripted() -> Scripted {
+async fn upstream(close_every: bool) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let connections = Arc::new(AtomicUsize::new(0));
@@ -282,14 +237,14 @@ async fn scripted() -> Scripted {
                         .to_owned();
                     log.lock().expect("seen").push((head, body));
                     let (answer, close) = scripted_answer(&path);
-                    if sock.write_all(answer).await.is_err() || close {
+                    if sock.write_all(answer).await.is_err() || close || close_every {
                         return;
                     }
                 }
             });
         }
     });
-    Scripted {
+    Upstream {
         addr,
         connections,
         seen,
@@ -298,13 +253,8 @@ async fn scripted() -> Scripted {
 
 #[tokio::test]
 async fn every_framing_an_upstream_answers_with_is_read() {
-    let up = scripted().await;
-    let fake = Upstream {
-        addr: up.addr,
-        connections: Arc::clone(&up.connections),
-        heads: Arc::new(Mutex::new(Vec::new())),
-    };
-    let (w, srv) = world_against(&fake).await;
+    let up = upstream(false).await;
+    let (w, srv) = world_against(&up).await;
     let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
     let c = client();
     let get = |path: &str| {
