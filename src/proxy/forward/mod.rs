@@ -315,17 +315,13 @@ impl Upstream {
         // upstream that acted on it and then reset would see a PUT or a
         // DELETE twice.
         let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let mut tries = 0;
+        // The first try on an idle connection, if there is one; a second
+        // one (only after a reused connection failed) always on a new one:
+        // another idle one may have been closed at the same moment. A new
+        // connection is never tried again, so this loops at most twice.
+        let mut pooled = self.checkout_own();
         loop {
-            tries += 1;
-            // The second try always on a new connection: another idle one
-            // may have been closed at the same moment.
-            let pooled = if tries == 1 {
-                self.checkout_own()
-            } else {
-                None
-            };
-            let (mut conn, reused) = match pooled {
+            let (mut conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
                 None => match self.connect().await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io)), false),
@@ -341,7 +337,7 @@ impl Upstream {
             };
             match answer {
                 Ok(resp) => return Ok(resp.map(UpBody::Own)),
-                Err(e) if reused && safe && tries < 2 && e.unanswered() => {
+                Err(e) if reused && safe && e.unanswered() => {
                     tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
                 }
                 Err(e) => return Err(classify(&e)),
