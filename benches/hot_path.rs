@@ -382,7 +382,7 @@ fn upstream_roundtrip(c: &mut Criterion, w: &World) {
                 .header(ACCEPT, "application/json")
                 .body(credproxy::forward::Outbound::Kept(bytes::Bytes::new()))
                 .expect("request");
-            let resp = up.send(req).await.expect("answer");
+            let resp = up.send(req, "bench").await.expect("answer");
             black_box(resp.into_body().collect().await.expect("body"));
         })
     });
@@ -396,7 +396,7 @@ fn upstream_roundtrip(c: &mut Criterion, w: &World) {
                 .header(ACCEPT, "application/json")
                 .body(credproxy::forward::Outbound::Streamed(body))
                 .expect("request");
-            let resp = up.send(req).await.expect("answer");
+            let resp = up.send(req, "bench").await.expect("answer");
             black_box(resp.into_body().collect().await.expect("body"));
         })
     });

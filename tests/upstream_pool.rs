@@ -3,7 +3,8 @@
 //! connection the upstream closed is never handed out again, the HTTP/1.1
 //! request carries `Host` and an origin-form target, and credproxy's own
 //! HTTP/1.1 client reads every framing an upstream may answer with (and
-//! refuses broken ones with 502).
+//! refuses broken ones with 502). Isolation between sessions on these
+//! connections is tests/isolation.rs's.
 
 mod support;
 
@@ -17,8 +18,20 @@ use tokio::net::TcpListener;
 
 /// A world whose Spark provider sends its API calls to `up`.
 async fn world_against(up: &Upstream) -> (World, credproxy::server::Running) {
+    world_against_with(up, "").await
+}
+
+/// The same, with more lines in the Spark provider's table.
+async fn world_against_with(
+    up: &Upstream,
+    spark_extra: &str,
+) -> (World, credproxy::server::Running) {
     let w = World::new().await;
-    let text = w.config_text(&Extra::default()).replace(
+    let extra = Extra {
+        spark: spark_extra.into(),
+        ..Extra::default()
+    };
+    let text = w.config_text(&extra).replace(
         &format!("api_base = \"{}\"", w.spark.base_url()),
         &format!("api_base = \"http://{}/api\"", up.addr),
     );
@@ -129,9 +142,22 @@ struct Upstream {
     seen: Seen,
 }
 
+/// An upstream that answers with an endless run of interim answers.
+static PROCESSING_FLOOD: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let mut flood = b"HTTP/1.1 102 Processing\r\n\r\n".repeat(200_000);
+    flood.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal");
+    flood
+});
+
 /// The raw answer for a request path, and whether the connection closes after it.
 fn scripted_answer(path: &str) -> (&'static [u8], bool) {
     match path {
+        "/api/processing-flood" => (&PROCESSING_FLOOD, false),
+        // A head and three bytes of a 100-byte body, then silence.
+        "/api/stall" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\nabc",
+            false,
+        ),
         "/api/chunked" => (
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: dropped\r\n\r\n",
             false,
@@ -278,9 +304,22 @@ async fn every_framing_an_upstream_answers_with_is_read() {
         (200, "final"),
         "1xx answers are skipped"
     );
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "chunked and interim answers kept one connection"
+    );
+    // 204 and HEAD: no body is waited for, and the connection ends with the
+    // answer: a body the upstream sent anyway would be read as the next one.
     let (status, _, _, body) = text(get("/no-content").send().await.expect("send")).await;
     assert_eq!((status, body.as_str()), (204, ""));
-    // HEAD: the answer's length is not waited for, and the connection goes on.
+    let (status, _, _, body) = text(get("/ok").send().await.expect("send")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        2,
+        "a new one after 204"
+    );
     let r = c
         .head(url(srv.proxy_addr, "/spark/head"))
         .header("X-Credproxy-Session", &key)
@@ -293,8 +332,8 @@ async fn every_framing_an_upstream_answers_with_is_read() {
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert_eq!(
         up.connections.load(Ordering::SeqCst),
-        1,
-        "chunked, interim, 204, HEAD and plain answers all kept one connection"
+        3,
+        "a new one after HEAD"
     );
 
     let (status, _, _, body) = text(get("/until-close").send().await.expect("send")).await;
@@ -364,5 +403,95 @@ async fn every_framing_an_upstream_answers_with_is_read() {
         "{head}"
     );
     assert_eq!(body, br#"{"a":1}"#);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_goes_silent_within_a_body_is_broken_off() {
+    let up = upstream(false).await;
+    let (w, srv) = world_against_with(&up, "request_timeout = \"1s\"").await;
+    let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let r = client()
+        .get(url(srv.proxy_addr, "/spark/stall"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "the head came in time");
+    // Without a bound the caller waits as long as the upstream stays silent.
+    let body = tokio::time::timeout(std::time::Duration::from_secs(20), r.bytes())
+        .await
+        .expect("the body was broken off within request_timeout, not held");
+    assert!(
+        body.is_err(),
+        "a body left short reaches the caller broken off"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_endless_run_of_interim_answers_is_refused() {
+    let up = upstream(false).await;
+    let (w, srv) = world_against(&up).await;
+    let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let r = client()
+        .get(url(srv.proxy_addr, "/spark/processing-flood"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        support::error_code(&r).as_deref(),
+        Some("upstream_unreachable")
+    );
+    srv.shutdown().await;
+}
+
+/// Connections to `port` in CLOSE_WAIT (the peer closed, this side did
+/// not), from the kernel's table.
+fn close_wait_to(port: u16) -> usize {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return 0;
+    };
+    let remote = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[2].ends_with(&remote) && fields[3] == "08"
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_closed_without_waiting_for_a_request() {
+    let up = upstream(true).await;
+    let (w, srv) = world_against(&up).await;
+    let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let c = client();
+    for _ in 0..4 {
+        let r = c
+            .get(url(srv.proxy_addr, "/spark/v1/listings"))
+            .header("X-Credproxy-Session", &key)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    // The upstream closed each connection after its answer; no request
+    // comes to find out. Within a few reap intervals none is left half-open.
+    let port = up.addr.port();
+    let mut left = close_wait_to(port);
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        left = close_wait_to(port);
+    }
+    assert_eq!(left, 0, "idle upstream connections left in CLOSE_WAIT");
     srv.shutdown().await;
 }

@@ -299,6 +299,15 @@ impl Proxy {
     }
 
     /// Index of the provider named `name`, for a dedicated listener.
+    /// Closes the idle upstream connections of the calling worker that
+    /// their upstream has closed or that were idle too long (see
+    /// [`forward::Upstream::reap`]).
+    pub fn reap_idle(&self) {
+        for route in &self.routes {
+            route.upstream.here().reap();
+        }
+    }
+
     pub fn route_index(&self, name: &str) -> Option<usize> {
         self.routes.iter().position(|r| r.name == name)
     }
@@ -580,7 +589,7 @@ impl Proxy {
         let req = upstream_request(route, session, out, body)?;
         permit.sent();
         let sent = Instant::now();
-        let resp = route.upstream.here().send(req).await;
+        let resp = route.upstream.here().send(req, &session.id).await;
         let took = sent.elapsed();
         route.metrics.upstream_latency(&self.metrics, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
@@ -631,11 +640,25 @@ impl Proxy {
             return Err(ProxyError::BadRequest("TRACE and TRACK are not supported"));
         }
         // A method override (honoured by Spark, and by many frameworks)
-        // could turn a POST into one of those upstream.
-        if overrides_to_refused_method(parts) {
-            return Err(ProxyError::BadRequest(
-                "a method override to TRACE, TRACK or CONNECT is not supported",
-            ));
+        // makes the upstream answer another method than the one credproxy
+        // frames the answer by: a HEAD taken for a GET sends a body that
+        // credproxy would read as the next answer on that connection. So an
+        // override is accepted only on POST (whose answer is framed by its
+        // own head) and never to a method without a body in its answer, or
+        // one that echoes the injected credentials.
+        match method_override(parts) {
+            Override::None => {}
+            Override::Allowed if parts.method == Method::POST => {}
+            Override::Allowed => {
+                return Err(ProxyError::BadRequest(
+                    "a method override is accepted only on POST",
+                ))
+            }
+            Override::Refused => {
+                return Err(ProxyError::BadRequest(
+                    "a method override to HEAD, TRACE, TRACK or CONNECT is not supported",
+                ))
+            }
         }
         // Dot segments could step out of api_base's path on the upstream.
         if has_dot_segment(parts.uri.path()) {
@@ -882,23 +905,46 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
     "x-method-override",
 ];
 
-/// Whether a method override (header or `_method` query parameter) names
-/// TRACE, TRACK or CONNECT, in any case, with surrounding whitespace, in a
+/// What a request's method overrides ask for.
+#[derive(Debug, PartialEq, Eq)]
+enum Override {
+    /// None is there.
+    None,
+    /// One or more, none naming a refused method.
+    Allowed,
+    /// One names HEAD, TRACE, TRACK or CONNECT.
+    Refused,
+}
+
+/// The request's method overrides (headers and `_method` query
+/// parameters): whether there is one, and whether one names HEAD, TRACE,
+/// TRACK or CONNECT, in any case, with surrounding whitespace, in a
 /// comma-separated list, or percent-encoded (again and again).
-fn overrides_to_refused_method(parts: &Parts) -> bool {
-    let headers = METHOD_OVERRIDE_HEADERS
+fn method_override(parts: &Parts) -> Override {
+    let mut found = Override::None;
+    let mut see = |value: &[u8]| {
+        if names_refused_method(value) {
+            found = Override::Refused;
+        } else if found == Override::None {
+            found = Override::Allowed;
+        }
+    };
+    for value in METHOD_OVERRIDE_HEADERS
         .iter()
         .flat_map(|name| parts.headers.get_all(*name))
-        .any(|v| names_refused_method(v.as_bytes()));
-    headers
-        || parts.uri.query().is_some_and(|q| {
-            q.split(['&', ';']).any(|param| {
-                let (name, value) = param.split_once('=').unwrap_or((param, ""));
-                let name: Cow<[u8]> = percent_encoding::percent_decode_str(name).into();
-                name.trim_ascii().eq_ignore_ascii_case(b"_method")
-                    && names_refused_method(value.as_bytes())
-            })
-        })
+    {
+        see(value.as_bytes());
+    }
+    if let Some(q) = parts.uri.query() {
+        for param in q.split(['&', ';']) {
+            let (name, value) = param.split_once('=').unwrap_or((param, ""));
+            let name: Cow<[u8]> = percent_encoding::percent_decode_str(name).into();
+            if name.trim_ascii().eq_ignore_ascii_case(b"_method") {
+                see(value.as_bytes());
+            }
+        }
+    }
+    found
 }
 
 fn names_refused_method(value: &[u8]) -> bool {
@@ -906,7 +952,7 @@ fn names_refused_method(value: &[u8]) -> bool {
     for _ in 0..=MAX_DECODE_ROUNDS {
         let refused = current.split(|&b| b == b',').any(|m| {
             let m = m.trim_ascii();
-            ["TRACE", "TRACK", "CONNECT"]
+            ["HEAD", "TRACE", "TRACK", "CONNECT"]
                 .iter()
                 .any(|r| m.eq_ignore_ascii_case(r.as_bytes()))
         });
@@ -1579,41 +1625,57 @@ mod tests {
     }
 
     #[test]
-    fn method_overrides_to_trace_track_connect_are_found() {
+    fn method_overrides_to_head_trace_track_connect_are_refused() {
+        let refused = |p: &Parts| method_override(p) == Override::Refused;
         for name in METHOD_OVERRIDE_HEADERS {
             for v in [
                 "TRACE",
                 "trace",
                 " Track ",
                 "CONNECT",
+                "HEAD",
+                "head",
                 "GET, TRACE",
                 "%54RACE",
+                "%48EAD",
             ] {
-                assert!(
-                    overrides_to_refused_method(&parts("POST", "/x", &[(name, v)])),
-                    "{name}: {v}"
-                );
+                assert!(refused(&parts("POST", "/x", &[(name, v)])), "{name}: {v}");
             }
         }
         let upper = [("X-HTTP-Method-Override", "Trace")];
-        assert!(overrides_to_refused_method(&parts("POST", "/x", &upper)));
+        assert!(refused(&parts("POST", "/x", &upper)));
         for q in [
             "/x?_method=TRACE",
             "/x?a=1&_method=trace",
             "/x?a=1;_method=%20TRACK%20",
             "/x?_method=+connect+",
+            "/x?_method=Head",
             "/x?%5Fmethod=TRACE",
             "/x?_METHOD=%2554RACE",
         ] {
-            assert!(overrides_to_refused_method(&parts("POST", q, &[])), "{q}");
+            assert!(refused(&parts("POST", q, &[])), "{q}");
         }
         for (q, h) in [
             ("/x?_method=PATCH", ("x-http-method-override", "DELETE")),
-            ("/x?method=TRACE", ("x-override", "TRACE")),
-            ("/x?_method=TRACED", ("x-http-method", "TRACKING")),
-            ("/x?q=_method%3DTRACE", ("x-method-override", "PUT")),
+            ("/x?_method=TRACED", ("x-http-method", "HEADER")),
+            ("/x", ("x-method-override", "GET")),
+            ("/x?_method=", ("accept", "*/*")),
         ] {
-            assert!(!overrides_to_refused_method(&parts("POST", q, &[h])), "{q}");
+            assert_eq!(
+                method_override(&parts("POST", q, &[h])),
+                Override::Allowed,
+                "{q}"
+            );
+        }
+        for (q, h) in [
+            ("/x?method=TRACE", ("x-override", "TRACE")),
+            ("/x?q=_method%3DTRACE", ("accept", "*/*")),
+        ] {
+            assert_eq!(
+                method_override(&parts("GET", q, &[h])),
+                Override::None,
+                "{q}"
+            );
         }
     }
 }

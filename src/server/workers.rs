@@ -200,6 +200,19 @@ impl Worker {
 
     async fn serve(mut self) {
         let connections = Connections::new(&self.cfg);
+        // This worker's idle upstream connections that their upstream
+        // closed are closed here, not left in CLOSE_WAIT until a checkout.
+        let reaper = {
+            let proxy = Arc::clone(&self.proxy);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::forward::REAP_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    proxy.reap_idle();
+                }
+            })
+        };
         while let Some(conn) = self.rx.recv().await {
             let open = OpenGuard(self.open.clone());
             // `into_std` left the socket non-blocking, as `from_std` needs.
@@ -220,6 +233,7 @@ impl Worker {
             connections.serve(stream, service, (conn.permits, open));
         }
         connections.drain().await;
+        reaper.abort();
         let _ = self.drained.send(());
         self.release.cancelled().await;
     }

@@ -11,10 +11,18 @@
 //! Framing follows RFC 9112 §6: no body for HEAD, 1xx, 204 and 304; a
 //! chunked transfer coding (trailers are read and dropped); a
 //! `Content-Length` (several different ones are refused); else until the
-//! upstream closes. A connection goes back to its pool only once its answer
-//! was read to the end, when the answer keeps it alive (HTTP/1.1, no
-//! `Connection: close`, no body delimited by the close) and nothing more is
-//! in its buffer.
+//! upstream closes. At most [`MAX_INTERIM`] 1xx answers are skipped.
+//!
+//! **Isolation.** A connection belongs to the session it was opened for
+//! ([`Conn::owner`]) and is only ever reused by that session, so no byte an
+//! upstream sends beyond its framing (extra bytes after a body, a body
+//! after a bodiless answer, late ones that no check can see coming) can be
+//! read as another session's answer. Within a session, a connection goes
+//! back to its pool only once its answer was read to the end, when the
+//! answer keeps it alive (HTTP/1.1, no `Connection: close`, no body
+//! delimited by the close), carries a body whose end its framing marks
+//! (not HEAD, 204 or 304: a body the upstream sends after those would
+//! otherwise be the next answer), and nothing more is in its buffer.
 
 use std::collections::VecDeque;
 use std::io;
@@ -44,6 +52,9 @@ const MAX_HEADERS: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
 /// A chunk-size line or trailer line over this is refused.
 const MAX_LINE: usize = 4096;
+/// Interim (1xx) answers skipped before a final one; more are refused, so
+/// an upstream cannot hold a request with an endless run of them.
+pub const MAX_INTERIM: usize = 32;
 /// Bodies up to this size are written with the head, in one write, and go
 /// over this client; larger ones go over hyper's, which reads an early
 /// answer (a 413, say) while it is still sending.
@@ -86,6 +97,8 @@ pub struct Conn {
     io: Io,
     buf: BytesMut,
     since: Instant,
+    /// The session it was opened for, and the only one that reuses it.
+    owner: Box<str>,
 }
 
 /// Idle connections, the most recently used last (so ordered by `since`).
@@ -95,17 +108,23 @@ pub type Idle = Arc<Mutex<VecDeque<Box<Conn>>>>;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Conn {
-    pub fn new(io: Io) -> Box<Conn> {
+    pub fn new(io: Io, owner: &str) -> Box<Conn> {
         Box::new(Conn {
             io,
             buf: BytesMut::new(),
             since: Instant::now(),
+            owner: owner.into(),
         })
     }
 
     /// When it was last put back.
     pub fn since(&self) -> Instant {
         self.since
+    }
+
+    /// The session it was opened for.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// Whether an idle connection can take a request: nothing to read on
@@ -143,11 +162,16 @@ impl Conn {
         idle: &Idle,
     ) -> Result<Response<H1Body>, H1Error> {
         let mut read_any = false;
+        let mut interim = 0;
         loop {
             if let Some(parsed) = parse_head(&mut self.buf)? {
                 if parsed.status.is_informational() {
                     if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(H1Error::Invalid("a protocol switch was not asked for"));
+                    }
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(H1Error::Invalid("more than 32 interim (1xx) answers"));
                     }
                     continue;
                 }
@@ -379,7 +403,10 @@ fn build(
     if both {
         headers.remove(CONTENT_LENGTH);
     }
-    let reusable = !close && framing != Framing::UntilClose && !both;
+    // A bodiless answer's end is only where the upstream should stop: a
+    // body it sends anyway (HEAD taken for GET, a 204 with content) would
+    // be read as the next answer, so such a connection is not reused.
+    let reusable = !close && framing != Framing::UntilClose && !both && !no_body;
     let mut body = H1Body {
         conn: Some(conn),
         framing,

@@ -7,6 +7,7 @@
 //! through frame by frame, so memory use does not grow with body size.
 
 use std::cell::Cell;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -106,10 +107,39 @@ impl Outbound {
 }
 
 /// An upstream answer's body: read by credproxy's HTTP/1.1 client, or by
-/// hyper's (streamed requests, HTTP/2).
-pub enum UpBody {
+/// hyper's (streamed requests, HTTP/2). An upstream that sends nothing more
+/// for the provider's `request_timeout` while the body is waited for breaks
+/// the body off ([`BodyStalled`]): a head and a few bytes, then silence,
+/// must not hold the caller's connection and the upstream's forever.
+pub struct UpBody {
+    inner: UpInner,
+    /// How long the upstream may stay silent while the body is polled.
+    idle: Duration,
+    /// Armed when a poll finds nothing to read; created the first time
+    /// (most answers are read whole without one).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+enum UpInner {
     Own(h1::H1Body),
     Hyper(Incoming),
+}
+
+/// The upstream sent no byte of a body for the provider's `request_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing of the body for {0:?}")]
+pub struct BodyStalled(Duration);
+
+impl UpBody {
+    fn new(inner: UpInner, idle: Duration) -> UpBody {
+        UpBody {
+            inner,
+            idle,
+            stall: None,
+            armed: false,
+        }
+    }
 }
 
 impl Body for UpBody {
@@ -120,23 +150,45 @@ impl Body for UpBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            UpBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            UpInner::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpInner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        };
+        if polled.is_ready() {
+            this.armed = false;
+            return polled;
+        }
+        let deadline = tokio::time::Instant::now() + this.idle;
+        let stall = match &mut this.stall {
+            Some(stall) => {
+                if !this.armed {
+                    stall.as_mut().reset(deadline);
+                }
+                stall
+            }
+            None => this
+                .stall
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        this.armed = true;
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Own(b) => b.is_end_stream(),
-            UpBody::Hyper(b) => b.is_end_stream(),
+        match &self.inner {
+            UpInner::Own(b) => b.is_end_stream(),
+            UpInner::Hyper(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Own(b) => b.size_hint(),
-            UpBody::Hyper(b) => b.size_hint(),
+        match &self.inner {
+            UpInner::Own(b) => b.size_hint(),
+            UpInner::Hyper(b) => b.size_hint(),
         }
     }
 }
@@ -171,9 +223,10 @@ pub struct Upstream {
 /// hyper's connections kept open between requests.
 #[derive(Default)]
 struct Pool {
-    /// HTTP/1.1 connections, the most recently used last. A connection
-    /// comes back as soon as its response head is in; hyper's dispatcher
-    /// marks it ready again once it has read that response to its end.
+    /// HTTP/1.1 connections, the most recently used last, each reused only
+    /// by the session it was opened for. A connection comes back as soon
+    /// as its response head is in; hyper's dispatcher marks it ready again
+    /// once it has read that response to its end.
     idle: Vec<Pooled>,
     /// An HTTP/2 connection carries every request at once.
     h2: Option<http2::SendRequest<UpstreamBody>>,
@@ -182,6 +235,7 @@ struct Pool {
 struct Pooled {
     tx: http1::SendRequest<UpstreamBody>,
     since: Instant,
+    owner: Box<str>,
 }
 
 /// A new connection, by what ALPN chose (plain http: HTTP/1.1).
@@ -200,6 +254,10 @@ thread_local! {
 pub fn enter_worker(index: usize) {
     WORKER.with(|w| w.set(Some(index)));
 }
+
+/// How often a proxy worker closes the idle upstream connections that the
+/// upstream has closed ([`Upstream::reap`]).
+pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
 
 /// One provider's upstream clients: one per proxy worker, so that a
 /// worker's upstream connections (and the tasks that drive them) stay on
@@ -275,27 +333,41 @@ impl Upstream {
         self.response_timeout
     }
 
-    /// Sends the request (its URI in origin form: path and query) and waits
-    /// for the response head, within the provider's timeouts; the response
-    /// body is left streaming.
-    pub async fn send(&self, req: Request<Outbound>) -> Result<Response<UpBody>, ProxyError> {
-        match tokio::time::timeout(self.response_timeout, self.send_now(req)).await {
+    /// Sends the request (its URI in origin form: path and query) for the
+    /// session `owner` and waits for the response head, within the
+    /// provider's timeouts; the response body is left streaming.
+    ///
+    /// **Isolation:** an HTTP/1.1 connection is reused only by the session
+    /// it was opened for (`owner`), so whatever an upstream sends beyond an
+    /// answer's framing can never reach another session. HTTP/2 streams
+    /// are framed apart by the protocol and share one connection.
+    pub async fn send(
+        &self,
+        req: Request<Outbound>,
+        owner: &str,
+    ) -> Result<Response<UpBody>, ProxyError> {
+        let idle = self.response_timeout;
+        match tokio::time::timeout(self.response_timeout, self.send_now(req, owner)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(answer) => answer,
+            Ok(answer) => answer.map(|resp| resp.map(|body| UpBody::new(body, idle))),
         }
     }
 
-    async fn send_now(&self, req: Request<Outbound>) -> Result<Response<UpBody>, ProxyError> {
+    async fn send_now(
+        &self,
+        req: Request<Outbound>,
+        owner: &str,
+    ) -> Result<Response<UpInner>, ProxyError> {
         let (parts, body) = req.into_parts();
         match body {
             Outbound::Kept(bytes)
                 if bytes.len() <= h1::COALESCE && !self.speaks_h2.load(Ordering::Relaxed) =>
             {
-                self.send_own(parts, bytes).await
+                self.send_own(parts, bytes, owner).await
             }
             body => {
                 let req = Request::from_parts(parts, body.into_body());
-                Ok(self.send_hyper(req).await?.map(UpBody::Hyper))
+                Ok(self.send_hyper(req, owner).await?.map(UpInner::Hyper))
             }
         }
     }
@@ -307,7 +379,8 @@ impl Upstream {
         &self,
         parts: http::request::Parts,
         body: Bytes,
-    ) -> Result<Response<UpBody>, ProxyError> {
+        owner: &str,
+    ) -> Result<Response<UpInner>, ProxyError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let (wire, rest) = h1::encode(&parts.method, path, &self.host, &parts.headers, &body);
         let head_request = parts.method == Method::HEAD;
@@ -319,15 +392,15 @@ impl Upstream {
         // one (only after a reused connection failed) always on a new one:
         // another idle one may have been closed at the same moment. A new
         // connection is never tried again, so this loops at most twice.
-        let mut pooled = self.checkout_own();
+        let mut pooled = self.checkout_own(owner);
         loop {
             let (mut conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
                 None => match self.connect().await? {
-                    Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io)), false),
+                    Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io), owner), false),
                     Connected::H2(tx) => {
                         let req = Request::from_parts(parts, Outbound::Kept(body).into_body());
-                        return Ok(self.send_h2(tx, req).await?.map(UpBody::Hyper));
+                        return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
                     }
                 },
             };
@@ -336,7 +409,7 @@ impl Upstream {
                 Err(e) => Err(e),
             };
             match answer {
-                Ok(resp) => return Ok(resp.map(UpBody::Own)),
+                Ok(resp) => return Ok(resp.map(UpInner::Own)),
                 Err(e) if reused && safe && e.unanswered() => {
                     tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
                 }
@@ -345,27 +418,60 @@ impl Upstream {
         }
     }
 
-    /// An idle connection of credproxy's client that can take a request.
-    fn checkout_own(&self) -> Option<Box<h1::Conn>> {
+    /// An idle connection of credproxy's client, opened for `owner`, that
+    /// can take a request: the most recently used first.
+    fn checkout_own(&self, owner: &str) -> Option<Box<h1::Conn>> {
+        let mut idle = self.own.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            let mut conn = self
-                .own
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop_back()?;
+            let i = idle.iter().rposition(|c| c.owner() == owner)?;
+            let mut conn = idle.remove(i)?;
             if conn.since().elapsed() < h1::IDLE_TIMEOUT && conn.still_open() {
                 return Some(conn);
             }
         }
     }
 
+    /// Closes the idle connections that the upstream has closed (each
+    /// would sit in CLOSE_WAIT, holding a descriptor, until a checkout
+    /// found it) or that have been idle too long. Called by each proxy
+    /// worker every [`REAP_INTERVAL`], on its own pools.
+    pub fn reap(&self) {
+        {
+            let mut idle = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+            idle.retain_mut(|c| c.since().elapsed() < h1::IDLE_TIMEOUT && c.still_open());
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.idle
+            .retain(|c| !c.tx.is_closed() && c.since.elapsed() < h1::IDLE_TIMEOUT);
+    }
+
+    /// How many idle HTTP/1.1 connections this pool holds (both clients).
+    pub fn idle_connections(&self) -> usize {
+        let own = self
+            .own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        own + self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .idle
+            .len()
+    }
+
     /// Over hyper's client: HTTP/2 if the upstream speaks it, else HTTP/1.1.
     async fn send_hyper(
         &self,
         mut req: Request<UpstreamBody>,
+        owner: &str,
     ) -> Result<Response<Incoming>, ProxyError> {
+        // Like credproxy's client, hyper's takes a bodiless answer as ending
+        // at its head; a body the upstream sends anyway would be the next
+        // answer, so such a connection is not kept.
+        let head_request = req.method() == Method::HEAD;
         loop {
-            let (mut tx, reused) = match self.checkout() {
+            let (mut tx, reused) = match self.checkout(owner) {
                 Some(Sender::H2(tx)) => return self.send_h2(tx, req).await,
                 Some(Sender::H1(tx)) => (tx, true),
                 None => match self.connect().await? {
@@ -384,7 +490,14 @@ impl Upstream {
             req.headers_mut().insert(HOST, self.host.clone());
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin(tx);
+                    let bodiless = head_request
+                        || matches!(
+                            resp.status(),
+                            http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED
+                        );
+                    if !bodiless {
+                        self.checkin(tx, owner);
+                    }
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -411,8 +524,9 @@ impl Upstream {
         tx.send_request(req).await.map_err(|e| classify(&e))
     }
 
-    /// One of hyper's connections ready for a request, if the pool has one.
-    fn checkout(&self) -> Option<Sender> {
+    /// One of hyper's connections ready for a request, if the pool has one
+    /// (an HTTP/1.1 one only if it was opened for `owner`).
+    fn checkout(&self, owner: &str) -> Option<Sender> {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h2) = &pool.h2 {
             if !h2.is_closed() {
@@ -424,7 +538,7 @@ impl Upstream {
         while let Some(i) = pool
             .idle
             .iter()
-            .rposition(|c| c.tx.is_ready() || c.tx.is_closed())
+            .rposition(|c| &*c.owner == owner && (c.tx.is_ready() || c.tx.is_closed()))
         {
             let c = pool.idle.swap_remove(i);
             if !c.tx.is_closed() && c.since.elapsed() < h1::IDLE_TIMEOUT {
@@ -434,7 +548,7 @@ impl Upstream {
         None
     }
 
-    fn checkin(&self, tx: http1::SendRequest<UpstreamBody>) {
+    fn checkin(&self, tx: http1::SendRequest<UpstreamBody>, owner: &str) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if pool.idle.len() >= h1::MAX_IDLE {
             pool.idle.retain(|c| !c.tx.is_closed());
@@ -445,6 +559,7 @@ impl Upstream {
         pool.idle.push(Pooled {
             tx,
             since: Instant::now(),
+            owner: owner.into(),
         });
     }
 
@@ -490,6 +605,9 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> ProxyError {
         }
         if err.is::<crate::server::BodyReadTimeout>() {
             return ProxyError::RequestTimeout;
+        }
+        if err.is::<BodyStalled>() {
+            return ProxyError::UpstreamTimeout;
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
