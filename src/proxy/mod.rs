@@ -430,7 +430,7 @@ impl Proxy {
                 };
                 if resp.status() == StatusCode::UNAUTHORIZED {
                     if session.has_refresh_token {
-                        self.refresh_in_background(&session);
+                        self.refresher.refresh_refused_in_background(&session);
                     }
                 } else {
                     self.refresher.accepted(&session.id);
@@ -551,16 +551,6 @@ impl Proxy {
             Err(RefreshError::TooSoon) => Ok(session),
             Err(e) => Err(refresh_error(&session, e)),
         }
-    }
-
-    fn refresh_in_background(&self, session: &Arc<ActiveSession>) {
-        let refresher = Arc::clone(&self.refresher);
-        let session = Arc::clone(session);
-        tokio::spawn(async move {
-            if let Err(e) = refresher.refresh_refused(&session).await {
-                tracing::debug!(session = %session.id, error = %e, "background refresh after a 401 did not refresh");
-            }
-        });
     }
 
     /// Takes a permit from the provider's gate, builds the upstream request

@@ -55,6 +55,9 @@ pub struct Running {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     workers: Option<Workers>,
+    /// `server.shutdown_grace`: also how long refreshes under way are
+    /// waited for.
+    grace: std::time::Duration,
 }
 
 impl Running {
@@ -64,13 +67,19 @@ impl Running {
     }
 
     /// Waits until the server has stopped (after the token is cancelled and
-    /// in-flight requests have drained or the grace period ran out), then
-    /// writes the sessions' last uses once more.
+    /// in-flight requests have drained or the grace period ran out), waits
+    /// for the refreshes under way (within the same grace: a refresh the
+    /// provider has answered must be committed, or its rotated token is
+    /// lost) and gives back this process's refresh leases, then writes the
+    /// sessions' last uses once more.
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        // The acceptors have stopped: the shutdown began about now.
+        let deadline = tokio::time::Instant::now() + self.grace;
         if let Some(workers) = self.workers.as_mut() {
             workers.drained().await;
         }
+        self.refresher.finish(deadline).await;
         self.sessions.flush_all_uses().await;
         if let Some(workers) = self.workers.take() {
             workers.release();
@@ -216,6 +225,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         tasks,
         workers: Some(workers),
+        grace: config.server.shutdown_grace,
     })
 }
 

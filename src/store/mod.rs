@@ -463,6 +463,10 @@ pub trait Store: Send + Sync + 'static {
     /// Gives the lease back without changing the session.
     async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError>;
 
+    /// Gives back every lease `owner` still holds (a process shutting down
+    /// whose refreshes did not finish in its grace period); returns how many.
+    async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError>;
+
     /// Stores refreshed tokens durably and releases the lease, only while
     /// `owner` holds it and the row still has `expected_version`; `health`
     /// says whether the session becomes `active` again (and whether that

@@ -431,6 +431,14 @@ impl Store for PgStore {
         })
     }
 
+    async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(pg_sql!(sql::RELEASE_LEASES_OF))
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL

@@ -203,6 +203,11 @@ pub(crate) const RELEASE_LEASE: &str =
     "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
      WHERE id = ? AND refresh_lease_owner = ?";
 
+/// Gives back every refresh lease an owner (a process leaving) still holds.
+pub(crate) const RELEASE_LEASES_OF: &str =
+    "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
+     WHERE refresh_lease_owner = ?";
+
 pub(crate) const MARK_REAUTHORIZATION: &str =
     "UPDATE sessions SET status = 'reauthorization_required', last_error = ?, next_retry_at = NULL,
          version = version + 1, updated_at = ?,

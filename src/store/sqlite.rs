@@ -258,6 +258,9 @@ enum WriteOp {
         id: String,
         owner: String,
     },
+    ReleaseLeasesOf {
+        owner: String,
+    },
     CommitRefresh {
         id: String,
         owner: String,
@@ -486,6 +489,13 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
                     version: r.try_get("version")?,
                 },
             })
+        }
+        WriteOp::ReleaseLeasesOf { owner } => {
+            let done = sqlx::query(super::sql::RELEASE_LEASES_OF)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+            Written::Count(done.rows_affected())
         }
         WriteOp::ReleaseLease { id, owner } => {
             sqlx::query(
@@ -971,6 +981,16 @@ impl Store for SqliteStore {
         match self.write(op).await? {
             Written::Lease(lease) => Ok(lease),
             _ => Err(StoreError::Closed),
+        }
+    }
+
+    async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        let op = WriteOp::ReleaseLeasesOf {
+            owner: owner.to_owned(),
+        };
+        match self.write(op).await? {
+            Written::Count(n) => Ok(n),
+            _ => Ok(0),
         }
     }
 

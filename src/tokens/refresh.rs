@@ -14,6 +14,14 @@
 //! * The new tokens are committed (durably, `synchronous=FULL`) with a
 //!   compare-and-swap on the version before anyone may use them.
 //!
+//! **Invariant (no refresh abandoned):** every refresh runs as a task of
+//! [`Refresher::tasks`], on the runtime the refresher was made on (not a
+//! proxy worker's, which ends with its connections), and a shutdown waits
+//! for them ([`Refresher::finish`], up to `shutdown_grace`) before it gives
+//! back whatever leases this process still holds. A provider's answer that
+//! rotated a refresh token is therefore committed, not sent to a closed
+//! socket by a process that has already left.
+//!
 //! Failures are shared: after a transient failure the session backs off
 //! (exponential, capped, jittered), and callers queued behind the failed
 //! attempt get the same answer instead of calling the endpoint again.
@@ -148,6 +156,11 @@ pub struct Refresher {
     flights: DashMap<String, Arc<tokio::sync::Mutex<Flight>>>,
     /// This process's name in the store's refresh leases.
     owner: String,
+    /// Every refresh under way, whoever started it and whether or not
+    /// anyone still waits for its answer: a shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
+    /// Where refreshes run: the runtime this was made on, if any.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Refresher {
@@ -172,7 +185,80 @@ impl Refresher {
                 std::process::id(),
                 crate::session::new_session_id()
             ),
+            tasks: tokio_util::task::TaskTracker::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
+    }
+
+    /// Starts a task that must not be abandoned: tracked for
+    /// [`Refresher::finish`], on the refresher's runtime.
+    fn track<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            Some(runtime) => self.tasks.spawn_on(task, runtime),
+            None => self.tasks.spawn(task),
+        }
+    }
+
+    /// Refreshes after an upstream refused `seen`'s token without anyone
+    /// waiting for the answer (the request's body could not be kept for a
+    /// replay, so its 401 went back as it came).
+    pub fn refresh_refused_in_background(self: &Arc<Self>, seen: &Arc<ActiveSession>) {
+        let me = Arc::clone(self);
+        let seen = Arc::clone(seen);
+        self.track(async move {
+            if let Err(e) = me.refresh_refused(&seen).await {
+                tracing::debug!(session = %seen.id, error = %e, "background refresh after a 401 did not refresh");
+            }
+        });
+    }
+
+    /// How many refreshes are under way.
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// At shutdown: waits until every refresh under way has finished (its
+    /// tokens committed, or its failure recorded), until `deadline`; then
+    /// gives back the refresh leases this process still holds, so that
+    /// another instance, or this one restarted, does not wait them out.
+    /// Returns how many refreshes were still running at the deadline.
+    pub async fn finish(&self, deadline: tokio::time::Instant) -> usize {
+        self.tasks.close();
+        let running = self.tasks.len();
+        if running > 0 {
+            tracing::info!(
+                refreshes = running,
+                "waiting for refreshes under way before exiting"
+            );
+        }
+        let left = match tokio::time::timeout_at(deadline, self.tasks.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let left = self.tasks.len();
+                tracing::warn!(
+                    refreshes = left,
+                    "shutdown_grace ran out with refreshes under way; their sessions may need reauthorization"
+                );
+                left
+            }
+        };
+        match self
+            .sessions
+            .store()
+            .release_refresh_leases(&self.owner)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(leases = n, "gave back refresh leases on exit"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot give back refresh leases on exit; they expire on their own")
+            }
+        }
+        left
     }
 
     pub fn sessions(&self) -> &Arc<Sessions> {
@@ -293,7 +379,10 @@ impl Refresher {
         actor: Actor,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
         let me = Arc::clone(self);
-        match tokio::spawn(async move { me.refresh_id(&id, seen, why, actor).await }).await {
+        match self
+            .track(async move { me.refresh_id(&id, seen, why, actor).await })
+            .await
+        {
             Ok(result) => result,
             Err(_) => Err(RefreshError::Failed {
                 retry_after: BACKOFF_BASE,
