@@ -408,6 +408,56 @@ async fn last_uses_are_written_at_shutdown() {
     assert!(row.last_used_at.is_some(), "flushed once more at shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_process_shows_its_own_last_use_at_once() {
+    let w = World::new().await;
+    let extra = support::Extra {
+        store: "use_flush_interval = \"1h\"".into(),
+        ..support::Extra::default()
+    };
+    let srv = start(&w, &extra, false).await;
+    let (id, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    assert!(session_json(&srv, &id).await["last_used_at"].is_null());
+    let before = credproxy::store::now();
+    assert_eq!(get(&srv, &key).await.status(), 200);
+    // Not written to the store for an hour, yet shown by the admin API
+    // (and so the dashboard) of the process that served the request.
+    assert_eq!(last_used_at(&srv, &id).await, None, "not flushed yet");
+    let shown = session_json(&srv, &id).await["last_used_at"]
+        .as_str()
+        .map(str::to_owned)
+        .expect("last_used_at shown right after a request");
+    let at = humantime::parse_rfc3339(&shown).expect("RFC 3339");
+    let at = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64;
+    assert!(at >= before, "{shown} is the request's time");
+    let listed: Value = client()
+        .get(admin(&srv, "/admin/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let listed = listed
+        .as_array()
+        .or_else(|| listed["sessions"].as_array())
+        .expect("a list")
+        .iter()
+        .find(|s| s["id"] == id.as_str())
+        .cloned()
+        .expect("listed");
+    assert_eq!(
+        listed["last_used_at"],
+        shown.as_str(),
+        "the list shows it too"
+    );
+    srv.shutdown().await;
+}
+
 /// Moves every session's creation two hours back, as if made long ago.
 async fn age_sessions(store_url: Option<&str>, w: &World) {
     const AGE: &str = "UPDATE sessions SET created_at = created_at - 7200";

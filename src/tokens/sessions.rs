@@ -1192,7 +1192,7 @@ impl Sessions {
             .list_sessions()
             .await?
             .iter()
-            .map(SessionInfo::from)
+            .map(|r| self.shown(r))
             .collect())
     }
 
@@ -1202,7 +1202,21 @@ impl Sessions {
             .session_by_id(id)
             .await?
             .as_ref()
-            .map(SessionInfo::from))
+            .map(|r| self.shown(r)))
+    }
+
+    /// A session as the control plane shows it: the store's row, with this
+    /// process's own last use when it is newer than the stored one (the
+    /// store's is written every `use_flush_interval`; the process that
+    /// served a request shows it at once).
+    fn shown(&self, rec: &SessionRecord) -> SessionInfo {
+        let mut info = SessionInfo::from(rec);
+        if let Some(own) = self.last_use(&rec.id) {
+            if rec.last_used_at.is_none_or(|stored| own > stored) {
+                info.last_used_at = Some(rfc3339(own));
+            }
+        }
+        info
     }
 
     /// Deletes a session; its key stops working here at once and in other
