@@ -55,6 +55,8 @@ USER 10001
 WORKDIR /data
 VOLUME ["/data"]
 ENV CREDPROXY_CONFIG=/etc/credproxy/config.toml
+# The rotation journal (store.rotation_journal) must be writable: in the volume.
+ENV CREDPROXY_ROTATION_JOURNAL=/data/credproxy.rotations
 ENV CREDPROXY_LISTEN=0.0.0.0:8080 CREDPROXY_ADMIN_LISTEN=0.0.0.0:8081
 EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s CMD ["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8081 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q ' 200 ' <&3"]

@@ -24,11 +24,12 @@ pub const DEFAULT_PATH: &str = "config.toml";
 /// deployments (a container image) that share one config file: each names
 /// the key it overrides. An empty value counts as unset. Paths in them are
 /// relative to the working directory, as on a command line.
-pub const ENV_OVERRIDES: [(&str, &str); 4] = [
+pub const ENV_OVERRIDES: [(&str, &str); 5] = [
     ("CREDPROXY_LISTEN", "server.listen"),
     ("CREDPROXY_ADMIN_LISTEN", "server.admin_listen"),
     ("CREDPROXY_STORE_URL", "store.url"),
     ("CREDPROXY_KEY_FILE", "store.key_file"),
+    ("CREDPROXY_ROTATION_JOURNAL", "store.rotation_journal"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +175,7 @@ struct RawStore {
     session_cache_capacity: Option<u64>,
     cold_lookups_per_client: Option<u64>,
     over_budget_hold: Option<RawDuration>,
+    rotation_journal: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -362,6 +364,11 @@ pub struct StoreConfig {
     /// before its 429: a client flooding unknown keys gets one answer per
     /// connection per hold. Default 1 s; 0: none; at most 10 s.
     pub over_budget_hold: Duration,
+    /// The rotation journal's directory (`tokens/journal.rs`); `None`: off
+    /// (`rotation_journal = ""`, or an in-memory SQLite store). Default:
+    /// beside a SQLite file (`credproxy.db-rotations`), else
+    /// `credproxy.rotations` in the configuration's directory.
+    pub rotation_journal: Option<PathBuf>,
 }
 
 /// Default of `store.session_cache_capacity`.
@@ -630,6 +637,26 @@ fn relative_to(dir: Option<&Path>, path: PathBuf) -> PathBuf {
 /// A `sqlite:` URL naming a relative file, made relative to `dir`; any
 /// query (`?mode=...`) is kept. In-memory databases, absolute paths and
 /// other stores are left alone.
+/// The file a `sqlite:` URL names (already made absolute, see
+/// [`sqlite_relative_to`]), or `None` for another store or an in-memory one.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (file, query) = match rest.split_once('?') {
+        Some((f, q)) => (f, Some(q)),
+        None => (rest, None),
+    };
+    let in_memory = file.is_empty()
+        || file == ":memory:"
+        || query.is_some_and(|q| q.split('&').any(|kv| kv == "mode=memory"));
+    if in_memory {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(file).decode_utf8_lossy();
+    Some(PathBuf::from(&*decoded))
+}
+
 fn sqlite_relative_to(dir: &Path, url: &str) -> Result<String, ConfigError> {
     // The same prefixes sqlx strips.
     let Some(rest) = url
@@ -831,6 +858,22 @@ fn validate(
             ))
         }
     };
+    let journal = env_override(env, "store.rotation_journal")
+        .map(|(path, _)| PathBuf::from(path))
+        .or(st.rotation_journal);
+    let rotation_journal = match journal {
+        Some(path) if path.as_os_str().is_empty() => None,
+        Some(path) => Some(relative_to(dir, path)),
+        None => match sqlite_file(&url) {
+            Some(file) => {
+                let mut name = file.into_os_string();
+                name.push("-rotations");
+                Some(PathBuf::from(name))
+            }
+            None if url.starts_with("sqlite:") => None,
+            None => Some(relative_to(dir, PathBuf::from("credproxy.rotations"))),
+        },
+    };
     let key = match env_override(env, "store.key_file") {
         Some((file, _)) => KeySource::File(PathBuf::from(file)),
         None => key,
@@ -873,6 +916,7 @@ fn validate(
             Some(n) => n as u32,
         },
         over_budget_hold: dur(st.over_budget_hold, "store.over_budget_hold", 1.0)?,
+        rotation_journal,
     };
     if store.over_budget_hold > Duration::from_secs(10) {
         return Err(invalid(

@@ -33,7 +33,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     after_help = "Relative paths in the config file are relative to its directory.\n\
         These environment variables, when set, take precedence over the config file:\n  \
         CREDPROXY_LISTEN (server.listen), CREDPROXY_ADMIN_LISTEN (server.admin_listen),\n  \
-        CREDPROXY_STORE_URL (store.url), CREDPROXY_KEY_FILE (store.key_file)"
+        CREDPROXY_STORE_URL (store.url), CREDPROXY_KEY_FILE (store.key_file),\n  \
+        CREDPROXY_ROTATION_JOURNAL (store.rotation_journal)"
 )]
 struct Cli {
     /// The configuration file.

@@ -131,6 +131,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Arc::clone(&sessions),
         Arc::clone(&metrics),
     )?);
+    // Rotations a process that died received but did not store.
+    refresher.recover_rotations().await;
     let proxy = Arc::new(Proxy::new(
         &config,
         Arc::clone(&sessions),

@@ -15,10 +15,11 @@
 //!   compare-and-swap on the version before anyone may use them.
 //!
 //! **Invariant (no refresh abandoned):** every refresh runs as a task of
-//! [`Refresher::tasks`], on the runtime the refresher was made on (not a
-//! proxy worker's, which ends with its connections), and a shutdown waits
-//! for them ([`Refresher::finish`], up to `shutdown_grace`) before it gives
-//! back whatever leases this process still holds. A provider's answer that
+//! [`Refresher::tasks`], and a shutdown waits for them
+//! ([`Refresher::finish`], up to `shutdown_grace`) before it gives back
+//! whatever leases this process still holds. Refreshes run on the runtime
+//! that asked (a proxy worker's, for the hot path); `Running::wait` lets
+//! the workers' runtimes end only after that wait. A provider's answer that
 //! rotated a refresh token is therefore committed, not sent to a closed
 //! socket by a process that has already left.
 //!
@@ -51,6 +52,7 @@ use crate::session::Status;
 use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions, RECENT_USE};
 use crate::store::{self, EventKind, Failure, Health, Lease, SessionRecord, StoreError};
 use crate::token::{backoff, class, usable_access_token, Grant, TokenEndpoint, TokenError};
+use crate::tokens::journal::Journal;
 
 /// First back-off after a failed refresh; doubles per failure up to the
 /// provider's `refresh_backoff_max`.
@@ -159,8 +161,8 @@ pub struct Refresher {
     /// Every refresh under way, whoever started it and whether or not
     /// anyone still waits for its answer: a shutdown waits for them.
     tasks: tokio_util::task::TaskTracker,
-    /// Where refreshes run: the runtime this was made on, if any.
-    runtime: Option<tokio::runtime::Handle>,
+    /// Rotated tokens, written the moment the token endpoint answers.
+    journal: Journal,
 }
 
 impl Refresher {
@@ -186,21 +188,97 @@ impl Refresher {
                 crate::session::new_session_id()
             ),
             tasks: tokio_util::task::TaskTracker::new(),
-            runtime: tokio::runtime::Handle::try_current().ok(),
+            journal: Journal::new(config.store.rotation_journal.as_deref()),
         })
     }
 
+    /// At start-up, before serving: commits the rotations that a process
+    /// which died left in the journal (see [`crate::tokens::journal`]),
+    /// where the session still has the version that refresh started from.
+    /// Returns how many were committed. Entries that no longer apply go;
+    /// those the store cannot take now stay for the next start.
+    pub async fn recover_rotations(&self) -> usize {
+        let store = self.sessions.store();
+        let now = store::now();
+        let mut recovered = 0;
+        for pending in self.journal.pending(&self.owner, now) {
+            let id = pending.id.as_str();
+            let now_ms = now.saturating_mul(1000);
+            // The dead writer's lease (or none, or an expired one) is taken
+            // in its name, so the commit's compare-and-swap holds.
+            let lease = store
+                .acquire_refresh_lease(id, &pending.owner, now_ms + 30_000, now_ms)
+                .await;
+            let rec = match lease {
+                Ok(Lease::Acquired(rec)) => rec,
+                Ok(Lease::Gone) => {
+                    self.journal.forget(&pending);
+                    continue;
+                }
+                Ok(Lease::Held { .. }) => {
+                    tracing::warn!(session = %id, "a rotation left by a process that died waits: another process holds the session's refresh lease");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "cannot recover a rotation left by a process that died; kept for the next start");
+                    continue;
+                }
+            };
+            if rec.version != pending.version {
+                // Committed after all, or the session moved on since.
+                let _ = store.release_refresh_lease(id, &pending.owner).await;
+                self.journal.forget(&pending);
+                continue;
+            }
+            let health = match pending.usable {
+                true => Health::Healthy { recovered: None },
+                false => Health::Unchanged,
+            };
+            let audit = self.sessions.audit(
+                audit::kind::SESSION_REFRESHED,
+                Some(id),
+                Actor::Proxy,
+                serde_json::json!({
+                    "provider": pending.provider,
+                    "reason": "recovered",
+                    "usable": pending.usable,
+                }),
+            );
+            let committed = store
+                .commit_refresh(
+                    id,
+                    &pending.owner,
+                    pending.tokens.clone(),
+                    pending.version,
+                    now,
+                    health,
+                    Some(&audit),
+                )
+                .await;
+            match committed {
+                Ok(Some(_)) => {
+                    recovered += 1;
+                    tracing::warn!(session = %id, provider = %pending.provider, "committed a rotation that a process which died had received but not stored");
+                    self.journal.forget(&pending);
+                }
+                Ok(None) => self.journal.forget(&pending),
+                Err(e) => {
+                    let _ = store.release_refresh_lease(id, &pending.owner).await;
+                    tracing::warn!(session = %id, error = %e, "cannot recover a rotation left by a process that died; kept for the next start");
+                }
+            }
+        }
+        recovered
+    }
+
     /// Starts a task that must not be abandoned: tracked for
-    /// [`Refresher::finish`], on the refresher's runtime.
+    /// [`Refresher::finish`].
     fn track<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        match &self.runtime {
-            Some(runtime) => self.tasks.spawn_on(task, runtime),
-            None => self.tasks.spawn(task),
-        }
+        self.tasks.spawn(task)
     }
 
     /// Refreshes after an upstream refused `seen`'s token without anyone
@@ -528,8 +606,20 @@ impl Refresher {
                     self.sessions
                         .seal_unusable(&rec, tokens.refresh_token.as_ref(), now)
                 };
-                // The provider has rotated the refresh token: from here until
-                // this commit returns is the one window a crash loses the session.
+                // The provider has rotated the refresh token: until it is
+                // written somewhere, a crash loses the session. First the
+                // journal (one write(2), which kill -9 cannot undo), then
+                // the store's durable commit.
+                let entry = self.journal.write(
+                    id,
+                    &rec.provider,
+                    &self.owner,
+                    rec.version,
+                    usable,
+                    &sealed,
+                    now,
+                );
+                let journaled = started.elapsed() - took;
                 let lease_ends = leased_at + lease_hold(provider);
                 let recovered = self.sessions.event(
                     EventKind::Recovered,
@@ -556,6 +646,11 @@ impl Refresher {
                 let committed = self
                     .commit_with_retries(id, sealed, rec.version, lease_ends, health, &audit)
                     .await;
+                if committed.is_ok() {
+                    // Stored, or the row moved on: either way the entry is
+                    // spent. On a store error it stays for the next start.
+                    self.journal.done(entry);
+                }
                 let stored = matches!(committed, Ok(Some(_)));
                 if !usable || !stored {
                     self.metrics.refresh(&rec.provider, "failed", Some(took));
@@ -596,6 +691,7 @@ impl Refresher {
                             session = %id,
                             provider = %rec.provider,
                             took_ms = took.as_millis() as u64,
+                            journal_us = journaled.as_micros() as u64,
                             commit_us = window.as_micros() as u64,
                             "tokens refreshed"
                         );
