@@ -112,7 +112,7 @@ impl Budget {
     fn estimate(&self, now: Instant, ahead: usize) -> Instant {
         match self {
             Budget::Local(w) => lock(w).estimate(now, ahead),
-            Budget::Shared(s) => s.estimate(now),
+            Budget::Shared(s) => s.estimate(now, ahead),
         }
     }
 }
@@ -569,20 +569,12 @@ impl Gate {
                 }
             };
             if renew {
+                // In a task of its own: however long the store takes, the
+                // dispatcher goes on (from the local fallback after
+                // `shared::PATIENCE`); the renewal wakes it when it is done.
                 if let Some(Budget::Shared(s)) = &self.budget {
-                    if let Some((id, ends)) = s.renew().await {
-                        // Settled at its end, used or not: an idle
-                        // instance's share must not wait for its next
-                        // request to go back.
-                        let gate = Arc::downgrade(&self);
-                        tokio::spawn(async move {
-                            tokio::time::sleep_until(ends).await;
-                            if let Some(gate) = gate.upgrade() {
-                                if let Some(Budget::Shared(s)) = &gate.budget {
-                                    s.settle_ended(id).await;
-                                }
-                            }
-                        });
+                    if s.begin_renew(Instant::now()) {
+                        tokio::spawn(Arc::clone(&self).renew());
                     }
                 }
                 continue;
@@ -595,6 +587,28 @@ impl Gate {
                     }
                 }
                 None => self.changed.notified().await,
+            }
+        }
+    }
+
+    /// Renews the shared budget's lease (see [`SharedBudget::begin_renew`]),
+    /// then wakes the dispatcher.
+    async fn renew(self: Arc<Self>) {
+        let Some(Budget::Shared(s)) = &self.budget else {
+            return;
+        };
+        let lease = s.renew().await;
+        self.changed.notify_one();
+        if let Some((id, ends)) = lease {
+            // Settled at its end, used or not: an idle instance's share
+            // must not wait for its next request to go back.
+            let gate = Arc::downgrade(&self);
+            drop(self);
+            tokio::time::sleep_until(ends).await;
+            if let Some(gate) = gate.upgrade() {
+                if let Some(Budget::Shared(s)) = &gate.budget {
+                    s.settle_ended(id).await;
+                }
             }
         }
     }
