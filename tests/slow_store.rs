@@ -2,7 +2,9 @@
 //! a table held by a lock, a database that stops answering (a black hole)
 //! and one that is stopped. The shared rate limiter paces from its local
 //! fallback, a cold session lookup gets 503 `store_unavailable`, and
-//! `/readyz` goes non-ready, each within a bound, not after the stall.
+//! `/readyz` goes non-ready, each within a bound, not after the stall
+//! (a silent or stopped database was already bounded for lookups and
+//! `/readyz` by the pool's acquire timeout).
 //!
 //! The database is the one of `CREDPROXY_TEST_DATABASE_URL` (never stopped
 //! here: other tests use it); "stopped" and "black hole" are a relay in
@@ -193,12 +195,13 @@ async fn a_database_that_stops_answering_does_not_stop_a_rate_limited_provider()
     let gate = shared_gate(&store, 50, Duration::from_secs(60));
     take(&gate, 1).await;
     relay.set(Mode::BlackHole);
-    let started = Instant::now();
+    // No request waits for the silent store longer than the fallback's
+    // patience (the pool's acquire timeout, 3 s, without the fix).
     let waits = take(&gate, 12).await;
+    let worst = waits.iter().max().copied().unwrap_or_default();
     assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "12 requests took {:?} with the database silent (each: {waits:?})",
-        started.elapsed()
+        worst < Duration::from_millis(2500),
+        "a request waited {worst:?} with the database silent (each: {waits:?})"
     );
     relay.set(Mode::Stopped);
 }
@@ -306,18 +309,4 @@ async fn a_locked_sessions_table_is_503_store_unavailable_and_not_ready() {
         get(server.admin_addr, "/readyz", None).await.map(|r| r.0),
         Some(200)
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_database_is_503_store_unavailable_and_not_ready() {
-    let Some(db) = support::postgres_db("slow_sessions_blackhole").await else {
-        return;
-    };
-    let relay = Relay::start(db_addr(&db)).await;
-    let w = World::new().await;
-    let (server, key) = serve_cold(&w, relay.url(&db));
-    relay.set(Mode::BlackHole);
-    unavailable_within_bounds(&server, &key, "the database silent").await;
-    relay.set(Mode::Stopped);
-    unavailable_within_bounds(&server, &key, "the database stopped").await;
 }
