@@ -424,7 +424,43 @@ fn metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// The rate-limit gate's fast path (no contention): a provider without a
+/// budget (calm: no lock), and one with a local budget that has room (one
+/// short lock; the permit goes unsent and gives its send back, so the
+/// window never fills).
+fn gate(c: &mut Criterion) {
+    use credproxy::config::RateLimit;
+    use credproxy::pacing::{Gate, GateMetrics};
+    use std::time::Duration;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let max_wait = Duration::from_secs(10);
+    let calm = Gate::new("bench", None, max_wait, None, GateMetrics::default());
+    let budgeted = Gate::new(
+        "bench",
+        Some(RateLimit {
+            requests: 1500,
+            per: Duration::from_secs(300),
+        }),
+        max_wait,
+        None,
+        GateMetrics::default(),
+    );
+    let deadline = rt.block_on(async { tokio::time::Instant::now() }) + Duration::from_secs(3600);
+    c.bench_function("gate/unbudgeted_calm", |b| {
+        b.to_async(&rt)
+            .iter(|| async { drop(black_box(calm.acquire(deadline, false).await.unwrap())) })
+    });
+    c.bench_function("gate/budget_uncontended", |b| {
+        b.to_async(&rt)
+            .iter(|| async { drop(black_box(budgeted.acquire(deadline, false).await.unwrap())) })
+    });
+}
+
 fn benches(c: &mut Criterion) {
+    gate(c);
     extraction(c);
     let w = world();
     lookup(c, &w);

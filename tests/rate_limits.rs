@@ -553,3 +553,55 @@ async fn an_idle_instances_unused_share_goes_back_when_its_lease_ends() {
     }
     assert!(b.acquire(in_time(), false).await.is_err(), "over budget");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_request_that_cannot_go_in_time_is_refused_at_once() {
+    use credproxy::config::RateLimit;
+    use credproxy::pacing::{Gate, GateMetrics};
+    let Some(db) = support::postgres_db("rate_flood_at_once").await else {
+        return;
+    };
+    let store = credproxy::store::open(&db).await.expect("store");
+    // 8 a minute, 10 s of patience: a flood of 20 gets 8 sends, and the
+    // other 12 cannot go within 10 s whatever happens.
+    let gate = Gate::new(
+        "spark",
+        Some(RateLimit {
+            requests: 8,
+            per: Duration::from_secs(60),
+        }),
+        Duration::from_secs(10),
+        Some((&store, "a")),
+        GateMetrics::default(),
+    );
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let gate = std::sync::Arc::clone(&gate);
+        set.spawn(async move {
+            let deadline = tokio::time::Instant::now() + gate.max_wait();
+            let asked = Instant::now();
+            let got = gate.acquire(deadline, false).await.map(|mut p| p.sent());
+            (got, asked.elapsed())
+        });
+    }
+    let (mut sent, mut refused) = (0, Vec::new());
+    while let Some(r) = set.join_next().await {
+        match r.expect("task") {
+            (Ok(()), _) => sent += 1,
+            (Err(l), took) => refused.push((l.retry_after_secs, took)),
+        }
+    }
+    assert_eq!(sent, 8);
+    assert_eq!(refused.len(), 12);
+    for (retry_after, took) in &refused {
+        // At once (not after the 10 s of max_queue_wait), and told to come
+        // back when the window has room (about a minute).
+        assert!(
+            *took < Duration::from_secs(5),
+            "a request was refused after {took:?}: {refused:?}"
+        );
+        assert!(*retry_after > 10, "Retry-After {retry_after}: {refused:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+}

@@ -352,7 +352,8 @@ async fn list_audit(
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    match state.sessions.store().ping().await {
+    // Bounded: a store held by a lock, or unreachable, is not ready.
+    match crate::store::within(state.sessions.store().ping()).await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness: store does not answer");

@@ -7,9 +7,11 @@
 //! * **Fast path.** Nothing queued, no hold, budget left: the permit is
 //!   taken under one short lock (none at all for a provider without a
 //!   configured budget while it is calm).
-//! * **The queue.** Otherwise the request joins a FIFO queue and one
-//!   dispatcher task per gate hands out permits in order as the budget
-//!   allows: first come, first served, no starvation. A request that could
+//! * **The queue.** Otherwise the request joins the queue and one
+//!   dispatcher task per gate hands out permits as the budget allows:
+//!   each session's requests in order, sessions taking turns (round
+//!   robin, `queue.rs`), so one session's burst cannot starve another
+//!   session's single request, and no starvation. A request that could
 //!   not go within `max_queue_wait` is answered 429 `rate_limited` with a
 //!   `Retry-After` from the budget (at once when the budget already says it
 //!   cannot). A waiter whose client hung up is skipped; a permit that was
@@ -26,10 +28,10 @@
 //! handed out in any window of W plus the margin (`window.rs` locally,
 //! `shared.rs` across instances).
 
+mod queue;
 mod shared;
 pub mod window;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,7 +114,7 @@ impl Budget {
     fn estimate(&self, now: Instant, ahead: usize) -> Instant {
         match self {
             Budget::Local(w) => lock(w).estimate(now, ahead),
-            Budget::Shared(s) => s.estimate(now),
+            Budget::Shared(s) => s.estimate(now, ahead),
         }
     }
 }
@@ -149,7 +151,7 @@ pub struct Gate {
 
 #[derive(Default)]
 struct Inner {
-    queue: VecDeque<oneshot::Sender<Permit>>,
+    queue: queue::FairQueue,
     /// Counts the refusals that began a hold; a permit carries the value
     /// it was taken under, so the gate knows an answer to a request sent
     /// before the latest refusal from one sent since.
@@ -292,16 +294,18 @@ impl Gate {
         deadline: Instant,
         front: bool,
     ) -> Result<Permit, Limited> {
-        self.acquire_by(&mut Some(deadline), front).await
+        self.acquire_by(&mut Some(deadline), front, "").await
     }
 
     /// [`Gate::acquire`] for a request whose deadline is set by its first
     /// wait: `now + max_queue_wait` then, so a request that never waits
-    /// reads no clock for it.
+    /// reads no clock for it. `session` (its id) gets a fair share of the
+    /// queue: sessions take turns (see `queue.rs`).
     pub async fn acquire_by(
         self: &Arc<Self>,
         deadline: &mut Option<Instant>,
         front: bool,
+        session: &str,
     ) -> Result<Permit, Limited> {
         if self.calm.load(Ordering::Acquire) {
             return Ok(Permit {
@@ -348,17 +352,17 @@ impl Gate {
                     }
                 }
             }
-            let ahead = if front { 0 } else { g.queue.len() };
+            let who = (!front).then(|| queue::session_key(session));
+            let ahead = who.map_or(0, |s| g.queue.ahead(s));
             let at = self.estimate(&g, now, ahead);
             if at > deadline {
                 drop(g);
                 return Err(self.limited(at, now));
             }
             let (tx, rx) = oneshot::channel();
-            if front {
-                g.queue.push_front(tx);
-            } else {
-                g.queue.push_back(tx);
+            match who {
+                None => g.queue.push_front(tx),
+                Some(s) => g.queue.push_back(s, tx),
             }
             if !g.dispatching {
                 g.dispatching = true;
@@ -518,9 +522,7 @@ impl Gate {
             let mut renew = false;
             let wait_until = {
                 let mut g = lock(&self.inner);
-                while g.queue.front().is_some_and(|w| w.is_closed()) {
-                    g.queue.pop_front();
-                }
+                g.queue.prune_head();
                 if g.queue.is_empty() {
                     g.dispatching = false;
                     if g.cap.is_none() && g.hold_until.is_none() && self.budget.is_none() {
@@ -546,7 +548,7 @@ impl Gate {
                                     if counted {
                                         g.in_flight += 1;
                                     }
-                                    let tx = g.queue.pop_front();
+                                    let tx = g.queue.pop();
                                     let episode = g.episode;
                                     drop(g);
                                     let permit = self.permit(spent, counted, episode);
@@ -569,20 +571,12 @@ impl Gate {
                 }
             };
             if renew {
+                // In a task of its own: however long the store takes, the
+                // dispatcher goes on (from the local fallback after
+                // `shared::PATIENCE`); the renewal wakes it when it is done.
                 if let Some(Budget::Shared(s)) = &self.budget {
-                    if let Some((id, ends)) = s.renew().await {
-                        // Settled at its end, used or not: an idle
-                        // instance's share must not wait for its next
-                        // request to go back.
-                        let gate = Arc::downgrade(&self);
-                        tokio::spawn(async move {
-                            tokio::time::sleep_until(ends).await;
-                            if let Some(gate) = gate.upgrade() {
-                                if let Some(Budget::Shared(s)) = &gate.budget {
-                                    s.settle_ended(id).await;
-                                }
-                            }
-                        });
+                    if s.begin_renew(Instant::now()) {
+                        tokio::spawn(Arc::clone(&self).renew());
                     }
                 }
                 continue;
@@ -595,6 +589,28 @@ impl Gate {
                     }
                 }
                 None => self.changed.notified().await,
+            }
+        }
+    }
+
+    /// Renews the shared budget's lease (see [`SharedBudget::begin_renew`]),
+    /// then wakes the dispatcher.
+    async fn renew(self: Arc<Self>) {
+        let Some(Budget::Shared(s)) = &self.budget else {
+            return;
+        };
+        let lease = s.renew().await;
+        self.changed.notify_one();
+        if let Some((id, ends)) = lease {
+            // Settled at its end, used or not: an idle instance's share
+            // must not wait for its next request to go back.
+            let gate = Arc::downgrade(&self);
+            drop(self);
+            tokio::time::sleep_until(ends).await;
+            if let Some(gate) = gate.upgrade() {
+                if let Some(Budget::Shared(s)) = &gate.budget {
+                    s.settle_ended(id).await;
+                }
             }
         }
     }

@@ -6,9 +6,20 @@
 //! unused share goes back at once. A share whose instance died counts
 //! until its lease ended plus one window, then never again.
 //!
-//! If the store cannot be reached, the instance paces itself with a local
-//! window of the whole budget (the provider's own refusals, held by the
-//! gate, remain the backstop) and asks the store again a second later.
+//! If the store does not answer, with an error or not within [`PATIENCE`]
+//! (a lock held, a stalled network, a database that is down), the instance
+//! paces itself meanwhile with a local window of the whole budget that
+//! counts its own sends, leased ones included (the provider's own
+//! refusals, held by the gate, remain the backstop), and asks the store
+//! again a second after an error. A renewal runs in a task of its own,
+//! never on the gate's dispatcher: however long the store takes, requests
+//! go on from the fallback, and each store call gives up after
+//! [`crate::store::HOT_TIMEOUT`].
+//!
+//! The same window of this instance's own sends gives the admission
+//! estimate for a queue: the request with `k` others ahead cannot go
+//! before this instance alone could send `k + 1` more (other instances'
+//! sends only make it later), nor before the store said budget frees.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +27,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::window::SlidingWindow;
-use crate::store::{BudgetAsk, Store};
+use crate::store::{self, BudgetAsk, Store};
+
+/// How long requests wait for a renewal before the local fallback serves
+/// them: far above a healthy round trip, far below `max_queue_wait`.
+pub const PATIENCE: Duration = Duration::from_millis(500);
+/// After the store failed, how long the fallback paces alone before the
+/// store is asked again.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
 pub struct SharedBudget {
     store: Arc<dyn Store>,
@@ -39,10 +57,18 @@ struct LeaseState {
     used: u32,
     /// Sends from this lease must leave before this instant.
     ends: Instant,
-    /// The store said nothing is left before this instant.
+    /// Do not ask the store before this instant: it said nothing is left
+    /// before then, or it failed (then `fallback` is set).
     retry_at: Option<Instant>,
-    /// While the store cannot be reached: a local window, until `retry_at`.
-    fallback: Option<SlidingWindow>,
+    /// The store did not answer (an error, or not within [`PATIENCE`]):
+    /// `own` paces alone until a renewal succeeds, while one is in flight
+    /// or until `retry_at`.
+    fallback: bool,
+    /// A renewal in flight, asked at this instant.
+    renewing: Option<Instant>,
+    /// This instance's own sends, leased or not: the fallback's window and
+    /// the queue's estimate.
+    own: SlidingWindow,
     /// The budget left for everyone, as the last lease reported it.
     remaining: u32,
 }
@@ -58,7 +84,7 @@ pub enum Short {
 /// What a taken send is tied to, so it can be given back.
 #[derive(Debug, Clone, Copy)]
 pub enum Taken {
-    Lease(i64),
+    Lease(i64, Instant),
     Fallback(Instant),
 }
 
@@ -93,7 +119,9 @@ impl SharedBudget {
                 used: 0,
                 ends: Instant::now(),
                 retry_at: None,
-                fallback: None,
+                fallback: false,
+                renewing: None,
+                own: SlidingWindow::new(requests, window),
                 remaining: requests,
             }),
         }
@@ -107,17 +135,27 @@ impl SharedBudget {
 
     pub fn try_take(&self, now: Instant) -> Result<Taken, Short> {
         let mut s = self.state();
-        let falling_back = s.retry_at.is_some_and(|t| now < t);
-        if let (true, Some(fallback)) = (falling_back, &mut s.fallback) {
-            return match fallback.try_take(now) {
+        if s.id != 0 && s.left > 0 && now < s.ends {
+            s.left -= 1;
+            s.used += 1;
+            s.own.record(now);
+            return Ok(Taken::Lease(s.id, now));
+        }
+        if s.renewing.is_some_and(|t| now >= t + PATIENCE) && !s.fallback {
+            tracing::warn!(
+                provider = self.provider,
+                "rate limit: the store is slow to lease budget; pacing this instance alone meanwhile"
+            );
+            s.fallback = true;
+        }
+        if s.fallback && (s.renewing.is_some() || s.retry_at.is_some_and(|t| now < t)) {
+            return match s.own.try_take(now) {
                 Ok(_) => Ok(Taken::Fallback(now)),
                 Err(at) => Err(Short::Until(at)),
             };
         }
-        if s.id != 0 && s.left > 0 && now < s.ends {
-            s.left -= 1;
-            s.used += 1;
-            return Ok(Taken::Lease(s.id));
+        if let Some(t) = s.renewing {
+            return Err(Short::Until(t + PATIENCE));
         }
         match s.retry_at {
             Some(t) if now < t => Err(Short::Until(t)),
@@ -128,22 +166,32 @@ impl SharedBudget {
     pub fn give_back(&self, taken: Taken) {
         let mut s = self.state();
         match taken {
-            Taken::Lease(id) if id == s.id && id != 0 => {
-                s.left += 1;
-                s.used = s.used.saturating_sub(1);
-            }
-            Taken::Fallback(at) => {
-                if let Some(f) = &mut s.fallback {
-                    f.give_back(at);
+            Taken::Lease(id, at) => {
+                s.own.give_back(at);
+                if id == s.id && id != 0 {
+                    s.left += 1;
+                    s.used = s.used.saturating_sub(1);
                 }
             }
-            Taken::Lease(_) => {}
+            Taken::Fallback(at) => s.own.give_back(at),
         }
     }
 
-    /// Settles the lease being spent and leases a new share. Only the gate's
-    /// dispatcher calls this, so renewals never race each other. Returns the
-    /// new lease and when it ends, for [`SharedBudget::settle_ended`].
+    /// Marks a renewal as in flight, unless one is: the caller then runs
+    /// [`SharedBudget::renew`] in a task of its own.
+    pub fn begin_renew(&self, now: Instant) -> bool {
+        let mut s = self.state();
+        if s.renewing.is_some() {
+            return false;
+        }
+        s.renewing = Some(now);
+        true
+    }
+
+    /// Settles the lease being spent and leases a new share; the renewal
+    /// [`SharedBudget::begin_renew`] marked (one at a time, so renewals
+    /// never race each other). Returns the new lease and when it ends, for
+    /// [`SharedBudget::settle_ended`].
     pub async fn renew(&self) -> Option<(i64, Instant)> {
         let asked_at = Instant::now();
         let lease_len =
@@ -157,7 +205,7 @@ impl SharedBudget {
             old
         };
         if old != 0 {
-            if let Err(e) = self.store.settle_budget(old, used).await {
+            if let Err(e) = store::within(self.store.settle_budget(old, used)).await {
                 tracing::warn!(provider = self.provider, error = %e, "rate limit: could not settle a budget lease; its share counts until it ages out");
             }
         }
@@ -169,8 +217,9 @@ impl SharedBudget {
             lease_ms: lease_len.as_millis() as i64,
             want: self.want,
         };
-        let answer = self.store.lease_budget(&ask).await;
+        let answer = store::within(self.store.lease_budget(&ask)).await;
         let mut s = self.state();
+        s.renewing = None;
         match answer {
             Ok(lease) if lease.granted > 0 => {
                 s.id = lease.id;
@@ -195,23 +244,21 @@ impl SharedBudget {
                     );
                 }
                 s.retry_at = None;
-                s.fallback = None;
+                s.fallback = false;
                 s.remaining = lease.remaining;
                 Some((lease.id, s.ends))
             }
             Ok(lease) => {
                 s.retry_at =
                     Some(Instant::now() + Duration::from_millis(lease.retry_in_ms.max(1) as u64));
-                s.fallback = None;
+                s.fallback = false;
                 s.remaining = 0;
                 None
             }
             Err(e) => {
                 tracing::warn!(provider = self.provider, error = %e, "rate limit: the store cannot lease budget; pacing this instance alone for now");
-                s.retry_at = Some(Instant::now() + Duration::from_secs(1));
-                if s.fallback.is_none() {
-                    s.fallback = Some(SlidingWindow::new(self.requests, self.window));
-                }
+                s.retry_at = Some(Instant::now() + RETRY_AFTER_ERROR);
+                s.fallback = true;
                 None
             }
         }
@@ -233,7 +280,7 @@ impl SharedBudget {
             s.used = 0;
             used
         };
-        if let Err(e) = self.store.settle_budget(id, used).await {
+        if let Err(e) = store::within(self.store.settle_budget(id, used)).await {
             tracing::warn!(provider = self.provider, error = %e, "rate limit: could not settle a budget lease; its share counts until it ages out");
         }
     }
@@ -241,19 +288,23 @@ impl SharedBudget {
     /// The budget left, as this instance knows it.
     pub fn remaining(&self, now: Instant) -> u32 {
         let mut s = self.state();
-        if let Some(f) = &mut s.fallback {
-            return f.remaining(now);
+        if s.fallback {
+            return s.own.remaining(now);
         }
         let live = if s.id != 0 && now < s.ends { s.left } else { 0 };
         s.remaining.saturating_add(live)
     }
 
-    /// When the next send could go, as far as this instance can tell.
-    pub fn estimate(&self, now: Instant) -> Instant {
-        let s = self.state();
+    /// When the request with `ahead` others queued before it could go, at
+    /// the earliest: when this instance alone could have sent them all and
+    /// it (other instances only make it later), and not before the store
+    /// said budget frees.
+    pub fn estimate(&self, now: Instant, ahead: usize) -> Instant {
+        let mut s = self.state();
+        let alone = s.own.estimate(now, ahead);
         match s.retry_at {
-            Some(t) if t > now => t,
-            _ => now,
+            Some(t) if t > now && !s.fallback => alone.max(t),
+            _ => alone,
         }
     }
 
@@ -267,7 +318,7 @@ impl SharedBudget {
             old
         };
         if id != 0 {
-            let _ = self.store.settle_budget(id, used).await;
+            let _ = store::within(self.store.settle_budget(id, used)).await;
         }
     }
 }

@@ -369,3 +369,85 @@ fn only_safe_requests_are_resent() {
     h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
     assert!(!resendable(&Method::POST, &h));
 }
+
+/// Takes a permit as `session` and sends at once; when it got it.
+async fn send_as(
+    g: Arc<Gate>,
+    session: &'static str,
+    deadline: Instant,
+) -> Result<Instant, Limited> {
+    let mut p = g.acquire_by(&mut Some(deadline), false, session).await?;
+    p.sent();
+    let at = Instant::now();
+    g.answered(&p, Verdict::Accepted);
+    Ok(at)
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_sessions_burst_does_not_starve_another_sessions_single_request() {
+    // 3 per second, 1.5 s of patience: session a's burst of 9 takes the
+    // first window's three and queues three more for the next window
+    // (the other three cannot go in time and are refused at once).
+    let g = gate(Some((3, 1000)), 1500);
+    let window = effective_window(ms(1000));
+    let t0 = Instant::now();
+    let deadline = t0 + ms(1500);
+    let mut burst = Vec::new();
+    for _ in 0..9 {
+        burst.push(tokio::spawn(send_as(Arc::clone(&g), "a", deadline)));
+        tokio::task::yield_now().await;
+    }
+    // Session b's single request, after the burst: it takes its turn in
+    // the next window instead of queueing behind all of a's.
+    let single = send_as(Arc::clone(&g), "b", deadline).await;
+    assert_eq!(single, Ok(t0 + window), "b's request");
+    let mut a_sent = Vec::new();
+    for t in burst {
+        if let Ok(at) = t.await.expect("task") {
+            a_sent.push(at);
+        }
+    }
+    // a keeps the rest of the budget: 3 at once, 2 with b in the next window.
+    assert_eq!(a_sent.iter().filter(|&&t| t == t0).count(), 3, "{a_sent:?}");
+    assert_eq!(
+        a_sent.iter().filter(|&&t| t == t0 + window).count(),
+        2,
+        "{a_sent:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn sessions_take_turns_and_each_sessions_requests_stay_in_order() {
+    let g = gate(Some((1, 1000)), 60_000);
+    let window = effective_window(ms(1000));
+    let t0 = Instant::now();
+    let deadline = t0 + ms(60_000);
+    let mut tasks = Vec::new();
+    for (i, who) in ["a", "a", "a", "a", "b", "b", "c"].into_iter().enumerate() {
+        let g = Arc::clone(&g);
+        tasks.push(tokio::spawn(async move {
+            (i, who, send_as(g, who, deadline).await.expect("permit"))
+        }));
+        tokio::task::yield_now().await;
+    }
+    let mut order = Vec::new();
+    for t in tasks {
+        order.push(t.await.expect("task"));
+    }
+    order.sort_by_key(|&(_, _, at)| at);
+    let served: Vec<(usize, &str)> = order.iter().map(|&(i, w, _)| (i, w)).collect();
+    // a's first goes at once; then the sessions queued take turns.
+    assert_eq!(
+        served,
+        vec![
+            (0, "a"),
+            (1, "a"),
+            (4, "b"),
+            (6, "c"),
+            (2, "a"),
+            (5, "b"),
+            (3, "a")
+        ]
+    );
+    assert_eq!(order[6].2, t0 + window * 6);
+}

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 pub struct SlidingWindow {
     requests: u32,
     window: Duration,
-    /// Send times still inside the window, oldest first (at most `requests`).
+    /// Send times still inside the window, oldest first (at most
+    /// `requests`, unless [`SlidingWindow::record`] added more).
     sent: VecDeque<Instant>,
 }
 
@@ -41,8 +42,17 @@ impl SlidingWindow {
             self.sent.push_back(now);
             return Ok(self.requests - self.sent.len() as u32);
         }
-        // Full: the oldest send leaves the window first.
-        Err(self.sent.front().map_or(now, |&t| t + self.window))
+        // Full: one goes when all but `requests - 1` have left the window
+        // (the oldest, unless `record` overfilled it).
+        let i = self.sent.len() - self.requests as usize;
+        Err(self.sent.get(i).map_or(now, |&t| t + self.window))
+    }
+
+    /// Records a send at `now` made whether or not the window had room (a
+    /// send on a lease of a shared budget: the window only keeps count).
+    pub fn record(&mut self, now: Instant) {
+        self.prune(now);
+        self.sent.push_back(now);
     }
 
     /// Gives back a send taken at `at` that never happened (its caller left).
@@ -55,7 +65,7 @@ impl SlidingWindow {
     /// How many more could go at `now`.
     pub fn remaining(&mut self, now: Instant) -> u32 {
         self.prune(now);
-        self.requests - self.sent.len() as u32
+        (self.requests as usize).saturating_sub(self.sent.len()) as u32
     }
 
     /// When the request with `ahead` others queued before it could go, if

@@ -567,7 +567,7 @@ impl Proxy {
     ) -> Result<(Answer, Verdict), ProxyError> {
         let mut permit = route
             .gate
-            .acquire_by(&mut pace.deadline, pace.resend)
+            .acquire_by(&mut pace.deadline, pace.resend, &session.id)
             .await
             .map_err(|l| ProxyError::RateLimited {
                 retry_after_secs: l.retry_after_secs,

@@ -60,6 +60,28 @@ pub enum StoreError {
     /// written now would be lost, so nothing is.
     #[error("store: the SQLite file {path} was deleted or replaced while credproxy had it open; nothing more is written to it (restore the file and restart credproxy)")]
     FileReplaced { path: String },
+    /// The store did not answer within [`HOT_TIMEOUT`] (a lock held, a
+    /// stalled network, a database that is not there).
+    #[error("store: no answer within {} ms", HOT_TIMEOUT.as_millis())]
+    Timeout,
+}
+
+/// The longest the request path (a cold session lookup, a budget lease,
+/// `/readyz`) waits for the store, connecting included. Far above a
+/// healthy round trip, far below what a caller would wait: a store that
+/// does not answer in time is unavailable for that request (503
+/// `store_unavailable`, the limiter's local fallback, not ready).
+pub const HOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `call`, bounded by [`HOT_TIMEOUT`]: the store calls of the request path.
+/// A dropped call's statement, if it got that far, is ended by the
+/// database's own `statement_timeout` (PostgreSQL, see `postgres.rs`).
+pub async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(HOT_TIMEOUT, call)
+        .await
+        .unwrap_or(Err(StoreError::Timeout))
 }
 
 /// A session row as stored: tokens still sealed.
@@ -382,7 +404,7 @@ pub struct SessionCount {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Answers when the store is reachable (`/readyz`).
+    /// Answers when the store is reachable and can read sessions (`/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Inserts a new session; [`StoreError::DuplicateKey`] when its key

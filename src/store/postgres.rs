@@ -69,10 +69,41 @@ const BUDGET_LOCK_PREFIX: &str = "credproxy.budget_leases:";
 /// database's `now ± ms` cannot overflow.
 const MAX_SPAN_MS: i64 = 1 << 50;
 
+/// Every statement on the main pool ends within this, whatever holds it
+/// (a lock taken by hand, a runaway query): a backstop far above any
+/// statement credproxy makes, so a stalled database never holds a
+/// connection, or a background task, for good. Migrations run on a
+/// connection of their own, without it.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The request path's pool (cold session lookups, budget leases,
+/// readiness): its own connections, so a slow background write cannot
+/// starve it; a statement there ends on the server after
+/// [`super::HOT_TIMEOUT`] (the caller has given up by then, and the
+/// connection comes back), and waiting for a connection gives up after
+/// half of that, so the cause (refused, unreachable) is what is reported.
+const HOT_CONNECTIONS: u32 = 8;
+
 pub struct PgStore {
     pool: PgPool,
+    /// The request path's connections (see [`HOT_CONNECTIONS`]).
+    hot: PgPool,
     /// LISTEN connection for change notifications; (re)made on demand.
     listener: tokio::sync::Mutex<Option<PgListener>>,
+}
+
+/// Sets `statement_timeout` on each new connection. A `SET` after connecting
+/// rather than a startup option: a connection pooler such as PgBouncer
+/// refuses unknown startup parameters but passes a `SET` on.
+fn with_statement_timeout(options: PgPoolOptions, timeout: Duration) -> PgPoolOptions {
+    let sql = format!("SET statement_timeout = {}", timeout.as_millis());
+    options.after_connect(move |conn, _meta| {
+        let sql = sql.clone();
+        Box::pin(async move {
+            sqlx::Executor::execute(conn, sql.as_str()).await?;
+            Ok(())
+        })
+    })
 }
 
 impl PgStore {
@@ -80,21 +111,33 @@ impl PgStore {
     /// the URL is checked first (sqlx would log an unknown parameter's
     /// value), and sqlx's own messages are scrubbed of it.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        use sqlx::Connection;
         super::check_postgres_url(url)?;
         let scrubbed = |e: sqlx::Error| StoreError::Open(super::scrub(&e.to_string(), url));
         let options = PgConnectOptions::from_str(url).map_err(scrubbed)?;
-        let pool = PgPoolOptions::new()
+        // Takes an advisory lock: instances starting together migrate once.
+        // On a connection of its own: a migration may take longer than the
+        // pools' statement timeouts.
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(scrubbed)?;
+        MIGRATOR.run(&mut conn).await?;
+        let _ = conn.close().await;
+        let pool = with_statement_timeout(PgPoolOptions::new(), STATEMENT_TIMEOUT)
             .max_connections(16)
             // Fail fast while the database is down: requests for cached
             // sessions go on; others get a clear 503.
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(scrubbed)?;
-        // Takes an advisory lock: instances starting together migrate once.
-        MIGRATOR.run(&pool).await?;
+        let hot = with_statement_timeout(PgPoolOptions::new(), super::HOT_TIMEOUT)
+            .max_connections(HOT_CONNECTIONS)
+            .acquire_timeout(super::HOT_TIMEOUT / 2)
+            .connect_lazy_with(options);
         Ok(PgStore {
             pool,
+            hot,
             listener: tokio::sync::Mutex::new(None),
         })
     }
@@ -203,8 +246,13 @@ async fn log_added(tx: &mut sqlx::PgConnection, new: &[NewSession]) -> Result<()
 
 #[async_trait]
 impl Store for PgStore {
+    /// An indexed read of `sessions` on the request path's pool: what a
+    /// cold lookup needs (a `SELECT 1` answers while `sessions` is locked).
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1 FROM sessions WHERE key_hash = $1")
+            .bind(&[0u8; 32][..])
+            .fetch_optional(&self.hot)
+            .await?;
         Ok(())
     }
 
@@ -249,17 +297,14 @@ impl Store for PgStore {
         let sql = format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = $1");
         let row = sqlx::query(&sql)
             .bind(&hash.0[..])
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.hot)
             .await?;
         row.as_ref().map(record).transpose()
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.hot).await?;
         row.as_ref().map(record).transpose()
     }
 
@@ -999,7 +1044,7 @@ impl Store for PgStore {
         // REPEATABLE READ or SERIALIZABLE the snapshot would be taken by the
         // lock statement, before it waits, and miss that lease.
         let mut tx = self
-            .pool
+            .hot
             .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await?;
         sqlx::query(&format!(
@@ -1088,7 +1133,7 @@ impl Store for PgStore {
         sqlx::query("UPDATE budget_leases SET count = LEAST(count, $2) WHERE id = $1")
             .bind(lease_id)
             .bind(i32::try_from(used).unwrap_or(i32::MAX))
-            .execute(&self.pool)
+            .execute(&self.hot)
             .await?;
         Ok(())
     }

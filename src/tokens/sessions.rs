@@ -524,7 +524,9 @@ impl Sessions {
         let generation = self.generation.load(Ordering::Acquire);
         let added = self.added.load(Ordering::Acquire);
         self.key_reads.fetch_add(1, Ordering::Relaxed);
-        let Some(rec) = self.store.session_by_key(hash).await? else {
+        // Bounded: a store that cannot answer in time is unavailable for
+        // this request (503 `store_unavailable`), not a wait for the caller.
+        let Some(rec) = store::within(self.store.session_by_key(hash)).await? else {
             self.remember_absent(*hash, added);
             return Ok(None);
         };
@@ -633,7 +635,7 @@ impl Sessions {
             return Ok(Some(s));
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let Some(rec) = self.store.session_by_id(id).await? else {
+        let Some(rec) = store::within(self.store.session_by_id(id)).await? else {
             return Ok(None);
         };
         self.know_keys_of(&rec).await;
