@@ -141,6 +141,7 @@ struct RawNotify {
     secret_env: Option<String>,
     timeout: Option<RawDuration>,
     give_up_after: Option<RawDuration>,
+    keep_given_up: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -228,6 +229,12 @@ struct RawRateLimit {
 /// The largest `rate_limit.requests`: the window keeps 16 bytes per request.
 pub const MAX_BUDGET: u32 = 1_000_000;
 
+/// `notify.keep_given_up` when unset: a week to look at, retry or clear
+/// given-up events.
+pub const DEFAULT_KEEP_GIVEN_UP: Duration = Duration::from_secs(7 * 86400);
+/// The longest `notify.keep_given_up` (its seconds are subtracted from now).
+const MAX_KEEP_GIVEN_UP: Duration = Duration::from_secs(3650 * 86400);
+
 /// `[notify]`: where signed events about sessions are POSTed.
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
@@ -239,6 +246,9 @@ pub struct NotifyConfig {
     /// An event still undelivered this long after it happened is given up
     /// (a metric and a log line; `events list` shows it); default 24 h.
     pub give_up_after: Duration,
+    /// A given-up event is deleted this long after it was given up (unless
+    /// `events retry` put it back first); default 7 days.
+    pub keep_given_up: Duration,
 }
 
 /// A provider's budget: at most `requests` in any window of `per`.
@@ -1004,11 +1014,23 @@ fn validate(
             if give_up_after.is_zero() {
                 return Err(invalid("notify.give_up_after", "must be above zero"));
             }
+            let keep_given_up = n
+                .keep_given_up
+                .map(|d| d.resolve("notify.keep_given_up"))
+                .transpose()?
+                .unwrap_or(DEFAULT_KEEP_GIVEN_UP);
+            if keep_given_up < Duration::from_secs(1) {
+                return Err(invalid("notify.keep_given_up", "must be at least 1 s"));
+            }
+            if keep_given_up > MAX_KEEP_GIVEN_UP {
+                return Err(invalid("notify.keep_given_up", "must be at most 3650 days"));
+            }
             Ok(NotifyConfig {
                 url,
                 secret,
                 timeout,
                 give_up_after,
+                keep_given_up,
             })
         })
         .transpose()?;
@@ -1557,6 +1579,20 @@ mod tests {
         assert_eq!(n.secret.expose_secret(), "whsec");
         assert_eq!(n.timeout, Duration::from_secs(10));
         assert_eq!(n.give_up_after, Duration::from_secs(86400));
+        assert_eq!(n.keep_given_up, Duration::from_secs(7 * 86400));
+        let keep = |v: &str| {
+            parse(&format!("{text}keep_given_up = {v}\n"))
+                .map(|c| c.notify.expect("notify").keep_given_up)
+        };
+        assert_eq!(
+            keep("\"48h\"").expect("valid"),
+            Duration::from_secs(48 * 3600)
+        );
+        assert_eq!(keep("60").expect("valid"), Duration::from_secs(60));
+        for bad in ["\"0s\"", "\"500ms\"", "\"a week\"", "315360001"] {
+            let e = keep(bad).expect_err(bad).to_string();
+            assert!(e.contains("notify.keep_given_up"), "{bad}: {e}");
+        }
         let e = err(&format!(
             "{GOOD}\n[notify]\nurl = \"https://ops.example.com/hook\"\n"
         ));

@@ -140,7 +140,40 @@ enum EventsCommand {
         /// Show at most this many, oldest first.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        /// Only the given-up events.
+        #[arg(long)]
+        given_up: bool,
     },
+    /// Put given-up events back for delivery: each is tried again at once
+    /// (by a running server); one whose attempt fails is given up again.
+    Retry(GivenUpArgs),
+    /// Delete given-up events (they are also deleted notify.keep_given_up
+    /// after they were given up).
+    Clear(GivenUpArgs),
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct GivenUpArgs {
+    /// The events' ids, as `events list` shows them.
+    #[arg(value_name = "ID")]
+    ids: Vec<String>,
+    /// Every given-up event.
+    #[arg(long)]
+    all: bool,
+}
+
+impl GivenUpArgs {
+    /// Each id once, so that the count found can be compared with it.
+    fn dedup(&mut self) {
+        self.ids.sort();
+        self.ids.dedup();
+    }
+
+    /// The ids, or `None` for `--all`.
+    fn ids(&self) -> Option<&[String]> {
+        (!self.all).then_some(self.ids.as_slice())
+    }
 }
 
 #[derive(Args)]
@@ -298,16 +331,56 @@ async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
 }
 
 async fn events(config: Config, cmd: EventsCommand) -> anyhow::Result<()> {
-    let EventsCommand::List { json, limit } = cmd;
     if config.notify.is_none() {
         eprintln!("credproxy: note: [notify] is not configured, so no new events are recorded");
     }
     let store = credproxy::store::open(config.store.url.expose_secret()).await?;
-    let rows = store.list_events(limit).await?;
-    if json {
-        println!("{}", credproxy::notify::events_json(&rows));
-    } else {
-        print!("{}", credproxy::notify::events_table(&rows));
+    match cmd {
+        EventsCommand::List {
+            json,
+            limit,
+            given_up,
+        } => {
+            let rows = if given_up {
+                store.list_given_up_events(limit).await?
+            } else {
+                store.list_events(limit).await?
+            };
+            if json {
+                println!("{}", credproxy::notify::events_json(&rows));
+            } else {
+                print!("{}", credproxy::notify::events_table(&rows));
+            }
+        }
+        EventsCommand::Retry(mut args) => {
+            args.dedup();
+            let n = store
+                .retry_given_up_events(args.ids(), credproxy::store::now_ms())
+                .await?;
+            println!("credproxy: {n} given-up event(s) put back for delivery");
+            if config.notify.is_none() {
+                eprintln!("credproxy: note: without [notify] no server delivers them");
+            }
+            not_all_found(&args, n, "given up")?;
+        }
+        EventsCommand::Clear(mut args) => {
+            args.dedup();
+            let n = store.clear_given_up_events(args.ids()).await?;
+            println!("credproxy: {n} given-up event(s) deleted");
+            not_all_found(&args, n, "given up")?;
+        }
+    }
+    Ok(())
+}
+
+/// Exit 1 when fewer of the named events than named were found in `state`.
+fn not_all_found(args: &GivenUpArgs, n: u64, state: &str) -> anyhow::Result<()> {
+    let named = args.ids().map_or(0, <[String]>::len);
+    if args.ids().is_some() && (n as usize) < named {
+        bail!(
+            "{} of the {named} event(s) named are not {state} (unknown, delivered or pending)",
+            named - n as usize
+        );
     }
     Ok(())
 }

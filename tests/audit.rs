@@ -307,6 +307,50 @@ async fn audit_trail(store_url: Option<String>) {
     let (ok, said) = verify(&cfg);
     assert!(ok, "put back as it was: {said}");
 
+    // A row's key_id changed to a key the ring never held (issue 21, item
+    // 8): broken, not "not verifiable", whether the mac still fits the row
+    // under the key it really names, or its content was changed too; the
+    // first row as well as one in the middle.
+    for seq in [1, rows.len() as i64 / 2] {
+        let instance = rows[usize::try_from(seq - 1).expect("seq")]["instance"]
+            .as_str()
+            .expect("instance")
+            .to_owned();
+        tamper(
+            &db_url,
+            &format!("UPDATE audit SET key_id = 'deadbeef' WHERE seq = {seq}"),
+        )
+        .await;
+        let (ok, said) = verify(&cfg);
+        assert!(!ok, "{said}");
+        assert!(said.contains(&format!("broken: seq {seq}:")), "{said}");
+        assert!(said.contains("key_id was changed"), "{said}");
+        assert!(!said.contains("not verifiable"), "{said}");
+        tamper(
+            &db_url,
+            &format!("UPDATE audit SET instance = 'elsewhere:1' WHERE seq = {seq}"),
+        )
+        .await;
+        let (ok, said) = verify(&cfg);
+        assert!(!ok, "{said}");
+        assert!(said.contains(&format!("broken: seq {seq}:")), "{said}");
+        assert!(said.contains("key_id was changed"), "{said}");
+        assert!(!said.contains("not verifiable"), "{said}");
+        let key_id = rows[usize::try_from(seq - 1).expect("seq")]["key_id"]
+            .as_str()
+            .expect("key_id")
+            .to_owned();
+        tamper(
+            &db_url,
+            &format!(
+                "UPDATE audit SET key_id = '{key_id}', instance = '{instance}' WHERE seq = {seq}"
+            ),
+        )
+        .await;
+        let (ok, said) = verify(&cfg);
+        assert!(ok, "put back as it was: {said}");
+    }
+
     // A row deleted in the middle: the link after it is broken.
     let middle = rows.len() as i64 / 2;
     tamper(&db_url, &format!("DELETE FROM audit WHERE seq = {middle}")).await;
@@ -399,4 +443,86 @@ async fn concurrent_appends_make_one_chain_postgres() {
         return;
     };
     concurrent_appends(url).await;
+}
+
+/// Rows under keys the ring lost but the chain introduced (the first key, or
+/// one a `key.rotated` row names) stay "not verifiable", never "broken"; a
+/// key no `key.rotated` row introduced is broken.
+#[tokio::test]
+async fn lost_keys_are_unverifiable_and_unknown_ones_broken() {
+    use credproxy::audit::{self, Actor, AuditEntry, Verdict};
+    use credproxy::seal::Sealer;
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    let store = credproxy::store::open(&url).await.expect("open");
+    let (first, second) = (Sealer::from_key(&[21; 32]), Sealer::from_key(&[22; 32]));
+    let call = |n: u32| {
+        AuditEntry::new(
+            audit::kind::ADMIN_CALL,
+            None,
+            Actor::Admin,
+            serde_json::json!({ "n": n }),
+        )
+    };
+    for n in 0..3 {
+        audit::append(store.as_ref(), &first, call(n))
+            .await
+            .expect("append");
+    }
+    // `key rotate` records the new key, chained under it.
+    audit::record_key_event(
+        store.as_ref(),
+        &second,
+        audit::kind::KEY_ROTATED,
+        serde_json::json!({"key": second.primary_id().to_string(), "keys": 2}),
+    )
+    .await
+    .expect("append");
+    for n in 3..6 {
+        audit::append(store.as_ref(), &second, call(n))
+            .await
+            .expect("append");
+    }
+    let verify = |sealer: Sealer| {
+        let store = store.clone();
+        async move {
+            audit::verify(store.as_ref(), &sealer, |_| {})
+                .await
+                .expect("verify")
+        }
+    };
+    // The first key lost: its 3 rows cannot be checked; the rest hold.
+    match verify(Sealer::from_key(&[22; 32])).await {
+        Verdict::Unverifiable {
+            rows,
+            first_seq,
+            checked,
+            ..
+        } => assert_eq!((rows, first_seq, checked), (3, 1, 7)),
+        v => panic!("{v:?}"),
+    }
+    // The rotated-to key lost: its 4 rows cannot be checked.
+    match verify(Sealer::from_key(&[21; 32])).await {
+        Verdict::Unverifiable {
+            rows,
+            first_seq,
+            checked,
+            ..
+        } => assert_eq!((rows, first_seq, checked), (4, 4, 7)),
+        v => panic!("{v:?}"),
+    }
+    // A row that names a key nobody introduced, its content changed too.
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    sqlx::query("UPDATE audit SET key_id = 'deadbeef', detail = '{\"n\":9}' WHERE seq = 6")
+        .execute(&pool)
+        .await
+        .expect("tamper");
+    pool.close().await;
+    match verify(Sealer::from_key(&[22; 32])).await {
+        Verdict::Broken { seq, reason } => {
+            assert_eq!(seq, 6, "{reason}");
+            assert!(reason.contains("key_id was changed"), "{reason}");
+        }
+        v => panic!("{v:?}"),
+    }
 }

@@ -69,18 +69,14 @@ async fn connect_in_a_real_browser_then_use_the_key() {
     shots(&b, "credproxy-start").await;
 
     // Connect Spark: the stand-in's sign-in and consent pages.
-    b.click("#connect-spark").await;
-    b.wait_for("#username").await;
+    b.click_and_navigate("#connect-spark", "#username").await;
     shots(&b, "provider-login").await;
     b.fill("#username", "agent@example.com").await;
     b.fill("#password", "correct horse").await;
-    b.click("#login").await;
-    b.wait_for("#allow").await;
+    b.click_and_navigate("#login", "#allow").await;
     shots(&b, "provider-consent").await;
-    b.click("#allow").await;
-
     // Back on credproxy: the key, once.
-    let field = b.wait_for("#session-key").await;
+    let field = b.click_and_navigate("#allow", "#session-key").await;
     assert!(b
         .current_url()
         .await
@@ -118,12 +114,11 @@ async fn connect_in_a_real_browser_then_use_the_key() {
 
     // Zillow, refused at the provider: a page that says so, and a way back.
     b.goto(&format!("http://{admin}/")).await;
-    b.click("#connect-zillow").await;
+    b.click_and_navigate("#connect-zillow", "#username").await;
     b.fill("#username", "manager@example.com").await;
     b.fill("#password", "secret").await;
-    b.click("#login").await;
-    b.click("#deny").await;
-    b.wait_for("#retry").await;
+    b.click_and_navigate("#login", "#deny").await;
+    b.click_and_navigate("#deny", "#retry").await;
     assert!(b.text("h1").await.contains("refused"));
     shots(&b, "credproxy-refused").await;
     assert_eq!(w.zillow.token_calls(), 0);

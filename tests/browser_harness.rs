@@ -7,13 +7,16 @@
 mod browser;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
-use axum::routing::get;
+use axum::response::Html;
+use axum::routing::{get, post};
 use axum::Router;
 use browser::Browser;
 use credproxy_standins::{Options, Standin};
 use serde_json::{json, Value};
+use tokio::sync::Notify;
 
 /// Every query the application's landing page received.
 type Landed = Arc<Mutex<Vec<String>>>;
@@ -121,14 +124,13 @@ async fn spark_hybrid_login_in_a_browser() {
     screenshots(&b, "spark-login").await;
 
     // Empty credentials: the same page again, saying why.
-    b.click("#login").await;
+    b.click_and_navigate("#login", "#error").await;
     assert!(b.text("#error").await.contains("username and a password"));
     screenshots(&b, "spark-login-error").await;
 
     b.fill("#username", "agent@example.test").await;
     b.fill("#password", "correct horse").await;
-    b.click("#login").await;
-    b.wait_for("#allow").await;
+    b.click_and_navigate("#login", "#allow").await;
     assert_eq!(
         b.text("h1").await,
         "Allow credproxy-tests to access your listings?"
@@ -136,8 +138,8 @@ async fn spark_hybrid_login_in_a_browser() {
     assert_eq!(b.text("#user").await, "agent@example.test");
     screenshots(&b, "spark-consent").await;
 
-    b.click("#allow").await;
     // The landing page is text/plain, which Chromium shows in a <pre>.
+    b.click_and_navigate("#allow", "body > pre").await;
     let shown = b.text("body > pre").await;
     let landed_at = url::Url::parse(&b.current_url().await).expect("landing URL");
     assert_eq!(landed_at.path(), "/landing");
@@ -163,6 +165,73 @@ async fn spark_hybrid_login_in_a_browser() {
         (400, Some("invalid_grant"))
     );
     assert_eq!(spark.codes_redeemed(), 1);
+
+    b.close().await;
+}
+
+/// The page a click leaves: its button posts the form, as the dashboard's and
+/// the providers' buttons do, but only a moment after the click (as a page's
+/// script may), so that the click command returns well before the browser
+/// starts to navigate.
+const OLD_PAGE: &str = r#"<!doctype html><title>old</title><p id="which">old</p>
+<form id="f" method="post" action="/new"><button id="go" type="button">go</button></form>
+<script>
+document.getElementById("go").addEventListener("click", () => {
+  setTimeout(() => document.getElementById("f").submit(), 500);
+});
+</script>"#;
+
+/// Two pages that share an element: `/old`, whose button posts to `/new`,
+/// whose answer waits until the test releases it (after saying that the
+/// request arrived).
+async fn start_slow_pages() -> (String, Arc<Notify>, Arc<Notify>) {
+    let arrived = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let (a, r) = (arrived.clone(), release.clone());
+    let app = Router::new()
+        .route("/old", get(|| async { Html(OLD_PAGE) }))
+        .route(
+            "/new",
+            post(move || async move {
+                a.notify_one();
+                r.notified().await;
+                Html(r#"<!doctype html><title>new</title><p id="which">new</p>"#)
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, arrived, release)
+}
+
+/// The flake of issue 21: after a click, waiting for an element that the old
+/// page also has found the old one. `click_and_navigate` must return the new
+/// page's element even when the new page answers only after the click.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_that_navigates_waits_for_the_new_page() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let (base, arrived, release) = start_slow_pages().await;
+    b.goto(&format!("{base}/old")).await;
+    assert_eq!(b.text("#which").await, "old");
+
+    let (which, ()) = tokio::join!(
+        async {
+            let which = b.click_and_navigate("#go", "#which").await;
+            which.text().await.expect("text of #which")
+        },
+        async {
+            tokio::time::timeout(Duration::from_secs(10), arrived.notified())
+                .await
+                .expect("the click asked for /new");
+            release.notify_one();
+        },
+    );
+    assert_eq!(which, "new");
+    assert_eq!(b.current_url().await, format!("{base}/new"));
 
     b.close().await;
 }

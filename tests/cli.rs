@@ -1300,3 +1300,33 @@ async fn an_absurd_lifetime_is_believed_for_ten_years_and_listed() {
     let now_year = 1970 + (credproxy::store::now() / 31_556_952) as i32;
     assert!((now_year + 9..=now_year + 11).contains(&year), "{expires}");
 }
+
+/// `.ci/run` runs exactly the test command that README gives a newcomer, and
+/// that command goes on after a failing test binary (`--no-fail-fast`), so
+/// that one failure never hides another.
+#[test]
+fn ci_runs_exactly_readmes_test_command() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| {
+        std::fs::read_to_string(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let readme = read("README.md");
+    let ci = read(".ci/run");
+    let command = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#') && l.contains("cargo test"))
+            .map(str::to_owned)
+            .collect()
+    };
+    // README's first `cargo test` line is its test command.
+    let readme_command = command(&readme)
+        .into_iter()
+        .next()
+        .expect("README's test command");
+    assert_eq!(command(&ci), vec![readme_command.clone()], ".ci/run");
+    assert!(
+        readme_command.contains(" --no-fail-fast"),
+        "{readme_command}"
+    );
+}

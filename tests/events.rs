@@ -226,6 +226,184 @@ async fn an_event_nobody_takes_is_given_up_and_listed() {
     );
 }
 
+/// `events list --given-up --json`.
+fn given_up(cfg: &Path) -> Vec<serde_json::Value> {
+    let out = run_cli(cfg, &["events", "list", "--given-up", "--json"]);
+    assert!(
+        out.status.success(),
+        "events list --given-up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("events list --json prints JSON");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Polls `f` every 100 ms until it holds, at most `within`.
+async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 21, item 9: a given-up event is deleted `keep_given_up` after it
+/// was given up, so the table does not grow while a receiver stays down.
+async fn given_up_events_are_pruned(store_url: Option<String>) {
+    let w = World::new().await;
+    let receiver = Receiver::start("127.0.0.1:0".parse().expect("addr"), SECRET, u64::MAX)
+        .await
+        .expect("receiver");
+    let cfg = write_config(
+        &w,
+        store_url,
+        &format!("{}keep_given_up = \"2s\"\n", notify(&receiver, "1s")),
+    );
+    let added = support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let id = added["id"].as_str().expect("id").to_owned();
+    let ours = |cfg: &Path| {
+        events_list(cfg)
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["session_id"] == id.as_str()))
+    };
+    assert!(ours(&cfg), "the connect event waits for delivery");
+    let server = BinServer::spawn(&cfg, "info");
+    let said = |l: &str| l.contains("gave up delivering");
+    let gave_up = server
+        .stdout
+        .wait_for(Duration::from_secs(30), said)
+        .or_else(|| server.stderr.wait_for(Duration::from_secs(1), said));
+    assert!(gave_up.is_some(), "no log line says the event was given up");
+    assert!(
+        eventually(Duration::from_secs(30), || !ours(&cfg)).await,
+        "the given-up event is still there: {}",
+        events_list(&cfg)
+    );
+    assert!(receiver.accepted().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_up_events_are_pruned_sqlite() {
+    given_up_events_are_pruned(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_up_events_are_pruned_postgres() {
+    let Some(db) = support::postgres_db("events_prune").await else {
+        return;
+    };
+    given_up_events_are_pruned(Some(db)).await;
+}
+
+/// Issue 21, item 9: `events list --given-up`, `events clear` and `events
+/// retry` (by id or `--all`); a retried event is delivered once the
+/// receiver takes it.
+async fn given_up_events_can_be_retried_and_cleared(store_url: Option<String>) {
+    let w = World::new().await;
+    let receiver = Receiver::start("127.0.0.1:0".parse().expect("addr"), SECRET, u64::MAX)
+        .await
+        .expect("receiver");
+    let cfg = write_config(&w, store_url, &notify(&receiver, "1s"));
+    let one = support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let two = support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let (one, two) = (
+        one["id"].as_str().expect("id").to_owned(),
+        two["id"].as_str().expect("id").to_owned(),
+    );
+    let _server = BinServer::spawn(&cfg, "info");
+    let mut listed = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            listed = given_up(&cfg);
+            listed.len() == 2
+        })
+        .await,
+        "both connect events are given up: {listed:?}"
+    );
+    let event_of = |session: &str| {
+        listed
+            .iter()
+            .find(|e| e["session_id"] == session)
+            .and_then(|e| e["id"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no event of {session}: {listed:?}"))
+    };
+    let (first, second) = (event_of(&one), event_of(&two));
+
+    // Neither ids nor --all: refused.
+    let out = run_cli(&cfg, &["events", "clear"]);
+    assert!(!out.status.success());
+    // An id that is not a given-up event: exit 1, nothing deleted.
+    let out = run_cli(&cfg, &["events", "clear", "evt_nosuchevent"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not given up"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(given_up(&cfg).len(), 2);
+    // Clear one by id.
+    let out = run_cli(&cfg, &["events", "clear", &first]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 given-up event(s) deleted"));
+    let left = given_up(&cfg);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["id"], second.as_str());
+    assert!(!events_list(&cfg)
+        .as_array()
+        .is_some_and(|a| a.iter().any(|e| e["id"] == first.as_str())));
+
+    // The receiver is back: retry the rest; it is delivered.
+    receiver.fail_next(0);
+    let out = run_cli(&cfg, &["events", "retry", "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 given-up event(s) put back"));
+    let got = receiver
+        .wait_for(Duration::from_secs(30), |e| e["id"] == second.as_str())
+        .await;
+    assert!(got.is_some(), "the retried event never arrived");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            !events_list(&cfg)
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["id"] == second.as_str()))
+        })
+        .await,
+        "the delivered event left the list"
+    );
+    assert!(receiver
+        .accepted()
+        .iter()
+        .all(|d| d.event["id"] != first.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_up_events_can_be_retried_and_cleared_sqlite() {
+    given_up_events_can_be_retried_and_cleared(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_up_events_can_be_retried_and_cleared_postgres() {
+    let Some(db) = support::postgres_db("events_given_up").await else {
+        return;
+    };
+    given_up_events_can_be_retried_and_cleared(Some(db)).await;
+}
+
 #[test]
 fn credproxys_signature_verifies_at_an_independent_receiver() {
     let body = br#"{"id":"evt_1","type":"session.revoked"}"#;

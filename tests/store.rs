@@ -834,10 +834,10 @@ async fn outbox(s: Arc<dyn Store>) {
         .expect("delivered");
 
     // Pruning forgets delivered events delivered before the time only.
-    assert_eq!(s.prune_events(1_500).await.expect("prune"), 1);
-    assert_eq!(s.prune_events(1_500).await.expect("prune"), 0);
+    assert_eq!(s.prune_events(1_500, 0).await.expect("prune"), 1);
+    assert_eq!(s.prune_events(1_500, 0).await.expect("prune"), 0);
     assert_eq!(
-        s.prune_events(store::now() + 10).await.expect("prune"),
+        s.prune_events(store::now() + 10, 0).await.expect("prune"),
         1,
         "the other delivered one"
     );
@@ -845,6 +845,67 @@ async fn outbox(s: Arc<dyn Store>) {
         s.list_events(10).await.expect("list").len(),
         2,
         "pending and given up stay"
+    );
+
+    // Given-up events: listed apart; retried (due at once, claimable
+    // again) or cleared by id or all; pruned once given up before the time.
+    let given_up = s.list_given_up_events(10).await.expect("list");
+    assert_eq!(ids(&given_up), [written[2].clone()]);
+    let pending = vec![written[1].clone(), "evt_unknown".to_owned()];
+    assert_eq!(
+        s.retry_given_up_events(Some(&pending), 0)
+            .await
+            .expect("retry"),
+        0,
+        "a pending or unknown event is not given up"
+    );
+    assert_eq!(
+        s.clear_given_up_events(Some(&pending))
+            .await
+            .expect("clear"),
+        0
+    );
+    let now = store::now_ms();
+    assert_eq!(
+        s.retry_given_up_events(Some(&written[2..]), now)
+            .await
+            .expect("retry"),
+        1
+    );
+    assert!(s.list_given_up_events(10).await.expect("list").is_empty());
+    let due = s.claim_events("g", now, 60_000, 10).await.expect("claim");
+    assert_eq!(ids(&due), [written[2].clone()], "due again at once");
+    s.event_gave_up(&written[2], "g", 3_000, "too_old")
+        .await
+        .expect("gave up again");
+    assert_eq!(s.prune_events(0, 3_000).await.expect("prune"), 0);
+    assert_eq!(s.prune_events(0, 3_001).await.expect("prune"), 1);
+    let more = with_events(&s, "q", 3).await;
+    let now = store::now_ms();
+    for (i, e) in s
+        .claim_events("h", now, 60_000, 10)
+        .await
+        .expect("claim")
+        .iter()
+        .enumerate()
+    {
+        s.event_gave_up(&e.id, "h", 4_000 + i as i64, "too_old")
+            .await
+            .expect("gave up");
+    }
+    assert_eq!(ids(&s.list_given_up_events(10).await.expect("list")), more);
+    assert_eq!(
+        s.clear_given_up_events(Some(&more[..1]))
+            .await
+            .expect("clear"),
+        1
+    );
+    assert_eq!(s.clear_given_up_events(None).await.expect("clear"), 2);
+    assert_eq!(s.retry_given_up_events(None, now).await.expect("retry"), 0);
+    assert_eq!(
+        ids(&s.list_events(10).await.expect("list")),
+        [written[1].clone()],
+        "the pending one stays"
     );
 }
 

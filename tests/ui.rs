@@ -113,12 +113,11 @@ async fn the_dashboard_in_a_real_browser() {
 
     // A wrong token: the form again, saying so; then the right one.
     b.fill("#token", "certainly-not-the-admin-token").await;
-    b.click("#sign-in").await;
+    b.click_and_navigate("#sign-in", "#error").await;
     assert!(b.text("#error").await.contains("not the admin token"));
     pages.push(source(&b).await);
     b.fill("#token", ADMIN_TOKEN).await;
-    b.click("#sign-in").await;
-    b.wait_for("#sessions").await;
+    b.click_and_navigate("#sign-in", "#sessions").await;
     assert_eq!(b.current_url().await, format!("{base}/ui"));
     for id in [&failing, &doomed, &lapsed] {
         assert_eq!(row_status(&b, id).await, "active");
@@ -128,7 +127,8 @@ async fn the_dashboard_in_a_real_browser() {
     // The token endpoint fails: refresh now says so, and the session shows
     // refresh_failing with its reason and next retry.
     w.spark.set_token_mode(TokenMode::Fail500);
-    b.click(&format!("#refresh-{failing}")).await;
+    b.click_and_navigate(&format!("#refresh-{failing}"), "#flash")
+        .await;
     let flash = b.text("#flash").await;
     assert!(flash.contains("failed to refresh"), "{flash}");
     assert_eq!(row_status(&b, &failing).await, "refresh_failing");
@@ -147,8 +147,8 @@ async fn the_dashboard_in_a_real_browser() {
     shots(&b, "ui-sessions").await;
 
     // Filters: by status (a link), by provider (the form).
-    b.click("#count-refresh_failing").await;
-    b.wait_for("#sessions").await;
+    b.click_and_navigate("#count-refresh_failing", "#sessions")
+        .await;
     assert_eq!(rows(&b).await, 1);
     assert_eq!(row_status(&b, &failing).await, "refresh_failing");
     b.wait_for("#filter-provider")
@@ -161,13 +161,11 @@ async fn the_dashboard_in_a_real_browser() {
         .select_by_value("")
         .await
         .expect("select all statuses");
-    b.click("#filter").await;
-    b.wait_for("#sessions").await;
+    b.click_and_navigate("#filter", "#sessions").await;
     assert!(b.current_url().await.contains("provider=zillow"));
     assert_eq!(rows(&b).await, 1);
     assert_eq!(row_status(&b, &doomed).await, "active");
-    b.click("#show-all").await;
-    b.wait_for("#sessions").await;
+    b.click_and_navigate("#show-all", "#sessions").await;
     assert_eq!(rows(&b).await, 3);
 
     // The endpoint works again: once the back-off has passed, refresh now
@@ -175,8 +173,8 @@ async fn the_dashboard_in_a_real_browser() {
     w.spark.set_token_mode(TokenMode::Normal);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        b.click(&format!("#refresh-{failing}")).await;
-        b.wait_for("#flash").await;
+        b.click_and_navigate(&format!("#refresh-{failing}"), "#flash")
+            .await;
         if row_status(&b, &failing).await == "active" {
             break;
         }
@@ -211,15 +209,15 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(!used.contains("not yet"), "{used}");
 
     // Revoke, with a confirmation: Cancel changes nothing, Revoke deletes.
-    b.click(&format!("#revoke-{doomed}")).await;
-    b.wait_for("#confirm-revoke").await;
+    b.click_and_navigate(&format!("#revoke-{doomed}"), "#confirm-revoke")
+        .await;
     assert!(b.text("h1").await.contains(&doomed));
     shots(&b, "ui-revoke").await;
-    b.click("#cancel").await;
-    b.wait_for("#sessions").await;
+    b.click_and_navigate("#cancel", "#sessions").await;
     assert_eq!(rows(&b).await, 3);
-    b.click(&format!("#revoke-{doomed}")).await;
-    b.click("#confirm-revoke").await;
+    b.click_and_navigate(&format!("#revoke-{doomed}"), "#confirm-revoke")
+        .await;
+    b.click_and_navigate("#confirm-revoke", "#flash").await;
     let flash = b.text("#flash").await;
     assert!(flash.contains("was revoked"), "{flash}");
     assert_eq!(rows(&b).await, 2);
@@ -236,9 +234,8 @@ async fn the_dashboard_in_a_real_browser() {
 
     // Reconnect: a one-time link, followed through the provider's pages;
     // the session keeps its key and gets new tokens.
-    b.click(&format!("#reconnect-{lapsed}")).await;
     let link = b
-        .wait_for("#reconnect-link")
+        .click_and_navigate(&format!("#reconnect-{lapsed}"), "#reconnect-link")
         .await
         .attr("href")
         .await
@@ -257,12 +254,11 @@ async fn the_dashboard_in_a_real_browser() {
         .expect("a link");
     assert_eq!(shown, link);
     shots(&b, "ui-reconnect").await;
-    b.click("#reconnect-link").await;
+    b.click_and_navigate("#reconnect-link", "#username").await;
     b.fill("#username", "agent@example.com").await;
     b.fill("#password", "correct horse").await;
-    b.click("#login").await;
-    b.click("#allow").await;
-    b.wait_for("h1").await;
+    b.click_and_navigate("#login", "#allow").await;
+    b.click_and_navigate("#allow", "h1").await;
     assert!(b.text("h1").await.contains("connected"));
     assert!(b.text(".lead").await.contains("has new tokens"));
     assert!(b
@@ -293,7 +289,7 @@ async fn the_dashboard_in_a_real_browser() {
     // Sign out: the dashboard asks for the token again.
     b.goto(&format!("{base}/ui")).await;
     pages.push(source(&b).await);
-    b.click("#sign-out").await;
+    b.click_and_navigate("#sign-out", "#note").await;
     assert!(b.text("#note").await.contains("signed out"));
     b.goto(&format!("{base}/ui")).await;
     b.wait_for("#token").await;

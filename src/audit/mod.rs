@@ -12,7 +12,11 @@
 //!
 //! The audit key of a row is derived from the sealing key whose id the row
 //! names (`key_id`, see [`crate::seal::AuditKey`]); retiring a sealing key
-//! keeps its audit key in the ring, so old rows stay verifiable.
+//! keeps its audit key in the ring, so old rows stay verifiable. A row's
+//! `key_id` is no more trusted than its other fields: [`verify`] calls a row
+//! that names a key the ring lacks broken when a ring key explains its mac,
+//! or when the chain never introduced that key (a `key.rotated` row, or row
+//! 1 for the first key); only the rest is unverifiable.
 //!
 //! No field ever holds a token, a session key, a secret or a key.
 
@@ -393,6 +397,25 @@ pub enum Verdict {
 /// `prev_mac` against the previous row's mac, and `seq` without gaps
 /// (a deleted row is a broken link). `progress` is called after each page
 /// with the rows checked so far.
+///
+/// A row that names a key the ring does not hold is not taken at its word,
+/// since `key_id` is a field like any other that someone with access to the
+/// database can change:
+///
+/// - if its mac matches under a key the ring does hold, once that key's id is
+///   put back in the row, the row was chained under that key and its
+///   `key_id` was changed: broken;
+/// - otherwise the key must be one the chain itself introduces. Every key
+///   that chained rows but the first was made primary by `key rotate`, which
+///   records a `key.rotated` row naming it (`detail.key`); so at most one
+///   key may have chained rows without such a row, and it is row 1's. A key
+///   the ring does not hold and no `key.rotated` row names is broken at its
+///   first row unless it is row 1's key and no other key lacks a
+///   `key.rotated` row. Reported after the walk (a broken link found during
+///   the walk comes first).
+///
+/// Only rows under a key the chain knows of and the ring no longer holds are
+/// [`Verdict::Unverifiable`].
 pub async fn verify(
     store: &dyn Store,
     sealer: &Sealer,
@@ -402,6 +425,12 @@ pub async fn verify(
     let mut checked = 0u64;
     let mut unverifiable: Option<(u64, i64, String)> = None;
     let mut keys: std::collections::HashMap<String, Option<AuditKey>> = Default::default();
+    // Every key rows name: the first row that names it, and whether the ring
+    // holds it.
+    let mut named: std::collections::BTreeMap<String, (i64, bool)> = Default::default();
+    // The keys `key.rotated` rows name, and row 1's key.
+    let mut rotated: std::collections::HashSet<String> = Default::default();
+    let mut first_key: Option<String> = None;
     loop {
         let after = prev.as_ref().map_or(0, |(s, _)| *s);
         let page = store.audit_page(after, VERIFY_PAGE).await?;
@@ -429,13 +458,19 @@ pub async fn verify(
                     reason: "its prev_mac is not the previous row's mac".into(),
                 });
             }
+            if row.seq == 1 {
+                first_key = Some(row.key_id.clone());
+            }
+            if let Some(key_id) = rotated_key(&row) {
+                rotated.insert(key_id);
+            }
             let key = keys.entry(row.key_id.clone()).or_insert_with(|| {
                 KeyId::parse(&row.key_id).and_then(|id| sealer.audit_key_for(id))
             });
             match key {
                 Some(key) => {
-                    let want = row.expected_mac(key);
-                    if !bool::from(subtle::ConstantTimeEq::ct_eq(&want[..], &row.mac[..])) {
+                    named.entry(row.key_id.clone()).or_insert((row.seq, true));
+                    if !mac_matches(&row, key) {
                         return Ok(Verdict::Broken {
                             seq: row.seq,
                             reason: "its mac does not match its content (the row was changed)"
@@ -444,6 +479,17 @@ pub async fn verify(
                     }
                 }
                 None => {
+                    if let Some(id) = chained_under(&row, sealer) {
+                        return Ok(Verdict::Broken {
+                            seq: row.seq,
+                            reason: format!(
+                                "its key_id was changed: it names key {}, but it was chained \
+                                 under key {id}, which the ring holds",
+                                printable(&row.key_id)
+                            ),
+                        });
+                    }
+                    named.entry(row.key_id.clone()).or_insert((row.seq, false));
                     let u = unverifiable.get_or_insert((0, row.seq, row.key_id.clone()));
                     u.0 += 1;
                 }
@@ -452,6 +498,37 @@ pub async fn verify(
             prev = Some((row.seq, row.mac));
         }
         progress(checked);
+    }
+    // Keys that chained rows without a `key.rotated` row: only the first
+    // key may.
+    let unrotated: Vec<(&String, i64, bool)> = named
+        .iter()
+        .filter(|(key_id, _)| !rotated.contains(*key_id))
+        .map(|(key_id, (seq, held))| (key_id, *seq, *held))
+        .collect();
+    let held_unrotated = unrotated.iter().find(|(_, _, held)| *held);
+    let stray = unrotated
+        .iter()
+        .filter(|(key_id, _, held)| {
+            !held && (first_key.as_ref() != Some(*key_id) || held_unrotated.is_some())
+        })
+        .min_by_key(|(_, seq, _)| *seq);
+    if let Some((key_id, seq, _)) = stray {
+        let why = match held_unrotated {
+            Some((first, _, _)) if first_key.as_ref() == Some(*key_id) => format!(
+                "key {first}, which the ring holds, chained rows without a key.rotated row, \
+                 so it is the first key"
+            ),
+            _ => "it is not the first key".to_owned(),
+        };
+        return Ok(Verdict::Broken {
+            seq: *seq,
+            reason: format!(
+                "its key_id was changed (and maybe more): it names key {}, which the ring does \
+                 not hold and no key.rotated row introduced, and {why}",
+                printable(key_id)
+            ),
+        });
     }
     Ok(match unverifiable {
         None => Verdict::Ok { rows: checked },
@@ -462,6 +539,45 @@ pub async fn verify(
             checked,
         },
     })
+}
+
+/// Whether `row`'s mac is the one `key` gives its content (constant time).
+fn mac_matches(row: &AuditRow, key: &AuditKey) -> bool {
+    let want = row.expected_mac(key);
+    bool::from(subtle::ConstantTimeEq::ct_eq(&want[..], &row.mac[..]))
+}
+
+/// The ring key that chained `row` if the row named it, when the row names
+/// another one: a changed `key_id`.
+fn chained_under(row: &AuditRow, sealer: &Sealer) -> Option<KeyId> {
+    let mut as_written = row.clone();
+    sealer.audit_keys().iter().find_map(|(id, key)| {
+        as_written.key_id = id.to_string();
+        mac_matches(&as_written, key).then_some(*id)
+    })
+}
+
+/// The key a `key.rotated` row made primary (`detail.key`).
+fn rotated_key(row: &AuditRow) -> Option<String> {
+    if row.kind != kind::KEY_ROTATED {
+        return None;
+    }
+    let detail: serde_json::Value = serde_json::from_str(&row.detail).ok()?;
+    detail.get("key")?.as_str().map(str::to_owned)
+}
+
+/// A `key_id` as read from the table, for a message: an edited one may hold
+/// anything, so at most 16 characters, control characters escaped.
+fn printable(key_id: &str) -> String {
+    let mut shown: String = key_id
+        .chars()
+        .take(16)
+        .flat_map(char::escape_debug)
+        .collect();
+    if key_id.chars().count() > 16 {
+        shown.push_str("...");
+    }
+    shown
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@
 //!   records the outcome: delivered on a 2xx, otherwise retried with
 //!   jittered exponential back-off, or given up once the event is older
 //!   than `give_up_after` (a metric and a warning).
+//! * Delivered events are deleted a week after delivery, given-up ones
+//!   `keep_given_up` after they were given up (`events retry` puts them back
+//!   before that, `events clear` deletes them).
 //! * An instance that dies mid-delivery leaves its lease to expire; another
 //!   delivers the event then: at least once, and the event's `id` lets the
 //!   receiver drop duplicates.
@@ -40,7 +43,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Delivered events are kept this long (for `events list`'s neighbours and
 /// an operator's look at the table), then deleted.
 const KEEP_DELIVERED: Duration = Duration::from_secs(7 * 86400);
-/// How often delivered events are pruned.
+/// How often delivered and given-up events are pruned (more often when
+/// `keep_given_up` is shorter: at that interval, at least 1 s apart).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct Notifier {
@@ -126,12 +130,29 @@ impl Notifier {
     /// Delivers until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut pruned_at: Option<tokio::time::Instant> = None;
+        let prune_every = PRUNE_EVERY
+            .min(self.config.keep_given_up)
+            .max(Duration::from_secs(1));
         loop {
-            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            if pruned_at.is_none_or(|t| t.elapsed() >= prune_every) {
                 pruned_at = Some(tokio::time::Instant::now());
-                let before = store::now() - KEEP_DELIVERED.as_secs() as i64;
-                if let Err(e) = self.store.prune_events(before).await {
-                    tracing::warn!(error = %e, "events: cannot prune delivered events");
+                let now = store::now();
+                let delivered_before = now - KEEP_DELIVERED.as_secs() as i64;
+                let given_up_before = now.saturating_sub(
+                    i64::try_from(self.config.keep_given_up.as_secs()).unwrap_or(i64::MAX),
+                );
+                match self
+                    .store
+                    .prune_events(delivered_before, given_up_before)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        events = n,
+                        "events: deleted delivered events older than a week and given-up \
+                         events older than notify.keep_given_up"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "events: cannot prune the outbox"),
                 }
             }
             let worked = tokio::select! {

@@ -539,6 +539,13 @@ impl Sealer {
         (id, key)
     }
 
+    /// Every ring entry's id and audit key (audit-only entries too), in ring
+    /// order: what `audit verify` tries on a row that names a key the ring
+    /// does not hold.
+    pub fn audit_keys(&self) -> &[(KeyId, AuditKey)] {
+        &self.audit
+    }
+
     /// The audit key of ring entry `id` (audit-only entries too).
     pub fn audit_key_for(&self, id: KeyId) -> Option<AuditKey> {
         self.audit

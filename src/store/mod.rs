@@ -686,9 +686,31 @@ pub trait Store: Send + Sync + 'static {
     /// Undelivered events (pending and given up), oldest first, at most `limit`.
     async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError>;
 
-    /// Forgets delivered events delivered before `before` (unix seconds);
+    /// Forgets delivered events delivered before `delivered_before` and
+    /// given-up events given up before `given_up_before` (unix seconds);
     /// returns how many.
-    async fn prune_events(&self, before: i64) -> Result<u64, StoreError>;
+    async fn prune_events(
+        &self,
+        delivered_before: i64,
+        given_up_before: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Given-up events, oldest first, at most `limit`.
+    async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError>;
+
+    /// Puts given-up events back for delivery, due at `now_ms`: those of
+    /// `ids` (unknown, delivered or pending ones are left alone), or every
+    /// one (`None`); returns how many. Their `at` stays, so one whose next
+    /// attempt fails is given up again at once.
+    async fn retry_given_up_events(
+        &self,
+        ids: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes given-up events: those of `ids`, or every one (`None`);
+    /// returns how many.
+    async fn clear_given_up_events(&self, ids: Option<&[String]>) -> Result<u64, StoreError>;
 
     /// Appends a row to the audit chain in a transaction of its own, under
     /// the lock that serializes every appender (see `crate::audit`);

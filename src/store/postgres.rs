@@ -942,12 +942,55 @@ impl Store for PgStore {
         rows.iter().map(event_row).collect()
     }
 
-    async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
+    async fn prune_events(
+        &self,
+        delivered_before: i64,
+        given_up_before: i64,
+    ) -> Result<u64, StoreError> {
         Ok(sqlx::query(pg_sql!(sql::PRUNE_EVENTS))
-            .bind(before)
+            .bind(delivered_before)
+            .bind(given_up_before)
             .execute(&self.pool)
             .await?
             .rows_affected())
+    }
+
+    async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(pg_sql!(sql::list_given_up_events_sql()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    async fn retry_given_up_events(
+        &self,
+        ids: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in sql::id_chunks(ids) {
+            let text = sql::numbered(&sql::retry_given_up_sql(chunk.map(<[String]>::len)));
+            let mut q = sqlx::query(&text).bind(now_ms);
+            for id in chunk.into_iter().flatten() {
+                q = q.bind(id.as_str());
+            }
+            n += q.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(n)
+    }
+
+    async fn clear_given_up_events(&self, ids: Option<&[String]>) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in sql::id_chunks(ids) {
+            let text = sql::numbered(&sql::clear_given_up_sql(chunk.map(<[String]>::len)));
+            let mut q = sqlx::query(&text);
+            for id in chunk.into_iter().flatten() {
+                q = q.bind(id.as_str());
+            }
+            n += q.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(n)
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {

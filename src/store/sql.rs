@@ -242,8 +242,57 @@ pub(crate) fn list_events_sql() -> String {
     )
 }
 
+/// Delivered events delivered before the first `?`, given-up events given
+/// up before the second.
 pub(crate) const PRUNE_EVENTS: &str =
-    "DELETE FROM events WHERE delivered_at IS NOT NULL AND delivered_at < ?";
+    "DELETE FROM events WHERE (delivered_at IS NOT NULL AND delivered_at < ?)
+         OR (gave_up_at IS NOT NULL AND gave_up_at < ?)";
+
+pub(crate) fn list_given_up_events_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE gave_up_at IS NOT NULL ORDER BY at, seq LIMIT ?"
+    )
+}
+
+/// At most this many ids in one statement of [`retry_given_up_sql`] or
+/// [`clear_given_up_sql`] (SQLite allows 32,766 variables).
+pub(crate) const IDS_PER_STATEMENT: usize = 500;
+
+/// The statements an id list takes: one over every given-up event for
+/// `None`, none for no ids, else one per [`IDS_PER_STATEMENT`] ids.
+pub(crate) fn id_chunks(ids: Option<&[String]>) -> Vec<Option<&[String]>> {
+    match ids {
+        None => vec![None],
+        Some(ids) => ids.chunks(IDS_PER_STATEMENT).map(Some).collect(),
+    }
+}
+
+/// `AND id IN (?, ...)` for `ids` ids, or nothing (every given-up event).
+fn given_up_ids(ids: Option<usize>) -> String {
+    match ids {
+        None => String::new(),
+        Some(n) => format!(" AND id IN ({})", vec!["?"; n.max(1)].join(", ")),
+    }
+}
+
+/// Puts given-up events back for delivery, due at the first `?`
+/// (milliseconds), then the ids if any.
+pub(crate) fn retry_given_up_sql(ids: Option<usize>) -> String {
+    format!(
+        "UPDATE events SET gave_up_at = NULL, next_attempt_at_ms = ?,
+             lease_owner = NULL, lease_until_ms = NULL
+         WHERE gave_up_at IS NOT NULL AND delivered_at IS NULL{}",
+        given_up_ids(ids)
+    )
+}
+
+/// Deletes given-up events (the ids if any).
+pub(crate) fn clear_given_up_sql(ids: Option<usize>) -> String {
+    format!(
+        "DELETE FROM events WHERE gave_up_at IS NOT NULL{}",
+        given_up_ids(ids)
+    )
+}
 
 /// How many sessions one `note_uses` transaction writes at most on
 /// PostgreSQL (one `UPDATE ... FROM UNNEST` each).

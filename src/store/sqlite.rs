@@ -195,6 +195,18 @@ impl SqliteStore {
         })
     }
 
+    /// Runs a [`WriteOp::EventsStatement`]; how many rows it changed.
+    async fn events_statement(
+        &self,
+        sql: String,
+        values: Vec<EventValue>,
+    ) -> Result<u64, StoreError> {
+        match self.write(WriteOp::EventsStatement { sql, values }).await? {
+            Written::Count(n) => Ok(n),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
     async fn event_update(
         &self,
         sql: &'static str,
@@ -303,8 +315,11 @@ enum WriteOp {
         id: String,
         owner: String,
     },
-    PruneEvents {
-        before: i64,
+    /// A statement on the outbox that changes many rows (prune, retry,
+    /// clear): its values in order; answers how many rows it changed.
+    EventsStatement {
+        sql: String,
+        values: Vec<EventValue>,
     },
 }
 
@@ -657,13 +672,16 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             q.bind(id).bind(owner).execute(&mut *tx).await?;
             Written::Done
         }
-        WriteOp::PruneEvents { before } => Written::Count(
-            sqlx::query(sql::PRUNE_EVENTS)
-                .bind(before)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected(),
-        ),
+        WriteOp::EventsStatement { sql, values } => {
+            let mut q = sqlx::query(sql);
+            for v in values {
+                q = match v {
+                    EventValue::Int(n) => q.bind(*n),
+                    EventValue::Text(t) => q.bind(t.as_str()),
+                };
+            }
+            Written::Count(q.execute(&mut *tx).await?.rows_affected())
+        }
     })
 }
 
@@ -1388,11 +1406,60 @@ impl Store for SqliteStore {
         rows.iter().map(event_row).collect()
     }
 
-    async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
-        match self.write(WriteOp::PruneEvents { before }).await? {
-            Written::Count(n) => Ok(n),
-            _ => Err(StoreError::Closed),
+    async fn prune_events(
+        &self,
+        delivered_before: i64,
+        given_up_before: i64,
+    ) -> Result<u64, StoreError> {
+        self.events_statement(
+            sql::PRUNE_EVENTS.to_owned(),
+            vec![
+                EventValue::Int(delivered_before),
+                EventValue::Int(given_up_before),
+            ],
+        )
+        .await
+    }
+
+    async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(&sql::list_given_up_events_sql())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    async fn retry_given_up_events(
+        &self,
+        ids: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in sql::id_chunks(ids) {
+            let values = std::iter::once(EventValue::Int(now_ms))
+                .chain(chunk.into_iter().flatten().cloned().map(EventValue::Text))
+                .collect();
+            n += self
+                .events_statement(sql::retry_given_up_sql(chunk.map(<[String]>::len)), values)
+                .await?;
         }
+        Ok(n)
+    }
+
+    async fn clear_given_up_events(&self, ids: Option<&[String]>) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for chunk in sql::id_chunks(ids) {
+            let values = chunk
+                .into_iter()
+                .flatten()
+                .cloned()
+                .map(EventValue::Text)
+                .collect();
+            n += self
+                .events_statement(sql::clear_given_up_sql(chunk.map(<[String]>::len)), values)
+                .await?;
+        }
+        Ok(n)
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {

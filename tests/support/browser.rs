@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::elements::Element;
-use fantoccini::wd::Capabilities;
+use fantoccini::wd::{Capabilities, TimeoutConfiguration};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
@@ -25,6 +25,10 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 /// How long chromedriver may take to listen, and an element to appear.
 const READY_WITHIN: Duration = Duration::from_secs(10);
+/// How long a page may take to load, and a script to run.
+const PAGE_LOAD_WITHIN: Duration = Duration::from_secs(20);
+/// How often [`Browser::click_and_navigate`] looks whether the page changed.
+const POLL: Duration = Duration::from_millis(25);
 /// Window height for [`Browser::set_width`].
 const HEIGHT: u32 = 900;
 
@@ -106,7 +110,19 @@ impl Browser {
             .connect(&format!("http://127.0.0.1:{port}"))
             .await;
         match client {
-            Ok(client) => Some(Browser { client, driver }),
+            Ok(client) => {
+                // Bounds every command that chromedriver holds back behind a
+                // navigation (its default is 300 s).
+                let timeouts = TimeoutConfiguration::new(
+                    Some(PAGE_LOAD_WITHIN),
+                    Some(PAGE_LOAD_WITHIN),
+                    Some(Duration::ZERO),
+                );
+                if let Err(e) = client.update_timeouts(timeouts).await {
+                    panic!("setting chromedriver's timeouts: {e}\n{}", driver.log());
+                }
+                Some(Browser { client, driver })
+            }
             Err(e) => panic!(
                 "chromedriver could not start Chromium: {e}\n{}",
                 driver.log()
@@ -164,12 +180,52 @@ impl Browser {
         path
     }
 
-    pub async fn click(&self, css: &str) {
-        self.wait_for(css)
+    /// Clicks `css` (a link or a submit button), waits until the browser has
+    /// left the page it was on, then returns the element `then` of the page it
+    /// went to (at most 10 s for each).
+    ///
+    /// Waiting for `then` alone is not enough: the click returns before the
+    /// navigation commits, and an element that the old page also has (a table,
+    /// a flash message, an `h1`) would be found on the old page, which then
+    /// goes stale in the test's hands or shows the old URL. So this first holds
+    /// on to the old page's root element and waits until it goes stale, which
+    /// happens when, and only when, another document replaces it (a redirect,
+    /// the same form again after a POST, another site's page). A same-page
+    /// click, which never navigates, would time out here: such clicks use the
+    /// element itself (`wait_for(css).await.click()`).
+    pub async fn click_and_navigate(&self, css: &str, then: &str) -> Element {
+        let target = self.wait_for(css).await;
+        let old_root = self
+            .client
+            .find(Locator::Css(":root"))
             .await
+            .unwrap_or_else(|e| panic!("the root element before clicking {css}: {e}"));
+        let old_url = self.current_url().await;
+        target
             .click()
             .await
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        let deadline = Instant::now() + READY_WITHIN;
+        let mut last = String::from("still the old page");
+        loop {
+            match old_root.tag_name().await {
+                // Still the old document: the navigation has not committed.
+                Ok(_) => {}
+                Err(e) if e.is_stale_element_reference() || e.is_no_such_element() => break,
+                // Chromedriver can fail a command while a document is being
+                // replaced ("execution context was destroyed"): look again.
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                let source = self.client.source().await.unwrap_or_default();
+                panic!(
+                    "clicking {css} on {old_url} did not leave the page within \
+                     {READY_WITHIN:?} ({last})\n{source}"
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.wait_for(then).await
     }
 
     /// Replaces the content of the input `css` with `text`.
