@@ -157,7 +157,23 @@ async fn kill9_during_refresh_storms_loses_only_rotations_in_flight() {
                 "a storm without a kill loses nothing"
             );
         }
-        let lines = srv.stderr.all();
+        // The answers are in; the last log lines may still be on their way.
+        let stderr = std::sync::Arc::clone(&srv.stderr);
+        let counted = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let lines = stderr.all();
+                let n = lines
+                    .iter()
+                    .filter(|l| l.contains("tokens refreshed"))
+                    .count();
+                if n >= N || Instant::now() >= deadline {
+                    return lines;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let lines = counted.await.expect("join");
         let field = |name: &str| -> (u64, u64) {
             let mut us: Vec<u64> = lines
                 .iter()

@@ -282,8 +282,12 @@ fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
 }
 
 impl BinServer {
+    /// Starts `credproxy serve`: the binary cargo built for the tests, or
+    /// the one `CREDPROXY_TEST_SERVE_BIN` names (to measure a release
+    /// build with the same test, e.g. tests/crash.rs's windows).
     pub fn spawn(config: &Path, rust_log: &str) -> BinServer {
-        let mut child = Command::new(BIN)
+        let bin = std::env::var("CREDPROXY_TEST_SERVE_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let mut child = Command::new(bin)
             .arg("serve")
             .arg("--config")
             .arg(config)
