@@ -21,15 +21,6 @@ const K: usize = 12;
 /// Bound on every wait for an event (a hang fails the test instead of blocking it).
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Adds a Spark session for fresh stand-in tokens with the CLI; returns its key.
-fn add_spark_session(cfg: &Path, w: &World) -> String {
-    let v = support::cli_add(cfg, "spark", &w.spark.issue_tokens());
-    v["session_key"]
-        .as_str()
-        .expect("session_key in the JSON")
-        .to_owned()
-}
-
 /// Kills the server with SIGKILL and waits until it has exited.
 async fn kill9(mut srv: BinServer) {
     // `Child::kill` is kill(2) with SIGKILL: no `kill` process to fork first,
@@ -128,7 +119,7 @@ async fn kill9_during_refresh_storms_loses_only_rotations_in_flight() {
         ..Extra::default()
     });
     let db = w.path("credproxy.db");
-    let keys: Vec<String> = (0..N).map(|_| add_spark_session(&cfg, &w)).collect();
+    let keys: Vec<String> = (0..N).map(|_| support::cli_add_spark(&cfg, &w)).collect();
     let c = client();
 
     // Baseline: one storm with no kill, to measure the windows themselves
@@ -338,7 +329,7 @@ async fn a_rotation_killed_before_its_commit_is_recovered_from_the_journal() {
     use sqlx::Connection as _;
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
-    let key = add_spark_session(&cfg, &w);
+    let key = support::cli_add_spark(&cfg, &w);
     let db = w.path("credproxy.db");
     let journal = w.path("credproxy.db-rotations");
     let c = client();
@@ -413,7 +404,7 @@ async fn a_rotation_killed_before_its_commit_is_recovered_from_the_journal() {
 async fn rotated_tokens_are_durable_before_the_answer() {
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
-    let key = add_spark_session(&cfg, &w);
+    let key = support::cli_add_spark(&cfg, &w);
     let c = client();
 
     let srv = BinServer::spawn(&cfg, "warn");

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,14 +17,6 @@ use credproxy_standins::TokenMode;
 use support::{client, error_code, url, BinServer, Extra, World};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn add_spark_session(cfg: &Path, w: &World) -> String {
-    let v = support::cli_add(cfg, "spark", &w.spark.issue_tokens());
-    v["session_key"]
-        .as_str()
-        .expect("session_key in the JSON")
-        .to_owned()
-}
 
 fn sigterm(srv: &BinServer) {
     let status = Command::new("kill")
@@ -64,6 +55,17 @@ async fn refused_unkept(c: &reqwest::Client, srv: &BinServer, key: &str) {
     assert_eq!(r.status(), 401, "the upstream's 401 goes back as it came");
 }
 
+/// Starts a background refresh (see [`refused_unkept`]) that waits at the
+/// token endpoint, which holds its answer until its mode changes.
+async fn refresh_in_background_hanging(w: &World, c: &reqwest::Client, srv: &BinServer, key: &str) {
+    w.spark.set_token_mode(TokenMode::Hang);
+    w.spark.expire_access_tokens();
+    refused_unkept(c, srv, key).await;
+    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
+        .await
+        .expect("the background refresh reached the token endpoint");
+}
+
 async fn get(c: &reqwest::Client, srv: &BinServer, key: &str) -> (u16, Option<String>) {
     let r = c
         .get(url(srv.proxy_addr, "/spark/v1/me"))
@@ -81,17 +83,12 @@ async fn sigterm_waits_for_a_background_refresh_to_be_committed() {
         spark: "max_replay_body = 16".into(),
         ..Extra::default()
     });
-    let key = add_spark_session(&cfg, &w);
+    let key = support::cli_add_spark(&cfg, &w);
     let c = client();
     let srv = BinServer::spawn(&cfg, "info");
 
     // The token endpoint holds its answer until told to go on.
-    w.spark.set_token_mode(TokenMode::Hang);
-    w.spark.expire_access_tokens();
-    refused_unkept(&c, &srv, &key).await;
-    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
-        .await
-        .expect("the background refresh reached the token endpoint");
+    refresh_in_background_hanging(&w, &c, &srv, &key).await;
 
     sigterm(&srv);
     // The process says it waits for the refresh (a process that does not
@@ -142,16 +139,11 @@ async fn a_refresh_that_outlasts_the_grace_gives_its_lease_back() {
         .expect("config")
         .replace("shutdown_grace = 10\n", "");
     std::fs::write(&cfg, text).expect("write config");
-    let key = add_spark_session(&cfg, &w);
+    let key = support::cli_add_spark(&cfg, &w);
     let c = client();
     let srv = BinServer::spawn(&cfg, "info");
 
-    w.spark.set_token_mode(TokenMode::Hang);
-    w.spark.expire_access_tokens();
-    refused_unkept(&c, &srv, &key).await;
-    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
-        .await
-        .expect("the background refresh reached the token endpoint");
+    refresh_in_background_hanging(&w, &c, &srv, &key).await;
     sigterm(&srv);
     let status = exited(srv).await;
     assert!(status.success(), "{status:?}");

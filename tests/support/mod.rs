@@ -454,6 +454,15 @@ pub async fn postgres_db(test: &str) -> Option<String> {
     Some(url.to_string())
 }
 
+/// Adds a Spark session for fresh stand-in tokens with the CLI; its key.
+pub fn cli_add_spark(config: &Path, w: &World) -> String {
+    let v = cli_add(config, "spark", &w.spark.issue_tokens());
+    v["session_key"]
+        .as_str()
+        .expect("session_key in the JSON")
+        .to_owned()
+}
+
 /// `credproxy session add --json` for stand-in tokens (access and refresh);
 /// the printed `{"id", "session_key", "provider"}`.
 pub fn cli_add(config: &Path, provider: &str, tokens: &Tokens) -> serde_json::Value {
