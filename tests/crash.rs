@@ -38,20 +38,6 @@ async fn open_store(db: &Path) -> sqlx::SqlitePool {
         .expect("open the store")
 }
 
-/// Stands in for lease expiry. A process killed during a refresh leaves the
-/// session's refresh lease behind; it expires on its own at its deadline
-/// (token_timeout + 20 s), after which the next process takes over. The test
-/// only shortens that wait, by clearing the dead owner's leases while no
-/// credproxy process is running.
-async fn clear_leases(db: &Path) {
-    let pool = open_store(db).await;
-    sqlx::query("UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL")
-        .execute(&pool)
-        .await
-        .expect("clear leases");
-    pool.close().await;
-}
-
 /// What the store says of the sessions, read while no server runs.
 struct Snapshot {
     /// Sessions still `active` (each makes one token call per storm).
@@ -114,7 +100,8 @@ async fn kill9_during_refresh_storms_loses_only_rotations_in_flight() {
     let started = Instant::now();
     let w = World::new().await;
     let cfg = w.write_config(&Extra {
-        // Bounds the lease of a dead owner even without `clear_leases`.
+        // Bounds the lease of a dead owner (a restarted `serve` gives a
+        // gone process's leases back on SQLite anyway).
         spark: "token_timeout = \"1s\"".into(),
         ..Extra::default()
     });
@@ -250,7 +237,6 @@ async fn kill9_during_refresh_storms_loses_only_rotations_in_flight() {
             // The requests end with the process (connection reset); bounded anyway.
             let _ = tokio::time::timeout(WAIT, task).await;
         }
-        clear_leases(&db).await;
         let next = snapshot(&db).await;
         let grants = w.spark.grant_count() - grants_before;
         kills.push((when, grants.saturating_sub(next.commits - snap.commits)));
@@ -396,6 +382,46 @@ async fn a_rotation_killed_before_its_commit_is_recovered_from_the_journal() {
     assert_eq!(w.spark.reused_refresh_tokens(), 0);
     let left = std::fs::read_dir(&journal).expect("journal").count();
     assert_eq!(left, 0, "recovered and committed entries are removed");
+}
+
+/// SQLite: the refresh lease of a process killed mid-refresh is given back
+/// when the next `serve` starts (every process sharing a SQLite store runs
+/// on this machine), instead of blocking the session for the lease's
+/// `token_timeout` + 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_processs_refresh_lease_is_given_back_at_start_up() {
+    use credproxy_standins::TokenMode;
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let key = support::cli_add_spark(&cfg, &w);
+    let c = client();
+    let srv = BinServer::spawn(&cfg, "warn");
+    w.spark.set_token_mode(TokenMode::Hang);
+    w.spark.expire_access_tokens();
+    let request = {
+        let req = c
+            .get(url(srv.proxy_addr, "/spark/v1/x"))
+            .header("X-Credproxy-Session", key.as_str());
+        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
+        .await
+        .expect("the refresh reached the token endpoint");
+    kill9(srv).await;
+    let _ = request.await;
+    // The hung call ends without a rotation; the provider now refuses the
+    // grant, so the next refresh is answered at once.
+    w.spark.set_token_mode(TokenMode::InvalidGrant);
+
+    let srv = BinServer::spawn(&cfg, "warn");
+    let started = Instant::now();
+    let outcome = probe(&c, &srv, &key).await;
+    let took = started.elapsed();
+    assert_eq!(outcome, Ok(false), "refused: reauthorization_required");
+    assert!(
+        took < Duration::from_secs(10),
+        "the first request waited {took:?} on the killed process's lease"
+    );
 }
 
 /// A refresh answered to the caller has been committed: killing the process

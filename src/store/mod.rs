@@ -489,6 +489,9 @@ pub trait Store: Send + Sync + 'static {
     /// whose refreshes did not finish in its grace period); returns how many.
     async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError>;
 
+    /// The owners holding a refresh lease now (expired ones too).
+    async fn refresh_lease_owners(&self) -> Result<Vec<String>, StoreError>;
+
     /// Stores refreshed tokens durably and releases the lease, only while
     /// `owner` holds it and the row still has `expected_version`; `health`
     /// says whether the session becomes `active` again (and whether that

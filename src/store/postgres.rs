@@ -476,6 +476,12 @@ impl Store for PgStore {
         })
     }
 
+    async fn refresh_lease_owners(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(sql::LEASE_OWNERS)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError> {
         let done = sqlx::query(pg_sql!(sql::RELEASE_LEASES_OF))
             .bind(owner)

@@ -203,6 +203,10 @@ pub(crate) const RELEASE_LEASE: &str =
     "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
      WHERE id = ? AND refresh_lease_owner = ?";
 
+/// Who holds refresh leases (SQLite: the partial index `sessions_leased`).
+pub(crate) const LEASE_OWNERS: &str =
+    "SELECT DISTINCT refresh_lease_owner FROM sessions WHERE refresh_lease_owner IS NOT NULL";
+
 /// Gives back every refresh lease an owner (a process leaving) still holds.
 pub(crate) const RELEASE_LEASES_OF: &str =
     "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL

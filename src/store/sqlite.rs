@@ -1002,6 +1002,12 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn refresh_lease_owners(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(super::sql::LEASE_OWNERS)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError> {
         let op = WriteOp::ReleaseLeasesOf {
             owner: owner.to_owned(),

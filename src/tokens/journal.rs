@@ -232,14 +232,34 @@ fn parse(bytes: &[u8], path: PathBuf) -> Option<Pending> {
     })
 }
 
+/// Whether the process named by a lease owner (`PID-RANDOM`) is gone, as
+/// far as this machine can tell: see [`alive`].
+pub fn owner_gone(owner: &str) -> bool {
+    !alive(owner)
+}
+
 /// Whether the process that owns `owner` (`PID-RANDOM`) may still run: its
-/// PID is in use, and is not this process's (a restarted container reuses
-/// its PIDs).
+/// PID is in use by a process that is not a zombie (killed, not yet reaped
+/// by its parent), and is not this process's (a restarted container reuses
+/// its PIDs). Where `/proc` is not there, every owner counts as alive.
 fn alive(owner: &str) -> bool {
     let Some(pid) = owner.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
         return false;
     };
-    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
+    if pid == std::process::id() {
+        return false;
+    }
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `PID (COMM) STATE ...`; COMM may hold spaces and parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]
@@ -288,6 +308,30 @@ mod tests {
             0,
             "nothing left behind"
         );
+    }
+
+    #[test]
+    fn a_running_process_is_alive_and_a_zombie_is_gone() {
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        assert!(!owner_gone(&format!("{}-x", running.id())));
+        running.kill().expect("kill");
+        // Killed, not yet reaped: a zombie, which no longer holds anything.
+        let zombie = running.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !owner_gone(&format!("{zombie}-x")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zombie counts as alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        running.wait().expect("reap");
+        assert!(owner_gone(&format!("{zombie}-x")), "reaped");
+        assert!(owner_gone(&format!("{}-other", std::process::id())));
+        assert!(owner_gone("not-a-pid"));
     }
 
     #[test]

@@ -163,6 +163,9 @@ pub struct Refresher {
     tasks: tokio_util::task::TaskTracker,
     /// Rotated tokens, written the moment the token endpoint answers.
     journal: Journal,
+    /// Whether every process sharing the store runs on this machine
+    /// (SQLite), so that a lease owner's process can be looked up here.
+    local_store: bool,
 }
 
 impl Refresher {
@@ -189,15 +192,55 @@ impl Refresher {
             ),
             tasks: tokio_util::task::TaskTracker::new(),
             journal: Journal::new(config.store.rotation_journal.as_deref()),
+            local_store: secrecy::ExposeSecret::expose_secret(&config.store.url)
+                .starts_with("sqlite:"),
         })
     }
 
     /// At start-up, before serving: commits the rotations that a process
     /// which died left in the journal (see [`crate::tokens::journal`]),
-    /// where the session still has the version that refresh started from.
-    /// Returns how many were committed. Entries that no longer apply go;
+    /// where the session still has the version that refresh started from;
+    /// then, on SQLite (whose processes all run here), gives back the
+    /// refresh leases of processes that are gone, so their sessions refresh
+    /// at once instead of after the lease (`token_timeout` + 20 s). Returns
+    /// how many rotations were committed. Entries that no longer apply go;
     /// those the store cannot take now stay for the next start.
     pub async fn recover_rotations(&self) -> usize {
+        let recovered = self.recover_journal().await;
+        if self.local_store {
+            self.release_dead_leases().await;
+        }
+        recovered
+    }
+
+    async fn release_dead_leases(&self) {
+        let store = self.sessions.store();
+        let owners = match store.refresh_lease_owners().await {
+            Ok(owners) => owners,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the refresh leases at start-up; those of exited processes expire on their own");
+                return;
+            }
+        };
+        for owner in owners {
+            if owner == self.owner || !crate::tokens::journal::owner_gone(&owner) {
+                continue;
+            }
+            match store.release_refresh_leases(&owner).await {
+                Ok(n) => {
+                    tracing::info!(
+                        leases = n,
+                        "gave back the refresh leases of a process that is gone"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot give back an exited process's refresh leases; they expire on their own")
+                }
+            }
+        }
+    }
+
+    async fn recover_journal(&self) -> usize {
         let store = self.sessions.store();
         let now = store::now();
         let mut recovered = 0;
