@@ -349,7 +349,46 @@ async fn method_overrides_are_accepted_only_on_post_and_never_to_head() {
         let r = send("POST", path, header).await.expect("send");
         assert_eq!(r.status(), 400, "POST {path} {header:?}");
     }
-    // No refused request reached the upstream: every one it saw was a POST.
+    // CGI, PHP and WSGI servers read `_` for `-` in header names.
+    for method in ["GET", "HEAD"] {
+        let r = send(
+            method,
+            "/spark/v1/x",
+            Some(("X_HTTP_METHOD_OVERRIDE", "GET")),
+        )
+        .await
+        .expect("send");
+        assert_eq!(r.status(), 400, "{method} with X_HTTP_METHOD_OVERRIDE");
+    }
+    let r = send(
+        "POST",
+        "/spark/v1/x",
+        Some(("X_HTTP_METHOD_OVERRIDE", "HEAD")),
+    )
+    .await
+    .expect("send");
+    assert_eq!(r.status(), 400, "POST with X_HTTP_METHOD_OVERRIDE: HEAD");
+    // Rails and Laravel read `_method` from a form body too.
+    for body in ["_method=HEAD", "a=1&%5Fmethod=head"] {
+        let r = c
+            .post(url(srv.proxy_addr, "/spark/v1/x"))
+            .header("X-Credproxy-Session", &key)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "form body {body}");
+    }
+    let r = c
+        .post(url(srv.proxy_addr, "/spark/v1/x"))
+        .header("X-Credproxy-Session", &key)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("_method=PUT&a=1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "a form override to PUT goes through");
     srv.shutdown().await;
 }
 
@@ -499,6 +538,48 @@ async fn bytes_beyond_an_answers_framing_never_reach_another_session() {
                     "{what} (big body: {big}): A's bytes reached B"
                 );
             }
+        }
+    }
+    srv.shutdown().await;
+}
+
+/// Within one session too, bytes past an answer's end that credproxy can
+/// see are never read as the next answer: credproxy's own client drops a
+/// connection with bytes left over, and hyper's connections (bodies over
+/// 64 KiB, here over `max_replay_body`) serve one request each.
+#[tokio::test]
+async fn stray_bytes_that_can_be_seen_never_become_the_next_answer() {
+    let raw = Raw::start().await;
+    let (w, srv) = world_against(&raw, "max_replay_body = 16").await;
+    let (_, key, _) = support::add_session(&srv, "spark", &w.spark).await;
+    let c = client();
+    let send = |n: usize, big: bool| {
+        let r = c
+            .post(url(srv.proxy_addr, &format!("/spark/v1/{n}")))
+            .header("X-Credproxy-Session", &key);
+        let r = if big { r.body(vec![b'x'; 100]) } else { r };
+        r.send()
+    };
+    let plain = Plan::plain();
+    for (big, stray) in [
+        (false, Stray::AtOnce),
+        (true, Stray::AtOnce),
+        (true, Stray::Deferred),
+    ] {
+        let n = raw.plan(Plan {
+            stray,
+            ..Plan::plain()
+        });
+        let (status, _, _) = tagged(send(n, big).await.expect("send")).await;
+        assert_eq!(status, 200);
+        for _ in 0..2 {
+            let (status, _, body) = tagged(send(999, big).await.expect("send")).await;
+            let body = body.expect("body");
+            assert_eq!(
+                (status, body.len()),
+                (200, plain.body_len),
+                "big body: {big}, {stray:?}: the next answer is its own, not the stray one"
+            );
         }
     }
     srv.shutdown().await;

@@ -400,7 +400,18 @@ impl Proxy {
         if route.links.is_some() {
             limit_accept_encoding(&mut parts.headers);
         }
-        let body = prepare_body(route, &parts.headers, body, session.has_refresh_token).await?;
+        // A form POST is kept whole when it fits, replayable or not, so that
+        // a `_method` in it is seen (`form_overrides_to_refused_method`).
+        let form_post = parts.method == Method::POST && is_form(&parts.headers);
+        let keep = session.has_refresh_token || form_post;
+        let body = prepare_body(route, &parts.headers, body, keep).await?;
+        if let Prepared::Kept(bytes) = &body {
+            if form_post && form_overrides_to_refused_method(&parts.headers, bytes) {
+                return Err(ProxyError::BadRequest(
+                    "a method override to HEAD, TRACE, TRACK or CONNECT is not supported",
+                ));
+            }
+        }
         let out = Outgoing {
             method: parts.method,
             headers: parts.headers,
@@ -919,22 +930,60 @@ fn method_override(parts: &Parts) -> Override {
             found = Override::Allowed;
         }
     };
-    for value in METHOD_OVERRIDE_HEADERS
-        .iter()
-        .flat_map(|name| parts.headers.get_all(*name))
-    {
-        see(value.as_bytes());
-    }
-    if let Some(q) = parts.uri.query() {
-        for param in q.split(['&', ';']) {
-            let (name, value) = param.split_once('=').unwrap_or((param, ""));
-            let name: Cow<[u8]> = percent_encoding::percent_decode_str(name).into();
-            if name.trim_ascii().eq_ignore_ascii_case(b"_method") {
-                see(value.as_bytes());
-            }
+    // One pass over the names; `_` for `-` too (`X_HTTP_METHOD_OVERRIDE`):
+    // CGI, PHP and WSGI servers read both spellings as the same variable.
+    for (name, value) in &parts.headers {
+        let name = name.as_str().as_bytes();
+        let is_override = METHOD_OVERRIDE_HEADERS.iter().any(|o| {
+            o.len() == name.len()
+                && o.bytes()
+                    .zip(name)
+                    .all(|(o, &n)| o == n || (o == b'-' && n == b'_'))
+        });
+        if is_override {
+            see(value.as_bytes());
         }
     }
+    if let Some(q) = parts.uri.query() {
+        method_params(q.as_bytes(), &mut see);
+    }
     found
+}
+
+/// Calls `see` with the value of each `_method` parameter of a query or a
+/// form body (`a=1&_method=PUT`; the name percent-encoded or not).
+fn method_params(params: &[u8], see: &mut impl FnMut(&[u8])) {
+    for param in params.split(|&b| b == b'&' || b == b';') {
+        let (name, value) = match memchr::memchr(b'=', param) {
+            Some(i) => (&param[..i], &param[i + 1..]),
+            None => (param, &b""[..]),
+        };
+        let name: Cow<[u8]> = percent_encoding::percent_decode(name).into();
+        if name.trim_ascii().eq_ignore_ascii_case(b"_method") {
+            see(value);
+        }
+    }
+}
+
+/// Whether a POST's form body (`application/x-www-form-urlencoded`) has a
+/// `_method` parameter naming HEAD, TRACE, TRACK or CONNECT: frameworks
+/// (Rails, Laravel) read the override from the form too.
+fn form_overrides_to_refused_method(headers: &HeaderMap, body: &[u8]) -> bool {
+    if !is_form(headers) {
+        return false;
+    }
+    let mut refused = false;
+    method_params(body, &mut |value| refused |= names_refused_method(value));
+    refused
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        let mime = v.split(|&b| b == b';').next().unwrap_or_default();
+        mime.trim_ascii()
+            .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+    })
 }
 
 fn names_refused_method(value: &[u8]) -> bool {
@@ -1036,13 +1085,16 @@ async fn prepare_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge);
     }
-    let body = ReadTimeout::new(body, route.body_read_timeout);
-    let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    if !replayable || declared.is_some_and(|n| n > route.max_replay_body as u64) {
-        return Ok(Prepared::Streamed(body.boxed()));
-    }
     if body.is_end_stream() {
         return Ok(Prepared::Kept(Bytes::new()));
+    }
+    let body = ReadTimeout::new(body, route.body_read_timeout);
+    let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    // Kept: what may be replayed, and (replay or not) a body of a known
+    // small length, which goes with its head over credproxy's own client.
+    let small = declared.is_some_and(|n| n <= crate::forward::h1::COALESCE as u64);
+    if !(replayable || small) || declared.is_some_and(|n| n > route.max_replay_body as u64) {
+        return Ok(Prepared::Streamed(body.boxed()));
     }
     // Length unknown or small: read up to the replay limit. A body that
     // turns out longer goes on as what was read, then the rest of the stream.
@@ -1615,6 +1667,34 @@ mod tests {
     }
 
     #[test]
+    fn form_bodies_are_read_for_method_overrides() {
+        let form = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).expect("value"));
+            h
+        };
+        let f = form("application/x-www-form-urlencoded; charset=utf-8");
+        for body in [
+            &b"_method=HEAD"[..],
+            b"a=1&_method=head",
+            b"a=1&%5Fmethod=%48EAD",
+            b"_method=+trace+&b=2",
+        ] {
+            assert!(form_overrides_to_refused_method(&f, body), "{body:?}");
+        }
+        for body in [
+            &b"_method=PUT"[..],
+            b"a=_method%3DHEAD",
+            b"method=HEAD",
+            b"",
+        ] {
+            assert!(!form_overrides_to_refused_method(&f, body), "{body:?}");
+        }
+        let json = form("application/json");
+        assert!(!form_overrides_to_refused_method(&json, b"_method=HEAD"));
+    }
+
+    #[test]
     fn method_overrides_to_head_trace_track_connect_are_refused() {
         let refused = |p: &Parts| method_override(p) == Override::Refused;
         for name in METHOD_OVERRIDE_HEADERS {
@@ -1634,6 +1714,19 @@ mod tests {
         }
         let upper = [("X-HTTP-Method-Override", "Trace")];
         assert!(refused(&parts("POST", "/x", &upper)));
+        // CGI, PHP and WSGI take `_` for `-` in header names.
+        for name in [
+            "X_HTTP_METHOD_OVERRIDE",
+            "x_http_method",
+            "X-Method_Override",
+        ] {
+            assert!(refused(&parts("POST", "/x", &[(name, "HEAD")])), "{name}");
+            assert_eq!(
+                method_override(&parts("GET", "/x", &[(name, "GET")])),
+                Override::Allowed,
+                "{name}"
+            );
+        }
         for q in [
             "/x?_method=TRACE",
             "/x?a=1&_method=trace",

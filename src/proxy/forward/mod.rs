@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
@@ -220,22 +220,15 @@ pub struct Upstream {
     response_timeout: Duration,
 }
 
-/// hyper's connections kept open between requests.
+/// hyper's connection kept open between requests: an HTTP/2 one, which
+/// carries every request at once. hyper's HTTP/1.1 connections are not
+/// kept: hyper keeps whatever bytes it read past an answer's end as the
+/// start of the next answer, where credproxy's own client drops such a
+/// connection, so each is used for one request (a body over 64 KiB, or
+/// streamed) and ends with its answer.
 #[derive(Default)]
 struct Pool {
-    /// HTTP/1.1 connections, the most recently used last, each reused only
-    /// by the session it was opened for. A connection comes back as soon
-    /// as its response head is in; hyper's dispatcher marks it ready again
-    /// once it has read that response to its end.
-    idle: Vec<Pooled>,
-    /// An HTTP/2 connection carries every request at once.
     h2: Option<http2::SendRequest<UpstreamBody>>,
-}
-
-struct Pooled {
-    tx: http1::SendRequest<UpstreamBody>,
-    since: Instant,
-    owner: Box<str>,
 }
 
 /// A new connection, by what ALPN chose (plain http: HTTP/1.1).
@@ -367,7 +360,7 @@ impl Upstream {
             }
             body => {
                 let req = Request::from_parts(parts, body.into_body());
-                Ok(self.send_hyper(req, owner).await?.map(UpInner::Hyper))
+                Ok(self.send_hyper(req).await?.map(UpInner::Hyper))
             }
         }
     }
@@ -436,77 +429,41 @@ impl Upstream {
     /// found it) or that have been idle too long. Called by each proxy
     /// worker every [`REAP_INTERVAL`], on its own pools.
     pub fn reap(&self) {
-        {
-            let mut idle = self.own.lock().unwrap_or_else(PoisonError::into_inner);
-            idle.retain_mut(|c| c.since().elapsed() < h1::IDLE_TIMEOUT && c.still_open());
-        }
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.idle
-            .retain(|c| !c.tx.is_closed() && c.since.elapsed() < h1::IDLE_TIMEOUT);
+        let mut idle = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain_mut(|c| c.since().elapsed() < h1::IDLE_TIMEOUT && c.still_open());
     }
 
-    /// How many idle HTTP/1.1 connections this pool holds (both clients).
+    /// How many idle HTTP/1.1 connections this pool holds.
     pub fn idle_connections(&self) -> usize {
-        let own = self
-            .own
+        self.own
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        own + self
-            .pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .idle
             .len()
     }
 
-    /// Over hyper's client: HTTP/2 if the upstream speaks it, else HTTP/1.1.
+    /// Over hyper's client: HTTP/2 if the upstream speaks it, else
+    /// HTTP/1.1 on a new connection that ends with the answer (see
+    /// [`Pool`]).
     async fn send_hyper(
         &self,
         mut req: Request<UpstreamBody>,
-        owner: &str,
     ) -> Result<Response<Incoming>, ProxyError> {
-        // Like credproxy's client, hyper's takes a bodiless answer as ending
-        // at its head; a body the upstream sends anyway would be the next
-        // answer, so such a connection is not kept.
-        let head_request = req.method() == Method::HEAD;
-        loop {
-            let (mut tx, reused) = match self.checkout(owner) {
-                Some(Sender::H2(tx)) => return self.send_h2(tx, req).await,
-                Some(Sender::H1(tx)) => (tx, true),
-                None => match self.connect().await? {
-                    Connected::H2(tx) => return self.send_h2(tx, req).await,
-                    Connected::H1(io) => {
-                        let (tx, conn) = http1::handshake(*io).await.map_err(|e| classify(&e))?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "upstream connection ended");
-                            }
-                        });
-                        (tx, false)
+        if let Some(tx) = self.checkout_h2() {
+            return self.send_h2(tx, req).await;
+        }
+        match self.connect().await? {
+            Connected::H2(tx) => self.send_h2(tx, req).await,
+            Connected::H1(io) => {
+                let (mut tx, conn) = http1::handshake(*io).await.map_err(|e| classify(&e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream connection ended");
                     }
-                },
-            };
-            req.headers_mut().insert(HOST, self.host.clone());
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    let bodiless = head_request
-                        || matches!(
-                            resp.status(),
-                            http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED
-                        );
-                    if !bodiless {
-                        self.checkin(tx, owner);
-                    }
-                    return Ok(resp);
-                }
-                Err(mut e) => match e.take_message() {
-                    // The connection closed before the request went out on
-                    // it (a kept-alive one the upstream had just closed):
-                    // nothing was sent, so it goes again, on another one.
-                    Some(back) if reused => req = back,
-                    _ => return Err(classify(e.error())),
-                },
+                });
+                req.headers_mut().insert(HOST, self.host.clone());
+                // `tx` goes with this function: the connection ends once
+                // the answer has been read.
+                tx.send_request(req).await.map_err(|e| classify(&e))
             }
         }
     }
@@ -524,43 +481,16 @@ impl Upstream {
         tx.send_request(req).await.map_err(|e| classify(&e))
     }
 
-    /// One of hyper's connections ready for a request, if the pool has one
-    /// (an HTTP/1.1 one only if it was opened for `owner`).
-    fn checkout(&self, owner: &str) -> Option<Sender> {
+    /// The HTTP/2 connection, if there is one and it is open.
+    fn checkout_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(h2) = &pool.h2 {
-            if !h2.is_closed() {
-                return Some(Sender::H2(h2.clone()));
-            }
-            pool.h2 = None;
-            self.speaks_h2.store(false, Ordering::Relaxed);
+        let h2 = pool.h2.as_ref()?;
+        if !h2.is_closed() {
+            return Some(h2.clone());
         }
-        while let Some(i) = pool
-            .idle
-            .iter()
-            .rposition(|c| &*c.owner == owner && (c.tx.is_ready() || c.tx.is_closed()))
-        {
-            let c = pool.idle.swap_remove(i);
-            if !c.tx.is_closed() && c.since.elapsed() < h1::IDLE_TIMEOUT {
-                return Some(Sender::H1(c.tx));
-            }
-        }
+        pool.h2 = None;
+        self.speaks_h2.store(false, Ordering::Relaxed);
         None
-    }
-
-    fn checkin(&self, tx: http1::SendRequest<UpstreamBody>, owner: &str) {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if pool.idle.len() >= h1::MAX_IDLE {
-            pool.idle.retain(|c| !c.tx.is_closed());
-            if pool.idle.len() >= h1::MAX_IDLE {
-                pool.idle.remove(0);
-            }
-        }
-        pool.idle.push(Pooled {
-            tx,
-            since: Instant::now(),
-            owner: owner.into(),
-        });
     }
 
     /// Opens a connection (TCP, then TLS for https). An HTTP/2 one (by
@@ -588,11 +518,6 @@ impl Upstream {
         self.speaks_h2.store(true, Ordering::Relaxed);
         Ok(Connected::H2(tx))
     }
-}
-
-enum Sender {
-    H1(http1::SendRequest<UpstreamBody>),
-    H2(http2::SendRequest<UpstreamBody>),
 }
 
 /// Maps a client error to the contract: a timed-out connect is a timeout,
