@@ -585,6 +585,128 @@ async fn stray_bytes_that_can_be_seen_never_become_the_next_answer() {
     srv.shutdown().await;
 }
 
+/// A token endpoint that answers each refresh and then, when the next
+/// request arrives on the same connection, first writes a copy of that
+/// answer (a buggy server's stray bytes, holding the previous session's new
+/// tokens). Tokens are `AT-<refresh token>` / `RT2-<refresh token>`.
+async fn stray_token_endpoint() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let mut deferred: Option<Vec<u8>> = None;
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let length: usize = header(&head, "content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < length {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = String::from_utf8_lossy(&buf[..length]).into_owned();
+                    buf.drain(..length);
+                    let rt = body
+                        .split("\"refresh_token\":\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or("none")
+                        .to_owned();
+                    let json = format!(
+                        r#"{{"access_token":"AT-{rt}","refresh_token":"RT2-{rt}","expires_in":3600}}"#
+                    );
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                        json.len()
+                    )
+                    .into_bytes();
+                    if let Some(stray) = deferred.replace(answer.clone()) {
+                        if sock.write_all(&stray).await.is_err() {
+                            return;
+                        }
+                    }
+                    if sock.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The tag the raw upstream gives a request carrying `authorization`.
+fn tag_for(authorization: &str) -> String {
+    tag_of(&format!("GET / HTTP/1.1\r\nauthorization: {authorization}"))
+}
+
+/// The token endpoint is shared by every session too: a stray copy of one
+/// session's refresh answer must never become another session's tokens.
+#[tokio::test]
+async fn a_token_endpoints_stray_bytes_never_give_one_session_anothers_tokens() {
+    let raw = Raw::start().await;
+    let token = stray_token_endpoint().await;
+    let w = World::new().await;
+    let extra = Extra {
+        server: "worker_threads = 1".into(),
+        ..Extra::default()
+    };
+    let text = w
+        .config_text(&extra)
+        .replace(
+            &format!("api_base = \"{}\"", w.spark.base_url()),
+            &format!("api_base = \"http://{}/api\"", raw.addr),
+        )
+        .replace(
+            &format!("token_url = \"{}\"", w.spark.token_url()),
+            &format!("token_url = \"http://{token}/v1/oauth2/grant\""),
+        );
+    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t.toml"), |_| None)
+        .expect("config");
+    let srv = credproxy::server::start(cfg).await.expect("start");
+    let mut keys = Vec::new();
+    for rt in ["rt-a", "rt-b", "rt-c"] {
+        let tokens = credproxy_standins::Tokens {
+            access_token: format!("old-{rt}"),
+            refresh_token: rt.to_owned(),
+            expires_in: Some(0),
+        };
+        // Expired at once: the first request refreshes.
+        let (_, key) = support::add_tokens(&srv, "spark", &tokens, Some(0)).await;
+        keys.push((rt, key));
+    }
+    let c = client();
+    for (rt, key) in &keys {
+        let r = c
+            .get(url(srv.proxy_addr, "/spark/v1/999"))
+            .header("X-Credproxy-Session", key)
+            .send()
+            .await
+            .expect("send");
+        let (status, tag, _) = tagged(r).await;
+        assert_eq!(status, 200, "{rt}");
+        assert_eq!(
+            tag.as_deref(),
+            Some(tag_for(&format!("OAuth AT-{rt}")).as_str()),
+            "session {rt} is using another session's tokens"
+        );
+    }
+    srv.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // The property: generated upstream byte streams, two sessions.
 

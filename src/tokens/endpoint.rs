@@ -123,6 +123,12 @@ impl TokenEndpoint {
             .timeout(provider.token_timeout)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
+            // Each call on a connection of its own: the token endpoint
+            // answers every session, and a kept-alive connection would read
+            // whatever a server sent past one session's answer (a copy of
+            // its new tokens, say) as the next session's. A refresh is rare
+            // enough that a connection per call costs nothing that matters.
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|_| TlsError::Client {
                 key: format!("providers.{}.token_url", provider.name),
