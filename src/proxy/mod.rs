@@ -29,6 +29,7 @@
 pub mod forward;
 pub mod links;
 pub mod provider;
+pub mod silence;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -58,11 +59,11 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
 use crate::refresh::{RefreshError, Refresher};
-use crate::server::{BodyReadTimeout, ReadTimeout};
 use crate::session::{KeyHash, Status};
 use crate::sessions::{ActiveSession, SessionError, Sessions};
 use crate::store;
 use links::{Bases, Coding, LinkBody, LinkMap, Origin, Rewriter};
+use silence::{BodyReadTimeout, Silence};
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
 pub type ProxyBody = Either<UpBody, Either<LinkBody, Full<Bytes>>>;
@@ -1088,7 +1089,7 @@ async fn prepare_body(
     if body.is_end_stream() {
         return Ok(Prepared::Kept(Bytes::new()));
     }
-    let body = ReadTimeout::new(body, route.body_read_timeout);
+    let body = Silence::request(body, route.body_read_timeout);
     let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     // Kept: what may be replayed, and (replay or not) a body of a known
     // small length, which goes with its head over credproxy's own client.

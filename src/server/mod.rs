@@ -7,8 +7,8 @@
 //! it: 431) and `max_buf_size` what a connection buffers each way,
 //! `header_read_timeout` cuts off clients that send their head too slowly
 //! (and idle keep-alive connections), [`WriteTimeout`] closes connections
-//! whose peer stops reading, and [`ReadTimeout`] ends request bodies that
-//! stop arriving. Accept errors (out of file descriptors) back off. On
+//! whose peer stops reading (request bodies that stop arriving end in
+//! `proxy::silence`). Accept errors (out of file descriptors) back off. On
 //! shutdown, listeners stop accepting, in-flight requests get
 //! `shutdown_grace` to finish, then the rest are dropped.
 
@@ -21,7 +21,6 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
-use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -683,79 +682,6 @@ impl AsyncWrite for WriteTimeout {
         let this = self.get_mut();
         let r = Pin::new(&mut this.stream).poll_shutdown(cx);
         this.guard(cx, r)
-    }
-}
-
-/// A request body that made no progress for `server.body_read_timeout`.
-#[derive(Debug)]
-pub struct BodyReadTimeout;
-
-impl std::fmt::Display for BodyReadTimeout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the request body made no progress for server.body_read_timeout")
-    }
-}
-
-impl std::error::Error for BodyReadTimeout {}
-
-pin_project_lite::pin_project! {
-    /// A request body that fails with [`BodyReadTimeout`] when no frame has
-    /// come for `timeout` while its reader waits: a no-progress limit, not
-    /// a total one, so a slow upload that keeps coming is never cut off.
-    /// Time the reader spends not asking (e.g. the upstream is slow to
-    /// take the body) does not count.
-    pub struct ReadTimeout<B> {
-        #[pin]
-        inner: B,
-        timeout: Duration,
-        // Set while the reader waits for a frame: when the body fails.
-        deadline: Option<Pin<Box<Sleep>>>,
-    }
-}
-
-impl<B> ReadTimeout<B> {
-    pub fn new(inner: B, timeout: Duration) -> ReadTimeout<B> {
-        ReadTimeout {
-            inner,
-            timeout,
-            deadline: None,
-        }
-    }
-}
-
-impl<B> Body for ReadTimeout<B>
-where
-    B: Body,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Data = B::Data;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            *this.deadline = None;
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        let timeout = *this.timeout;
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyReadTimeout)))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

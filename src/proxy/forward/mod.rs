@@ -7,7 +7,6 @@
 //! through frame by frame, so memory use does not grow with body size.
 
 use std::cell::Cell;
-use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,6 +30,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tower_service::Service as _;
 
+use super::silence::{BodyReadTimeout, BodyStalled, Silence};
 use crate::config::ProviderConfig;
 use crate::error::ProxyError;
 
@@ -111,38 +111,15 @@ impl Outbound {
 /// for the provider's `request_timeout` while the body is waited for breaks
 /// the body off ([`BodyStalled`]): a head and a few bytes, then silence,
 /// must not hold the caller's connection and the upstream's forever.
-pub struct UpBody {
-    inner: UpInner,
-    /// How long the upstream may stay silent while the body is polled.
-    idle: Duration,
-    /// Armed when a poll finds nothing to read; created the first time
-    /// (most answers are read whole without one).
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: bool,
-}
+pub type UpBody = Silence<UpInner>;
 
-enum UpInner {
+/// Which client reads an answer's body.
+pub enum UpInner {
     Own(h1::H1Body),
     Hyper(Incoming),
 }
 
-/// The upstream sent no byte of a body for the provider's `request_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("the upstream sent nothing of the body for {0:?}")]
-pub struct BodyStalled(Duration);
-
-impl UpBody {
-    fn new(inner: UpInner, idle: Duration) -> UpBody {
-        UpBody {
-            inner,
-            idle,
-            stall: None,
-            armed: false,
-        }
-    }
-}
-
-impl Body for UpBody {
+impl Body for UpInner {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -150,43 +127,21 @@ impl Body for UpBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = match &mut this.inner {
+        match self.get_mut() {
             UpInner::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             UpInner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        };
-        if polled.is_ready() {
-            this.armed = false;
-            return polled;
-        }
-        let deadline = tokio::time::Instant::now() + this.idle;
-        let stall = match &mut this.stall {
-            Some(stall) => {
-                if !this.armed {
-                    stall.as_mut().reset(deadline);
-                }
-                stall
-            }
-            None => this
-                .stall
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        this.armed = true;
-        match stall.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
+        match self {
             UpInner::Own(b) => b.is_end_stream(),
             UpInner::Hyper(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        match self {
             UpInner::Own(b) => b.size_hint(),
             UpInner::Hyper(b) => b.size_hint(),
         }
@@ -342,7 +297,7 @@ impl Upstream {
         let idle = self.response_timeout;
         match tokio::time::timeout(self.response_timeout, self.send_now(req, owner)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(answer) => answer.map(|resp| resp.map(|body| UpBody::new(body, idle))),
+            Ok(answer) => answer.map(|resp| resp.map(|body| Silence::answer(body, idle))),
         }
     }
 
@@ -528,7 +483,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> ProxyError {
         if err.is::<http_body_util::LengthLimitError>() {
             return ProxyError::BodyTooLarge;
         }
-        if err.is::<crate::server::BodyReadTimeout>() {
+        if err.is::<BodyReadTimeout>() {
             return ProxyError::RequestTimeout;
         }
         if err.is::<BodyStalled>() {
