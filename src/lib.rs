@@ -8,10 +8,12 @@
 //! `control` (admin API, connect flows, pages) -> `proxy` (the hot path,
 //! providers, upstream, links) -> `tokens` (sessions, refresh, token
 //! endpoints) -> `store` -> `secrets` -> `config`.
-//! `audit` (the audit trail's rows and chain) sits beside `store`, which
-//! appends its rows.
+//! `audit` (the audit trail's rows, chain and check) sits below `store`,
+//! which appends its rows; `control::audit` reads and verifies the trail.
+//! `clock` (the wall clock) is at the bottom.
 
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -396,7 +396,7 @@ async fn audit(config: Config, args: AuditArgs) -> anyhow::Result<()> {
             let sealer = sessions.sealer();
             let started = std::time::Instant::now();
             let mut said = started;
-            let verdict = audit::verify(store.as_ref(), &sealer, |n| {
+            let verdict = credproxy::control::audit::verify(store.as_ref(), &sealer, |n| {
                 if said.elapsed() >= std::time::Duration::from_secs(2) {
                     said = std::time::Instant::now();
                     eprintln!("credproxy: audit verify: {n} rows checked");

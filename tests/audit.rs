@@ -377,6 +377,7 @@ async fn the_audit_trail_records_verifies_and_detects_tampering_postgres() {
 /// one chain without gaps, and key ids are counted.
 async fn concurrent_appends(url: String) {
     use credproxy::audit::{self, Actor, AuditEntry, AuditFilter};
+    use credproxy::control::audit as trail;
     use credproxy::seal::Sealer;
     let one = credproxy::store::open(&url).await.expect("open");
     let two = credproxy::store::open(&url).await.expect("open again");
@@ -393,7 +394,7 @@ async fn concurrent_appends(url: String) {
                         Actor::Admin,
                         serde_json::json!({"task": i, "n": n}),
                     );
-                    audit::append(s.as_ref(), &sealer, e).await.expect("append");
+                    trail::append(s.as_ref(), &sealer, e).await.expect("append");
                 }
             })
         })
@@ -401,7 +402,7 @@ async fn concurrent_appends(url: String) {
     for t in tasks {
         t.await.expect("task");
     }
-    let verdict = audit::verify(one.as_ref(), &sealer, |_| {})
+    let verdict = trail::verify(one.as_ref(), &sealer, |_| {})
         .await
         .expect("verify");
     assert_eq!(verdict, audit::Verdict::Ok { rows: 80 });
@@ -418,7 +419,7 @@ async fn concurrent_appends(url: String) {
     assert_eq!(seqs, vec![76, 77, 78, 79, 80]);
     // Another ring cannot verify the rows: reported, not mistaken for tampering.
     let other = Sealer::from_key(&[10; 32]);
-    match audit::verify(one.as_ref(), &other, |_| {})
+    match trail::verify(one.as_ref(), &other, |_| {})
         .await
         .expect("verify")
     {
@@ -451,6 +452,7 @@ async fn concurrent_appends_make_one_chain_postgres() {
 #[tokio::test]
 async fn lost_keys_are_unverifiable_and_unknown_ones_broken() {
     use credproxy::audit::{self, Actor, AuditEntry, Verdict};
+    use credproxy::control::audit as trail;
     use credproxy::seal::Sealer;
     let dir = tempfile::tempdir().expect("dir");
     let url = format!("sqlite://{}", dir.path().join("a.db").display());
@@ -465,12 +467,12 @@ async fn lost_keys_are_unverifiable_and_unknown_ones_broken() {
         )
     };
     for n in 0..3 {
-        audit::append(store.as_ref(), &first, call(n))
+        trail::append(store.as_ref(), &first, call(n))
             .await
             .expect("append");
     }
     // `key rotate` records the new key, chained under it.
-    audit::record_key_event(
+    trail::record_key_event(
         store.as_ref(),
         &second,
         audit::kind::KEY_ROTATED,
@@ -479,14 +481,14 @@ async fn lost_keys_are_unverifiable_and_unknown_ones_broken() {
     .await
     .expect("append");
     for n in 3..6 {
-        audit::append(store.as_ref(), &second, call(n))
+        trail::append(store.as_ref(), &second, call(n))
             .await
             .expect("append");
     }
     let verify = |sealer: Sealer| {
         let store = store.clone();
         async move {
-            audit::verify(store.as_ref(), &sealer, |_| {})
+            trail::verify(store.as_ref(), &sealer, |_| {})
                 .await
                 .expect("verify")
         }

@@ -8,12 +8,12 @@
 //! under a lock that serializes every writer of the table (SQLite: the
 //! write transaction; PostgreSQL: `pg_advisory_xact_lock(AUDIT_LOCK)`), in
 //! the same transaction as the change the row describes where there is
-//! one. [`verify`] walks the chain and reports the first broken link.
+//! one. [`Verifier`] walks the chain and reports the first broken link.
 //!
 //! The audit key of a row is derived from the sealing key whose id the row
 //! names (`key_id`, see [`crate::seal::AuditKey`]); retiring a sealing key
 //! keeps its audit key in the ring, so old rows stay verifiable. A row's
-//! `key_id` is no more trusted than its other fields: [`verify`] calls a row
+//! `key_id` is no more trusted than its other fields: [`Verifier`] calls a row
 //! that names a key the ring lacks broken when a ring key explains its mac,
 //! or when the chain never introduced that key (a `key.rotated` row, or row
 //! 1 for the first key); only the rest is unverifiable.
@@ -27,7 +27,6 @@ use std::sync::LazyLock;
 use serde::Serialize;
 
 use crate::seal::{AuditKey, KeyId, Sealer};
-use crate::store::{Store, StoreError};
 
 /// The `prev_mac` of the first row.
 pub const ZERO_MAC: [u8; 32] = [0; 32];
@@ -157,7 +156,7 @@ impl AuditEntry {
         detail: serde_json::Value,
     ) -> AuditEntry {
         AuditEntry {
-            at: crate::store::now_ms(),
+            at: crate::clock::now_ms(),
             instance: instance().to_owned(),
             kind: kind.to_owned(),
             session_id: session_id.map(str::to_owned),
@@ -339,41 +338,7 @@ pub fn rfc3339_ms(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Appends one row in a transaction of its own (key commands, admin calls,
-/// request counts); returns its `seq`.
-pub async fn append(
-    store: &dyn Store,
-    sealer: &Sealer,
-    entry: AuditEntry,
-) -> Result<i64, StoreError> {
-    store
-        .append_audit(&AuditAppend::new(entry, AuditSigner::of(sealer)))
-        .await
-}
-
-/// Records a key command (`kind`: [`kind::KEY_ROTATED`],
-/// [`kind::KEY_REWRAPPED`] or [`kind::KEY_RETIRED`]) by the CLI, chained
-/// under `sealer`'s primary key: call it with the ring as it is after the
-/// change (a rotation's row is chained under the new primary). `detail`
-/// holds key ids and counts, never a key.
-pub async fn record_key_event(
-    store: &dyn Store,
-    sealer: &Sealer,
-    kind: &str,
-    detail: serde_json::Value,
-) -> Result<i64, StoreError> {
-    append(
-        store,
-        sealer,
-        AuditEntry::new(kind, None, Actor::Cli, detail),
-    )
-    .await
-}
-
-/// Rows [`verify`] reads at once.
-const VERIFY_PAGE: u32 = 1000;
-
-/// What [`verify`] found.
+/// What a [`Verifier`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Every row's mac and link hold; `rows` were checked.
@@ -392,11 +357,11 @@ pub enum Verdict {
     },
 }
 
-/// Walks the whole chain in `seq` order, `VERIFY_PAGE` rows at a time:
-/// each row's mac recomputed with the audit key of the key it names, its
-/// `prev_mac` against the previous row's mac, and `seq` without gaps
-/// (a deleted row is a broken link). `progress` is called after each page
-/// with the rows checked so far.
+/// Checks the chain row by row in `seq` order, fed a page at a time by
+/// whoever reads the store (`control::audit::verify`): each row's mac
+/// recomputed with the audit key of the key it names, its `prev_mac`
+/// against the previous row's mac, and `seq` without gaps (a deleted row is
+/// a broken link).
 ///
 /// A row that names a key the ring does not hold is not taken at its word,
 /// since `key_id` is a field like any other that someone with access to the
@@ -411,39 +376,59 @@ pub enum Verdict {
 ///   key may have chained rows without such a row, and it is row 1's. A key
 ///   the ring does not hold and no `key.rotated` row names is broken at its
 ///   first row unless it is row 1's key and no other key lacks a
-///   `key.rotated` row. Reported after the walk (a broken link found during
+///   `key.rotated` row. Reported at the end (a broken link found during
 ///   the walk comes first).
 ///
 /// Only rows under a key the chain knows of and the ring no longer holds are
 /// [`Verdict::Unverifiable`].
-pub async fn verify(
-    store: &dyn Store,
-    sealer: &Sealer,
-    mut progress: impl FnMut(u64),
-) -> Result<Verdict, StoreError> {
-    let mut prev: Option<(i64, Vec<u8>)> = None;
-    let mut checked = 0u64;
-    let mut unverifiable: Option<(u64, i64, String)> = None;
-    let mut keys: std::collections::HashMap<String, Option<AuditKey>> = Default::default();
-    // Every key rows name: the first row that names it, and whether the ring
-    // holds it.
-    let mut named: std::collections::BTreeMap<String, (i64, bool)> = Default::default();
-    // The keys `key.rotated` rows name, and row 1's key.
-    let mut rotated: std::collections::HashSet<String> = Default::default();
-    let mut first_key: Option<String> = None;
-    loop {
-        let after = prev.as_ref().map_or(0, |(s, _)| *s);
-        let page = store.audit_page(after, VERIFY_PAGE).await?;
-        if page.is_empty() {
-            break;
+pub struct Verifier<'s> {
+    sealer: &'s Sealer,
+    prev: Option<(i64, Vec<u8>)>,
+    checked: u64,
+    unverifiable: Option<(u64, i64, String)>,
+    keys: std::collections::HashMap<String, Option<AuditKey>>,
+    /// Every key rows name: the first row that names it, and whether the
+    /// ring holds it.
+    named: std::collections::BTreeMap<String, (i64, bool)>,
+    /// The keys `key.rotated` rows name.
+    rotated: std::collections::HashSet<String>,
+    /// Row 1's key.
+    first_key: Option<String>,
+}
+
+impl<'s> Verifier<'s> {
+    pub fn new(sealer: &'s Sealer) -> Verifier<'s> {
+        Verifier {
+            sealer,
+            prev: None,
+            checked: 0,
+            unverifiable: None,
+            keys: Default::default(),
+            named: Default::default(),
+            rotated: Default::default(),
+            first_key: None,
         }
+    }
+
+    /// The `seq` the next page starts after.
+    pub fn after(&self) -> i64 {
+        self.prev.as_ref().map_or(0, |(s, _)| *s)
+    }
+
+    /// Rows checked so far.
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// Checks the next rows; the verdict if one of them breaks the chain.
+    pub fn feed(&mut self, page: Vec<AuditRow>) -> Option<Verdict> {
         for row in page {
-            let (want_seq, want_prev) = match &prev {
+            let (want_seq, want_prev) = match &self.prev {
                 Some((s, m)) => (s + 1, m.as_slice()),
                 None => (1, &ZERO_MAC[..]),
             };
             if row.seq != want_seq {
-                return Ok(Verdict::Broken {
+                return Some(Verdict::Broken {
                     seq: row.seq,
                     reason: format!(
                         "row {want_seq} is missing (the chain goes from {} to {})",
@@ -453,25 +438,28 @@ pub async fn verify(
                 });
             }
             if row.prev_mac != want_prev {
-                return Ok(Verdict::Broken {
+                return Some(Verdict::Broken {
                     seq: row.seq,
                     reason: "its prev_mac is not the previous row's mac".into(),
                 });
             }
             if row.seq == 1 {
-                first_key = Some(row.key_id.clone());
+                self.first_key = Some(row.key_id.clone());
             }
             if let Some(key_id) = rotated_key(&row) {
-                rotated.insert(key_id);
+                self.rotated.insert(key_id);
             }
-            let key = keys.entry(row.key_id.clone()).or_insert_with(|| {
+            let sealer = self.sealer;
+            let key = self.keys.entry(row.key_id.clone()).or_insert_with(|| {
                 KeyId::parse(&row.key_id).and_then(|id| sealer.audit_key_for(id))
             });
             match key {
                 Some(key) => {
-                    named.entry(row.key_id.clone()).or_insert((row.seq, true));
+                    self.named
+                        .entry(row.key_id.clone())
+                        .or_insert((row.seq, true));
                     if !mac_matches(&row, key) {
-                        return Ok(Verdict::Broken {
+                        return Some(Verdict::Broken {
                             seq: row.seq,
                             reason: "its mac does not match its content (the row was changed)"
                                 .into(),
@@ -480,7 +468,7 @@ pub async fn verify(
                 }
                 None => {
                     if let Some(id) = chained_under(&row, sealer) {
-                        return Ok(Verdict::Broken {
+                        return Some(Verdict::Broken {
                             seq: row.seq,
                             reason: format!(
                                 "its key_id was changed: it names key {}, but it was chained \
@@ -489,56 +477,66 @@ pub async fn verify(
                             ),
                         });
                     }
-                    named.entry(row.key_id.clone()).or_insert((row.seq, false));
-                    let u = unverifiable.get_or_insert((0, row.seq, row.key_id.clone()));
+                    self.named
+                        .entry(row.key_id.clone())
+                        .or_insert((row.seq, false));
+                    let u = self
+                        .unverifiable
+                        .get_or_insert((0, row.seq, row.key_id.clone()));
                     u.0 += 1;
                 }
             }
-            checked += 1;
-            prev = Some((row.seq, row.mac));
+            self.checked += 1;
+            self.prev = Some((row.seq, row.mac));
         }
-        progress(checked);
+        None
     }
-    // Keys that chained rows without a `key.rotated` row: only the first
-    // key may.
-    let unrotated: Vec<(&String, i64, bool)> = named
-        .iter()
-        .filter(|(key_id, _)| !rotated.contains(*key_id))
-        .map(|(key_id, (seq, held))| (key_id, *seq, *held))
-        .collect();
-    let held_unrotated = unrotated.iter().find(|(_, _, held)| *held);
-    let stray = unrotated
-        .iter()
-        .filter(|(key_id, _, held)| {
-            !held && (first_key.as_ref() != Some(*key_id) || held_unrotated.is_some())
-        })
-        .min_by_key(|(_, seq, _)| *seq);
-    if let Some((key_id, seq, _)) = stray {
-        let why = match held_unrotated {
-            Some((first, _, _)) if first_key.as_ref() == Some(*key_id) => format!(
-                "key {first}, which the ring holds, chained rows without a key.rotated row, \
-                 so it is the first key"
-            ),
-            _ => "it is not the first key".to_owned(),
-        };
-        return Ok(Verdict::Broken {
-            seq: *seq,
-            reason: format!(
-                "its key_id was changed (and maybe more): it names key {}, which the ring does \
-                 not hold and no key.rotated row introduced, and {why}",
-                printable(key_id)
-            ),
-        });
+
+    /// The verdict once every row was fed.
+    pub fn finish(self) -> Verdict {
+        // Keys that chained rows without a `key.rotated` row: only the
+        // first key may.
+        let unrotated: Vec<(&String, i64, bool)> = self
+            .named
+            .iter()
+            .filter(|(key_id, _)| !self.rotated.contains(*key_id))
+            .map(|(key_id, (seq, held))| (key_id, *seq, *held))
+            .collect();
+        let held_unrotated = unrotated.iter().find(|(_, _, held)| *held);
+        let first_key = self.first_key.as_ref();
+        let stray = unrotated
+            .iter()
+            .filter(|(key_id, _, held)| {
+                !held && (first_key != Some(*key_id) || held_unrotated.is_some())
+            })
+            .min_by_key(|(_, seq, _)| *seq);
+        if let Some((key_id, seq, _)) = stray {
+            let why = match held_unrotated {
+                Some((first, _, _)) if first_key == Some(*key_id) => format!(
+                    "key {first}, which the ring holds, chained rows without a key.rotated row, \
+                     so it is the first key"
+                ),
+                _ => "it is not the first key".to_owned(),
+            };
+            return Verdict::Broken {
+                seq: *seq,
+                reason: format!(
+                    "its key_id was changed (and maybe more): it names key {}, which the ring does \
+                     not hold and no key.rotated row introduced, and {why}",
+                    printable(key_id)
+                ),
+            };
+        }
+        match self.unverifiable {
+            None => Verdict::Ok { rows: self.checked },
+            Some((rows, first_seq, key_id)) => Verdict::Unverifiable {
+                rows,
+                first_seq,
+                key_id,
+                checked: self.checked,
+            },
+        }
     }
-    Ok(match unverifiable {
-        None => Verdict::Ok { rows: checked },
-        Some((rows, first_seq, key_id)) => Verdict::Unverifiable {
-            rows,
-            first_seq,
-            key_id,
-            checked,
-        },
-    })
 }
 
 /// Whether `row`'s mac is the one `key` gives its content (constant time).

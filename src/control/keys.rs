@@ -80,7 +80,8 @@ fn ring_of(config: &Config) -> anyhow::Result<Ring> {
 /// record it is a warning, not the command's failure.
 async fn record(sessions: &Sessions, ring: &Ring, kind: &str, detail: serde_json::Value) {
     let sealer = crate::seal::Sealer::from_ring(ring);
-    if let Err(e) = audit::record_key_event(sessions.store().as_ref(), &sealer, kind, detail).await
+    if let Err(e) =
+        super::audit::record_key_event(sessions.store().as_ref(), &sealer, kind, detail).await
     {
         eprintln!("credproxy: warning: the change could not be recorded in the audit trail: {e}");
     }
@@ -244,7 +245,7 @@ pub async fn rewrap(sessions: &Sessions, batch: u32) -> anyhow::Result<()> {
     if tty && started.elapsed() >= std::time::Duration::from_secs(1) {
         eprintln!();
     }
-    if let Err(e) = audit::record_key_event(
+    if let Err(e) = super::audit::record_key_event(
         sessions.store().as_ref(),
         &sessions.sealer(),
         audit::kind::KEY_REWRAPPED,

@@ -3,6 +3,7 @@
 //! and the operators' dashboard at `/ui` (`ui`).
 
 pub mod admin;
+pub mod audit;
 pub mod connect;
 pub mod keys;
 pub mod pages;

@@ -6,7 +6,7 @@
 //! allows), hyper's `max_header_size` caps the request head exactly (over
 //! it: 431) and `max_buf_size` what a connection buffers each way,
 //! `header_read_timeout` cuts off clients that send their head too slowly
-//! (and idle keep-alive connections), [`WriteTimeout`] closes connections
+//! (and idle keep-alive connections), `WriteTimeout` closes connections
 //! whose peer stops reading (request bodies that stop arriving end in
 //! `proxy::silence`). Accept errors (out of file descriptors) back off. On
 //! shutdown, listeners stop accepting, in-flight requests get

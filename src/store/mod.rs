@@ -50,7 +50,7 @@ pub enum StoreError {
     #[error("store: corrupt row for session {0}")]
     Corrupt(String),
     /// The store could not be opened; the text has had the URL's
-    /// credentials taken out (see [`scrub`]).
+    /// credentials taken out (see `scrub`).
     #[error("store: {0}")]
     Open(String),
     /// The URL is malformed; says what is wrong without quoting it.
@@ -984,18 +984,7 @@ pub(crate) fn scrub(text: &str, url: &str) -> String {
     out
 }
 
-/// Seconds since the Unix epoch.
-pub fn now() -> i64 {
-    now_ms() / 1000
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::{now, now_ms};
 
 #[cfg(test)]
 mod tests {

@@ -233,7 +233,7 @@ fn parse(bytes: &[u8], path: PathBuf) -> Option<Pending> {
 }
 
 /// Whether the process named by a lease owner (`PID-RANDOM`) is gone, as
-/// far as this machine can tell: see [`alive`].
+/// far as this machine can tell (a PID that runs and is no zombie is alive).
 pub fn owner_gone(owner: &str) -> bool {
     !alive(owner)
 }

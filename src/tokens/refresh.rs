@@ -15,7 +15,7 @@
 //!   compare-and-swap on the version before anyone may use them.
 //!
 //! **Invariant (no refresh abandoned):** every refresh runs as a task of
-//! [`Refresher::tasks`], and a shutdown waits for them
+//! `Refresher::tasks`, and a shutdown waits for them
 //! ([`Refresher::finish`], up to `shutdown_grace`) before it gives back
 //! whatever leases this process still holds. Refreshes run on the runtime
 //! that asked (a proxy worker's, for the hot path); `Running::wait` lets
