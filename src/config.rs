@@ -17,6 +17,9 @@ use url::Url;
 
 use crate::provider::ProviderKind;
 
+mod keys;
+pub use keys::{known_keys, PROVIDER_NAME};
+
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_PATH: &str = "config.toml";
 

@@ -34,7 +34,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Checks a signature header as a receiver would: the `v1` MAC over
 /// `t.body`, compared in constant time, and `t` within `tolerance_secs` of
-/// `now`. Used by the tests' receiver and shown in README.
+/// `now`. Used by the tests' receiver and shown in docs/events.md.
 pub fn verify(secret: &[u8], header: &str, body: &[u8], now: i64, tolerance_secs: i64) -> bool {
     let mut t = None;
     let mut v1 = None;
