@@ -15,10 +15,29 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
 
-use crate::provider::ProviderKind;
-
 mod keys;
 pub use keys::{known_keys, PROVIDER_NAME};
+
+/// Which API a provider is: how its credentials are injected and its
+/// tokens asked for (the methods are in `provider.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// FBS's Spark API: `Authorization: OAuth TOKEN`, JSON token bodies.
+    Spark,
+    /// Zillow Rental Feeds: `accessToken`, `clientId`, `apiKey` query parameters,
+    /// form token bodies with HTTP Basic client authentication.
+    Zillow,
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Spark => "spark",
+            ProviderKind::Zillow => "zillow",
+        })
+    }
+}
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_PATH: &str = "config.toml";
@@ -355,7 +374,8 @@ impl Default for ConnectLimits {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// May carry a database password: shown only through [`StoreConfig::shown_url`].
+    /// May carry a database password: shown only through `StoreConfig::shown_url`
+    /// (in `store/`, which knows how to read a store URL).
     pub url: SecretString,
     pub key: KeySource,
     /// How often the server looks for sessions changed by another process.
@@ -540,15 +560,6 @@ impl ProviderConfig {
     /// The provider whose sessions this one serves: `sessions_from`, or itself.
     pub fn session_owner(&self) -> &str {
         self.sessions_from.as_deref().unwrap_or(&self.name)
-    }
-}
-
-impl StoreConfig {
-    /// The store URL for messages: PostgreSQL's host, port and database
-    /// only, never its user, password or query (see [`crate::store::describe_url`]).
-    pub fn shown_url(&self) -> String {
-        use secrecy::ExposeSecret;
-        crate::store::describe_url(self.url.expose_secret())
     }
 }
 

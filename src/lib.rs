@@ -20,15 +20,17 @@ pub mod error;
 pub mod metrics;
 pub mod notify;
 pub mod pacing;
+pub mod provider;
 pub mod proxy;
 pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 
 // The modules' short paths, as used across the crate, its tests and benches.
-pub use control::{admin, connect, keys, pages};
-pub use proxy::{forward, provider};
-pub use secrets::{live, rewrap, seal, session};
+pub use control::{admin, connect, keys, pages, rewrap};
+pub use proxy::forward;
+pub use secrets::{live, seal, session};
 pub use tokens::{endpoint as token, refresh, sessions};

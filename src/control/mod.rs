@@ -7,4 +7,5 @@ pub mod audit;
 pub mod connect;
 pub mod keys;
 pub mod pages;
+pub mod rewrap;
 pub mod ui;

@@ -28,7 +28,6 @@
 
 pub mod forward;
 pub mod links;
-pub mod provider;
 pub mod silence;
 
 use std::borrow::Cow;

@@ -3,6 +3,5 @@
 //! session keys, their hashes and session ids (`session`).
 
 pub mod live;
-pub mod rewrap;
 pub mod seal;
 pub mod session;

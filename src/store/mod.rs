@@ -821,6 +821,15 @@ pub fn describe_url(url: &str) -> String {
     }
 }
 
+impl crate::config::StoreConfig {
+    /// The store URL for messages: PostgreSQL's host, port and database
+    /// only, never its user, password or query (see [`describe_url`]).
+    pub fn shown_url(&self) -> String {
+        use secrecy::ExposeSecret;
+        describe_url(self.url.expose_secret())
+    }
+}
+
 fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }

@@ -19,8 +19,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::config::ProviderConfig;
-use crate::forward::{tls_config, TlsError};
 use crate::provider::ProviderKind;
+use crate::tls::{tls_config, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {

@@ -46,11 +46,11 @@ use dashmap::DashMap;
 
 use crate::audit::{self, Actor, AuditAppend};
 use crate::config::{Config, ProviderConfig};
-use crate::forward::TlsError;
 use crate::metrics::Metrics;
 use crate::session::Status;
 use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions, RECENT_USE};
 use crate::store::{self, EventKind, Failure, Health, Lease, SessionRecord, StoreError};
+use crate::tls::TlsError;
 use crate::token::{backoff, class, usable_access_token, Grant, TokenEndpoint, TokenError};
 use crate::tokens::journal::Journal;
 

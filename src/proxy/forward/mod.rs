@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,14 +25,13 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tower_service::Service as _;
 
 use super::silence::{BodyReadTimeout, BodyStalled, Silence};
 use crate::config::ProviderConfig;
 use crate::error::ProxyError;
+pub use crate::tls::{tls_config, TlsError};
 
 pub mod h1;
 
@@ -40,55 +39,6 @@ pub mod h1;
 /// provider's size limit), bytes held for a replay, or both (a prefix read
 /// while deciding, then the rest of the stream).
 pub type UpstreamBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{key}: cannot read {path}: {source}")]
-    CaFile {
-        key: String,
-        path: String,
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("{key}: {source}")]
-    Roots { key: String, source: rustls::Error },
-    #[error("{key}: the host and port cannot be used as an HTTP authority")]
-    Authority { key: String },
-    #[error("{key}: the HTTP client for the token endpoint cannot be built")]
-    Client { key: String },
-}
-
-/// The rustls client configuration for one provider: webpki's roots, plus
-/// the provider's `ca_file` if it names one. Also used for the token endpoint.
-pub fn tls_config(provider: &ProviderConfig) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &provider.ca_file {
-        let key = format!("providers.{}.ca_file", provider.name);
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|source| TlsError::CaFile {
-                key: key.clone(),
-                path: path.display().to_string(),
-                source,
-            })?;
-        for cert in certs {
-            roots.add(cert).map_err(|source| TlsError::Roots {
-                key: key.clone(),
-                source,
-            })?;
-        }
-    }
-    let provider_impl = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider_impl)
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Roots {
-            key: format!("providers.{}", provider.name),
-            source,
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
-}
 
 /// A request body on its way upstream, as the proxy has it: in memory
 /// (none, or kept for a replay), or streaming from the caller.

@@ -20,29 +20,10 @@ use percent_encoding::{
     percent_decode, percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 
 use crate::config::ProviderConfig;
+pub use crate::config::ProviderKind;
 use crate::session::KeyHash;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// FBS's Spark API: `Authorization: OAuth TOKEN`, JSON token bodies.
-    Spark,
-    /// Zillow Rental Feeds: `accessToken`, `clientId`, `apiKey` query parameters,
-    /// form token bodies with HTTP Basic client authentication.
-    Zillow,
-}
-
-impl fmt::Display for ProviderKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ProviderKind::Spark => "spark",
-            ProviderKind::Zillow => "zillow",
-        })
-    }
-}
 
 /// Zillow's query parameters that belong to credproxy, never to the caller.
 const ZILLOW_OWNED: [&str; 3] = ["accessToken", "clientId", "apiKey"];
