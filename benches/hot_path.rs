@@ -22,9 +22,9 @@ use secrecy::SecretString;
 
 use credproxy::config::Config;
 use credproxy::provider::{Credentials, ProviderKind};
-use credproxy::seal::Sealer;
-use credproxy::session::KeyHash;
-use credproxy::sessions::{NewTokens, Sessions};
+use credproxy::secrets::seal::Sealer;
+use credproxy::secrets::session::KeyHash;
+use credproxy::tokens::sessions::{NewTokens, Sessions};
 
 /// A 47-byte key, the length of a generated one (`cpk_` and 43 base64 characters).
 const KEY: &str = "cpk_Xq3vN8rT2mLw9YbZk4HfJc7PdAs1GeUo6iRyV0tBn5M";
@@ -142,8 +142,9 @@ fn world() -> World {
             .expect("store opens");
         let sessions = Arc::new(Sessions::new(store, Sealer::from_key(&[7; 32]), &config));
         // One Spark session under the bench key, looked up once to fill the cache.
-        let key = credproxy::session::SessionKey::chosen(SecretString::from(KEY.to_owned()))
-            .expect("valid key");
+        let key =
+            credproxy::secrets::session::SessionKey::chosen(SecretString::from(KEY.to_owned()))
+                .expect("valid key");
         sessions
             .add(
                 "spark",
@@ -290,8 +291,8 @@ fn whole(c: &mut Criterion, w: &World) {
 /// thread-local (`forward::Upstreams::here`), once per upstream send.
 fn upstream_pick(c: &mut Criterion, w: &World) {
     let spark = w.config.provider("spark").expect("spark provider");
-    let ups = credproxy::forward::Upstreams::new(spark, 2).expect("upstreams");
-    credproxy::forward::enter_worker(1);
+    let ups = credproxy::proxy::forward::Upstreams::new(spark, 2).expect("upstreams");
+    credproxy::proxy::forward::enter_worker(1);
     c.bench_function("upstream/pick_worker_pool", |b| {
         b.iter(|| black_box(black_box(&ups).here().response_timeout()))
     });
@@ -322,7 +323,7 @@ fn hop_by_hop(c: &mut Criterion) {
             b.iter_batched(
                 || head.clone(),
                 |mut h| {
-                    credproxy::forward::strip_hop_by_hop(&mut h);
+                    credproxy::proxy::forward::strip_hop_by_hop(&mut h);
                     black_box(h)
                 },
                 BatchSize::SmallInput,
@@ -372,15 +373,17 @@ fn upstream_roundtrip(c: &mut Criterion, w: &World) {
     );
     let config = Config::parse(&text, Path::new("bench.toml"), |_| None).expect("config");
     let spark = config.provider("spark").expect("spark provider");
-    let ups = credproxy::forward::Upstreams::new(spark, 1).expect("upstreams");
-    credproxy::forward::enter_worker(0);
+    let ups = credproxy::proxy::forward::Upstreams::new(spark, 1).expect("upstreams");
+    credproxy::proxy::forward::enter_worker(0);
     let up = ups.here();
     // A body in memory (the usual case): credproxy's HTTP/1.1 client.
     c.bench_function("upstream/roundtrip_kept_body", |b| {
         b.to_async(&w.rt).iter(|| async {
             let req = http::Request::get("/v1/listings")
                 .header(ACCEPT, "application/json")
-                .body(credproxy::forward::Outbound::Kept(bytes::Bytes::new()))
+                .body(credproxy::proxy::forward::Outbound::Kept(
+                    bytes::Bytes::new(),
+                ))
                 .expect("request");
             let resp = up.send(req, "bench").await.expect("answer");
             black_box(resp.into_body().collect().await.expect("body"));
@@ -394,7 +397,7 @@ fn upstream_roundtrip(c: &mut Criterion, w: &World) {
                 .boxed();
             let req = http::Request::get("/v1/listings")
                 .header(ACCEPT, "application/json")
-                .body(credproxy::forward::Outbound::Streamed(body))
+                .body(credproxy::proxy::forward::Outbound::Streamed(body))
                 .expect("request");
             let resp = up.send(req, "bench").await.expect("answer");
             black_box(resp.into_body().collect().await.expect("body"));

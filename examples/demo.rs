@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use credproxy::config::Config;
-use credproxy::sessions::NewTokens;
+use credproxy::tokens::sessions::NewTokens;
 use credproxy_standins::{Options, Standin};
 use secrecy::SecretString;
 

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use credproxy::config::Config;
-use credproxy::session::KeyHash;
-use credproxy::sessions::Sessions;
+use credproxy::secrets::session::KeyHash;
+use credproxy::tokens::sessions::Sessions;
 
 fn seed_key(i: u64) -> KeyHash {
     KeyHash::of(format!("seed-session-key-{i:08}").as_bytes())

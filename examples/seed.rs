@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use credproxy::config::Config;
-use credproxy::session::SessionKey;
-use credproxy::sessions::{NewTokens, Sessions};
+use credproxy::secrets::session::SessionKey;
+use credproxy::tokens::sessions::{NewTokens, Sessions};
 use secrecy::SecretString;
 
 /// The key `seed` gives session `i`.

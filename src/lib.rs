@@ -28,9 +28,3 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
-
-// The modules' short paths, as used across the crate, its tests and benches.
-pub use control::{admin, connect, keys, pages, rewrap};
-pub use proxy::forward;
-pub use secrets::{live, seal, session};
-pub use tokens::{endpoint as token, refresh, sessions};

@@ -10,9 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
 use credproxy::config::{Config, DEFAULT_PATH};
-use credproxy::refresh::{RefreshError, Refresher};
-use credproxy::session::SessionKey;
-use credproxy::sessions::{NewTokens, RevokedBy, SessionInfo, Sessions};
+use credproxy::secrets::session::SessionKey;
+use credproxy::tokens::refresh::{RefreshError, Refresher};
+use credproxy::tokens::sessions::{NewTokens, RevokedBy, SessionInfo, Sessions};
 use credproxy::{server, telemetry};
 
 /// mimalloc instead of glibc's malloc: the hot path allocates and frees a
@@ -118,7 +118,7 @@ enum KeyCommand {
     /// resumable: a second run does only what is left. Progress on stderr.
     Rewrap {
         /// Rows per transaction.
-        #[arg(long, default_value_t = credproxy::rewrap::BATCH)]
+        #[arg(long, default_value_t = credproxy::control::rewrap::BATCH)]
         batch: u32,
     },
     /// Remove key ID from the ring; refused (exit 1, with the count) while
@@ -318,7 +318,7 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
-    use credproxy::keys;
+    use credproxy::control::keys;
     // Proves the ring and the store belong together (and makes the key
     // file of a store that holds nothing yet), as every command does.
     let sessions = open_sessions(&config).await?;
@@ -505,7 +505,7 @@ async fn open_sessions(config: &Config) -> anyhow::Result<Sessions> {
 }
 
 async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
-    use credproxy::connect::{state_hash, Connector};
+    use credproxy::control::connect::{state_hash, Connector};
     use credproxy::store::OAuthOutcome;
 
     let sessions = Arc::new(open_sessions(&config).await?);

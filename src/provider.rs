@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::ProviderConfig;
 pub use crate::config::ProviderKind;
-use crate::session::KeyHash;
+use crate::secrets::session::KeyHash;
 
 /// Zillow's query parameters that belong to credproxy, never to the caller.
 const ZILLOW_OWNED: [&str; 3] = ["accessToken", "clientId", "apiKey"];

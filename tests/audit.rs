@@ -378,7 +378,7 @@ async fn the_audit_trail_records_verifies_and_detects_tampering_postgres() {
 async fn concurrent_appends(url: String) {
     use credproxy::audit::{self, Actor, AuditEntry, AuditFilter};
     use credproxy::control::audit as trail;
-    use credproxy::seal::Sealer;
+    use credproxy::secrets::seal::Sealer;
     let one = credproxy::store::open(&url).await.expect("open");
     let two = credproxy::store::open(&url).await.expect("open again");
     let sealer = std::sync::Arc::new(Sealer::from_key(&[9; 32]));
@@ -453,7 +453,7 @@ async fn concurrent_appends_make_one_chain_postgres() {
 async fn lost_keys_are_unverifiable_and_unknown_ones_broken() {
     use credproxy::audit::{self, Actor, AuditEntry, Verdict};
     use credproxy::control::audit as trail;
-    use credproxy::seal::Sealer;
+    use credproxy::secrets::seal::Sealer;
     let dir = tempfile::tempdir().expect("dir");
     let url = format!("sqlite://{}", dir.path().join("a.db").display());
     let store = credproxy::store::open(&url).await.expect("open");

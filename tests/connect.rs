@@ -148,7 +148,7 @@ async fn missing_unknown_foreign_and_expired_states_get_400_and_no_exchange() {
     // A state for Zillow is no good for Spark.
     let (zq, zcookie) = start(&c, srv.admin_addr, "/connect/zillow").await;
     // An expired one, written as if made 11 minutes ago.
-    let old = credproxy::connect::new_state();
+    let old = credproxy::control::connect::new_state();
     srv.sessions
         .store()
         .insert_oauth_state(
@@ -372,7 +372,7 @@ async fn reconnecting_keeps_the_key_and_needs_the_admin_token() {
     let r = get().await.expect("send");
     assert_eq!(r.status(), 200, "same key, new tokens");
     let info = srv.sessions.info(&id).await.expect("info").expect("exists");
-    assert_eq!(info.status, credproxy::session::Status::Active);
+    assert_eq!(info.status, credproxy::secrets::session::Status::Active);
     assert_eq!(
         srv.sessions.list().await.expect("list").len(),
         1,

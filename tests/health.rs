@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use credproxy::session::Status;
+use credproxy::secrets::session::Status;
 use credproxy_standins::TokenMode;
 use serde_json::{json, Value};
 use support::{client, error_code, run_cli, url, World, ADMIN_TOKEN};

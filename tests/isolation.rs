@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use credproxy::forward::{Outbound, Upstreams};
+use credproxy::proxy::forward::{Outbound, Upstreams};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use support::{client, url, Extra, World};
@@ -758,7 +758,7 @@ fn plan() -> impl Strategy<Value = Plan> {
 type Step = (bool, Plan, bool);
 
 async fn run_steps(
-    up: &credproxy::forward::Upstream,
+    up: &credproxy::proxy::forward::Upstream,
     raw: &Raw,
     steps: Vec<Step>,
 ) -> Result<(), String> {
@@ -835,7 +835,7 @@ fn check_isolation(steps: Vec<Step>, at_once: bool) -> Result<(), TestCaseError>
             .map_err(|e| e.to_string())?;
         let spark = cfg.provider("spark").ok_or("no spark provider")?;
         let ups = Upstreams::new(spark, 1).map_err(|e| e.to_string())?;
-        credproxy::forward::enter_worker(0);
+        credproxy::proxy::forward::enter_worker(0);
         let up = ups.here();
         if at_once {
             let (a, b): (Vec<Step>, Vec<Step>) = steps.into_iter().partition(|s| !s.0);

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use credproxy::seal::KeyId;
+use credproxy::secrets::seal::KeyId;
 use support::{run_cli, Extra, World, BIN};
 
 fn stdout(o: &std::process::Output) -> String {
@@ -550,7 +550,7 @@ async fn a_running_server_reads_the_ring_when_it_meets_an_unknown_key() {
 async fn a_key_command_ring_is_read_and_followed() {
     let w = World::new().await;
     let ring_file = w.path("ring-from-vault.txt");
-    let ring = credproxy::seal::Ring::generate(1_764_656_000);
+    let ring = credproxy::secrets::seal::Ring::generate(1_764_656_000);
     std::fs::write(&ring_file, ring.to_file_text()).expect("ring");
     let extra = Extra {
         store: "key_command = \"cat ring-from-vault.txt\"\nkey_reload_interval = \"1s\"".into(),
@@ -577,7 +577,8 @@ async fn a_key_command_ring_is_read_and_followed() {
         "{}",
         stderr(&out)
     );
-    let next = credproxy::seal::Ring::parse_file_text(&stdout(&out)).expect("a ring on stdout");
+    let next =
+        credproxy::secrets::seal::Ring::parse_file_text(&stdout(&out)).expect("a ring on stdout");
     assert_eq!(next.keys().len(), 2);
     assert_ne!(next.primary_id(), first);
     assert!(!w.path("credproxy.key").exists());
@@ -596,7 +597,8 @@ async fn a_key_command_ring_is_read_and_followed() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = run_cli(&cfg, &["key", "retire", &first.to_string()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let after = credproxy::seal::Ring::parse_file_text(&stdout(&out)).expect("a ring on stdout");
+    let after =
+        credproxy::secrets::seal::Ring::parse_file_text(&stdout(&out)).expect("a ring on stdout");
     assert!(after.keys().iter().all(|k| k.id != first || k.audit_only));
     std::fs::write(&ring_file, after.to_file_text()).expect("ring");
     let r = support::client()

@@ -617,7 +617,7 @@ async fn sessions_are_added_to_the_provider_that_owns_them() {
         .sessions
         .add(
             "spark-two",
-            credproxy::sessions::NewTokens {
+            credproxy::tokens::sessions::NewTokens {
                 access_token: secrecy::SecretString::from(tokens.access_token.clone()),
                 refresh_token: None,
                 expires_in: None,

@@ -348,7 +348,7 @@ async fn failing_token_endpoint_leaves_the_session_intact_and_backs_off() {
     assert_eq!(
         (info.status, info.last_error.as_deref()),
         (
-            credproxy::session::Status::RefreshFailing,
+            credproxy::secrets::session::Status::RefreshFailing,
             Some("token_endpoint_error")
         ),
         "session intact, its health shown"
@@ -410,7 +410,7 @@ async fn unreachable_or_hanging_token_endpoint_is_a_503() {
     assert_eq!(
         (info.status, info.last_error.as_deref()),
         (
-            credproxy::session::Status::RefreshFailing,
+            credproxy::secrets::session::Status::RefreshFailing,
             Some("token_endpoint_unreachable")
         )
     );

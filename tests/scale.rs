@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use credproxy::session::{KeyHash, SessionKey};
-use credproxy::sessions::NewTokens;
+use credproxy::secrets::session::{KeyHash, SessionKey};
 use credproxy::store::{self, NewSession, SealedTokens, StoreError};
+use credproxy::tokens::sessions::NewTokens;
 use secrecy::SecretString;
 use support::{client, error_code, run_cli, url, Extra, World};
 
@@ -443,7 +443,7 @@ async fn a_key_late_in_a_big_batch_from_elsewhere_works_within_the_interval() {
     assert_eq!(srv.sessions.key_reads(), 1);
     // Another writer of the same store (as `seed --bulk` would be): 25,000
     // sessions, more than two pages of the change log, in one transaction.
-    let (other, _) = credproxy::sessions::Sessions::open(&w.config(&extra))
+    let (other, _) = credproxy::tokens::sessions::Sessions::open(&w.config(&extra))
         .await
         .expect("open");
     let t = w.spark.issue_tokens();

@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use credproxy::session::{KeyHash, Status};
+use credproxy::secrets::session::{KeyHash, Status};
 use credproxy::store::{
     self, EventKind, EventRow, Failure, Health, IdleSession, Lease, NewEvent, NewSession,
     OAuthOutcome, OAuthState, SealedTokens, Store, StoreError,

@@ -11,7 +11,7 @@
 //! one. [`Verifier`] walks the chain and reports the first broken link.
 //!
 //! The audit key of a row is derived from the sealing key whose id the row
-//! names (`key_id`, see [`crate::seal::AuditKey`]); retiring a sealing key
+//! names (`key_id`, see [`crate::secrets::seal::AuditKey`]); retiring a sealing key
 //! keeps its audit key in the ring, so old rows stay verifiable. A row's
 //! `key_id` is no more trusted than its other fields: [`Verifier`] calls a row
 //! that names a key the ring lacks broken when a ring key explains its mac,
@@ -26,7 +26,7 @@ use std::sync::LazyLock;
 
 use serde::Serialize;
 
-use crate::seal::{AuditKey, KeyId, Sealer};
+use crate::secrets::seal::{AuditKey, KeyId, Sealer};
 
 /// The `prev_mac` of the first row.
 pub const ZERO_MAC: [u8; 32] = [0; 32];

@@ -15,18 +15,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::config::Config;
-use crate::connect::Connector;
+use crate::control::connect::Connector;
+use crate::control::pages;
+use crate::control::token::AdminToken;
 use crate::metrics::Metrics;
-use crate::pages;
-use crate::refresh::{RefreshError, Refresher};
-use crate::session::SessionKey;
-use crate::sessions::{NewTokens, SessionError, Sessions};
+use crate::secrets::session::SessionKey;
+use crate::tokens::refresh::{RefreshError, Refresher};
+use crate::tokens::sessions::{NewTokens, SessionError, Sessions};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -34,8 +33,8 @@ pub struct AdminState {
     refresher: Arc<Refresher>,
     connector: Arc<Connector>,
     metrics: Arc<Metrics>,
-    /// SHA-256 of the admin token; `None` disables `/admin/*`.
-    token_digest: Option<[u8; 32]>,
+    /// The admin token; none configured disables `/admin/*`.
+    token: AdminToken,
     /// Where the proxy listens, for the curl line shown after connecting.
     proxy_addr: SocketAddr,
     /// The dashboard at `/ui` (`control/ui/`).
@@ -58,11 +57,7 @@ impl AdminState {
             connector: Arc::new(Connector::new(config, Arc::clone(&refresher))),
             refresher,
             metrics,
-            token_digest: config
-                .admin
-                .token
-                .as_ref()
-                .map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
+            token: AdminToken::new(config.admin.token.as_ref()),
             proxy_addr,
         }
     }
@@ -89,31 +84,33 @@ impl AdminState {
     }
 
     pub fn admin_enabled(&self) -> bool {
-        self.token_digest.is_some()
+        self.token.enabled()
     }
 
-    /// Whether the request carries `Authorization: Bearer ADMIN_TOKEN`,
-    /// compared in constant time over digests (so the length leaks nothing).
+    /// Whether the request carries `Authorization: Bearer ADMIN_TOKEN`.
     pub fn admin_authorised(&self, headers: &HeaderMap) -> bool {
-        let Some(expected) = self.token_digest else {
-            return false;
-        };
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| Sha256::digest(token.trim().as_bytes()))
-            .is_some_and(|digest| bool::from(digest.as_slice().ct_eq(&expected)))
+        self.token.authorises(headers)
     }
+}
 
-    pub fn curl_line(&self, provider: &str, key: &str) -> String {
-        let kind = self
-            .connector
-            .provider(provider)
-            .map(|p| p.kind)
-            .unwrap_or(crate::provider::ProviderKind::Spark);
-        pages::curl_line(self.proxy_addr, provider, kind, key)
+impl axum::extract::FromRef<AdminState> for pages::PagesState {
+    fn from_ref(state: &AdminState) -> pages::PagesState {
+        pages::PagesState {
+            sessions: Arc::clone(&state.sessions),
+            connector: Arc::clone(&state.connector),
+            token: state.token,
+            proxy_addr: state.proxy_addr,
+        }
+    }
+}
+
+impl axum::extract::FromRef<AdminState> for crate::control::ui::UiState {
+    fn from_ref(state: &AdminState) -> crate::control::ui::UiState {
+        crate::control::ui::UiState {
+            dashboard: Arc::clone(&state.dashboard),
+            sessions: Arc::clone(&state.sessions),
+            connector: Arc::clone(&state.connector),
+        }
     }
 }
 

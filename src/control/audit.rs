@@ -4,7 +4,7 @@
 //! reads and writes the store, above it.
 
 use crate::audit::{Actor, AuditAppend, AuditEntry, AuditSigner, Verdict, Verifier};
-use crate::seal::Sealer;
+use crate::secrets::seal::Sealer;
 use crate::store::{Store, StoreError};
 
 /// Rows [`verify`] reads at once.

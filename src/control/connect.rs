@@ -40,11 +40,11 @@ use url::Url;
 
 use crate::config::{ConnectLimits, ProviderConfig};
 use crate::provider::ProviderKind;
-use crate::refresh::Refresher;
-use crate::session::KeyHash;
-use crate::sessions::{NewTokens, SessionError, Sessions};
+use crate::secrets::session::KeyHash;
 use crate::store::{self, OAuthOutcome, OAuthState, StoreError};
-use crate::token::{Grant, TokenError};
+use crate::tokens::endpoint::{Grant, TokenError};
+use crate::tokens::refresh::Refresher;
+use crate::tokens::sessions::{NewTokens, SessionError, Sessions};
 
 /// How long a state may wait for its callback.
 pub const STATE_TTL_SECS: i64 = 600;
@@ -166,7 +166,7 @@ fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
 
 /// What one client's `/connect` requests count against: its address, an
 /// IPv6 address by its /64, as for the proxy's cold lookups.
-pub(crate) use crate::sessions::client_key;
+pub(crate) use crate::tokens::sessions::client_key;
 
 /// Above this many clients in the rate limiter's map, a `/connect` first
 /// forgets the quiet ones (the timer does it too), so the map stays small
@@ -179,7 +179,7 @@ pub enum Connected {
     /// A new session; its key, shown once.
     New {
         id: String,
-        key: crate::session::SessionKey,
+        key: crate::secrets::session::SessionKey,
     },
     /// A new session whose key `credproxy connect` holds (and prints).
     KeyWithCli { id: String },

@@ -14,10 +14,10 @@ use anyhow::{bail, Context};
 
 use crate::audit;
 use crate::config::{Config, KeySource};
-use crate::rewrap::{self, Progress};
-use crate::seal::{load_ring, write_key_file, KeyId, Ring};
-use crate::sessions::{rfc3339, Sessions};
+use crate::control::rewrap::{self, Progress};
+use crate::secrets::seal::{load_ring, write_key_file, KeyId, Ring};
 use crate::store::SealedCount;
+use crate::tokens::sessions::{rfc3339, Sessions};
 
 /// Values sealed under each key id (`None`: legacy values, under the ring's
 /// legacy key), by the store's count.
@@ -79,7 +79,7 @@ fn ring_of(config: &Config) -> anyhow::Result<Ring> {
 /// ring as it is after the change). The change has happened: a failure to
 /// record it is a warning, not the command's failure.
 async fn record(sessions: &Sessions, ring: &Ring, kind: &str, detail: serde_json::Value) {
-    let sealer = crate::seal::Sealer::from_ring(ring);
+    let sealer = crate::secrets::seal::Sealer::from_ring(ring);
     if let Err(e) =
         super::audit::record_key_event(sessions.store().as_ref(), &sealer, kind, detail).await
     {

@@ -8,4 +8,5 @@ pub mod connect;
 pub mod keys;
 pub mod pages;
 pub mod rewrap;
+pub mod token;
 pub mod ui;

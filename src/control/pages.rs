@@ -16,9 +16,13 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use secrecy::SecretString;
 
-use crate::admin::AdminState;
-use crate::connect::{CallbackError, ConnectError, Connected};
+use std::sync::Arc;
+
+use crate::control::connect::Connector;
+use crate::control::connect::{CallbackError, ConnectError, Connected};
+use crate::control::token::AdminToken;
 use crate::provider::ProviderKind;
+use crate::tokens::sessions::Sessions;
 
 struct ProviderView {
     name: String,
@@ -128,7 +132,7 @@ fn sentence(text: &str) -> String {
     out
 }
 
-pub async fn index(State(state): State<AdminState>) -> Response {
+pub async fn index(State(state): State<PagesState>) -> Response {
     let providers = state
         .connector()
         .providers()
@@ -173,7 +177,7 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 /// session's flow (the one a browser opens, no link) also against the cap on
 /// sign-ins in progress, and binds its state to the browser with a cookie.
 pub async fn connect(
-    State(state): State<AdminState>,
+    State(state): State<PagesState>,
     Path(provider): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -338,7 +342,7 @@ pub async fn connect(
 
 /// `GET /callback/{provider}`: the provider sends the person back here.
 pub async fn callback(
-    State(state): State<AdminState>,
+    State(state): State<PagesState>,
     Path(provider): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -359,7 +363,7 @@ pub async fn callback(
 }
 
 async fn callback_page(
-    state: &AdminState,
+    state: &PagesState,
     provider: &str,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
@@ -439,6 +443,45 @@ async fn callback_page(
 }
 
 /// The curl line shown after connecting, as a person would type it.
+/// What the pages' handlers read: taken from the admin listener's state
+/// (`FromRef`, in `admin.rs`), so that this file needs nothing above it.
+#[derive(Clone)]
+pub struct PagesState {
+    pub sessions: Arc<Sessions>,
+    pub connector: Arc<Connector>,
+    /// The admin token (`/admin/*` and the dashboard are on with one).
+    pub token: AdminToken,
+    /// Where the proxy listens, for the curl line shown after connecting.
+    pub proxy_addr: SocketAddr,
+}
+
+impl PagesState {
+    fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    fn admin_enabled(&self) -> bool {
+        self.token.enabled()
+    }
+
+    fn admin_authorised(&self, headers: &HeaderMap) -> bool {
+        self.token.authorises(headers)
+    }
+
+    fn curl_line(&self, provider: &str, key: &str) -> String {
+        let kind = self
+            .connector
+            .provider(provider)
+            .map(|p| p.kind)
+            .unwrap_or(ProviderKind::Spark);
+        curl_line(self.proxy_addr, provider, kind, key)
+    }
+}
+
 pub fn curl_line(listen: SocketAddr, provider: &str, kind: ProviderKind, key: &str) -> String {
     let host = if listen.ip().is_unspecified() {
         format!("127.0.0.1:{}", listen.port())

@@ -15,8 +15,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::sessions::{aad, Sessions};
 use crate::store::{Resealed, StoreError};
+use crate::tokens::sessions::{aad, Sessions};
 
 /// Rows read and written per transaction.
 pub const BATCH: u32 = 500;

@@ -121,7 +121,7 @@ impl Notifier {
             owner: format!(
                 "{}-{}",
                 std::process::id(),
-                crate::session::new_session_id()
+                crate::secrets::session::new_session_id()
             ),
             metrics,
         })

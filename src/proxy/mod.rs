@@ -52,15 +52,17 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
-pub use crate::forward::enter_worker;
-use crate::forward::{strip_hop_by_hop, Outbound, TlsError, UpBody, UpstreamBody, Upstreams};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
-use crate::refresh::{RefreshError, Refresher};
-use crate::session::{KeyHash, Status};
-use crate::sessions::{ActiveSession, SessionError, Sessions};
+pub use crate::proxy::forward::enter_worker;
+use crate::proxy::forward::{
+    strip_hop_by_hop, Outbound, TlsError, UpBody, UpstreamBody, Upstreams,
+};
+use crate::secrets::session::{KeyHash, Status};
 use crate::store;
+use crate::tokens::refresh::{RefreshError, Refresher};
+use crate::tokens::sessions::{ActiveSession, SessionError, Sessions};
 use links::{Bases, Coding, LinkBody, LinkMap, Origin, Rewriter};
 use silence::{BodyReadTimeout, Silence};
 
@@ -224,7 +226,7 @@ impl Proxy {
         let instance = format!(
             "{}-{}",
             std::process::id(),
-            crate::session::new_session_id()
+            crate::secrets::session::new_session_id()
         );
         for p in &config.providers {
             let name: &'static str = Box::leak(p.name.clone().into_boxed_str());
@@ -1092,7 +1094,7 @@ async fn prepare_body(
     let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     // Kept: what may be replayed, and (replay or not) a body of a known
     // small length, which goes with its head over credproxy's own client.
-    let small = declared.is_some_and(|n| n <= crate::forward::h1::COALESCE as u64);
+    let small = declared.is_some_and(|n| n <= crate::proxy::forward::h1::COALESCE as u64);
     if !(replayable || small) || declared.is_some_and(|n| n > route.max_replay_body as u64) {
         return Ok(Prepared::Streamed(body.boxed()));
     }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::KeySource;
-use crate::seal::{load_ring, sealed_key_id, KeyError, Ring, Sealer};
+use crate::secrets::seal::{load_ring, sealed_key_id, KeyError, Ring, Sealer};
 
 /// How often a value under an unknown key may make the ring be read again.
 const UNKNOWN_KEY_RELOAD_EVERY: Duration = Duration::from_secs(1);

@@ -31,12 +31,12 @@ use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
 use crate::config::{Config, ServerConfig};
+use crate::control::admin;
 use crate::metrics::Metrics;
 use crate::proxy::{Mount, Proxy};
-use crate::refresh::Refresher;
-use crate::sessions::Sessions;
+use crate::tokens::refresh::Refresher;
+use crate::tokens::sessions::Sessions;
 
 mod workers;
 

@@ -205,7 +205,7 @@ impl Worker {
         let reaper = {
             let proxy = Arc::clone(&self.proxy);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(crate::forward::REAP_INTERVAL);
+                let mut tick = tokio::time::interval(crate::proxy::forward::REAP_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;

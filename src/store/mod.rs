@@ -29,7 +29,7 @@
 use async_trait::async_trait;
 
 use crate::audit::{AuditAppend, AuditFilter, AuditRow};
-use crate::session::{KeyHash, Status};
+use crate::secrets::session::{KeyHash, Status};
 
 pub mod postgres;
 mod sql;
@@ -163,7 +163,7 @@ impl NewEvent {
         detail: serde_json::Value,
     ) -> NewEvent {
         NewEvent {
-            id: crate::session::new_event_id(),
+            id: crate::secrets::session::new_event_id(),
             kind,
             session_id: session_id.to_owned(),
             provider: provider.to_owned(),

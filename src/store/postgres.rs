@@ -28,7 +28,7 @@ use super::{
     SessionCount, SessionRecord, Store, StoreError,
 };
 use crate::audit::{AuditAppend, AuditFilter, AuditRow};
-use crate::session::{KeyHash, Status};
+use crate::secrets::session::{KeyHash, Status};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 

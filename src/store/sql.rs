@@ -6,7 +6,7 @@
 
 use super::{EventRow, IdleSession, NewEvent, SessionRecord, StoreError};
 use crate::audit::AuditRow;
-use crate::session::{KeyHash, Status};
+use crate::secrets::session::{KeyHash, Status};
 
 /// The columns [`record`] reads, in the order both stores select them.
 pub(crate) const SESSION_COLUMNS: &str = "id, key_hash, provider, label, status, access_token, refresh_token, expires_at, version, created_at, updated_at, last_refresh_at, last_error, next_retry_at, last_used_at";

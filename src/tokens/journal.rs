@@ -10,7 +10,7 @@
 //! The entry is removed once the commit returns.
 //!
 //! At start-up, `serve` commits what a process that died left here
-//! ([`crate::refresh::Refresher::recover_rotations`]): an entry whose
+//! ([`crate::tokens::refresh::Refresher::recover_rotations`]): an entry whose
 //! writer is gone (its process no longer runs, or it is older than any
 //! live refresh can be) and whose session still has the version the
 //! refresh started from. Entries hold the tokens sealed, as the store does:

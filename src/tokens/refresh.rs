@@ -47,12 +47,14 @@ use dashmap::DashMap;
 use crate::audit::{self, Actor, AuditAppend};
 use crate::config::{Config, ProviderConfig};
 use crate::metrics::Metrics;
-use crate::session::Status;
-use crate::sessions::{ActiveSession, NewTokens, SessionError, Sessions, RECENT_USE};
+use crate::secrets::session::Status;
 use crate::store::{self, EventKind, Failure, Health, Lease, SessionRecord, StoreError};
 use crate::tls::TlsError;
-use crate::token::{backoff, class, usable_access_token, Grant, TokenEndpoint, TokenError};
+use crate::tokens::endpoint::{
+    backoff, class, usable_access_token, Grant, TokenEndpoint, TokenError,
+};
 use crate::tokens::journal::Journal;
+use crate::tokens::sessions::{ActiveSession, NewTokens, SessionError, Sessions, RECENT_USE};
 
 /// First back-off after a failed refresh; doubles per failure up to the
 /// provider's `refresh_backoff_max`.
@@ -188,7 +190,7 @@ impl Refresher {
             owner: format!(
                 "{}-{}",
                 std::process::id(),
-                crate::session::new_session_id()
+                crate::secrets::session::new_session_id()
             ),
             tasks: tokio_util::task::TaskTracker::new(),
             journal: Journal::new(config.store.rotation_journal.as_deref()),

@@ -38,10 +38,10 @@ use std::net::IpAddr;
 
 use crate::audit::{self, Actor, AuditAppend, AuditEntry, AuditSigner};
 use crate::config::{Config, KeySource, ProviderConfig};
-use crate::live::LiveRing;
 use crate::provider::{Credentials, UnusableToken};
-use crate::seal::{KeyError, OpenError, Sealer};
-use crate::session::{new_session_id, BadKey, KeyHash, SessionKey, Status};
+use crate::secrets::live::LiveRing;
+use crate::secrets::seal::{KeyError, OpenError, Sealer};
+use crate::secrets::session::{new_session_id, BadKey, KeyHash, SessionKey, Status};
 use crate::store::{
     self, EventKind, NewEvent, NewSession, SealedTokens, SessionRecord, Store, StoreError,
 };
@@ -479,7 +479,7 @@ impl Sessions {
             }
         };
         if let KeySource::File(path) = &config.store.key {
-            warnings.extend(crate::seal::key_file_warning(path));
+            warnings.extend(crate::secrets::seal::key_file_warning(path));
         }
         if let Some(rec) = store.newest_session().await.map_err(in_store)? {
             if sealer
@@ -1182,7 +1182,7 @@ impl Sessions {
         }
         // Refuse tokens that could never be injected, now rather than per
         // request: the same rule as for a token endpoint's answer.
-        if !crate::token::usable_access_token(provider_cfg, &tokens.access_token) {
+        if !crate::tokens::endpoint::usable_access_token(provider_cfg, &tokens.access_token) {
             return Err(UnusableToken.into());
         }
         Ok(())
@@ -1716,8 +1716,9 @@ mod tests {
             .expect("read")
             .expect("row");
         // As a row written before key ids existed holds them.
-        rec.access_token = crate::seal::seal_legacy(&[3; 32], "a1", &aad(&rec.id, "access"));
-        rec.refresh_token = Some(crate::seal::seal_legacy(
+        rec.access_token =
+            crate::secrets::seal::seal_legacy(&[3; 32], "a1", &aad(&rec.id, "access"));
+        rec.refresh_token = Some(crate::secrets::seal::seal_legacy(
             &[3; 32],
             "r1",
             &aad(&rec.id, "refresh"),
@@ -1737,11 +1738,11 @@ mod tests {
         let sealed = s.seal_refreshed(&rec, &fresh, store::now());
         let kept = sealed.refresh_token.expect("kept");
         assert_eq!(
-            crate::seal::sealed_key_id(&kept),
+            crate::secrets::seal::sealed_key_id(&kept),
             Some(s.sealer().primary_id())
         );
         assert_eq!(
-            crate::seal::sealed_key_id(&sealed.access_token),
+            crate::secrets::seal::sealed_key_id(&sealed.access_token),
             Some(s.sealer().primary_id())
         );
         let unusable = s.seal_unusable(&rec, None, store::now());

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use credproxy::config::Config;
 use credproxy::server::{self, Running};
-use credproxy::sessions::NewTokens;
+use credproxy::tokens::sessions::NewTokens;
 use credproxy_standins::{Options, Standin, Tokens};
 use secrecy::SecretString;
 

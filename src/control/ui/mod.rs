@@ -37,11 +37,12 @@ use rand::RngCore;
 use secrecy::ExposeSecret;
 use url::Url;
 
-use crate::admin::AdminState;
 use crate::config::Config;
-use crate::refresh::{RefreshError, Refresher};
-use crate::sessions::RevokedBy;
+use crate::control::connect::Connector;
 use crate::store::{self, SessionRecord};
+use crate::tokens::refresh::{RefreshError, Refresher};
+use crate::tokens::sessions::RevokedBy;
+use crate::tokens::sessions::Sessions;
 pub use auth::SIGN_IN_TTL_SECS;
 use auth::{Keys, SignIn};
 
@@ -217,7 +218,7 @@ impl Dashboard {
             self.limiter.retain_recent();
         }
         self.limiter
-            .check_key(&crate::connect::client_key(peer))
+            .check_key(&crate::control::connect::client_key(peer))
             .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
@@ -324,8 +325,35 @@ fn form(body: &[u8]) -> HashMap<String, String> {
     fields
 }
 
+/// What the dashboard's handlers read: taken from the admin listener's
+/// state (`FromRef`, in `admin.rs`), so that this module needs nothing above it.
+#[derive(Clone)]
+pub struct UiState {
+    pub dashboard: Arc<Dashboard>,
+    pub sessions: Arc<Sessions>,
+    pub connector: Arc<Connector>,
+}
+
+impl UiState {
+    fn dashboard(&self) -> &Dashboard {
+        &self.dashboard
+    }
+
+    fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    fn connector(&self) -> &Connector {
+        &self.connector
+    }
+}
+
 /// The dashboard's routes, merged into the admin router.
-pub fn router() -> Router<AdminState> {
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    UiState: axum::extract::FromRef<S>,
+{
     Router::new()
         .route("/ui", get(dashboard))
         .route("/ui/login", get(login_page).post(login))
@@ -435,7 +463,7 @@ fn login_form(status: StatusCode, error: Option<String>, note: Option<&'static s
 
 /// `GET /ui/login`: the form (or the dashboard, when already signed in).
 async fn login_page(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
@@ -458,7 +486,7 @@ async fn login_page(
 
 /// `POST /ui/login`: checks the admin token, sets the sign-in cookie.
 async fn login(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Bytes,
@@ -578,7 +606,7 @@ fn check_post<'a>(
 }
 
 /// `POST /ui/logout`.
-async fn logout(State(state): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn logout(State(state): State<UiState>, headers: HeaderMap, body: Bytes) -> Response {
     let dash = state.dashboard();
     let fields = form(&body);
     let (_, sign_in) = match check_post(dash, &headers, &fields) {
@@ -749,7 +777,7 @@ struct SessionsPage {
 
 /// `GET /ui`: the sessions, filtered by `?provider=` and `?status=`.
 async fn dashboard(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
@@ -971,7 +999,7 @@ fn done(
 
 /// `POST /ui/sessions/{id}/refresh`: the admin API's refresh now.
 async fn refresh(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -1035,7 +1063,7 @@ struct RevokePage {
 
 /// `GET /ui/sessions/{id}/revoke`: are you sure? (Changes nothing.)
 async fn confirm_revoke(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -1091,7 +1119,7 @@ async fn confirm_revoke(
 /// `POST /ui/sessions/{id}/revoke`: deletes the session (its key stops
 /// working at once), after the confirmation page.
 async fn revoke(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -1138,7 +1166,7 @@ struct ReconnectPage {
 /// that signs the account in again and gives the session new tokens,
 /// keeping its key; shown on the page that answers, nowhere else.
 async fn reconnect(
-    State(state): State<AdminState>,
+    State(state): State<UiState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
