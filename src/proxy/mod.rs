@@ -425,76 +425,92 @@ impl Proxy {
             deadline: None,
             resend: false,
         };
-        let bytes = match body {
-            Prepared::Streamed(body) => {
-                let (answer, _) = self
-                    .send(
-                        route,
-                        &session,
-                        out.clone_parts(),
-                        Outbound::Streamed(body),
-                        log,
-                        &mut pace,
-                    )
-                    .await?;
-                let resp = match answer {
-                    Answer::Stream(resp) => resp,
-                    Answer::Read(resp) => return Ok(pass_read(resp)),
-                };
-                if resp.status() == StatusCode::UNAUTHORIZED {
-                    if session.has_refresh_token {
-                        self.refresher.refresh_refused_in_background(&session);
-                    }
-                } else {
-                    self.refresher.accepted(&session.id);
+        // The attempt loop: send, then `decide` what the answer means; only
+        // a kept body can go again (a replay with fresh tokens).
+        let (kept, mut streamed) = match body {
+            Prepared::Kept(bytes) => (Some(bytes), None),
+            Prepared::Streamed(body) => (None, Some(body)),
+        };
+        let mut session = session;
+        let mut replayed = false;
+        loop {
+            let answer = match (&kept, streamed.take()) {
+                (Some(bytes), _) => {
+                    self.send_kept(route, &session, &out, bytes, log, &mut pace)
+                        .await?
                 }
+                (None, Some(body)) => {
+                    let outbound = Outbound::Streamed(body);
+                    let parts = out.clone_parts();
+                    self.send(route, &session, parts, outbound, log, &mut pace)
+                        .await?
+                        .0
+                }
+                // A streamed body is never sent twice (`decide` replays only
+                // kept ones).
+                (None, None) => return Err(ProxyError::UpstreamUnreachable),
+            };
+            let resp = match answer {
+                Answer::Stream(resp) => resp,
+                Answer::Read(resp) => return Ok(pass_read(resp)),
+            };
+            if !self.decide(&session, resp.status(), kept.is_some(), replayed) {
                 return self.response_filter(route, &asked, resp).await;
             }
-            Prepared::Kept(bytes) => bytes,
-        };
-        let resp = match self
-            .send_kept(route, &session, &out, &bytes, log, &mut pace)
-            .await?
-        {
-            Answer::Stream(resp) => resp,
-            Answer::Read(resp) => return Ok(pass_read(resp)),
-        };
-        if resp.status() != StatusCode::UNAUTHORIZED || !session.has_refresh_token {
-            if resp.status() != StatusCode::UNAUTHORIZED {
-                self.refresher.accepted(&session.id);
-            }
-            return self.response_filter(route, &asked, resp).await;
+            // Reactive: the token was refused. Refresh (or pick up a refresh
+            // another request made meanwhile) and replay once.
+            let fresh = match self.refresher.refresh_refused(&session).await {
+                Ok(fresh) => fresh,
+                // A refresh moments ago did not cure this session's refusals:
+                // it is about something else (Spark's 1010 disabled key).
+                Err(RefreshError::TooSoon) => {
+                    return self.response_filter(route, &asked, resp).await
+                }
+                Err(e) => {
+                    drain(resp).await;
+                    return Err(refresh_error(&session, e));
+                }
+            };
+            drain(resp).await;
+            log.session = Some(Arc::clone(&fresh));
+            log.replayed = true;
+            session = fresh;
+            replayed = true;
         }
-        // Reactive: the token was refused. Refresh (or pick up a refresh
-        // another request made meanwhile) and replay once.
-        let fresh = match self.refresher.refresh_refused(&session).await {
-            Ok(fresh) => fresh,
-            // A refresh moments ago did not cure this session's refusals:
-            // it is about something else (Spark's 1010 disabled key).
-            Err(RefreshError::TooSoon) => return self.response_filter(route, &asked, resp).await,
-            Err(e) => {
-                drain(resp).await;
-                return Err(refresh_error(&session, e));
-            }
-        };
-        drain(resp).await;
-        log.session = Some(Arc::clone(&fresh));
-        log.replayed = true;
-        let resp = match self
-            .send_kept(route, &fresh, &out, &bytes, log, &mut pace)
-            .await?
-        {
-            Answer::Stream(resp) => resp,
-            Answer::Read(resp) => return Ok(pass_read(resp)),
-        };
-        if resp.status() == StatusCode::UNAUTHORIZED {
+    }
+
+    /// The one place that decides what an upstream answer means for its
+    /// request: `true` to refresh and replay it (a 401 on a session that
+    /// can refresh, first attempt, body kept); else it is answered, and the
+    /// refresh-loop guard and background refreshes are told what happened.
+    fn decide(
+        &self,
+        session: &Arc<ActiveSession>,
+        status: StatusCode,
+        replayable: bool,
+        replayed: bool,
+    ) -> bool {
+        if status != StatusCode::UNAUTHORIZED {
+            self.refresher.accepted(&session.id);
+            return false;
+        }
+        if replayed {
             // Fresh tokens were refused too: hold later 401s of this
             // session for min_refresh_interval instead of rotating again.
-            self.refresher.refusal_survived_refresh(&fresh);
-        } else {
-            self.refresher.accepted(&fresh.id);
+            self.refresher.refusal_survived_refresh(session);
+            return false;
         }
-        self.response_filter(route, &asked, resp).await
+        if !session.has_refresh_token {
+            return false;
+        }
+        if !replayable {
+            // The body went upstream streamed and cannot go again: the 401
+            // goes back as it came, and the tokens are refreshed for the
+            // next request.
+            self.refresher.refresh_refused_in_background(session);
+            return false;
+        }
+        true
     }
 
     /// Sends a request whose body was kept; when the provider refuses it
