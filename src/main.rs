@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
-use credproxy::config::{Config, DEFAULT_PATH};
+use credproxy::config::{Config, Needs, DEFAULT_PATH};
 use credproxy::refresh::{RefreshError, Refresher};
 use credproxy::session::SessionKey;
 use credproxy::sessions::{NewTokens, RevokedBy, SessionInfo, Sessions};
@@ -290,7 +290,13 @@ fn error_text(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     // The config is read before the runtime exists: it sets the worker count.
-    let config = Config::load(&cli.config)?;
+    // Only serve and check need every secret; a command that calls a
+    // provider asks for that provider's itself (`require_provider`).
+    let needs = match cli.command {
+        Command::Serve | Command::Check => Needs::Everything,
+        _ => Needs::Store,
+    };
+    let config = Config::load_for(&cli.config, needs)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if matches!(cli.command, Command::Serve) {
@@ -508,6 +514,9 @@ async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
     use credproxy::connect::{state_hash, Connector};
     use credproxy::store::OAuthOutcome;
 
+    // The sign-in ends at the provider's token endpoint (in the server,
+    // which reads the same config): its secrets must be there.
+    config.require_provider(&args.provider)?;
     let sessions = Arc::new(open_sessions(&config).await?);
     let metrics = Arc::new(credproxy::metrics::Metrics::default());
     let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
@@ -729,6 +738,10 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
             println!("session {id} revoked");
         }
         SessionCommand::Refresh { id } => {
+            let Some(info) = sessions.info(&id).await? else {
+                bail!("no session with id {id}");
+            };
+            config.require_provider(&info.provider)?;
             let metrics = Arc::new(credproxy::metrics::Metrics::default());
             let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
             match refresher

@@ -1330,3 +1330,98 @@ fn ci_runs_exactly_readmes_test_command() {
         "{readme_command}"
     );
 }
+
+/// The commands that touch only the store run from a plain shell, with no
+/// provider's secret set; what calls a provider needs that provider's (and
+/// only its), and serve and check need every one, as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_commands_need_no_provider_secret() {
+    let w = World::new().await;
+    let (s, z) = (w.spark.options(), w.zillow.options());
+    let good = w.write_config(&Extra::default());
+    let spark = support::cli_add(&good, "spark", &w.spark.issue_tokens());
+    let spark_id = spark["id"].as_str().expect("id");
+    let zillow = support::cli_add(&good, "zillow", &w.zillow.issue_tokens());
+    let zillow_id = zillow["id"].as_str().expect("id");
+    // The same store and key, with every provider secret in unset variables.
+    let text = w
+        .config_text(&Extra::default())
+        .replace(
+            &format!("client_secret = \"{}\"", s.client_secret),
+            "client_secret_env = \"CREDPROXY_TEST_NO_SPARK\"",
+        )
+        .replace(
+            &format!("client_secret = \"{}\"", z.client_secret),
+            "client_secret_env = \"CREDPROXY_TEST_NO_ZILLOW\"",
+        )
+        .replace(
+            &format!("api_key = \"{}\"", z.api_key),
+            "api_key_env = \"CREDPROXY_TEST_NO_ZILLOW_KEY\"",
+        );
+    let cfg = w.path("plain-shell.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("RUST_LOG")
+            .env_remove("CREDPROXY_TEST_NO_SPARK")
+            .env_remove("CREDPROXY_TEST_NO_ZILLOW")
+            .env_remove("CREDPROXY_TEST_NO_ZILLOW_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let out = run(&["session", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(spark_id) && stdout(&out).contains(zillow_id),
+        "{}",
+        stdout(&out)
+    );
+    for args in [
+        &["session", "list", "--json"][..],
+        &["key", "list"][..],
+        &["audit"][..],
+        &["audit", "verify"][..],
+        &["events", "list"][..],
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "tok-plain-shell",
+        ][..],
+        &["session", "revoke", zillow_id][..],
+    ] {
+        let out = run(args);
+        assert!(out.status.success(), "{args:?}: {}", printed(&out));
+        assert!(!stderr(&out).contains("CREDPROXY_TEST_NO"), "{args:?}");
+    }
+    // A refresh calls its session's provider: spark's secret, not zillow's.
+    let out = run(&["session", "refresh", spark_id]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim_end(),
+        "credproxy: providers.spark.client_secret_env: environment variable CREDPROXY_TEST_NO_SPARK is not set or empty"
+    );
+    let out = run(&["connect", "zillow", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("CREDPROXY_TEST_NO_ZILLOW") && !err.contains("SPARK"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("/connect/zillow?link="),
+        "no link is offered: {err}"
+    );
+    for cmd in ["check", "serve"] {
+        let out = run(&[cmd]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        assert_eq!(stderr(&out).lines().count(), 3, "{cmd}: {}", stderr(&out));
+    }
+}
