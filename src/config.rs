@@ -638,6 +638,13 @@ impl ProviderConfig {
 }
 
 impl StoreConfig {
+    /// The file of a SQLite store (its path made absolute when the config
+    /// was loaded from a file); `None` for PostgreSQL or an in-memory store.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        use secrecy::ExposeSecret;
+        sqlite_file(self.url.expose_secret())
+    }
+
     /// The store URL for messages: PostgreSQL's host, port and database
     /// only, never its user, password or query (see [`crate::store::describe_url`]).
     pub fn shown_url(&self) -> String {

@@ -615,7 +615,9 @@ async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
 
 async fn check(config: Config) -> anyhow::Result<()> {
     // Opening proves the sealing key fits the store (one stored value opens).
-    let (sessions, key_warnings) = Sessions::open(&config).await?;
+    // Nothing is created: a store or key file that serve would create is
+    // said, and stood in for in memory.
+    let (sessions, key_warnings, would_create) = Sessions::open_without_creating(&config).await?;
     let sessions = Arc::new(sessions);
     // Building the proxy checks what parsing cannot: TLS roots, upstream authorities.
     let metrics = Arc::new(credproxy::metrics::Metrics::default());
@@ -641,8 +643,15 @@ async fn check(config: Config) -> anyhow::Result<()> {
     for w in config.warnings.iter().chain(&key_warnings) {
         println!("warning: {w}");
     }
+    for what in &would_create {
+        println!("{what}");
+    }
+    let store = match config.store.sqlite_file() {
+        Some(file) if !file.exists() => "store not created yet (check creates nothing)".to_owned(),
+        _ => format!("store reachable with {n} session(s)"),
+    };
     println!(
-        "ok: {} provider(s) configured ({}), store reachable with {n} session(s){}",
+        "ok: {} provider(s) configured ({}), {store}{}",
         config.providers.len(),
         config
             .providers

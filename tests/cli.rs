@@ -1154,8 +1154,13 @@ async fn missing_or_wrong_key(store_url: Option<String>) {
         ..Extra::default()
     });
     let key_file = w.path("credproxy.key");
-    // An empty store: the key is made, as ever.
+    // An empty store: check says the key would be made, and the first
+    // session command makes it, as ever.
     let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(stdout(&out).contains("would create the key file at"));
+    assert!(!key_file.exists(), "check creates nothing");
+    let out = run_cli(&cfg, &["session", "list"]);
     assert!(out.status.success(), "{}", printed(&out));
     assert!(key_file.exists());
     let t = w.spark.issue_tokens();
@@ -1233,6 +1238,8 @@ async fn a_key_file_others_can_read_is_warned_about() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
+    let out = run_cli(&cfg, &["session", "list"]);
+    assert!(out.status.success(), "{}", printed(&out));
     let out = run_cli(&cfg, &["check"]);
     assert!(out.status.success(), "{}", printed(&out));
     assert!(!printed(&out).contains("chmod"), "{}", printed(&out));
@@ -1424,4 +1431,56 @@ async fn store_commands_need_no_provider_secret() {
         assert_eq!(out.status.code(), Some(1), "{cmd}");
         assert_eq!(stderr(&out).lines().count(), 3, "{cmd}: {}", stderr(&out));
     }
+}
+
+/// `check` creates nothing: on a fresh directory it says which store and
+/// key file the first other command would create, and leaves the directory
+/// as it was; once they exist it opens them as before.
+#[tokio::test]
+async fn check_creates_nothing_and_says_what_it_would() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let before: Vec<_> = std::fs::read_dir(w.dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let said = stdout(&out);
+    let (db, key) = (w.path("credproxy.db"), w.path("credproxy.key"));
+    assert!(
+        said.contains(&format!(
+            "would create the SQLite store at {}",
+            db.display()
+        )) && said.contains(&format!("would create the key file at {}", key.display()))
+            && said.contains("ok: 2 provider(s) configured"),
+        "{said}"
+    );
+    let after: Vec<_> = std::fs::read_dir(w.dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(before, after, "check created nothing");
+    assert!(!w.path("credproxy.db-rotations").exists());
+
+    // A key file's directory that does not exist: refused, naming the key.
+    let text = w.config_text(&Extra::default()).replace(
+        &key.display().to_string(),
+        &w.path("no/such/dir/credproxy.key").display().to_string(),
+    );
+    let bad = w.path("bad-key-dir.toml");
+    std::fs::write(&bad, text).expect("write");
+    let out = run_cli(&bad, &["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(stderr(&out).contains("store.key_file"), "{}", printed(&out));
+
+    support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let said = stdout(&out);
+    assert!(!said.contains("would create"), "{said}");
+    assert!(
+        said.contains("store reachable with 1 session(s), and the sealing key opens them"),
+        "{said}"
+    );
 }
