@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
 use credproxy::config::{Config, Needs, DEFAULT_PATH};
@@ -69,6 +69,21 @@ enum Command {
     /// The audit trail of control-plane events, newest last; `audit verify`
     /// checks its hash chain.
     Audit(AuditArgs),
+    /// Print a shell completion script, e.g. `credproxy completions bash >
+    /// /usr/share/bash-completion/completions/credproxy`. Reads no config.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page credproxy(1) as roff, e.g. `credproxy man >
+    /// /usr/share/man/man1/credproxy.1`; with --dir, write it and a page for
+    /// every subcommand (credproxy-session-add.1, ...) there. Reads no config.
+    Man {
+        /// Write credproxy.1 and one page per subcommand into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -289,6 +304,12 @@ fn error_text(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // What is printed from the command line's own description needs no config.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     // The config is read before the runtime exists: it sets the worker count.
     // Only serve and check need every secret; a command that calls a
     // provider asks for that provider's itself (`require_provider`).
@@ -320,7 +341,40 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Events(cmd) => events(config, cmd).await,
         Command::Key(cmd) => key(config, cmd).await,
         Command::Audit(args) => audit(config, args).await,
+        Command::Completions { shell } => completions(shell),
+        Command::Man { dir } => man(dir.as_deref()),
     }
+}
+
+/// `credproxy completions SHELL`: the script, written whole (a closed pipe
+/// is an error, not a panic).
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "credproxy", &mut script);
+    std::io::stdout()
+        .lock()
+        .write_all(&script)
+        .context("writing the completion script")
+}
+
+/// `credproxy man [--dir DIR]`: credproxy(1) on stdout, or every page in DIR.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let cmd = Cli::command();
+    if let Some(dir) = dir {
+        clap_mangen::generate_to(cmd, dir)
+            .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+        return Ok(());
+    }
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd)
+        .render(&mut page)
+        .context("rendering the manual page")?;
+    std::io::stdout()
+        .lock()
+        .write_all(&page)
+        .context("writing the manual page")
 }
 
 async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {

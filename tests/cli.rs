@@ -1484,3 +1484,69 @@ async fn check_creates_nothing_and_says_what_it_would() {
         "{said}"
     );
 }
+
+/// Completions and the manual page come from the command line's own
+/// description, with no config file (the one named does not exist).
+#[test]
+fn completions_and_man_page_need_no_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(dir.path().join("missing.toml"))
+            .current_dir(dir.path())
+            .output()
+            .expect("run")
+    };
+    let out = run(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bash = stdout(&out);
+    assert!(bash.contains("complete -F _credproxy"), "{bash}");
+    for cmd in [
+        "serve",
+        "session",
+        "check",
+        "connect",
+        "events",
+        "key",
+        "audit",
+        "completions",
+        "man",
+        "rewrap",
+        "--config",
+    ] {
+        assert!(bash.contains(cmd), "bash completes {cmd}");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        assert!(stdout(&out).contains("rewrap"), "{shell}");
+    }
+    let out = run(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses an unknown shell");
+
+    let out = run(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(
+        page.contains("\n.TH credproxy 1 "),
+        "roff with a title: {page}"
+    );
+    assert!(
+        page.contains(".SH SYNOPSIS") && page.contains("session"),
+        "{page}"
+    );
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).expect("mkdir");
+    let out = run(&["man", "--dir", pages.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let add = std::fs::read_to_string(pages.join("credproxy-session-add.1")).expect("a page");
+    assert!(
+        add.contains(".TH credproxy-session-add 1") && add.contains("access\\-token"),
+        "{add}"
+    );
+    assert!(pages.join("credproxy.1").is_file());
+    let made: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+    assert_eq!(made.len(), 1, "nothing but the pages asked for");
+}
