@@ -1550,3 +1550,93 @@ fn completions_and_man_page_need_no_config() {
     let made: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
     assert_eq!(made.len(), 1, "nothing but the pages asked for");
 }
+
+/// `deploy/credproxy.service`: hardened, runs `serve` on /etc/credproxy's
+/// config, and the `[store]` its header tells you to write keeps the store,
+/// the key file and the rotation journal in the one directory the unit lets
+/// the service write; `systemd-analyze verify` accepts it where installed.
+#[test]
+fn systemd_unit_is_hardened_and_keeps_state_where_it_may_write() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/credproxy.service")).expect("unit");
+    let directives: Vec<(&str, &str)> = unit
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let value = |key: &str| {
+        directives
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{key}= is set"))
+    };
+    for (key, want) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("StateDirectory", "credproxy"),
+        ("ReadWritePaths", "/var/lib/credproxy"),
+        ("Restart", "on-failure"),
+        ("User", "credproxy"),
+        (
+            "ExecStart",
+            "/usr/local/bin/credproxy serve --config /etc/credproxy/config.toml",
+        ),
+    ] {
+        assert_eq!(value(key), want, "{key}");
+    }
+    let nofile: u64 = value("LimitNOFILE").parse().expect("a number");
+    assert!(nofile >= 2 * 10_000 + 1024, "room for max_connections");
+
+    // The [store] of the header, as the config would hold it.
+    let store: String = unit
+        .lines()
+        .skip_while(|l| l.trim() != "#   [store]")
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+        .collect();
+    assert!(store.contains("key_file"), "{store}");
+    let config = credproxy::config::Config::parse_in(
+        &store,
+        std::path::Path::new("/etc/credproxy/config.toml"),
+        Some(std::path::Path::new("/etc/credproxy")),
+        |_| None,
+    )
+    .expect("a valid [store]");
+    let state = std::path::Path::new("/var/lib/credproxy");
+    assert!(config
+        .store
+        .sqlite_file()
+        .expect("SQLite")
+        .starts_with(state));
+    match &config.store.key {
+        credproxy::config::KeySource::File(path) => assert!(path.starts_with(state)),
+        other => panic!("a key file: {other:?}"),
+    }
+    let journal = config.store.rotation_journal.as_ref().expect("a journal");
+    assert!(journal.starts_with(state), "{}", journal.display());
+
+    let verify = Command::new("systemd-analyze").arg("--version").output();
+    if verify.is_err() {
+        println!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("credproxy.service");
+    let unit = unit
+        .replace("/usr/local/bin/credproxy", BIN)
+        .replace("Documentation=man:credproxy(1)\n", "");
+    std::fs::write(&copy, unit).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        printed(&out)
+    );
+}
