@@ -280,6 +280,48 @@ pub struct RateLimit {
     pub per: Duration,
 }
 
+/// What a command needs of the configuration: every secret, or only the
+/// store's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Every secret must resolve (`serve`, `check`).
+    Everything,
+    /// The store's settings (its URL and sealing key) must; a provider's or
+    /// `[notify]`'s missing secret is kept aside, with a placeholder in its
+    /// place, until [`Config::require_provider`] (or
+    /// [`Config::require_everything`]) asks for it. For the commands that
+    /// touch only the store: `session list`, `key list`, `audit`, ...
+    Store,
+}
+
+/// A secret that did not resolve under [`Needs::Store`]: whose it is and
+/// the problem, as [`Needs::Everything`] would have refused it.
+#[derive(Debug, Clone)]
+struct Unresolved {
+    /// The provider it belongs to; `None`: `[notify]`'s.
+    provider: Option<String>,
+    key: String,
+    message: String,
+}
+
+impl Unresolved {
+    fn new(provider: Option<&str>, e: ConfigError) -> Unresolved {
+        let (key, message) = match e {
+            ConfigError::Invalid { key, message } => (key, message),
+            other => (String::new(), other.to_string()),
+        };
+        Unresolved {
+            provider: provider.map(str::to_owned),
+            key,
+            message,
+        }
+    }
+
+    fn error(&self) -> ConfigError {
+        invalid(self.key.clone(), self.message.clone())
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -292,6 +334,9 @@ pub struct Config {
     pub notify: Option<NotifyConfig>,
     /// Things worth telling the operator that do not stop start-up.
     pub warnings: Vec<String>,
+    /// Secrets put aside under [`Needs::Store`] (always empty under
+    /// [`Needs::Everything`]): their values are placeholders, never to be sent.
+    unresolved: Vec<Unresolved>,
 }
 
 #[derive(Debug, Clone)]
@@ -499,6 +544,11 @@ impl Config {
     /// `ca_file`) are relative to the file's own directory, wherever
     /// credproxy is started from.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_for(path, Needs::Everything)
+    }
+
+    /// [`Config::load`] for a command that needs only what `needs` says.
+    pub fn load_for(path: &Path, needs: Needs) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: path.to_owned(),
             reason,
@@ -513,7 +563,9 @@ impl Config {
         let dir = std::fs::canonicalize(dir)
             .or_else(|_| std::path::absolute(dir))
             .unwrap_or_else(|_| dir.to_owned());
-        Config::parse_in(&text, path, Some(&dir), |name| std::env::var(name).ok())
+        Config::parse_for(&text, path, Some(&dir), needs, |name| {
+            std::env::var(name).ok()
+        })
     }
 
     /// Parses `text`; `env` looks up environment variables (a parameter so
@@ -534,6 +586,17 @@ impl Config {
         dir: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        Config::parse_for(text, path, dir, Needs::Everything, env)
+    }
+
+    /// [`Config::parse_in`] for a command that needs only what `needs` says.
+    pub fn parse_for(
+        text: &str,
+        path: &Path,
+        dir: Option<&Path>,
+        needs: Needs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: parse_message(text, &e),
@@ -541,7 +604,7 @@ impl Config {
         // Problems that do not stop validation (missing secrets) are
         // collected, so one run names them all.
         let mut problems = Vec::new();
-        match validate(raw, &env, dir, &mut problems) {
+        match validate(raw, &env, dir, needs, &mut problems) {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError::all(problems)),
             Err(e) => {
@@ -554,12 +617,55 @@ impl Config {
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.name == name)
     }
+
+    /// Refuses, as [`Needs::Everything`] would have, when a secret that
+    /// provider `name` calls its provider with was put aside: its own, or
+    /// those of the provider it takes its sessions from. An unknown name
+    /// passes (the caller says it is unknown).
+    pub fn require_provider(&self, name: &str) -> Result<(), ConfigError> {
+        let owner = self
+            .provider(name)
+            .map_or(name, ProviderConfig::session_owner);
+        self.refuse(|u| {
+            u.provider
+                .as_deref()
+                .is_some_and(|p| p == name || p == owner)
+        })
+    }
+
+    /// Refuses, as [`Needs::Everything`] would have, when any secret was put aside.
+    pub fn require_everything(&self) -> Result<(), ConfigError> {
+        self.refuse(|_| true)
+    }
+
+    fn refuse(&self, which: impl Fn(&Unresolved) -> bool) -> Result<(), ConfigError> {
+        let errors: Vec<ConfigError> = self
+            .unresolved
+            .iter()
+            .filter(|u| which(u))
+            .map(Unresolved::error)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::all(errors))
+        }
+    }
 }
 
 impl ProviderConfig {
     /// The provider whose sessions this one serves: `sessions_from`, or itself.
     pub fn session_owner(&self) -> &str {
         self.sessions_from.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl StoreConfig {
+    /// The file of a SQLite store (its path made absolute when the config
+    /// was loaded from a file); `None` for PostgreSQL or an in-memory store.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        use secrecy::ExposeSecret;
+        sqlite_file(self.url.expose_secret())
     }
 }
 
@@ -735,11 +841,14 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Validates `raw`. A missing secret goes into `problems` and validation goes
-/// on (so that one run names every one); any other problem ends it.
+/// on (so that one run names every one); any other problem ends it. Under
+/// [`Needs::Store`], a provider's or `[notify]`'s secret problems go into the
+/// config's `unresolved` instead.
 fn validate(
     raw: RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
     dir: Option<&Path>,
+    needs: Needs,
     problems: &mut Vec<ConfigError>,
 ) -> Result<Config, ConfigError> {
     let s = raw.server;
@@ -994,24 +1103,44 @@ fn validate(
         ("server.listen".to_owned(), listen),
         ("server.admin_listen".to_owned(), admin_listen),
     ];
+    // A provider's problems are all about its secrets: under Needs::Store
+    // they are put aside for the commands that call that provider.
+    let mut unresolved = Vec::new();
     for (name, p) in raw.providers {
-        providers.push(validate_provider(
+        let mut secrets = Vec::new();
+        let provider = validate_provider(
             &name,
             p,
             &server.public_url,
             env,
             dir,
             &mut ports,
-            problems,
-        )?);
+            &mut secrets,
+        );
+        match needs {
+            Needs::Everything => problems.append(&mut secrets),
+            Needs::Store => {
+                unresolved.extend(secrets.into_iter().map(|e| Unresolved::new(Some(&name), e)))
+            }
+        }
+        providers.push(provider?);
     }
     inherit_sessions(&mut providers)?;
     let notify = raw
         .notify
         .map(|n| -> Result<NotifyConfig, ConfigError> {
             let url = http_url("notify.url", &n.url)?;
-            let secret = secret("notify.secret", n.secret, n.secret_env, env)?
-                .ok_or_else(|| invalid("notify.secret", "is required (or notify.secret_env)"))?;
+            let secret = secret("notify.secret", n.secret, n.secret_env, env).and_then(|s| {
+                s.ok_or_else(|| invalid("notify.secret", "is required (or notify.secret_env)"))
+            });
+            let secret = match (secret, needs) {
+                (Ok(s), _) => s,
+                (Err(e), Needs::Everything) => return Err(e),
+                (Err(e), Needs::Store) => {
+                    unresolved.push(Unresolved::new(None, e));
+                    SecretString::from(String::new())
+                }
+            };
             let timeout = n
                 .timeout
                 .map(|d| d.resolve("notify.timeout"))
@@ -1063,6 +1192,7 @@ fn validate(
         providers,
         notify,
         warnings,
+        unresolved,
     })
 }
 
@@ -1409,6 +1539,52 @@ mod tests {
         );
         let e = err(&GOOD.replace("api_key_env = \"ZKEY\"", ""));
         assert!(e.contains("providers.zillow.api_key"), "{e}");
+    }
+
+    #[test]
+    fn store_commands_put_provider_secrets_aside() {
+        let text = format!(
+            "{}\n[providers.spark2]\nkind = \"spark\"\napi_base = \"https://replication.sparkapi.com\"\nsessions_from = \"spark\"\n[notify]\nurl = \"https://hooks.example\"\nsecret_env = \"NOTIFY_SECRET\"\n",
+            GOOD.replace("api_key_env = \"ZKEY\"", "")
+        );
+        let none = |_: &str| None;
+        let everything = Config::parse(&text, Path::new("c.toml"), none)
+            .expect_err("every secret is missing")
+            .to_string();
+        let c = Config::parse_for(&text, Path::new("c.toml"), None, Needs::Store, none)
+            .expect("the store's settings are enough");
+        assert_eq!(c.providers.len(), 3);
+        let spark = c
+            .require_provider("spark")
+            .expect_err("spark's")
+            .to_string();
+        assert!(spark.contains("SPARK_SECRET"), "{spark}");
+        assert!(!spark.contains("zillow"), "{spark}");
+        let spark2 = c
+            .require_provider("spark2")
+            .expect_err("the owner's")
+            .to_string();
+        assert_eq!(spark2, spark);
+        let zillow = c
+            .require_provider("zillow")
+            .expect_err("zillow's")
+            .to_string();
+        assert!(zillow.contains("providers.zillow.api_key"), "{zillow}");
+        assert!(c.require_provider("nope").is_ok());
+        // Everything, as a full parse names it.
+        let all = c.require_everything().expect_err("all").to_string();
+        assert_eq!(all, everything);
+        assert!(all.ends_with("NOTIFY_SECRET is not set or empty"), "{all}");
+        // Nothing is put aside when everything resolves.
+        let c =
+            Config::parse_for(GOOD, Path::new("c.toml"), None, Needs::Store, env).expect("valid");
+        assert!(c.require_everything().is_ok());
+        // A missing store secret is still refused.
+        let text = GOOD.replace("url = \"sqlite://x.db\"", "key_env = \"NO_KEY\"");
+        let e = Config::parse_for(&text, Path::new("c.toml"), None, Needs::Store, env)
+            .expect_err("the sealing key is the store's")
+            .to_string();
+        assert!(e.contains("store.key_env"), "{e}");
     }
 
     #[test]

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
-use credproxy::config::{Config, DEFAULT_PATH};
+use credproxy::config::{Config, Needs, DEFAULT_PATH};
 use credproxy::secrets::session::SessionKey;
 use credproxy::tokens::refresh::{RefreshError, Refresher};
 use credproxy::tokens::sessions::{NewTokens, RevokedBy, SessionInfo, Sessions};
@@ -69,6 +69,21 @@ enum Command {
     /// The audit trail of control-plane events, newest last; `audit verify`
     /// checks its hash chain.
     Audit(AuditArgs),
+    /// Print a shell completion script, e.g. `credproxy completions bash >
+    /// /usr/share/bash-completion/completions/credproxy`. Reads no config.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page credproxy(1) as roff, e.g. `credproxy man >
+    /// /usr/share/man/man1/credproxy.1`; with --dir, write it and a page for
+    /// every subcommand (credproxy-session-add.1, ...) there. Reads no config.
+    Man {
+        /// Write credproxy.1 and one page per subcommand into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -289,8 +304,20 @@ fn error_text(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // What is printed from the command line's own description needs no config.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     // The config is read before the runtime exists: it sets the worker count.
-    let config = Config::load(&cli.config)?;
+    // Only serve and check need every secret; a command that calls a
+    // provider asks for that provider's itself (`require_provider`).
+    let needs = match cli.command {
+        Command::Serve | Command::Check => Needs::Everything,
+        _ => Needs::Store,
+    };
+    let config = Config::load_for(&cli.config, needs)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if matches!(cli.command, Command::Serve) {
@@ -314,7 +341,40 @@ async fn command(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Events(cmd) => events(config, cmd).await,
         Command::Key(cmd) => key(config, cmd).await,
         Command::Audit(args) => audit(config, args).await,
+        Command::Completions { shell } => completions(shell),
+        Command::Man { dir } => man(dir.as_deref()),
     }
+}
+
+/// `credproxy completions SHELL`: the script, written whole (a closed pipe
+/// is an error, not a panic).
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "credproxy", &mut script);
+    std::io::stdout()
+        .lock()
+        .write_all(&script)
+        .context("writing the completion script")
+}
+
+/// `credproxy man [--dir DIR]`: credproxy(1) on stdout, or every page in DIR.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let cmd = Cli::command();
+    if let Some(dir) = dir {
+        clap_mangen::generate_to(cmd, dir)
+            .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+        return Ok(());
+    }
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd)
+        .render(&mut page)
+        .context("rendering the manual page")?;
+    std::io::stdout()
+        .lock()
+        .write_all(&page)
+        .context("writing the manual page")
 }
 
 async fn key(config: Config, cmd: KeyCommand) -> anyhow::Result<()> {
@@ -508,6 +568,9 @@ async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
     use credproxy::control::connect::{state_hash, Connector};
     use credproxy::store::OAuthOutcome;
 
+    // The sign-in ends at the provider's token endpoint (in the server,
+    // which reads the same config): its secrets must be there.
+    config.require_provider(&args.provider)?;
     let sessions = Arc::new(open_sessions(&config).await?);
     let metrics = Arc::new(credproxy::metrics::Metrics::default());
     let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
@@ -606,7 +669,9 @@ async fn connect(config: Config, args: ConnectArgs) -> anyhow::Result<()> {
 
 async fn check(config: Config) -> anyhow::Result<()> {
     // Opening proves the sealing key fits the store (one stored value opens).
-    let (sessions, key_warnings) = Sessions::open(&config).await?;
+    // Nothing is created: a store or key file that serve would create is
+    // said, and stood in for in memory.
+    let (sessions, key_warnings, would_create) = Sessions::open_without_creating(&config).await?;
     let sessions = Arc::new(sessions);
     // Building the proxy checks what parsing cannot: TLS roots, upstream authorities.
     let metrics = Arc::new(credproxy::metrics::Metrics::default());
@@ -632,8 +697,15 @@ async fn check(config: Config) -> anyhow::Result<()> {
     for w in config.warnings.iter().chain(&key_warnings) {
         println!("warning: {w}");
     }
+    for what in &would_create {
+        println!("{what}");
+    }
+    let store = match config.store.sqlite_file() {
+        Some(file) if !file.exists() => "store not created yet (check creates nothing)".to_owned(),
+        _ => format!("store reachable with {n} session(s)"),
+    };
     println!(
-        "ok: {} provider(s) configured ({}), store reachable with {n} session(s){}",
+        "ok: {} provider(s) configured ({}), {store}{}",
         config.providers.len(),
         config
             .providers
@@ -729,6 +801,10 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
             println!("session {id} revoked");
         }
         SessionCommand::Refresh { id } => {
+            let Some(info) = sessions.info(&id).await? else {
+                bail!("no session with id {id}");
+            };
+            config.require_provider(&info.provider)?;
             let metrics = Arc::new(credproxy::metrics::Metrics::default());
             let refresher = Arc::new(Refresher::new(&config, Arc::clone(&sessions), metrics)?);
             match refresher

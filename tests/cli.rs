@@ -1154,8 +1154,13 @@ async fn missing_or_wrong_key(store_url: Option<String>) {
         ..Extra::default()
     });
     let key_file = w.path("credproxy.key");
-    // An empty store: the key is made, as ever.
+    // An empty store: check says the key would be made, and the first
+    // session command makes it, as ever.
     let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(stdout(&out).contains("would create the key file at"));
+    assert!(!key_file.exists(), "check creates nothing");
+    let out = run_cli(&cfg, &["session", "list"]);
     assert!(out.status.success(), "{}", printed(&out));
     assert!(key_file.exists());
     let t = w.spark.issue_tokens();
@@ -1233,6 +1238,8 @@ async fn a_key_file_others_can_read_is_warned_about() {
     use std::os::unix::fs::PermissionsExt;
     let w = World::new().await;
     let cfg = w.write_config(&Extra::default());
+    let out = run_cli(&cfg, &["session", "list"]);
+    assert!(out.status.success(), "{}", printed(&out));
     let out = run_cli(&cfg, &["check"]);
     assert!(out.status.success(), "{}", printed(&out));
     assert!(!printed(&out).contains("chmod"), "{}", printed(&out));
@@ -1328,5 +1335,308 @@ fn ci_runs_exactly_readmes_test_command() {
     assert!(
         readme_command.contains(" --no-fail-fast"),
         "{readme_command}"
+    );
+}
+
+/// The commands that touch only the store run from a plain shell, with no
+/// provider's secret set; what calls a provider needs that provider's (and
+/// only its), and serve and check need every one, as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_commands_need_no_provider_secret() {
+    let w = World::new().await;
+    let (s, z) = (w.spark.options(), w.zillow.options());
+    let good = w.write_config(&Extra::default());
+    let spark = support::cli_add(&good, "spark", &w.spark.issue_tokens());
+    let spark_id = spark["id"].as_str().expect("id");
+    let zillow = support::cli_add(&good, "zillow", &w.zillow.issue_tokens());
+    let zillow_id = zillow["id"].as_str().expect("id");
+    // The same store and key, with every provider secret in unset variables.
+    let text = w
+        .config_text(&Extra::default())
+        .replace(
+            &format!("client_secret = \"{}\"", s.client_secret),
+            "client_secret_env = \"CREDPROXY_TEST_NO_SPARK\"",
+        )
+        .replace(
+            &format!("client_secret = \"{}\"", z.client_secret),
+            "client_secret_env = \"CREDPROXY_TEST_NO_ZILLOW\"",
+        )
+        .replace(
+            &format!("api_key = \"{}\"", z.api_key),
+            "api_key_env = \"CREDPROXY_TEST_NO_ZILLOW_KEY\"",
+        );
+    let cfg = w.path("plain-shell.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("RUST_LOG")
+            .env_remove("CREDPROXY_TEST_NO_SPARK")
+            .env_remove("CREDPROXY_TEST_NO_ZILLOW")
+            .env_remove("CREDPROXY_TEST_NO_ZILLOW_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let out = run(&["session", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(spark_id) && stdout(&out).contains(zillow_id),
+        "{}",
+        stdout(&out)
+    );
+    for args in [
+        &["session", "list", "--json"][..],
+        &["key", "list"][..],
+        &["audit"][..],
+        &["audit", "verify"][..],
+        &["events", "list"][..],
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "tok-plain-shell",
+        ][..],
+        &["session", "revoke", zillow_id][..],
+    ] {
+        let out = run(args);
+        assert!(out.status.success(), "{args:?}: {}", printed(&out));
+        assert!(!stderr(&out).contains("CREDPROXY_TEST_NO"), "{args:?}");
+    }
+    // A refresh calls its session's provider: spark's secret, not zillow's.
+    let out = run(&["session", "refresh", spark_id]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim_end(),
+        "credproxy: providers.spark.client_secret_env: environment variable CREDPROXY_TEST_NO_SPARK is not set or empty"
+    );
+    let out = run(&["connect", "zillow", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("CREDPROXY_TEST_NO_ZILLOW") && !err.contains("SPARK"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("/connect/zillow?link="),
+        "no link is offered: {err}"
+    );
+    for cmd in ["check", "serve"] {
+        let out = run(&[cmd]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        assert_eq!(stderr(&out).lines().count(), 3, "{cmd}: {}", stderr(&out));
+    }
+}
+
+/// `check` creates nothing: on a fresh directory it says which store and
+/// key file the first other command would create, and leaves the directory
+/// as it was; once they exist it opens them as before.
+#[tokio::test]
+async fn check_creates_nothing_and_says_what_it_would() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    let before: Vec<_> = std::fs::read_dir(w.dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let said = stdout(&out);
+    let (db, key) = (w.path("credproxy.db"), w.path("credproxy.key"));
+    assert!(
+        said.contains(&format!(
+            "would create the SQLite store at {}",
+            db.display()
+        )) && said.contains(&format!("would create the key file at {}", key.display()))
+            && said.contains("ok: 2 provider(s) configured"),
+        "{said}"
+    );
+    let after: Vec<_> = std::fs::read_dir(w.dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(before, after, "check created nothing");
+    assert!(!w.path("credproxy.db-rotations").exists());
+
+    // A key file's directory that does not exist: refused, naming the key.
+    let text = w.config_text(&Extra::default()).replace(
+        &key.display().to_string(),
+        &w.path("no/such/dir/credproxy.key").display().to_string(),
+    );
+    let bad = w.path("bad-key-dir.toml");
+    std::fs::write(&bad, text).expect("write");
+    let out = run_cli(&bad, &["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(stderr(&out).contains("store.key_file"), "{}", printed(&out));
+
+    support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let out = run_cli(&cfg, &["check"]);
+    assert!(out.status.success(), "{}", printed(&out));
+    let said = stdout(&out);
+    assert!(!said.contains("would create"), "{said}");
+    assert!(
+        said.contains("store reachable with 1 session(s), and the sealing key opens them"),
+        "{said}"
+    );
+}
+
+/// Completions and the manual page come from the command line's own
+/// description, with no config file (the one named does not exist).
+#[test]
+fn completions_and_man_page_need_no_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(dir.path().join("missing.toml"))
+            .current_dir(dir.path())
+            .output()
+            .expect("run")
+    };
+    let out = run(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bash = stdout(&out);
+    assert!(bash.contains("complete -F _credproxy"), "{bash}");
+    for cmd in [
+        "serve",
+        "session",
+        "check",
+        "connect",
+        "events",
+        "key",
+        "audit",
+        "completions",
+        "man",
+        "rewrap",
+        "--config",
+    ] {
+        assert!(bash.contains(cmd), "bash completes {cmd}");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        assert!(stdout(&out).contains("rewrap"), "{shell}");
+    }
+    let out = run(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses an unknown shell");
+
+    let out = run(&["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(
+        page.contains("\n.TH credproxy 1 "),
+        "roff with a title: {page}"
+    );
+    assert!(
+        page.contains(".SH SYNOPSIS") && page.contains("session"),
+        "{page}"
+    );
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).expect("mkdir");
+    let out = run(&["man", "--dir", pages.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let add = std::fs::read_to_string(pages.join("credproxy-session-add.1")).expect("a page");
+    assert!(
+        add.contains(".TH credproxy-session-add 1") && add.contains("access\\-token"),
+        "{add}"
+    );
+    assert!(pages.join("credproxy.1").is_file());
+    let made: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+    assert_eq!(made.len(), 1, "nothing but the pages asked for");
+}
+
+/// `deploy/credproxy.service`: hardened, runs `serve` on /etc/credproxy's
+/// config, and the `[store]` its header tells you to write keeps the store,
+/// the key file and the rotation journal in the one directory the unit lets
+/// the service write; `systemd-analyze verify` accepts it where installed.
+#[test]
+fn systemd_unit_is_hardened_and_keeps_state_where_it_may_write() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/credproxy.service")).expect("unit");
+    let directives: Vec<(&str, &str)> = unit
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let value = |key: &str| {
+        directives
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{key}= is set"))
+    };
+    for (key, want) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("StateDirectory", "credproxy"),
+        ("ReadWritePaths", "/var/lib/credproxy"),
+        ("Restart", "on-failure"),
+        ("User", "credproxy"),
+        (
+            "ExecStart",
+            "/usr/local/bin/credproxy serve --config /etc/credproxy/config.toml",
+        ),
+    ] {
+        assert_eq!(value(key), want, "{key}");
+    }
+    let nofile: u64 = value("LimitNOFILE").parse().expect("a number");
+    assert!(nofile >= 2 * 10_000 + 1024, "room for max_connections");
+
+    // The [store] of the header, as the config would hold it.
+    let store: String = unit
+        .lines()
+        .skip_while(|l| l.trim() != "#   [store]")
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+        .collect();
+    assert!(store.contains("key_file"), "{store}");
+    let config = credproxy::config::Config::parse_in(
+        &store,
+        std::path::Path::new("/etc/credproxy/config.toml"),
+        Some(std::path::Path::new("/etc/credproxy")),
+        |_| None,
+    )
+    .expect("a valid [store]");
+    let state = std::path::Path::new("/var/lib/credproxy");
+    assert!(config
+        .store
+        .sqlite_file()
+        .expect("SQLite")
+        .starts_with(state));
+    match &config.store.key {
+        credproxy::config::KeySource::File(path) => assert!(path.starts_with(state)),
+        other => panic!("a key file: {other:?}"),
+    }
+    let journal = config.store.rotation_journal.as_ref().expect("a journal");
+    assert!(journal.starts_with(state), "{}", journal.display());
+
+    let verify = Command::new("systemd-analyze").arg("--version").output();
+    if verify.is_err() {
+        println!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("credproxy.service");
+    let unit = unit
+        .replace("/usr/local/bin/credproxy", BIN)
+        .replace("Documentation=man:credproxy(1)\n", "");
+    std::fs::write(&copy, unit).expect("write");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        printed(&out)
     );
 }

@@ -602,6 +602,20 @@ async fn a_provider_with_sessions_from_is_connected_through_its_owner() {
     let page = r.text().await.expect("page");
     assert!(page.contains("connect spark instead"), "{page}");
     assert_eq!(w.spark.token_calls(), 0);
+    // The start page offers no Connect for it, and says which one to use.
+    let r = no_redirects()
+        .get(url(srv.admin_addr, "/"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.expect("page");
+    assert!(page.contains("href=\"/connect/spark\""), "{page}");
+    assert!(!page.contains("/connect/spark-two"), "{page}");
+    assert!(
+        page.contains("Uses the sessions of Spark API: connect Spark API"),
+        "{page}"
+    );
     srv.shutdown().await;
 }
 

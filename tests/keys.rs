@@ -625,3 +625,49 @@ async fn a_key_command_ring_is_read_and_followed() {
     );
     assert!(!err.contains("SECRETSTDOUT"), "{err}");
 }
+
+/// `key list`'s table lines up: every cell starts where its header does,
+/// with an empty PRIMARY cell and a count in SEALED, and no line ends in blanks.
+#[tokio::test]
+async fn key_list_columns_line_up() {
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra::default());
+    add(&cfg, &[]);
+    let out = run_cli(&cfg, &["key", "rotate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    add(&cfg, &[]);
+    let out = run_cli(&cfg, &["key", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let header = lines[0];
+    let starts: Vec<usize> = ["ID", "PRIMARY", "SEALED", "CREATED"]
+        .iter()
+        .map(|h| header.find(h).expect("a column"))
+        .collect();
+    let ids: Vec<String> = key_list(&cfg)
+        .iter()
+        .map(|k| k["id"].as_str().expect("id").to_owned())
+        .collect();
+    for (line, id) in lines[1..].iter().zip(&ids) {
+        assert!(!line.ends_with(' '), "{table}");
+        assert!(line.starts_with(id.as_str()), "{table}");
+        // SEALED and CREATED start where their headers do, after a blank.
+        for &at in &starts[2..] {
+            let cell = &line[at..];
+            assert!(
+                line.as_bytes()[at - 1] == b' ' && !cell.starts_with(' '),
+                "column at {at} misaligned:\n{table}"
+            );
+        }
+        assert_eq!(
+            &line[starts[2]..starts[2] + 1],
+            "1",
+            "one session each:\n{table}"
+        );
+        assert!(line[starts[3]..].starts_with("20"), "{table}");
+    }
+    assert!(lines[2][starts[1]..].starts_with("yes"), "{table}");
+    assert!(lines[1][starts[1]..starts[2]].trim().is_empty(), "{table}");
+}

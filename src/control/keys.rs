@@ -112,25 +112,53 @@ pub async fn list(config: &Config, sessions: &Sessions, json: bool) -> anyhow::R
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<10} {:<8} {:>8}  {:<21} NOTE",
-        "ID", "PRIMARY", "SEALED", "CREATED"
-    );
-    for (r, k) in rows.iter().zip(ring.keys()) {
-        println!(
-            "{:<10} {:<8} {:>8}  {:<21} {}",
-            k.id,
-            if k.id == primary { "yes" } else { "" },
-            r["sealed"].as_i64().unwrap_or_default(),
-            r["created_at"].as_str().unwrap_or("-"),
-            if k.audit_only {
-                "retired; kept only to verify the audit trail"
-            } else {
-                ""
-            },
-        );
-    }
+    let table: Vec<[String; 5]> = rows
+        .iter()
+        .zip(ring.keys())
+        .map(|(r, k)| {
+            [
+                k.id.to_string(),
+                if k.id == primary { "yes" } else { "" }.to_owned(),
+                r["sealed"].as_i64().unwrap_or_default().to_string(),
+                r["created_at"].as_str().unwrap_or("-").to_owned(),
+                if k.audit_only {
+                    "retired; kept only to verify the audit trail"
+                } else {
+                    ""
+                }
+                .to_owned(),
+            ]
+        })
+        .collect();
+    print!("{}", keys_table(&table));
     Ok(())
+}
+
+/// `key list`'s table: each column as wide as its widest cell, two spaces
+/// between columns, no trailing blanks (as `session list` and `audit`).
+fn keys_table(rows: &[[String; 5]]) -> String {
+    let header = ["ID", "PRIMARY", "SEALED", "CREATED", "NOTE"].map(str::to_owned);
+    let lines: Vec<&[String; 5]> = std::iter::once(&header).chain(rows).collect();
+    let mut widths = [0usize; 5];
+    for l in &lines {
+        for (w, c) in widths.iter_mut().zip(l.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let mut line = String::new();
+        for (i, c) in l.iter().enumerate() {
+            if i + 1 == l.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Holds the lock beside a key file while the ring in it changes.

@@ -28,6 +28,9 @@ struct ProviderView {
     name: String,
     label: String,
     connectable: bool,
+    /// The label of the provider whose sessions this one uses
+    /// (`sessions_from`): it is connected through that one, never itself.
+    sessions_from: Option<String>,
 }
 
 #[derive(Template)]
@@ -133,13 +136,19 @@ fn sentence(text: &str) -> String {
 }
 
 pub async fn index(State(state): State<PagesState>) -> Response {
-    let providers = state
-        .connector()
+    let connector = state.connector();
+    let providers = connector
         .providers()
         .map(|p| ProviderView {
             name: p.name.clone(),
             label: p.label.clone(),
-            connectable: p.authorize_url.is_some(),
+            connectable: p.authorize_url.is_some() && p.sessions_from.is_none(),
+            sessions_from: p.sessions_from.as_ref().map(|owner| {
+                connector
+                    .providers()
+                    .find(|o| &o.name == owner)
+                    .map_or_else(|| owner.clone(), |o| o.label.clone())
+            }),
         })
         .collect();
     page(StatusCode::OK, IndexPage { providers }.render())

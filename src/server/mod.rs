@@ -113,6 +113,8 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
 
 /// Opens the store, binds every listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    // A config loaded for the store alone carries placeholder secrets.
+    config.require_everything()?;
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

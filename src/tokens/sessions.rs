@@ -71,6 +71,30 @@ pub enum SessionError {
     ColdBudget { retry_after_secs: u64 },
 }
 
+/// Whether [`Sessions::open_with`] creates a store file or key file that is missing.
+#[derive(Clone, Copy)]
+enum Create {
+    Yes,
+    No,
+}
+
+/// Whether a file could be created at `path` (which does not exist): its
+/// directory exists and is a directory.
+fn can_create(path: &std::path::Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if std::fs::metadata(dir)?.is_dir() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ))
+    }
+}
+
 /// Why the store and the sealing key could not be opened together. The
 /// texts name what is missing and where, never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -441,15 +465,51 @@ impl Sessions {
     /// key could open none of them). Returns warnings for the operator (a
     /// key file others can read).
     pub async fn open(config: &Config) -> Result<(Sessions, Vec<String>), StartError> {
+        let (sessions, warnings, _) = Sessions::open_with(config, Create::Yes).await?;
+        Ok((sessions, warnings))
+    }
+
+    /// [`Sessions::open`] that creates nothing (for `check`): a SQLite file
+    /// that does not exist yet is stood in for by an empty in-memory store,
+    /// a key file that does not exist yet (while the store holds no
+    /// session) by a key in memory. Returns also what `open` would create,
+    /// as sentences ("would create the key file at PATH").
+    pub async fn open_without_creating(
+        config: &Config,
+    ) -> Result<(Sessions, Vec<String>, Vec<String>), StartError> {
+        Sessions::open_with(config, Create::No).await
+    }
+
+    async fn open_with(
+        config: &Config,
+        create: Create,
+    ) -> Result<(Sessions, Vec<String>, Vec<String>), StartError> {
         use secrecy::ExposeSecret;
         let shown = config.store.shown_url();
         let in_store = |reason| StartError::Store {
             shown: shown.clone(),
             reason,
         };
-        let store = store::open(config.store.url.expose_secret())
-            .await
-            .map_err(in_store)?;
+        let mut would_create = Vec::new();
+        let new_file = match (create, config.store.sqlite_file()) {
+            (Create::No, Some(file)) if !file.exists() => Some(file),
+            _ => None,
+        };
+        let store = match new_file {
+            Some(file) => {
+                can_create(&file).map_err(|e| {
+                    in_store(StoreError::Open(format!("cannot create the file: {e}")))
+                })?;
+                would_create.push(format!(
+                    "would create the SQLite store at {}",
+                    file.display()
+                ));
+                store::open("sqlite::memory:").await.map_err(in_store)?
+            }
+            None => store::open(config.store.url.expose_secret())
+                .await
+                .map_err(in_store)?,
+        };
         let mut warnings = Vec::new();
         let sealer = match (Sealer::load_existing(&config.store.key)?, &config.store.key) {
             (Some(sealer), _) => sealer,
@@ -469,7 +529,22 @@ impl Sessions {
                         sealed,
                     });
                 }
-                Sealer::create_key_file(path)?
+                match create {
+                    Create::Yes => Sealer::create_key_file(path)?,
+                    Create::No => {
+                        can_create(path).map_err(|source| KeyError::File {
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                        would_create.push(format!(
+                            "would create the key file at {} (mode 0600; back it up)",
+                            path.display()
+                        ));
+                        Sealer::from_ring(&crate::secrets::seal::Ring::generate(
+                            store::now_ms() / 1000,
+                        ))
+                    }
+                }
             }
             // An environment variable that is not set is an error of its own.
             (None, KeySource::Env(var)) => return Err(KeyError::EnvMissing(var.clone()).into()),
@@ -493,7 +568,7 @@ impl Sessions {
                 });
             }
         }
-        Ok((Sessions::new(store, sealer, config), warnings))
+        Ok((Sessions::new(store, sealer, config), warnings, would_create))
     }
 
     /// The session a key names, from the cache or else the store, with no
