@@ -4,13 +4,12 @@
 //! tokens, injects them the way the provider wants, and forwards the request
 //! streamed. See ARCHITECTURE.md for the map of this crate.
 //!
-//! The folders are the layers, each reading downward only:
-//! `control` (admin API, connect flows, pages) -> `proxy` (the hot path,
-//! providers, upstream, links) -> `tokens` (sessions, refresh, token
-//! endpoints) -> `store` -> `secrets` -> `config`.
-//! `audit` (the audit trail's rows, chain and check) sits below `store`,
-//! which appends its rows; `control::audit` reads and verifies the trail.
-//! `clock` (the wall clock) is at the bottom.
+//! The modules are layers, each reading only from those below it (the
+//! table is ARCHITECTURE.md's code map, and tests/layers.rs checks it):
+//! `server` -> `proxy`, `control` -> `tokens`, `notify` -> `metrics` ->
+//! `pacing` -> `store`, `provider`, `tls` -> `audit` -> `secrets` ->
+//! `config` -> `clock`, `error`, `telemetry`. Nothing is re-exported here:
+//! every path names the module it reads.
 
 pub mod audit;
 pub mod clock;
