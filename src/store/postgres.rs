@@ -19,6 +19,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
+use super::shared::OAuthStates;
 use super::sql::{
     self, bind_event, event_row, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -141,23 +142,6 @@ impl PgStore {
             listener: tokio::sync::Mutex::new(None),
         })
     }
-}
-
-fn oauth_state(row: &PgRow) -> Result<OAuthState, StoreError> {
-    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
-    let key_hash = key_hash
-        .map(|h| {
-            h.try_into()
-                .map(KeyHash)
-                .map_err(|_| StoreError::Corrupt("oauth state".into()))
-        })
-        .transpose()?;
-    Ok(OAuthState {
-        provider: row.try_get("provider")?,
-        session_id: row.try_get("session_id")?,
-        key_hash,
-        created_at: row.try_get("created_at")?,
-    })
 }
 
 /// The session's status, its row locked until the transaction ends.
@@ -664,17 +648,7 @@ impl Store for PgStore {
         state_hash: &[u8; 32],
         state: &OAuthState,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        OAuthStates(&self.pool).insert(state_hash, state).await
     }
 
     async fn peek_oauth_state(
@@ -682,15 +656,7 @@ impl Store for PgStore {
         state_hash: &[u8; 32],
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        let row = sqlx::query(
-            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
-             WHERE state_hash = $1 AND used_at IS NULL AND created_at >= $2",
-        )
-        .bind(&state_hash[..])
-        .bind(not_before)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        OAuthStates(&self.pool).peek(state_hash, not_before).await
     }
 
     async fn insert_browser_oauth_state(
@@ -701,33 +667,13 @@ impl Store for PgStore {
         not_before: i64,
         max_pending: u64,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at, browser_hash)
-             SELECT $1, $2, $3, $4, $5, $6
-             WHERE (SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= $7) < $8",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .bind(&browser_hash[..])
-        .bind(not_before)
-        .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(inserted > 0)
+        OAuthStates(&self.pool)
+            .insert_from_browser(state_hash, state, browser_hash, not_before, max_pending)
+            .await
     }
 
     async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= $1",
-        )
-        .bind(not_before)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        OAuthStates(&self.pool).count_pending(not_before).await
     }
 
     async fn take_oauth_state_from_browser(
@@ -738,22 +684,9 @@ impl Store for PgStore {
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        // With no browser, `browser_hash = NULL` is never true: only an
-        // unbound state is taken.
-        let row = sqlx::query(
-            "UPDATE oauth_states SET used_at = $1
-             WHERE state_hash = $2 AND provider = $3 AND used_at IS NULL AND created_at >= $4
-               AND (browser_hash IS NULL OR browser_hash = $5)
-             RETURNING provider, session_id, key_hash, created_at",
-        )
-        .bind(now)
-        .bind(&state_hash[..])
-        .bind(provider)
-        .bind(not_before)
-        .bind(browser_hash.map(|h| h.to_vec()))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        OAuthStates(&self.pool)
+            .take_from_browser(state_hash, provider, browser_hash, now, not_before)
+            .await
     }
 
     async fn finish_oauth_state(
@@ -761,44 +694,15 @@ impl Store for PgStore {
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
     ) -> Result<(), StoreError> {
-        let (session, failure) = outcome.columns();
-        sqlx::query(
-            "UPDATE oauth_states SET result_session_id = $1, failure = $2 WHERE state_hash = $3",
-        )
-        .bind(session)
-        .bind(failure)
-        .bind(&state_hash[..])
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        OAuthStates(&self.pool).finish(state_hash, outcome).await
     }
 
     async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
-        let row = sqlx::query(
-            "SELECT result_session_id, failure FROM oauth_states WHERE state_hash = $1",
-        )
-        .bind(&state_hash[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(OAuthOutcome::Unknown);
-        };
-        Ok(OAuthOutcome::from_columns(
-            row.try_get("result_session_id")?,
-            row.try_get("failure")?,
-        ))
+        OAuthStates(&self.pool).outcome(state_hash).await
     }
 
     async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
-        let forgotten = sqlx::query(
-            "DELETE FROM oauth_states WHERE created_at < $1 AND (used_at IS NULL OR used_at < $2)",
-        )
-        .bind(before)
-        .bind(before)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(forgotten)
+        OAuthStates(&self.pool).prune(before).await
     }
 
     async fn delete_session(

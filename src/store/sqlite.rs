@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::shared::OAuthStates;
 use super::sql::{
     self, bind_event, event_row, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -737,23 +738,6 @@ async fn append_audit_tx(
     Ok(Some(row.seq))
 }
 
-fn oauth_state(row: &SqliteRow) -> Result<OAuthState, StoreError> {
-    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
-    let key_hash = key_hash
-        .map(|h| {
-            h.try_into()
-                .map(KeyHash)
-                .map_err(|_| StoreError::Corrupt("oauth state".into()))
-        })
-        .transpose()?;
-    Ok(OAuthState {
-        provider: row.try_get("provider")?,
-        session_id: row.try_get("session_id")?,
-        key_hash,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO session_changes (session_id, at) VALUES (?, ?)")
         .bind(id)
@@ -1144,17 +1128,7 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         state: &OAuthState,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        OAuthStates(&self.pool).insert(state_hash, state).await
     }
 
     async fn peek_oauth_state(
@@ -1162,15 +1136,7 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        let row = sqlx::query(
-            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
-             WHERE state_hash = ? AND used_at IS NULL AND created_at >= ?",
-        )
-        .bind(&state_hash[..])
-        .bind(not_before)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        OAuthStates(&self.pool).peek(state_hash, not_before).await
     }
 
     async fn insert_browser_oauth_state(
@@ -1181,33 +1147,13 @@ impl Store for SqliteStore {
         not_before: i64,
         max_pending: u64,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at, browser_hash)
-             SELECT ?, ?, ?, ?, ?, ?
-             WHERE (SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?) < ?",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .bind(&browser_hash[..])
-        .bind(not_before)
-        .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(inserted > 0)
+        OAuthStates(&self.pool)
+            .insert_from_browser(state_hash, state, browser_hash, not_before, max_pending)
+            .await
     }
 
     async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?",
-        )
-        .bind(not_before)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        OAuthStates(&self.pool).count_pending(not_before).await
     }
 
     async fn take_oauth_state_from_browser(
@@ -1218,22 +1164,9 @@ impl Store for SqliteStore {
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        // With no browser, `browser_hash = NULL` is never true: only an
-        // unbound state is taken.
-        let row = sqlx::query(
-            "UPDATE oauth_states SET used_at = ?
-             WHERE state_hash = ? AND provider = ? AND used_at IS NULL AND created_at >= ?
-               AND (browser_hash IS NULL OR browser_hash = ?)
-             RETURNING provider, session_id, key_hash, created_at",
-        )
-        .bind(now)
-        .bind(&state_hash[..])
-        .bind(provider)
-        .bind(not_before)
-        .bind(browser_hash.map(|h| h.to_vec()))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        OAuthStates(&self.pool)
+            .take_from_browser(state_hash, provider, browser_hash, now, not_before)
+            .await
     }
 
     async fn finish_oauth_state(
@@ -1241,43 +1174,15 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
     ) -> Result<(), StoreError> {
-        let (session, failure) = outcome.columns();
-        sqlx::query(
-            "UPDATE oauth_states SET result_session_id = ?, failure = ? WHERE state_hash = ?",
-        )
-        .bind(session)
-        .bind(failure)
-        .bind(&state_hash[..])
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        OAuthStates(&self.pool).finish(state_hash, outcome).await
     }
 
     async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
-        let row =
-            sqlx::query("SELECT result_session_id, failure FROM oauth_states WHERE state_hash = ?")
-                .bind(&state_hash[..])
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some(row) = row else {
-            return Ok(OAuthOutcome::Unknown);
-        };
-        Ok(OAuthOutcome::from_columns(
-            row.try_get("result_session_id")?,
-            row.try_get("failure")?,
-        ))
+        OAuthStates(&self.pool).outcome(state_hash).await
     }
 
     async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
-        let forgotten = sqlx::query(
-            "DELETE FROM oauth_states WHERE created_at < ? AND (used_at IS NULL OR used_at < ?)",
-        )
-        .bind(before)
-        .bind(before)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(forgotten)
+        OAuthStates(&self.pool).prune(before).await
     }
 
     async fn delete_session(

@@ -1,0 +1,243 @@
+//! What both stores run the same way, written once over the sqlx
+//! [`Database`](sqlx::Database): each statement with its binds beside it,
+//! in `?` placeholders that [`Dialect`] numbers for PostgreSQL. What
+//! differs stays in each store (SQLite's single writer and group commit,
+//! PostgreSQL's row locks, leases and `NOTIFY`).
+
+use sqlx::{Database, Executor, Pool, Row};
+
+use super::sql::pg_sql;
+use super::{OAuthOutcome, OAuthState, StoreError};
+use crate::secrets::session::KeyHash;
+
+/// How a database writes a shared statement's placeholders.
+pub(crate) trait Dialect: Database {
+    /// `text` as this database runs it; `numbered` gives it with `$1, $2,
+    /// ...` (made once per statement, only when asked for).
+    fn sql(text: &'static str, numbered: impl FnOnce() -> &'static str) -> &'static str;
+
+    /// The rows a statement wrote.
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+}
+
+impl Dialect for sqlx::Sqlite {
+    fn sql(text: &'static str, _numbered: impl FnOnce() -> &'static str) -> &'static str {
+        text
+    }
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
+
+impl Dialect for sqlx::Postgres {
+    fn sql(_text: &'static str, numbered: impl FnOnce() -> &'static str) -> &'static str {
+        numbered()
+    }
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+}
+
+/// A shared statement (`?` placeholders) as `DB` runs it.
+macro_rules! dialect_sql {
+    ($db:ty, $text:expr) => {
+        <$db as Dialect>::sql($text, || pg_sql!($text))
+    };
+}
+
+/// The OAuth `state` table, the same on both stores (every statement runs
+/// alone, on the store's pool).
+pub(crate) struct OAuthStates<'p, DB: Database>(pub &'p Pool<DB>);
+
+impl<'p, DB> OAuthStates<'p, DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<Vec<u8>>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+{
+    pub(crate) async fn insert(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+    ) -> Result<(), StoreError> {
+        sqlx::query(dialect_sql!(
+            DB,
+            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES (?, ?, ?, ?, ?)"
+        ))
+        .bind(&state_hash[..])
+        .bind(state.provider.as_str())
+        .bind(state.session_id.as_deref())
+        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
+        .bind(state.created_at)
+        .execute(self.0)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn peek(
+        &self,
+        state_hash: &[u8; 32],
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError> {
+        let row = sqlx::query(dialect_sql!(
+            DB,
+            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
+             WHERE state_hash = ? AND used_at IS NULL AND created_at >= ?"
+        ))
+        .bind(&state_hash[..])
+        .bind(not_before)
+        .fetch_optional(self.0)
+        .await?;
+        row.as_ref().map(oauth_state).transpose()
+    }
+
+    pub(crate) async fn insert_from_browser(
+        &self,
+        state_hash: &[u8; 32],
+        state: &OAuthState,
+        browser_hash: &[u8; 32],
+        not_before: i64,
+        max_pending: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(dialect_sql!(
+            DB,
+            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at, browser_hash)
+             SELECT ?, ?, ?, ?, ?, ?
+             WHERE (SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?) < ?"
+        ))
+        .bind(&state_hash[..])
+        .bind(state.provider.as_str())
+        .bind(state.session_id.as_deref())
+        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
+        .bind(state.created_at)
+        .bind(&browser_hash[..])
+        .bind(not_before)
+        .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
+        .execute(self.0)
+        .await?;
+        Ok(DB::rows_affected(&done) > 0)
+    }
+
+    pub(crate) async fn count_pending(&self, not_before: i64) -> Result<u64, StoreError> {
+        let row = sqlx::query(dialect_sql!(
+            DB,
+            "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?"
+        ))
+        .bind(not_before)
+        .fetch_one(self.0)
+        .await?;
+        let n: i64 = row.try_get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub(crate) async fn take_from_browser(
+        &self,
+        state_hash: &[u8; 32],
+        provider: &str,
+        browser_hash: Option<&[u8; 32]>,
+        now: i64,
+        not_before: i64,
+    ) -> Result<Option<OAuthState>, StoreError> {
+        // With no browser, `browser_hash = NULL` is never true: only an
+        // unbound state is taken.
+        let row = sqlx::query(dialect_sql!(
+            DB,
+            "UPDATE oauth_states SET used_at = ?
+             WHERE state_hash = ? AND provider = ? AND used_at IS NULL AND created_at >= ?
+               AND (browser_hash IS NULL OR browser_hash = ?)
+             RETURNING provider, session_id, key_hash, created_at"
+        ))
+        .bind(now)
+        .bind(&state_hash[..])
+        .bind(provider)
+        .bind(not_before)
+        .bind(browser_hash.map(|h| h.to_vec()))
+        .fetch_optional(self.0)
+        .await?;
+        row.as_ref().map(oauth_state).transpose()
+    }
+
+    pub(crate) async fn finish(
+        &self,
+        state_hash: &[u8; 32],
+        outcome: &OAuthOutcome,
+    ) -> Result<(), StoreError> {
+        let (session, failure) = outcome.columns();
+        sqlx::query(dialect_sql!(
+            DB,
+            "UPDATE oauth_states SET result_session_id = ?, failure = ? WHERE state_hash = ?"
+        ))
+        .bind(session)
+        .bind(failure)
+        .bind(&state_hash[..])
+        .execute(self.0)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
+        let row = sqlx::query(dialect_sql!(
+            DB,
+            "SELECT result_session_id, failure FROM oauth_states WHERE state_hash = ?"
+        ))
+        .bind(&state_hash[..])
+        .fetch_optional(self.0)
+        .await?;
+        let Some(row) = row else {
+            return Ok(OAuthOutcome::Unknown);
+        };
+        Ok(OAuthOutcome::from_columns(
+            row.try_get("result_session_id")?,
+            row.try_get("failure")?,
+        ))
+    }
+
+    pub(crate) async fn prune(&self, before: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(dialect_sql!(
+            DB,
+            "DELETE FROM oauth_states WHERE created_at < ? AND (used_at IS NULL OR used_at < ?)"
+        ))
+        .bind(before)
+        .bind(before)
+        .execute(self.0)
+        .await?;
+        Ok(DB::rows_affected(&done))
+    }
+}
+
+/// An OAuth state row: `provider, session_id, key_hash, created_at`.
+fn oauth_state<R>(row: &R) -> Result<OAuthState, StoreError>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
+    let key_hash = key_hash
+        .map(|h| {
+            h.try_into()
+                .map(KeyHash)
+                .map_err(|_| StoreError::Corrupt("oauth state".into()))
+        })
+        .transpose()?;
+    Ok(OAuthState {
+        provider: row.try_get("provider")?,
+        session_id: row.try_get("session_id")?,
+        key_hash,
+        created_at: row.try_get("created_at")?,
+    })
+}
