@@ -19,7 +19,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
-use super::shared::OAuthStates;
+use super::shared::{OAuthStates, SessionReads};
 use super::sql::{
     self, bind_event, event_row, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -278,18 +278,11 @@ impl Store for PgStore {
     }
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = $1");
-        let row = sqlx::query(&sql)
-            .bind(&hash.0[..])
-            .fetch_optional(&self.hot)
-            .await?;
-        row.as_ref().map(record).transpose()
+        SessionReads(&self.hot).by_key(hash).await
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.hot).await?;
-        row.as_ref().map(record).transpose()
+        SessionReads(&self.hot).by_id(id).await
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -306,22 +299,7 @@ impl Store for PgStore {
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status")?;
-                Ok(SessionCount {
-                    provider: r.try_get("provider")?,
-                    status: Status::parse(&status)
-                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
-                    count: r.try_get("n")?,
-                })
-            })
-            .collect()
+        SessionReads(&self.pool).count().await
     }
 
     async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
@@ -343,14 +321,9 @@ impl Store for PgStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        let rows = sqlx::query(&sql::numbered(sql::SEALED_NOT_UNDER))
-            .bind(after)
-            .bind(header)
-            .bind(header)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::sealed_row).collect()
+        SessionReads(&self.pool)
+            .sealed_not_under(header, after, limit)
+            .await
     }
 
     /// The rows are locked in id order first (like `note_uses`, so the two

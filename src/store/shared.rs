@@ -6,45 +6,124 @@
 
 use sqlx::{Database, Executor, Pool, Row};
 
-use super::sql::pg_sql;
-use super::{OAuthOutcome, OAuthState, StoreError};
-use crate::secrets::session::KeyHash;
+use super::sql::{self, pg_sql, SESSION_COLUMNS as COLUMNS};
+use super::{OAuthOutcome, OAuthState, SealedRow, SessionCount, SessionRecord, StoreError};
+use crate::secrets::session::{KeyHash, Status};
 
-/// How a database writes a shared statement's placeholders.
+/// How a database writes a shared statement's placeholders, and reads
+/// what a write did.
 pub(crate) trait Dialect: Database {
-    /// `text` as this database runs it; `numbered` gives it with `$1, $2,
-    /// ...` (made once per statement, only when asked for).
-    fn sql(text: &'static str, numbered: impl FnOnce() -> &'static str) -> &'static str;
+    /// Placeholders `$1, $2, ...` (PostgreSQL) rather than `?` (SQLite).
+    const NUMBERED: bool;
 
     /// The rows a statement wrote.
     fn rows_affected(done: &Self::QueryResult) -> u64;
 }
 
 impl Dialect for sqlx::Sqlite {
-    fn sql(text: &'static str, _numbered: impl FnOnce() -> &'static str) -> &'static str {
-        text
-    }
-
+    const NUMBERED: bool = false;
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()
     }
 }
 
 impl Dialect for sqlx::Postgres {
-    fn sql(_text: &'static str, numbered: impl FnOnce() -> &'static str) -> &'static str {
-        numbered()
-    }
-
+    const NUMBERED: bool = true;
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()
     }
 }
 
-/// A shared statement (`?` placeholders) as `DB` runs it.
+/// A shared statement (`?` placeholders; a `&'static str`, or a `String`
+/// made once) as `DB` runs it: numbered by [`pg_sql!`] where `DB` wants.
 macro_rules! dialect_sql {
     ($db:ty, $text:expr) => {
-        <$db as Dialect>::sql($text, || pg_sql!($text))
+        if <$db as Dialect>::NUMBERED {
+            pg_sql!($text)
+        } else {
+            static TEXT: std::sync::LazyLock<String> =
+                std::sync::LazyLock::new(|| String::from($text));
+            TEXT.as_str()
+        }
     };
+}
+
+/// Reads of the sessions table that are the same on both stores (the pool
+/// is the caller's: PostgreSQL reads a session on its request-path pool).
+pub(crate) struct SessionReads<'p, DB: Database>(pub &'p Pool<DB>);
+
+impl<'p, DB> SessionReads<'p, DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
+    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+{
+    pub(crate) async fn by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(dialect_sql!(
+            DB,
+            format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = ?")
+        ))
+        .bind(&hash.0[..])
+        .fetch_optional(self.0)
+        .await?;
+        row.as_ref().map(sql::record).transpose()
+    }
+
+    pub(crate) async fn by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(dialect_sql!(
+            DB,
+            format!("SELECT {COLUMNS} FROM sessions WHERE id = ?")
+        ))
+        .bind(id)
+        .fetch_optional(self.0)
+        .await?;
+        row.as_ref().map(sql::record).transpose()
+    }
+
+    /// Sessions by provider and status.
+    pub(crate) async fn count(&self) -> Result<Vec<SessionCount>, StoreError> {
+        let rows = sqlx::query(dialect_sql!(
+            DB,
+            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status"
+        ))
+        .fetch_all(self.0)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok(SessionCount {
+                    provider: r.try_get("provider")?,
+                    status: Status::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    /// A page of [`sql::SEALED_NOT_UNDER`].
+    pub(crate) async fn sealed_not_under(
+        &self,
+        header: &[u8],
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRow>, StoreError> {
+        let rows = sqlx::query(dialect_sql!(DB, sql::SEALED_NOT_UNDER))
+            .bind(after)
+            .bind(header)
+            .bind(header)
+            .bind(i64::from(limit))
+            .fetch_all(self.0)
+            .await?;
+        rows.iter().map(sql::sealed_row).collect()
+    }
 }
 
 /// The OAuth `state` table, the same on both stores (every statement runs

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::shared::OAuthStates;
+use super::shared::{OAuthStates, SessionReads};
 use super::sql::{
     self, bind_event, event_row, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -824,21 +824,11 @@ impl Store for SqliteStore {
     }
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM sessions WHERE key_hash = ?"
-        ))
-        .bind(&hash.0[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(record).transpose()
+        SessionReads(&self.pool).by_key(hash).await
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(record).transpose()
+        SessionReads(&self.pool).by_id(id).await
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -860,22 +850,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status")?;
-                Ok(SessionCount {
-                    provider: r.try_get("provider")?,
-                    status: Status::parse(&status)
-                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
-                    count: r.try_get("n")?,
-                })
-            })
-            .collect()
+        SessionReads(&self.pool).count().await
     }
 
     async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
@@ -897,14 +872,9 @@ impl Store for SqliteStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        let rows = sqlx::query(sql::SEALED_NOT_UNDER)
-            .bind(after)
-            .bind(header)
-            .bind(header)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::sealed_row).collect()
+        SessionReads(&self.pool)
+            .sealed_not_under(header, after, limit)
+            .await
     }
 
     async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError> {
