@@ -16,13 +16,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::shared::{OAuthStates, SessionReads};
-use super::sql::{
-    self, bind_event, event_row, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
-};
+use super::shared::{LogReads, OAuthStates, SessionReads};
+use super::sql::{self, bind_event, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS};
 use super::{
     BudgetAsk, BudgetLease, Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease,
     NewEvent, NewSession, OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens,
@@ -192,15 +190,6 @@ async fn append_audit_tx(
 }
 
 /// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
-fn oldest_first(rows: &[PgRow]) -> Result<Vec<EventRow>, StoreError> {
-    let mut events = rows
-        .iter()
-        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    events.sort_by_key(|(seq, e)| (e.at, *seq));
-    Ok(events.into_iter().map(|(_, e)| e).collect())
-}
-
 async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<(), StoreError> {
     sqlx::query(&format!(
         "INSERT INTO session_changes (session_id, at) VALUES ($1, {DB_NOW_MS} / 1000)"
@@ -708,38 +697,15 @@ impl Store for PgStore {
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::list_audit_sql()))
-            .bind(filter.session_id.as_deref())
-            .bind(filter.session_id.as_deref())
-            .bind(filter.since_ms)
-            .bind(filter.since_ms)
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        let mut rows = rows
-            .iter()
-            .map(sql::audit_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.reverse();
-        Ok(rows)
+        LogReads(&self.pool).audit(filter).await
     }
 
     async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::audit_page_sql()))
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::audit_row).collect()
+        LogReads(&self.pool).audit_page(after_seq, limit).await
     }
 
     async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
-            .collect()
+        LogReads(&self.pool).audit_by_key().await
     }
 
     /// The due rows are locked `FOR UPDATE SKIP LOCKED` (a concurrent
@@ -770,7 +736,7 @@ impl Store for PgStore {
         .bind(lease_ms.clamp(0, MAX_SPAN_MS))
         .fetch_all(&self.pool)
         .await?;
-        oldest_first(&rows)
+        sql::oldest_first(&rows)
     }
 
     async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError> {
@@ -818,11 +784,7 @@ impl Store for PgStore {
     }
 
     async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::list_events_sql()))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        LogReads(&self.pool).events(limit).await
     }
 
     async fn prune_events(
@@ -839,11 +801,7 @@ impl Store for PgStore {
     }
 
     async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::list_given_up_events_sql()))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        LogReads(&self.pool).given_up_events(limit).await
     }
 
     async fn retry_given_up_events(
@@ -877,10 +835,7 @@ impl Store for PgStore {
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM session_changes")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(seq.unwrap_or(0))
+        LogReads(&self.pool).change_cursor().await
     }
 
     async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {

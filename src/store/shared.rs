@@ -7,7 +7,10 @@
 use sqlx::{Database, Executor, Pool, Row};
 
 use super::sql::{self, pg_sql, SESSION_COLUMNS as COLUMNS};
-use super::{OAuthOutcome, OAuthState, SealedRow, SessionCount, SessionRecord, StoreError};
+use super::{
+    EventRow, OAuthOutcome, OAuthState, SealedRow, SessionCount, SessionRecord, StoreError,
+};
+use crate::audit::{AuditFilter, AuditRow};
 use crate::secrets::session::{KeyHash, Status};
 
 /// How a database writes a shared statement's placeholders, and reads
@@ -123,6 +126,94 @@ where
             .fetch_all(self.0)
             .await?;
         rows.iter().map(sql::sealed_row).collect()
+    }
+}
+
+/// Reads of the append-only logs, the same on both stores: the audit
+/// chain, the event outbox and the change log's cursor.
+pub(crate) struct LogReads<'p, DB: Database>(pub &'p Pool<DB>);
+
+impl<'p, DB> LogReads<'p, DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+{
+    /// The newest audit rows matching `filter`, oldest first.
+    pub(crate) async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(dialect_sql!(DB, sql::list_audit_sql()))
+            .bind(filter.session_id.as_deref())
+            .bind(filter.session_id.as_deref())
+            .bind(filter.since_ms)
+            .bind(filter.since_ms)
+            .bind(i64::from(filter.limit))
+            .fetch_all(self.0)
+            .await?;
+        let mut rows = rows
+            .iter()
+            .map(sql::audit_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// A page of the audit chain in order.
+    pub(crate) async fn audit_page(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(dialect_sql!(DB, sql::audit_page_sql()))
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(self.0)
+            .await?;
+        rows.iter().map(sql::audit_row).collect()
+    }
+
+    /// Audit rows chained under each key id.
+    pub(crate) async fn audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
+            .fetch_all(self.0)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// Undelivered events, oldest first.
+    pub(crate) async fn events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(dialect_sql!(DB, sql::list_events_sql()))
+            .bind(i64::from(limit))
+            .fetch_all(self.0)
+            .await?;
+        rows.iter().map(sql::event_row).collect()
+    }
+
+    /// Events given up on, oldest first.
+    pub(crate) async fn given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(dialect_sql!(DB, sql::list_given_up_events_sql()))
+            .bind(i64::from(limit))
+            .fetch_all(self.0)
+            .await?;
+        rows.iter().map(sql::event_row).collect()
+    }
+
+    /// The change log's newest sequence number (0 when empty).
+    pub(crate) async fn change_cursor(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT MAX(seq) FROM session_changes")
+            .fetch_one(self.0)
+            .await?;
+        let seq: Option<i64> = row.try_get(0)?;
+        Ok(seq.unwrap_or(0))
     }
 }
 

@@ -10,17 +10,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::shared::{OAuthStates, SessionReads};
+use super::shared::{LogReads, OAuthStates, SessionReads};
 use super::sql::{
-    self, bind_event, event_row, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
+    self, bind_event, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
 use super::{
     Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession,
@@ -654,7 +652,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             .bind(i64::from(*limit))
             .fetch_all(&mut *tx)
             .await?;
-            Written::Events(oldest_first(&rows)?)
+            Written::Events(sql::oldest_first(&rows)?)
         }
         WriteOp::EventUpdate {
             sql,
@@ -687,15 +685,6 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
 }
 
 /// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
-fn oldest_first(rows: &[SqliteRow]) -> Result<Vec<EventRow>, StoreError> {
-    let mut events = rows
-        .iter()
-        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    events.sort_by_key(|(seq, e)| (e.at, *seq));
-    Ok(events.into_iter().map(|(_, e)| e).collect())
-}
-
 async fn prior_status(
     tx: &mut sqlx::SqliteConnection,
     id: &str,
@@ -1187,38 +1176,15 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(&sql::list_audit_sql())
-            .bind(filter.session_id.as_deref())
-            .bind(filter.session_id.as_deref())
-            .bind(filter.since_ms)
-            .bind(filter.since_ms)
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        let mut rows = rows
-            .iter()
-            .map(sql::audit_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.reverse();
-        Ok(rows)
+        LogReads(&self.pool).audit(filter).await
     }
 
     async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(&sql::audit_page_sql())
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::audit_row).collect()
+        LogReads(&self.pool).audit_page(after_seq, limit).await
     }
 
     async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
-            .collect()
+        LogReads(&self.pool).audit_by_key().await
     }
 
     async fn claim_events(
@@ -1280,11 +1246,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(&sql::list_events_sql())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        LogReads(&self.pool).events(limit).await
     }
 
     async fn prune_events(
@@ -1303,11 +1265,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(&sql::list_given_up_events_sql())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        LogReads(&self.pool).given_up_events(limit).await
     }
 
     async fn retry_given_up_events(
@@ -1344,10 +1302,7 @@ impl Store for SqliteStore {
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM session_changes")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(seq.unwrap_or(0))
+        LogReads(&self.pool).change_cursor().await
     }
 
     async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
