@@ -51,24 +51,36 @@ macro_rules! dialect_sql {
     };
 }
 
-/// Reads of the sessions table that are the same on both stores (the pool
-/// is the caller's: PostgreSQL reads a session on its request-path pool).
-pub(crate) struct SessionReads<'p, DB: Database>(pub &'p Pool<DB>);
+/// A store's pool (or, for PostgreSQL's session reads, its request-path
+/// pool), and the statements both stores run alike on it, named as the
+/// [`Store`](super::Store) methods that delegate to them. Every statement
+/// runs alone: what needs a transaction, the single writer or row locks
+/// stays in each store.
+pub(crate) struct Shared<'p, DB: Database>(pub &'p Pool<DB>);
 
-impl<'p, DB> SessionReads<'p, DB>
+impl<'p, DB> Shared<'p, DB>
 where
     DB: Dialect,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<Vec<u8>>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
     for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
     for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
     for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
 {
-    pub(crate) async fn by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
+    // Sessions: reads that are the same on both stores.
+
+    pub(crate) async fn session_by_key(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<Option<SessionRecord>, StoreError> {
         let row = sqlx::query(dialect_sql!(
             DB,
             format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = ?")
@@ -79,7 +91,10 @@ where
         row.as_ref().map(sql::record).transpose()
     }
 
-    pub(crate) async fn by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+    pub(crate) async fn session_by_id(
+        &self,
+        id: &str,
+    ) -> Result<Option<SessionRecord>, StoreError> {
         let row = sqlx::query(dialect_sql!(
             DB,
             format!("SELECT {COLUMNS} FROM sessions WHERE id = ?")
@@ -91,7 +106,7 @@ where
     }
 
     /// Sessions by provider and status.
-    pub(crate) async fn count(&self) -> Result<Vec<SessionCount>, StoreError> {
+    pub(crate) async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
         let rows = sqlx::query(dialect_sql!(
             DB,
             "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status"
@@ -127,28 +142,14 @@ where
             .await?;
         rows.iter().map(sql::sealed_row).collect()
     }
-}
 
-/// Reads of the append-only logs, the same on both stores: the audit
-/// chain, the event outbox and the change log's cursor.
-pub(crate) struct LogReads<'p, DB: Database>(pub &'p Pool<DB>);
+    // The audit chain, the event outbox and the change log's cursor.
 
-impl<'p, DB> LogReads<'p, DB>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-{
     /// The newest audit rows matching `filter`, oldest first.
-    pub(crate) async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
+    pub(crate) async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditRow>, StoreError> {
         let rows = sqlx::query(dialect_sql!(DB, sql::list_audit_sql()))
             .bind(filter.session_id.as_deref())
             .bind(filter.session_id.as_deref())
@@ -180,7 +181,7 @@ where
     }
 
     /// Audit rows chained under each key id.
-    pub(crate) async fn audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    pub(crate) async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
             .fetch_all(self.0)
             .await?;
@@ -190,7 +191,7 @@ where
     }
 
     /// Undelivered events, oldest first.
-    pub(crate) async fn events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+    pub(crate) async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
         let rows = sqlx::query(dialect_sql!(DB, sql::list_events_sql()))
             .bind(i64::from(limit))
             .fetch_all(self.0)
@@ -199,7 +200,10 @@ where
     }
 
     /// Events given up on, oldest first.
-    pub(crate) async fn given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+    pub(crate) async fn list_given_up_events(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, StoreError> {
         let rows = sqlx::query(dialect_sql!(DB, sql::list_given_up_events_sql()))
             .bind(i64::from(limit))
             .fetch_all(self.0)
@@ -215,29 +219,10 @@ where
         let seq: Option<i64> = row.try_get(0)?;
         Ok(seq.unwrap_or(0))
     }
-}
 
-/// The OAuth `state` table, the same on both stores (every statement runs
-/// alone, on the store's pool).
-pub(crate) struct OAuthStates<'p, DB: Database>(pub &'p Pool<DB>);
+    // The OAuth `state` table.
 
-impl<'p, DB> OAuthStates<'p, DB>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Option<Vec<u8>>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-{
-    pub(crate) async fn insert(
+    pub(crate) async fn insert_oauth_state(
         &self,
         state_hash: &[u8; 32],
         state: &OAuthState,
@@ -256,7 +241,7 @@ where
         Ok(())
     }
 
-    pub(crate) async fn peek(
+    pub(crate) async fn peek_oauth_state(
         &self,
         state_hash: &[u8; 32],
         not_before: i64,
@@ -273,7 +258,7 @@ where
         row.as_ref().map(oauth_state).transpose()
     }
 
-    pub(crate) async fn insert_from_browser(
+    pub(crate) async fn insert_browser_oauth_state(
         &self,
         state_hash: &[u8; 32],
         state: &OAuthState,
@@ -300,7 +285,10 @@ where
         Ok(DB::rows_affected(&done) > 0)
     }
 
-    pub(crate) async fn count_pending(&self, not_before: i64) -> Result<u64, StoreError> {
+    pub(crate) async fn count_pending_oauth_states(
+        &self,
+        not_before: i64,
+    ) -> Result<u64, StoreError> {
         let row = sqlx::query(dialect_sql!(
             DB,
             "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?"
@@ -312,7 +300,7 @@ where
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    pub(crate) async fn take_from_browser(
+    pub(crate) async fn take_oauth_state_from_browser(
         &self,
         state_hash: &[u8; 32],
         provider: &str,
@@ -339,7 +327,7 @@ where
         row.as_ref().map(oauth_state).transpose()
     }
 
-    pub(crate) async fn finish(
+    pub(crate) async fn finish_oauth_state(
         &self,
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
@@ -357,7 +345,10 @@ where
         Ok(())
     }
 
-    pub(crate) async fn outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
+    pub(crate) async fn oauth_outcome(
+        &self,
+        state_hash: &[u8; 32],
+    ) -> Result<OAuthOutcome, StoreError> {
         let row = sqlx::query(dialect_sql!(
             DB,
             "SELECT result_session_id, failure FROM oauth_states WHERE state_hash = ?"
@@ -374,7 +365,7 @@ where
         ))
     }
 
-    pub(crate) async fn prune(&self, before: i64) -> Result<u64, StoreError> {
+    pub(crate) async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
         let done = sqlx::query(dialect_sql!(
             DB,
             "DELETE FROM oauth_states WHERE created_at < ? AND (used_at IS NULL OR used_at < ?)"

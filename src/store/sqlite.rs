@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::shared::{LogReads, OAuthStates, SessionReads};
+use super::shared::Shared;
 use super::sql::{
     self, bind_event, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -813,11 +813,11 @@ impl Store for SqliteStore {
     }
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        SessionReads(&self.pool).by_key(hash).await
+        Shared(&self.pool).session_by_key(hash).await
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        SessionReads(&self.pool).by_id(id).await
+        Shared(&self.pool).session_by_id(id).await
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -839,7 +839,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
-        SessionReads(&self.pool).count().await
+        Shared(&self.pool).count_sessions().await
     }
 
     async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
@@ -861,7 +861,7 @@ impl Store for SqliteStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        SessionReads(&self.pool)
+        Shared(&self.pool)
             .sealed_not_under(header, after, limit)
             .await
     }
@@ -1087,7 +1087,9 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         state: &OAuthState,
     ) -> Result<(), StoreError> {
-        OAuthStates(&self.pool).insert(state_hash, state).await
+        Shared(&self.pool)
+            .insert_oauth_state(state_hash, state)
+            .await
     }
 
     async fn peek_oauth_state(
@@ -1095,7 +1097,9 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        OAuthStates(&self.pool).peek(state_hash, not_before).await
+        Shared(&self.pool)
+            .peek_oauth_state(state_hash, not_before)
+            .await
     }
 
     async fn insert_browser_oauth_state(
@@ -1106,13 +1110,15 @@ impl Store for SqliteStore {
         not_before: i64,
         max_pending: u64,
     ) -> Result<bool, StoreError> {
-        OAuthStates(&self.pool)
-            .insert_from_browser(state_hash, state, browser_hash, not_before, max_pending)
+        Shared(&self.pool)
+            .insert_browser_oauth_state(state_hash, state, browser_hash, not_before, max_pending)
             .await
     }
 
     async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
-        OAuthStates(&self.pool).count_pending(not_before).await
+        Shared(&self.pool)
+            .count_pending_oauth_states(not_before)
+            .await
     }
 
     async fn take_oauth_state_from_browser(
@@ -1123,8 +1129,8 @@ impl Store for SqliteStore {
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        OAuthStates(&self.pool)
-            .take_from_browser(state_hash, provider, browser_hash, now, not_before)
+        Shared(&self.pool)
+            .take_oauth_state_from_browser(state_hash, provider, browser_hash, now, not_before)
             .await
     }
 
@@ -1133,15 +1139,17 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
     ) -> Result<(), StoreError> {
-        OAuthStates(&self.pool).finish(state_hash, outcome).await
+        Shared(&self.pool)
+            .finish_oauth_state(state_hash, outcome)
+            .await
     }
 
     async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
-        OAuthStates(&self.pool).outcome(state_hash).await
+        Shared(&self.pool).oauth_outcome(state_hash).await
     }
 
     async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
-        OAuthStates(&self.pool).prune(before).await
+        Shared(&self.pool).prune_oauth_states(before).await
     }
 
     async fn delete_session(
@@ -1176,15 +1184,15 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
-        LogReads(&self.pool).audit(filter).await
+        Shared(&self.pool).list_audit(filter).await
     }
 
     async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        LogReads(&self.pool).audit_page(after_seq, limit).await
+        Shared(&self.pool).audit_page(after_seq, limit).await
     }
 
     async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        LogReads(&self.pool).audit_by_key().await
+        Shared(&self.pool).count_audit_by_key().await
     }
 
     async fn claim_events(
@@ -1246,7 +1254,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        LogReads(&self.pool).events(limit).await
+        Shared(&self.pool).list_events(limit).await
     }
 
     async fn prune_events(
@@ -1265,7 +1273,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        LogReads(&self.pool).given_up_events(limit).await
+        Shared(&self.pool).list_given_up_events(limit).await
     }
 
     async fn retry_given_up_events(
@@ -1302,7 +1310,7 @@ impl Store for SqliteStore {
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {
-        LogReads(&self.pool).change_cursor().await
+        Shared(&self.pool).change_cursor().await
     }
 
     async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
