@@ -189,7 +189,6 @@ async fn append_audit_tx(
     Ok(Some(row.seq))
 }
 
-/// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
 async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<(), StoreError> {
     sqlx::query(&format!(
         "INSERT INTO session_changes (session_id, at) VALUES ($1, {DB_NOW_MS} / 1000)"

@@ -135,8 +135,8 @@ where
     })
 }
 
-/// Claimed event rows (`seq` and [`EVENT_COLUMNS`]) in delivery order:
-/// oldest first, by `at` then `seq`.
+/// Claimed event rows (with their `seq`), oldest first (by `at`, then
+/// `seq`): `RETURNING` keeps no order.
 pub(crate) fn oldest_first<R>(rows: &[R]) -> Result<Vec<EventRow>, StoreError>
 where
     R: sqlx::Row,

@@ -684,7 +684,6 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
     })
 }
 
-/// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
 async fn prior_status(
     tx: &mut sqlx::SqliteConnection,
     id: &str,
