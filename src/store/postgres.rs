@@ -19,7 +19,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::shared::Shared;
+use super::shared::{chain_audit, Shared};
 use super::sql::{self, bind_event, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS};
 use super::{
     BudgetAsk, BudgetLease, Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease,
@@ -176,17 +176,7 @@ async fn append_audit_tx(
         .bind(sql::AUDIT_LOCK)
         .execute(&mut *tx)
         .await?;
-    let last = sqlx::query(sql::LAST_AUDIT)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(sql::last_audit)
-        .transpose()?;
-    let row = audit.chain(last);
-    sql::bind_audit(sqlx::query(pg_sql!(sql::INSERT_AUDIT)), &row)
-        .execute(tx)
-        .await?;
-    Ok(Some(row.seq))
+    Ok(Some(chain_audit::<sqlx::Postgres>(tx, audit).await?))
 }
 
 async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<(), StoreError> {

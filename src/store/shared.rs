@@ -10,7 +10,7 @@ use super::sql::{self, pg_sql, SESSION_COLUMNS as COLUMNS};
 use super::{
     EventRow, OAuthOutcome, OAuthState, SealedRow, SessionCount, SessionRecord, StoreError,
 };
-use crate::audit::{AuditFilter, AuditRow};
+use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::secrets::session::{KeyHash, Status};
 
 /// How a database writes a shared statement's placeholders, and reads
@@ -376,6 +376,38 @@ where
         .await?;
         Ok(DB::rows_affected(&done))
     }
+}
+
+/// Appends `audit` to the chain inside a store's transaction: reads the
+/// last row and inserts the next. The caller holds the chain's lock
+/// (SQLite: the write transaction; PostgreSQL: the advisory lock).
+pub(crate) async fn chain_audit<DB>(
+    tx: &mut DB::Connection,
+    audit: &AuditAppend,
+) -> Result<i64, StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
+    for<'r> i64: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+{
+    let last = sqlx::query(sql::LAST_AUDIT)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(sql::last_audit)
+        .transpose()?;
+    let row = audit.chain(last);
+    sql::bind_audit(sqlx::query(dialect_sql!(DB, sql::INSERT_AUDIT)), &row)
+        .execute(tx)
+        .await?;
+    Ok(row.seq)
 }
 
 /// An OAuth state row: `provider, session_id, key_hash, created_at`.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::shared::Shared;
+use super::shared::{chain_audit, Shared};
 use super::sql::{
     self, bind_event, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -713,17 +713,7 @@ async fn append_audit_tx(
     audit: Option<&AuditAppend>,
 ) -> Result<Option<i64>, StoreError> {
     let Some(audit) = audit else { return Ok(None) };
-    let last = sqlx::query(sql::LAST_AUDIT)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(sql::last_audit)
-        .transpose()?;
-    let row = audit.chain(last);
-    sql::bind_audit(sqlx::query(sql::INSERT_AUDIT), &row)
-        .execute(tx)
-        .await?;
-    Ok(Some(row.seq))
+    Ok(Some(chain_audit::<sqlx::Sqlite>(tx, audit).await?))
 }
 
 async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<(), StoreError> {
