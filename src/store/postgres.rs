@@ -19,7 +19,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::shared::{chain_audit, Shared};
+use super::shared::{chain_audit, insert_session_rows, Shared};
 use super::sql::{self, bind_event, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS};
 use super::{
     BudgetAsk, BudgetLease, Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease,
@@ -863,20 +863,7 @@ impl Store for PgStore {
         audit: Option<&AuditAppend>,
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        for chunk in batch.chunks(sql::BULK_ROWS) {
-            let text = sql::numbered(&sql::insert_sessions_sql(chunk.len()));
-            let mut q = sqlx::query(&text);
-            for s in chunk {
-                q = sql::bind_new_session(q, s);
-            }
-            match q.execute(&mut *tx).await {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    return Err(StoreError::DuplicateKey)
-                }
-                other => inserted += other?.rows_affected(),
-            }
-        }
+        let inserted = insert_session_rows::<sqlx::Postgres>(&mut tx, batch).await?;
         log_added(&mut tx, batch).await?;
         append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;

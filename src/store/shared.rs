@@ -8,7 +8,8 @@ use sqlx::{Database, Executor, Pool, Row};
 
 use super::sql::{self, pg_sql, SESSION_COLUMNS as COLUMNS};
 use super::{
-    EventRow, OAuthOutcome, OAuthState, SealedRow, SessionCount, SessionRecord, StoreError,
+    EventRow, NewSession, OAuthOutcome, OAuthState, SealedRow, SessionCount, SessionRecord,
+    StoreError,
 };
 use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::secrets::session::{KeyHash, Status};
@@ -408,6 +409,45 @@ where
         .execute(tx)
         .await?;
     Ok(row.seq)
+}
+
+/// Inserts new sessions inside a store's transaction, [`sql::BULK_ROWS`]
+/// to a statement; the rows inserted, or [`StoreError::DuplicateKey`].
+pub(crate) async fn insert_session_rows<DB>(
+    tx: &mut DB::Connection,
+    batch: &[NewSession],
+) -> Result<u64, StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q [u8]>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut inserted = 0;
+    for chunk in batch.chunks(sql::BULK_ROWS) {
+        let text = sql::insert_sessions_sql(chunk.len());
+        let text = if DB::NUMBERED {
+            sql::numbered(&text)
+        } else {
+            text
+        };
+        let mut q = sqlx::query(&text);
+        for s in chunk {
+            q = sql::bind_new_session(q, s);
+        }
+        match q.execute(&mut *tx).await {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::DuplicateKey)
+            }
+            other => inserted += DB::rows_affected(&other?),
+        }
+    }
+    Ok(inserted)
 }
 
 /// An OAuth state row: `provider, session_id, key_hash, created_at`.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::shared::{chain_audit, Shared};
+use super::shared::{chain_audit, insert_session_rows, Shared};
 use super::sql::{
     self, bind_event, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
@@ -1320,20 +1320,7 @@ impl Store for SqliteStore {
     ) -> Result<u64, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        for chunk in batch.chunks(sql::BULK_ROWS) {
-            let text = sql::insert_sessions_sql(chunk.len());
-            let mut q = sqlx::query(&text);
-            for s in chunk {
-                q = sql::bind_new_session(q, s);
-            }
-            match q.execute(&mut *tx).await {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    return Err(StoreError::DuplicateKey)
-                }
-                other => inserted += other?.rows_affected(),
-            }
-        }
+        let inserted = insert_session_rows::<sqlx::Sqlite>(&mut tx, batch).await?;
         log_added(&mut tx, batch).await?;
         append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
