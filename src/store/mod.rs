@@ -32,6 +32,7 @@ use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::secrets::session::{KeyHash, Status};
 
 pub mod postgres;
+mod shared;
 mod sql;
 pub mod sqlite;
 

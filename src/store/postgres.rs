@@ -16,12 +16,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 
-use super::sql::{
-    self, bind_event, event_row, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
-};
+use super::shared::{chain_audit, insert_session_rows, Shared};
+use super::sql::{self, bind_event, pg_sql, record, INSERT_EVENT, SESSION_COLUMNS as COLUMNS};
 use super::{
     BudgetAsk, BudgetLease, Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease,
     NewEvent, NewSession, OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens,
@@ -143,23 +142,6 @@ impl PgStore {
     }
 }
 
-fn oauth_state(row: &PgRow) -> Result<OAuthState, StoreError> {
-    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
-    let key_hash = key_hash
-        .map(|h| {
-            h.try_into()
-                .map(KeyHash)
-                .map_err(|_| StoreError::Corrupt("oauth state".into()))
-        })
-        .transpose()?;
-    Ok(OAuthState {
-        provider: row.try_get("provider")?,
-        session_id: row.try_get("session_id")?,
-        key_hash,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 /// The session's status, its row locked until the transaction ends.
 async fn prior_status(tx: &mut sqlx::PgConnection, id: &str) -> Result<Option<String>, StoreError> {
     Ok(
@@ -194,27 +176,7 @@ async fn append_audit_tx(
         .bind(sql::AUDIT_LOCK)
         .execute(&mut *tx)
         .await?;
-    let last = sqlx::query(sql::LAST_AUDIT)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(sql::last_audit)
-        .transpose()?;
-    let row = audit.chain(last);
-    sql::bind_audit(sqlx::query(pg_sql!(sql::INSERT_AUDIT)), &row)
-        .execute(tx)
-        .await?;
-    Ok(Some(row.seq))
-}
-
-/// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
-fn oldest_first(rows: &[PgRow]) -> Result<Vec<EventRow>, StoreError> {
-    let mut events = rows
-        .iter()
-        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    events.sort_by_key(|(seq, e)| (e.at, *seq));
-    Ok(events.into_iter().map(|(_, e)| e).collect())
+    Ok(Some(chain_audit::<sqlx::Postgres>(tx, audit).await?))
 }
 
 async fn log_change(tx: &mut sqlx::PgConnection, id: &str, _now: i64) -> Result<(), StoreError> {
@@ -294,18 +256,11 @@ impl Store for PgStore {
     }
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = $1");
-        let row = sqlx::query(&sql)
-            .bind(&hash.0[..])
-            .fetch_optional(&self.hot)
-            .await?;
-        row.as_ref().map(record).transpose()
+        Shared(&self.hot).session_by_key(hash).await
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.hot).await?;
-        row.as_ref().map(record).transpose()
+        Shared(&self.hot).session_by_id(id).await
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -322,22 +277,7 @@ impl Store for PgStore {
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status")?;
-                Ok(SessionCount {
-                    provider: r.try_get("provider")?,
-                    status: Status::parse(&status)
-                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
-                    count: r.try_get("n")?,
-                })
-            })
-            .collect()
+        Shared(&self.pool).count_sessions().await
     }
 
     async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
@@ -359,14 +299,9 @@ impl Store for PgStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        let rows = sqlx::query(&sql::numbered(sql::SEALED_NOT_UNDER))
-            .bind(after)
-            .bind(header)
-            .bind(header)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::sealed_row).collect()
+        Shared(&self.pool)
+            .sealed_not_under(header, after, limit)
+            .await
     }
 
     /// The rows are locked in id order first (like `note_uses`, so the two
@@ -664,17 +599,9 @@ impl Store for PgStore {
         state_hash: &[u8; 32],
         state: &OAuthState,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Shared(&self.pool)
+            .insert_oauth_state(state_hash, state)
+            .await
     }
 
     async fn peek_oauth_state(
@@ -682,15 +609,9 @@ impl Store for PgStore {
         state_hash: &[u8; 32],
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        let row = sqlx::query(
-            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
-             WHERE state_hash = $1 AND used_at IS NULL AND created_at >= $2",
-        )
-        .bind(&state_hash[..])
-        .bind(not_before)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        Shared(&self.pool)
+            .peek_oauth_state(state_hash, not_before)
+            .await
     }
 
     async fn insert_browser_oauth_state(
@@ -701,33 +622,15 @@ impl Store for PgStore {
         not_before: i64,
         max_pending: u64,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at, browser_hash)
-             SELECT $1, $2, $3, $4, $5, $6
-             WHERE (SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= $7) < $8",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .bind(&browser_hash[..])
-        .bind(not_before)
-        .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(inserted > 0)
+        Shared(&self.pool)
+            .insert_browser_oauth_state(state_hash, state, browser_hash, not_before, max_pending)
+            .await
     }
 
     async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= $1",
-        )
-        .bind(not_before)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        Shared(&self.pool)
+            .count_pending_oauth_states(not_before)
+            .await
     }
 
     async fn take_oauth_state_from_browser(
@@ -738,22 +641,9 @@ impl Store for PgStore {
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        // With no browser, `browser_hash = NULL` is never true: only an
-        // unbound state is taken.
-        let row = sqlx::query(
-            "UPDATE oauth_states SET used_at = $1
-             WHERE state_hash = $2 AND provider = $3 AND used_at IS NULL AND created_at >= $4
-               AND (browser_hash IS NULL OR browser_hash = $5)
-             RETURNING provider, session_id, key_hash, created_at",
-        )
-        .bind(now)
-        .bind(&state_hash[..])
-        .bind(provider)
-        .bind(not_before)
-        .bind(browser_hash.map(|h| h.to_vec()))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        Shared(&self.pool)
+            .take_oauth_state_from_browser(state_hash, provider, browser_hash, now, not_before)
+            .await
     }
 
     async fn finish_oauth_state(
@@ -761,44 +651,17 @@ impl Store for PgStore {
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
     ) -> Result<(), StoreError> {
-        let (session, failure) = outcome.columns();
-        sqlx::query(
-            "UPDATE oauth_states SET result_session_id = $1, failure = $2 WHERE state_hash = $3",
-        )
-        .bind(session)
-        .bind(failure)
-        .bind(&state_hash[..])
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Shared(&self.pool)
+            .finish_oauth_state(state_hash, outcome)
+            .await
     }
 
     async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
-        let row = sqlx::query(
-            "SELECT result_session_id, failure FROM oauth_states WHERE state_hash = $1",
-        )
-        .bind(&state_hash[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(OAuthOutcome::Unknown);
-        };
-        Ok(OAuthOutcome::from_columns(
-            row.try_get("result_session_id")?,
-            row.try_get("failure")?,
-        ))
+        Shared(&self.pool).oauth_outcome(state_hash).await
     }
 
     async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
-        let forgotten = sqlx::query(
-            "DELETE FROM oauth_states WHERE created_at < $1 AND (used_at IS NULL OR used_at < $2)",
-        )
-        .bind(before)
-        .bind(before)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(forgotten)
+        Shared(&self.pool).prune_oauth_states(before).await
     }
 
     async fn delete_session(
@@ -831,38 +694,15 @@ impl Store for PgStore {
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::list_audit_sql()))
-            .bind(filter.session_id.as_deref())
-            .bind(filter.session_id.as_deref())
-            .bind(filter.since_ms)
-            .bind(filter.since_ms)
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        let mut rows = rows
-            .iter()
-            .map(sql::audit_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.reverse();
-        Ok(rows)
+        Shared(&self.pool).list_audit(filter).await
     }
 
     async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::audit_page_sql()))
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::audit_row).collect()
+        Shared(&self.pool).audit_page(after_seq, limit).await
     }
 
     async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
-            .collect()
+        Shared(&self.pool).count_audit_by_key().await
     }
 
     /// The due rows are locked `FOR UPDATE SKIP LOCKED` (a concurrent
@@ -893,7 +733,7 @@ impl Store for PgStore {
         .bind(lease_ms.clamp(0, MAX_SPAN_MS))
         .fetch_all(&self.pool)
         .await?;
-        oldest_first(&rows)
+        sql::oldest_first(&rows)
     }
 
     async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError> {
@@ -941,11 +781,7 @@ impl Store for PgStore {
     }
 
     async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::list_events_sql()))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        Shared(&self.pool).list_events(limit).await
     }
 
     async fn prune_events(
@@ -962,11 +798,7 @@ impl Store for PgStore {
     }
 
     async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(pg_sql!(sql::list_given_up_events_sql()))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        Shared(&self.pool).list_given_up_events(limit).await
     }
 
     async fn retry_given_up_events(
@@ -1000,10 +832,7 @@ impl Store for PgStore {
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM session_changes")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(seq.unwrap_or(0))
+        Shared(&self.pool).change_cursor().await
     }
 
     async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
@@ -1034,20 +863,7 @@ impl Store for PgStore {
         audit: Option<&AuditAppend>,
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        for chunk in batch.chunks(sql::BULK_ROWS) {
-            let text = sql::numbered(&sql::insert_sessions_sql(chunk.len()));
-            let mut q = sqlx::query(&text);
-            for s in chunk {
-                q = sql::bind_new_session(q, s);
-            }
-            match q.execute(&mut *tx).await {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    return Err(StoreError::DuplicateKey)
-                }
-                other => inserted += other?.rows_affected(),
-            }
-        }
+        let inserted = insert_session_rows::<sqlx::Postgres>(&mut tx, batch).await?;
         log_added(&mut tx, batch).await?;
         append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;

@@ -135,6 +135,23 @@ where
     })
 }
 
+/// Claimed event rows (with their `seq`), oldest first (by `at`, then
+/// `seq`): `RETURNING` keeps no order.
+pub(crate) fn oldest_first<R>(rows: &[R]) -> Result<Vec<EventRow>, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut events = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    events.sort_by_key(|(seq, e)| (e.at, *seq));
+    Ok(events.into_iter().map(|(_, e)| e).collect())
+}
+
 /// An idle-refresh candidate from either store's `idle_sessions_sql()`.
 pub(crate) fn idle_session<R>(row: &R) -> Result<IdleSession, StoreError>
 where

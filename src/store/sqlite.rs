@@ -10,16 +10,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::shared::{chain_audit, insert_session_rows, Shared};
 use super::sql::{
-    self, bind_event, event_row, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
+    self, bind_event, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
 };
 use super::{
     Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession,
@@ -653,7 +652,7 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
             .bind(i64::from(*limit))
             .fetch_all(&mut *tx)
             .await?;
-            Written::Events(oldest_first(&rows)?)
+            Written::Events(sql::oldest_first(&rows)?)
         }
         WriteOp::EventUpdate {
             sql,
@@ -685,16 +684,6 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
     })
 }
 
-/// Claimed rows (with their `seq`), oldest first: `RETURNING` keeps no order.
-fn oldest_first(rows: &[SqliteRow]) -> Result<Vec<EventRow>, StoreError> {
-    let mut events = rows
-        .iter()
-        .map(|r| Ok((r.try_get::<i64, _>("seq")?, event_row(r)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    events.sort_by_key(|(seq, e)| (e.at, *seq));
-    Ok(events.into_iter().map(|(_, e)| e).collect())
-}
-
 async fn prior_status(
     tx: &mut sqlx::SqliteConnection,
     id: &str,
@@ -724,34 +713,7 @@ async fn append_audit_tx(
     audit: Option<&AuditAppend>,
 ) -> Result<Option<i64>, StoreError> {
     let Some(audit) = audit else { return Ok(None) };
-    let last = sqlx::query(sql::LAST_AUDIT)
-        .fetch_optional(&mut *tx)
-        .await?
-        .as_ref()
-        .map(sql::last_audit)
-        .transpose()?;
-    let row = audit.chain(last);
-    sql::bind_audit(sqlx::query(sql::INSERT_AUDIT), &row)
-        .execute(tx)
-        .await?;
-    Ok(Some(row.seq))
-}
-
-fn oauth_state(row: &SqliteRow) -> Result<OAuthState, StoreError> {
-    let key_hash: Option<Vec<u8>> = row.try_get("key_hash")?;
-    let key_hash = key_hash
-        .map(|h| {
-            h.try_into()
-                .map(KeyHash)
-                .map_err(|_| StoreError::Corrupt("oauth state".into()))
-        })
-        .transpose()?;
-    Ok(OAuthState {
-        provider: row.try_get("provider")?,
-        session_id: row.try_get("session_id")?,
-        key_hash,
-        created_at: row.try_get("created_at")?,
-    })
+    Ok(Some(chain_audit::<sqlx::Sqlite>(tx, audit).await?))
 }
 
 async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<(), StoreError> {
@@ -840,21 +802,11 @@ impl Store for SqliteStore {
     }
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM sessions WHERE key_hash = ?"
-        ))
-        .bind(&hash.0[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(record).transpose()
+        Shared(&self.pool).session_by_key(hash).await
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(record).transpose()
+        Shared(&self.pool).session_by_id(id).await
     }
 
     async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -876,22 +828,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT provider, status, COUNT(*) AS n FROM sessions GROUP BY provider, status ORDER BY provider, status",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.try_get("status")?;
-                Ok(SessionCount {
-                    provider: r.try_get("provider")?,
-                    status: Status::parse(&status)
-                        .ok_or_else(|| StoreError::Corrupt(status.clone()))?,
-                    count: r.try_get("n")?,
-                })
-            })
-            .collect()
+        Shared(&self.pool).count_sessions().await
     }
 
     async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
@@ -913,14 +850,9 @@ impl Store for SqliteStore {
         after: &str,
         limit: u32,
     ) -> Result<Vec<SealedRow>, StoreError> {
-        let rows = sqlx::query(sql::SEALED_NOT_UNDER)
-            .bind(after)
-            .bind(header)
-            .bind(header)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::sealed_row).collect()
+        Shared(&self.pool)
+            .sealed_not_under(header, after, limit)
+            .await
     }
 
     async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError> {
@@ -1144,17 +1076,9 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         state: &OAuthState,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Shared(&self.pool)
+            .insert_oauth_state(state_hash, state)
+            .await
     }
 
     async fn peek_oauth_state(
@@ -1162,15 +1086,9 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        let row = sqlx::query(
-            "SELECT provider, session_id, key_hash, created_at FROM oauth_states
-             WHERE state_hash = ? AND used_at IS NULL AND created_at >= ?",
-        )
-        .bind(&state_hash[..])
-        .bind(not_before)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        Shared(&self.pool)
+            .peek_oauth_state(state_hash, not_before)
+            .await
     }
 
     async fn insert_browser_oauth_state(
@@ -1181,33 +1099,15 @@ impl Store for SqliteStore {
         not_before: i64,
         max_pending: u64,
     ) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO oauth_states (state_hash, provider, session_id, key_hash, created_at, browser_hash)
-             SELECT ?, ?, ?, ?, ?, ?
-             WHERE (SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?) < ?",
-        )
-        .bind(&state_hash[..])
-        .bind(&state.provider)
-        .bind(&state.session_id)
-        .bind(state.key_hash.as_ref().map(|h| h.0.to_vec()))
-        .bind(state.created_at)
-        .bind(&browser_hash[..])
-        .bind(not_before)
-        .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(inserted > 0)
+        Shared(&self.pool)
+            .insert_browser_oauth_state(state_hash, state, browser_hash, not_before, max_pending)
+            .await
     }
 
     async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM oauth_states WHERE used_at IS NULL AND created_at >= ?",
-        )
-        .bind(not_before)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        Shared(&self.pool)
+            .count_pending_oauth_states(not_before)
+            .await
     }
 
     async fn take_oauth_state_from_browser(
@@ -1218,22 +1118,9 @@ impl Store for SqliteStore {
         now: i64,
         not_before: i64,
     ) -> Result<Option<OAuthState>, StoreError> {
-        // With no browser, `browser_hash = NULL` is never true: only an
-        // unbound state is taken.
-        let row = sqlx::query(
-            "UPDATE oauth_states SET used_at = ?
-             WHERE state_hash = ? AND provider = ? AND used_at IS NULL AND created_at >= ?
-               AND (browser_hash IS NULL OR browser_hash = ?)
-             RETURNING provider, session_id, key_hash, created_at",
-        )
-        .bind(now)
-        .bind(&state_hash[..])
-        .bind(provider)
-        .bind(not_before)
-        .bind(browser_hash.map(|h| h.to_vec()))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(oauth_state).transpose()
+        Shared(&self.pool)
+            .take_oauth_state_from_browser(state_hash, provider, browser_hash, now, not_before)
+            .await
     }
 
     async fn finish_oauth_state(
@@ -1241,43 +1128,17 @@ impl Store for SqliteStore {
         state_hash: &[u8; 32],
         outcome: &OAuthOutcome,
     ) -> Result<(), StoreError> {
-        let (session, failure) = outcome.columns();
-        sqlx::query(
-            "UPDATE oauth_states SET result_session_id = ?, failure = ? WHERE state_hash = ?",
-        )
-        .bind(session)
-        .bind(failure)
-        .bind(&state_hash[..])
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Shared(&self.pool)
+            .finish_oauth_state(state_hash, outcome)
+            .await
     }
 
     async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
-        let row =
-            sqlx::query("SELECT result_session_id, failure FROM oauth_states WHERE state_hash = ?")
-                .bind(&state_hash[..])
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some(row) = row else {
-            return Ok(OAuthOutcome::Unknown);
-        };
-        Ok(OAuthOutcome::from_columns(
-            row.try_get("result_session_id")?,
-            row.try_get("failure")?,
-        ))
+        Shared(&self.pool).oauth_outcome(state_hash).await
     }
 
     async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
-        let forgotten = sqlx::query(
-            "DELETE FROM oauth_states WHERE created_at < ? AND (used_at IS NULL OR used_at < ?)",
-        )
-        .bind(before)
-        .bind(before)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(forgotten)
+        Shared(&self.pool).prune_oauth_states(before).await
     }
 
     async fn delete_session(
@@ -1312,38 +1173,15 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(&sql::list_audit_sql())
-            .bind(filter.session_id.as_deref())
-            .bind(filter.session_id.as_deref())
-            .bind(filter.since_ms)
-            .bind(filter.since_ms)
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        let mut rows = rows
-            .iter()
-            .map(sql::audit_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.reverse();
-        Ok(rows)
+        Shared(&self.pool).list_audit(filter).await
     }
 
     async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query(&sql::audit_page_sql())
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::audit_row).collect()
+        Shared(&self.pool).audit_page(after_seq, limit).await
     }
 
     async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(sql::COUNT_AUDIT_BY_KEY)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("key_id")?, r.try_get("n")?)))
-            .collect()
+        Shared(&self.pool).count_audit_by_key().await
     }
 
     async fn claim_events(
@@ -1405,11 +1243,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(&sql::list_events_sql())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        Shared(&self.pool).list_events(limit).await
     }
 
     async fn prune_events(
@@ -1428,11 +1262,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(&sql::list_given_up_events_sql())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(event_row).collect()
+        Shared(&self.pool).list_given_up_events(limit).await
     }
 
     async fn retry_given_up_events(
@@ -1469,10 +1299,7 @@ impl Store for SqliteStore {
     }
 
     async fn change_cursor(&self) -> Result<i64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM session_changes")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(seq.unwrap_or(0))
+        Shared(&self.pool).change_cursor().await
     }
 
     async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
@@ -1493,20 +1320,7 @@ impl Store for SqliteStore {
     ) -> Result<u64, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        for chunk in batch.chunks(sql::BULK_ROWS) {
-            let text = sql::insert_sessions_sql(chunk.len());
-            let mut q = sqlx::query(&text);
-            for s in chunk {
-                q = sql::bind_new_session(q, s);
-            }
-            match q.execute(&mut *tx).await {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    return Err(StoreError::DuplicateKey)
-                }
-                other => inserted += other?.rows_affected(),
-            }
-        }
+        let inserted = insert_session_rows::<sqlx::Sqlite>(&mut tx, batch).await?;
         log_added(&mut tx, batch).await?;
         append_audit_tx(&mut tx, audit).await?;
         tx.commit().await?;
