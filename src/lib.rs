@@ -8,7 +8,7 @@
 //! table is ARCHITECTURE.md's code map, and tests/layers.rs checks it):
 //! `server` -> `proxy`, `control` -> `tokens`, `notify` -> `metrics` ->
 //! `pacing` -> `store`, `provider`, `tls` -> `audit` -> `secrets` ->
-//! `config` -> `clock`, `error`, `telemetry`. Nothing is re-exported here:
+//! `config` -> `clock`, `error`, `table`, `telemetry`. Nothing is re-exported here:
 //! every path names the module it reads.
 
 pub mod audit;
@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod table;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

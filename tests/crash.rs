@@ -305,6 +305,27 @@ async fn kill9_during_refresh_storms_loses_only_rotations_in_flight() {
     // is lost outside the window, and a storm without a kill loses nothing.
 }
 
+/// Expires the session's token and sends a request for it, whose refresh
+/// (its lease taken) waits at the token endpoint until the stand-in's mode
+/// changes; returns the request, still waiting.
+async fn refresh_held_at_the_token_endpoint(
+    w: &World,
+    c: &reqwest::Client,
+    srv: &BinServer,
+    key: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<u16>> {
+    w.spark.set_token_mode(credproxy_standins::TokenMode::Hang);
+    w.spark.expire_access_tokens();
+    let req = c
+        .get(url(srv.proxy_addr, "/spark/v1/x"))
+        .header("X-Credproxy-Session", key);
+    let request = tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
+        .await
+        .expect("the refresh reached the token endpoint");
+    request
+}
+
 /// The rotation journal: a refresh whose commit cannot go through (here the
 /// test holds SQLite's write lock) is already written to the journal when
 /// the token endpoint's answer is read; kill -9 then, and the next `serve`
@@ -322,17 +343,7 @@ async fn a_rotation_killed_before_its_commit_is_recovered_from_the_journal() {
     let srv = BinServer::spawn(&cfg, "warn");
 
     // The refresh takes its lease, then waits for the token endpoint...
-    w.spark.set_token_mode(TokenMode::Hang);
-    w.spark.expire_access_tokens();
-    let request = {
-        let req = c
-            .get(url(srv.proxy_addr, "/spark/v1/x"))
-            .header("X-Credproxy-Session", key.as_str());
-        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
-    };
-    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
-        .await
-        .expect("the refresh reached the token endpoint");
+    let request = refresh_held_at_the_token_endpoint(&w, &c, &srv, &key).await;
     // ...while the test takes SQLite's write lock, so its commit cannot land.
     let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
         .await
@@ -396,17 +407,7 @@ async fn a_killed_processs_refresh_lease_is_given_back_at_start_up() {
     let key = support::cli_add_spark(&cfg, &w);
     let c = client();
     let srv = BinServer::spawn(&cfg, "warn");
-    w.spark.set_token_mode(TokenMode::Hang);
-    w.spark.expire_access_tokens();
-    let request = {
-        let req = c
-            .get(url(srv.proxy_addr, "/spark/v1/x"))
-            .header("X-Credproxy-Session", key.as_str());
-        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
-    };
-    tokio::time::timeout(WAIT, w.spark.wait_for_token_calls(1))
-        .await
-        .expect("the refresh reached the token endpoint");
+    let request = refresh_held_at_the_token_endpoint(&w, &c, &srv, &key).await;
     kill9(srv).await;
     let _ = request.await;
     // The hung call ends without a rotation; the provider now refuses the

@@ -287,13 +287,7 @@ async fn world_against(raw: &Raw, spark_extra: &str) -> (World, credproxy::serve
         spark: spark_extra.into(),
         ..Extra::default()
     };
-    let text = w.config_text(&extra).replace(
-        &format!("api_base = \"{}\"", w.spark.base_url()),
-        &format!("api_base = \"http://{}/api\"", raw.addr),
-    );
-    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t.toml"), |_| None)
-        .expect("config");
-    let srv = credproxy::server::start(cfg).await.expect("start");
+    let srv = w.start_against_spark_api(&extra, raw.addr).await;
     (w, srv)
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The library's top-level modules, lowest layer first. Modules of one
 /// layer do not read each other.
 const LAYERS: &[&[&str]] = &[
-    &["clock", "error", "telemetry"],
+    &["clock", "error", "table", "telemetry"],
     &["config"],
     &["secrets"],
     &["audit"],

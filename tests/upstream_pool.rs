@@ -31,13 +31,7 @@ async fn world_against_with(
         spark: spark_extra.into(),
         ..Extra::default()
     };
-    let text = w.config_text(&extra).replace(
-        &format!("api_base = \"{}\"", w.spark.base_url()),
-        &format!("api_base = \"http://{}/api\"", up.addr),
-    );
-    let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t.toml"), |_| None)
-        .expect("config");
-    let srv = credproxy::server::start(cfg).await.expect("start");
+    let srv = w.start_against_spark_api(&extra, up.addr).await;
     (w, srv)
 }
 

@@ -30,26 +30,7 @@ pub fn rows_table(rows: &[AuditRow]) -> String {
             r.detail.clone(),
         ]);
     }
-    let mut widths = [0usize; 7];
-    for l in &lines {
-        for (w, c) in widths.iter_mut().zip(l.iter()) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for l in &lines {
-        let mut line = String::new();
-        for (i, c) in l.iter().enumerate() {
-            if i + 1 == l.len() {
-                line.push_str(c);
-            } else {
-                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    crate::table::columns(&lines)
 }
 
 #[cfg(test)]

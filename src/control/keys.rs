@@ -134,31 +134,13 @@ pub async fn list(config: &Config, sessions: &Sessions, json: bool) -> anyhow::R
     Ok(())
 }
 
-/// `key list`'s table: each column as wide as its widest cell, two spaces
-/// between columns, no trailing blanks (as `session list` and `audit`).
+/// `key list`'s table (as `session list` and `audit` lay theirs out).
 fn keys_table(rows: &[[String; 5]]) -> String {
     let header = ["ID", "PRIMARY", "SEALED", "CREATED", "NOTE"].map(str::to_owned);
-    let lines: Vec<&[String; 5]> = std::iter::once(&header).chain(rows).collect();
-    let mut widths = [0usize; 5];
-    for l in &lines {
-        for (w, c) in widths.iter_mut().zip(l.iter()) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for l in &lines {
-        let mut line = String::new();
-        for (i, c) in l.iter().enumerate() {
-            if i + 1 == l.len() {
-                line.push_str(c);
-            } else {
-                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    let lines: Vec<[String; 5]> = std::iter::once(header)
+        .chain(rows.iter().cloned())
+        .collect();
+    crate::table::columns(&lines)
 }
 
 /// Holds the lock beside a key file while the ring in it changes.

@@ -409,9 +409,7 @@ impl Proxy {
         let body = prepare_body(route, &parts.headers, body, keep).await?;
         if let Prepared::Kept(bytes) = &body {
             if form_post && form_overrides_to_refused_method(&parts.headers, bytes) {
-                return Err(ProxyError::BadRequest(
-                    "a method override to HEAD, TRACE, TRACK or CONNECT is not supported",
-                ));
+                return Err(ProxyError::BadRequest(REFUSED_OVERRIDE));
             }
         }
         let out = Outgoing {
@@ -673,11 +671,7 @@ impl Proxy {
                     "a method override is accepted only on POST",
                 ))
             }
-            Override::Refused => {
-                return Err(ProxyError::BadRequest(
-                    "a method override to HEAD, TRACE, TRACK or CONNECT is not supported",
-                ))
-            }
+            Override::Refused => return Err(ProxyError::BadRequest(REFUSED_OVERRIDE)),
         }
         // Dot segments could step out of api_base's path on the upstream.
         if has_dot_segment(parts.uri.path()) {
@@ -923,6 +917,11 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
     "x-http-method",
     "x-method-override",
 ];
+
+/// Why a request whose method override (header, query or form field)
+/// names HEAD, TRACE, TRACK or CONNECT is refused.
+const REFUSED_OVERRIDE: &str =
+    "a method override to HEAD, TRACE, TRACK or CONNECT is not supported";
 
 /// What a request's method overrides ask for.
 #[derive(Debug, PartialEq, Eq)]

@@ -339,11 +339,6 @@ impl Refresher {
         });
     }
 
-    /// How many refreshes are under way.
-    pub fn in_flight(&self) -> usize {
-        self.tasks.len()
-    }
-
     /// At shutdown: waits until every refresh under way has finished (its
     /// tokens committed, or its failure recorded), until `deadline`; then
     /// gives back the refresh leases this process still holds, so that

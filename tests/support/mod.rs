@@ -123,6 +123,17 @@ min_refresh_interval = 0
         )
     }
 
+    /// Starts the server in-process with Spark's API at `http://API/api`
+    /// instead of the stand-in's: a raw upstream of the test's own.
+    pub async fn start_against_spark_api(&self, extra: &Extra, api: SocketAddr) -> Running {
+        let text = self.config_text(extra).replace(
+            &format!("api_base = \"{}\"", self.spark.base_url()),
+            &format!("api_base = \"http://{api}/api\""),
+        );
+        let cfg = Config::parse(&text, Path::new("t.toml"), |_| None).expect("config");
+        server::start(cfg).await.expect("start")
+    }
+
     /// Writes `config.toml` into the world's directory and returns its path.
     pub fn write_config(&self, extra: &Extra) -> PathBuf {
         let path = self.path("config.toml");

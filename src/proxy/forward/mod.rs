@@ -338,14 +338,6 @@ impl Upstream {
         idle.retain_mut(|c| c.since().elapsed() < h1::IDLE_TIMEOUT && c.still_open());
     }
 
-    /// How many idle HTTP/1.1 connections this pool holds.
-    pub fn idle_connections(&self) -> usize {
-        self.own
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
     /// Over hyper's client: HTTP/2 if the upstream speaks it, else
     /// HTTP/1.1 on a new connection that ends with the answer (see
     /// [`Pool`]).
