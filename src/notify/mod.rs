@@ -5,7 +5,7 @@
 //! crash loses none. This task only delivers them:
 //!
 //! * every second (and at once after a delivery round that found work) it
-//!   claims due events (`Store::claim_events`: a lease, so on PostgreSQL
+//!   claims due events (`Outbox::claim_events`: a lease, so on PostgreSQL
 //!   exactly one instance holds an event at a time; `FOR UPDATE SKIP
 //!   LOCKED`), POSTs each as signed JSON ([`sign`]) within `timeout`, and
 //!   records the outcome: delivered on a 2xx, otherwise retried with

@@ -1,5 +1,5 @@
 //! A budget shared by every instance on one PostgreSQL store: each instance
-//! leases a share of it (`Store::lease_budget`) and spends the share
+//! leases a share of it (`Budgets::lease_budget`) and spends the share
 //! locally, so the hot path takes no database round trip while its share
 //! lasts. A share is spent only before its lease ends; when it ends (or the
 //! instance needs a new one) the lease is settled with what was used, so an

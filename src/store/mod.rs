@@ -16,7 +16,7 @@
 //! the transaction whether the change happened (a transition of the
 //! status, a row inserted, replaced or deleted). A crash therefore loses
 //! no event and invents none. `last_used_at` is not a change: it is written
-//! in batches ([`Store::note_uses`]) without a version bump, a change-log
+//! in batches ([`SessionStore::note_uses`]) without a version bump, a change-log
 //! entry or an event.
 //!
 //! **Invariant (audit):** the audit row of a change (`audit:
@@ -26,15 +26,25 @@
 //! itself; PostgreSQL: `pg_advisory_xact_lock`), so rows are chained in
 //! commit order with no gap (see `crate::audit`).
 
-use async_trait::async_trait;
-
-use crate::audit::{AuditAppend, AuditFilter, AuditRow};
 use crate::secrets::session::{KeyHash, Status};
 
+mod audit_log;
+mod budgets;
+mod changes;
+mod oauth;
+mod outbox;
 pub mod postgres;
+mod sessions;
 mod shared;
 mod sql;
 pub mod sqlite;
+
+pub use audit_log::AuditLog;
+pub use budgets::Budgets;
+pub use changes::ChangeFeed;
+pub use oauth::OAuthStates;
+pub use outbox::Outbox;
+pub use sessions::SessionStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -108,7 +118,7 @@ pub struct SessionRecord {
     /// While `refresh_failing`: when the refresh is retried (unix seconds).
     pub next_retry_at: Option<i64>,
     /// When a request last used the session (unix seconds), as written by
-    /// the batched [`Store::note_uses`]: up to one flush interval behind.
+    /// the batched [`SessionStore::note_uses`]: up to one flush interval behind.
     pub last_used_at: Option<i64>,
 }
 
@@ -208,7 +218,7 @@ pub enum Health<'a> {
     Unchanged,
 }
 
-/// A transient refresh failure, as [`Store::mark_refresh_failing`] records it.
+/// A transient refresh failure, as [`SessionStore::mark_refresh_failing`] records it.
 #[derive(Debug, Clone, Copy)]
 pub struct Failure<'a> {
     /// The error class (`token_endpoint_timeout`, ...): a short fixed string.
@@ -219,7 +229,7 @@ pub struct Failure<'a> {
     pub event: Option<&'a NewEvent>,
 }
 
-/// A candidate of idle refresh (see [`Store::idle_sessions`]).
+/// A candidate of idle refresh (see [`SessionStore::idle_sessions`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdleSession {
     pub id: String,
@@ -250,7 +260,7 @@ pub struct NewSession {
     pub now: i64,
 }
 
-/// What [`Store::changes`] read from the change log.
+/// What [`ChangeFeed::changes`] read from the change log.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     /// The newest position read (the cursor of the next call).
@@ -263,7 +273,7 @@ pub struct Changes {
     pub more: bool,
 }
 
-/// Change-log rows one [`Store::changes`] reads at most.
+/// Change-log rows one [`ChangeFeed::changes`] reads at most.
 pub const CHANGES_PAGE: usize = 10_000;
 
 /// The answer to a request for a session's refresh lease.
@@ -280,7 +290,7 @@ pub enum Lease {
 }
 
 /// What an instance asks for when it leases a share of a provider's request
-/// budget (see [`Store::lease_budget`]).
+/// budget (see [`Budgets::lease_budget`]).
 #[derive(Debug, Clone)]
 pub struct BudgetAsk<'a> {
     /// The provider whose budget this is (its table name).
@@ -301,7 +311,7 @@ pub struct BudgetAsk<'a> {
 /// A share of a provider's budget, granted to one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetLease {
-    /// Identifies the lease for [`Store::settle_budget`]; 0 when nothing was granted.
+    /// Identifies the lease for [`Budgets::settle_budget`]; 0 when nothing was granted.
     pub id: i64,
     /// Requests the instance may send until the lease ends (0: none now).
     pub granted: u32,
@@ -403,396 +413,27 @@ pub struct SessionCount {
     pub count: i64,
 }
 
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Answers when the store is reachable and can read sessions (`/readyz`).
-    async fn ping(&self) -> Result<(), StoreError>;
+/// The store as the rest of the code holds it (`Arc<dyn Store>`): every
+/// role at once. A caller names the role it uses (`SessionStore`,
+/// `OAuthStates`, `Outbox`, `AuditLog`, `ChangeFeed`, `Budgets`); each role
+/// is implemented once for both databases (`shared.rs`), but for the
+/// budgets, which only PostgreSQL shares.
+pub trait Store:
+    SessionStore + OAuthStates + Outbox + AuditLog + ChangeFeed + Budgets + Send + Sync + 'static
+{
+}
 
-    /// Inserts a new session; [`StoreError::DuplicateKey`] when its key
-    /// hash exists. `event` (a connect) is appended in the same transaction.
-    async fn insert_session(
-        &self,
-        new: NewSession,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<SessionRecord, StoreError>;
-
-    async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError>;
-
-    async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
-
-    /// All sessions, oldest first.
-    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
-
-    /// The session updated last, if any: the one a start-up check opens to
-    /// prove the sealing key fits.
-    async fn newest_session(&self) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self
-            .list_sessions()
-            .await?
-            .into_iter()
-            .max_by_key(|r| r.updated_at))
-    }
-
-    async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError>;
-
-    /// Every sealed value (access and refresh tokens) counted by the key id
-    /// its header names (see `seal.rs`), by SQL over the stored bytes.
-    async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError>;
-
-    /// Up to `limit` sessions, in id order after `after`, holding a sealed
-    /// value whose first bytes are not `header` (the version byte and the
-    /// primary key's id): the rows `key rewrap` has left to do.
-    async fn sealed_not_under(
-        &self,
-        header: &[u8],
-        after: &str,
-        limit: u32,
-    ) -> Result<Vec<SealedRow>, StoreError>;
-
-    /// Writes re-sealed values, each row only if it still holds the values
-    /// it was read with (a compare-and-swap on the sealed bytes, in one
-    /// transaction per call). The version and `updated_at` are left alone:
-    /// a re-sealed row means what it meant, and a refresh that read the row
-    /// before still wins its own compare-and-swap. Returns the ids of the
-    /// rows written.
-    async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError>;
-
-    /// Replaces a session's tokens, sets it active (its error cleared) and
-    /// bumps its version. With `expected_version`, only if the row still has
-    /// that version (compare-and-swap); returns the new record, or `None`
-    /// when the session is gone or its version moved on. `event` (a
-    /// reconnect) is appended when the row was replaced.
-    async fn replace_tokens(
-        &self,
-        id: &str,
-        tokens: SealedTokens,
-        expected_version: Option<i64>,
-        now: i64,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Option<SessionRecord>, StoreError>;
-
-    /// Takes the session's refresh lease for `owner` until `until_ms` (unix
-    /// milliseconds), unless another owner holds an unexpired one.
-    async fn acquire_refresh_lease(
-        &self,
-        id: &str,
-        owner: &str,
-        until_ms: i64,
-        now_ms: i64,
-    ) -> Result<Lease, StoreError>;
-
-    /// Gives the lease back without changing the session.
-    async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError>;
-
-    /// Gives back every lease `owner` still holds (a process shutting down
-    /// whose refreshes did not finish in its grace period); returns how many.
-    async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError>;
-
-    /// The owners holding a refresh lease now (expired ones too).
-    async fn refresh_lease_owners(&self) -> Result<Vec<String>, StoreError>;
-
-    /// Stores refreshed tokens durably and releases the lease, only while
-    /// `owner` holds it and the row still has `expected_version`; `health`
-    /// says whether the session becomes `active` again (and whether that
-    /// was a recovery worth an event).
-    // The compare-and-swap's parts, the health and the audit row: one call.
-    #[allow(clippy::too_many_arguments)]
-    async fn commit_refresh(
-        &self,
-        id: &str,
-        owner: &str,
-        tokens: SealedTokens,
-        expected_version: i64,
-        now: i64,
-        health: Health<'_>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Option<SessionRecord>, StoreError>;
-
-    /// Records a transient refresh failure, if the row still has
-    /// `expected_version` and does not need reauthorization: `last_error`
-    /// and `next_retry_at`, the status `refresh_failing` (the version stays:
-    /// the tokens did not change). The lease is released if `owner` holds
-    /// it, whatever the version. Returns `true` when the session was
-    /// `active` until now (a transition: a change-log entry, and
-    /// `failure.event` appended); a failure while already failing updates
-    /// the error and the retry time only.
-    async fn mark_refresh_failing(
-        &self,
-        id: &str,
-        owner: &str,
-        expected_version: i64,
-        now: i64,
-        failure: Failure<'_>,
-    ) -> Result<bool, StoreError>;
-
-    /// Marks the session `reauthorization_required` (its refresh token was
-    /// refused: `code`, `invalid_grant` or `invalid_client`, becomes its
-    /// `last_error`) and releases the lease, if the row still has
-    /// `expected_version`. `event` is appended when it did not need
-    /// reauthorization already.
-    async fn mark_reauthorization_required(
-        &self,
-        id: &str,
-        expected_version: i64,
-        now: i64,
-        code: &str,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError>;
-
-    /// Records when sessions were last used: `(id, unix seconds)`, one entry
-    /// per session (of an id given twice, the latest counts; an unknown id
-    /// is skipped). `last_used_at` only ever moves forward, and it is not a
-    /// change: no version bump, no change-log entry, no event. Written in
-    /// few transactions (of up to 250 sessions on SQLite, 1,000 on
-    /// PostgreSQL); returns how many rows moved.
-    async fn note_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError>;
-
-    /// The sessions of `provider` neither used nor refreshed since
-    /// `idle_before` (the latest of `last_used_at`, `last_refresh_at` and
-    /// `created_at` is older), that can be refreshed (a refresh token, not
-    /// `reauthorization_required`, not waiting for a retry after `now`),
-    /// in order of `(idle_since, id)` after `after`; at most `limit`.
-    /// An indexed range scan (`sessions_idle`), never a pass over every row.
-    async fn idle_sessions(
-        &self,
-        provider: &str,
-        idle_before: i64,
-        after: &IdleCursor,
-        now: i64,
-        limit: u32,
-    ) -> Result<Vec<IdleSession>, StoreError>;
-
-    /// Records a new one-time OAuth state.
-    async fn insert_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        state: &OAuthState,
-    ) -> Result<(), StoreError>;
-
-    /// The state, if it exists, is unused and was created at or after `not_before`.
-    async fn peek_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        not_before: i64,
-    ) -> Result<Option<OAuthState>, StoreError>;
-
-    /// Records a new state made in a browser and bound to it (`browser_hash`:
-    /// the SHA-256 of the value in that browser's cookie), unless
-    /// `max_pending` states that are unused and were created at or after
-    /// `not_before` exist already: then nothing is written and the answer is
-    /// `false`. (On PostgreSQL, requests racing each other may overshoot the
-    /// cap by a few rows.)
-    async fn insert_browser_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        state: &OAuthState,
-        browser_hash: &[u8; 32],
-        not_before: i64,
-        max_pending: u64,
-    ) -> Result<bool, StoreError>;
-
-    /// How many states are unused and were created at or after `not_before`.
-    async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError>;
-
-    /// Consumes the state (marks it used) and returns it, only if it exists,
-    /// belongs to `provider`, is unused, was created at or after
-    /// `not_before`, and is either bound to no browser or bound to
-    /// `browser_hash`: a state works once, only for its own provider, and
-    /// only in the browser that started it. A refusal leaves the state as it
-    /// was.
-    async fn take_oauth_state_from_browser(
-        &self,
-        state_hash: &[u8; 32],
-        provider: &str,
-        browser_hash: Option<&[u8; 32]>,
-        now: i64,
-        not_before: i64,
-    ) -> Result<Option<OAuthState>, StoreError>;
-
-    /// [`Store::take_oauth_state_from_browser`] without a browser: only a
-    /// state bound to no browser is taken.
-    async fn take_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        provider: &str,
-        now: i64,
-        not_before: i64,
-    ) -> Result<Option<OAuthState>, StoreError> {
-        self.take_oauth_state_from_browser(state_hash, provider, None, now, not_before)
-            .await
-    }
-
-    /// Records how a consumed state's flow ended.
-    async fn finish_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        outcome: &OAuthOutcome,
-    ) -> Result<(), StoreError>;
-
-    async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError>;
-
-    /// Forgets states created before `before`, except those consumed at or
-    /// after `before` (their flow may still be running, and `credproxy
-    /// connect` reads its outcome); returns how many it forgot.
-    async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError>;
-
-    /// Deletes a session; `false` when there was none. `event` (a revoke)
-    /// is appended when a row was deleted.
-    async fn delete_session(
-        &self,
-        id: &str,
-        now: i64,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError>;
-
-    /// Due events (not delivered, not given up, `next_attempt_at_ms <=
-    /// now_ms`, and no live lease), oldest first, at most `limit`; leased to
-    /// `owner` until `now_ms + lease_ms`. Two claimers never hold one event
-    /// at once (PostgreSQL: `FOR UPDATE SKIP LOCKED`, leases timed by the
-    /// database's clock).
-    async fn claim_events(
-        &self,
-        owner: &str,
-        now_ms: i64,
-        lease_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<EventRow>, StoreError>;
-
-    /// Delivered: only while `owner` holds the lease (it has not been
-    /// claimed by another since).
-    async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError>;
-
-    /// Failed this attempt: `attempts + 1`, `last_error = error` (a short
-    /// class, no secret), `next_attempt_at_ms`, lease released; only while
-    /// `owner` holds the lease.
-    async fn event_retry(
-        &self,
-        id: &str,
-        owner: &str,
-        next_attempt_at_ms: i64,
-        error: &str,
-    ) -> Result<(), StoreError>;
-
-    /// Given up for good (too old): `gave_up_at = now`, `last_error =
-    /// error`, lease released; only while `owner` holds the lease.
-    async fn event_gave_up(
-        &self,
-        id: &str,
-        owner: &str,
-        now: i64,
-        error: &str,
-    ) -> Result<(), StoreError>;
-
-    /// Undelivered events (pending and given up), oldest first, at most `limit`.
-    async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError>;
-
-    /// Forgets delivered events delivered before `delivered_before` and
-    /// given-up events given up before `given_up_before` (unix seconds);
-    /// returns how many.
-    async fn prune_events(
-        &self,
-        delivered_before: i64,
-        given_up_before: i64,
-    ) -> Result<u64, StoreError>;
-
-    /// Given-up events, oldest first, at most `limit`.
-    async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError>;
-
-    /// Puts given-up events back for delivery, due at `now_ms`: those of
-    /// `ids` (unknown, delivered or pending ones are left alone), or every
-    /// one (`None`); returns how many. Their `at` stays, so one whose next
-    /// attempt fails is given up again at once.
-    async fn retry_given_up_events(
-        &self,
-        ids: Option<&[String]>,
-        now_ms: i64,
-    ) -> Result<u64, StoreError>;
-
-    /// Deletes given-up events: those of `ids`, or every one (`None`);
-    /// returns how many.
-    async fn clear_given_up_events(&self, ids: Option<&[String]>) -> Result<u64, StoreError>;
-
-    /// Appends a row to the audit chain in a transaction of its own, under
-    /// the lock that serializes every appender (see `crate::audit`);
-    /// returns its `seq`. The methods above that take an `audit` append it
-    /// the same way, in the change's transaction, when the change happened.
-    async fn append_audit(&self, audit: &AuditAppend) -> Result<i64, StoreError>;
-
-    /// The newest `filter.limit` rows matching `filter`, oldest first.
-    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError>;
-
-    /// Rows with `seq > after_seq`, in `seq` order, at most `limit`.
-    async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
-
-    /// How many audit rows each key id chained (`key retire` keeps the
-    /// audit key of a key with rows).
-    async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError>;
-
-    /// The newest change-log position.
-    async fn change_cursor(&self) -> Result<i64, StoreError>;
-
-    /// The change log after `cursor`: ids of sessions changed, the key
-    /// hashes of sessions inserted (so negative caches forget them), and
-    /// the new cursor.
-    async fn changes(&self, cursor: i64) -> Result<Changes, StoreError>;
-
-    /// Ids of sessions changed after `cursor`, and the new cursor.
-    async fn changes_since(&self, cursor: i64) -> Result<(i64, Vec<String>), StoreError> {
-        let c = self.changes(cursor).await?;
-        Ok((c.cursor, c.ids))
-    }
-
-    /// Inserts many new sessions in one transaction (multi-row inserts),
-    /// each with its change-log entry, and `audit` (one row for the batch)
-    /// last; [`StoreError::DuplicateKey`] (and nothing written) when a key
-    /// hash or id exists. For seeding large stores; no events.
-    async fn insert_sessions(
-        &self,
-        batch: &[NewSession],
-        audit: Option<&AuditAppend>,
-    ) -> Result<u64, StoreError>;
-
-    /// Forgets change-log entries older than `before` (unix seconds).
-    async fn prune_changes(&self, before: i64) -> Result<(), StoreError>;
-
-    /// Whether request budgets are kept here, shared by every instance
-    /// (PostgreSQL), rather than in each process's memory (SQLite, one process).
-    fn shares_budgets(&self) -> bool {
-        false
-    }
-
-    /// Leases a share of a provider's budget, atomically against every other
-    /// instance: the shares of leases that ended within the last `window_ms`
-    /// (or have not ended) count as spent, so at most `requests` are sent in
-    /// any window of that length. A lease whose instance dies stops counting
-    /// `window_ms` after it ends. Only stores that [`Store::shares_budgets`].
-    async fn lease_budget(&self, ask: &BudgetAsk<'_>) -> Result<BudgetLease, StoreError> {
-        let _ = ask;
-        Err(StoreError::Open(
-            "this store keeps no shared request budgets".into(),
-        ))
-    }
-
-    /// Records that a lease, now ended (or given back early: nothing more is
-    /// sent under it), was used for `used` requests, so its unused share
-    /// counts for nothing.
-    async fn settle_budget(&self, lease_id: i64, used: u32) -> Result<(), StoreError> {
-        let _ = (lease_id, used);
-        Ok(())
-    }
-
-    /// Returns when another process may have changed a session, or after
-    /// `max`, with the ids it knows changed (they are dropped from the cache
-    /// at once; the change-log poll that follows catches the rest). Polling
-    /// stores just wait; PostgreSQL wakes on NOTIFY.
-    async fn wait_for_change(&self, max: std::time::Duration) -> Vec<String> {
-        tokio::time::sleep(max).await;
-        Vec::new()
-    }
+impl<T> Store for T where
+    T: SessionStore
+        + OAuthStates
+        + Outbox
+        + AuditLog
+        + ChangeFeed
+        + Budgets
+        + Send
+        + Sync
+        + 'static
+{
 }
 
 /// Opens the store named by `url`, applying migrations.

@@ -319,13 +319,21 @@ pub(crate) fn clear_given_up_sql(ids: Option<usize>) -> String {
 /// PostgreSQL (one `UPDATE ... FROM UNNEST` each).
 pub(crate) const USES_PER_TRANSACTION: usize = 1000;
 
-/// `numbered` once per statement, for PostgreSQL's statement cache.
-macro_rules! pg_sql {
+/// A statement made once (a `&'static str`, or a `String` built at first
+/// use), for the statement cache.
+macro_rules! once {
     ($text:expr) => {{
-        static SQL: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| $crate::store::sql::numbered(&$text));
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| String::from($text));
         SQL.as_str()
     }};
+}
+pub(crate) use once;
+
+/// `numbered` once per statement, for PostgreSQL's statement cache.
+macro_rules! pg_sql {
+    ($text:expr) => {
+        $crate::store::sql::once!($crate::store::sql::numbered(&$text))
+    };
 }
 pub(crate) use pg_sql;
 

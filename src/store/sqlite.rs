@@ -11,22 +11,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::SqlitePool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::shared::{chain_audit, insert_session_rows, Shared};
-use super::sql::{
-    self, bind_event, record, EVENT_COLUMNS, INSERT_EVENT, SESSION_COLUMNS as COLUMNS,
-};
-use super::{
-    Changes, EventRow, Failure, Health, IdleCursor, IdleSession, Lease, NewEvent, NewSession,
-    OAuthOutcome, OAuthState, Resealed, SealedCount, SealedRow, SealedTokens, SessionCount,
-    SessionRecord, Store, StoreError,
-};
-use crate::audit::{AuditAppend, AuditFilter, AuditRow};
-use crate::secrets::session::{KeyHash, Status};
+use super::shared::{Backend, Claim, Dialect, LeaseAsk, Query, Sql, WriteOp, Written};
+use super::sql::{self, once, EVENT_COLUMNS, SESSION_COLUMNS as COLUMNS};
+use super::{Budgets, IdleCursor, Resealed, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -37,7 +29,7 @@ const USES_PER_TRANSACTION: usize = 250;
 /// orders by. Exactly the expression of the index `sessions_idle`.
 const IDLE_SINCE: &str = "MAX(COALESCE(last_used_at, 0), COALESCE(last_refresh_at, 0), created_at)";
 
-/// The statement of [`Store::idle_sessions`] (public for the test that
+/// The statement of `SessionStore::idle_sessions` (public for the test that
 /// checks its plan uses the index). The expression and the first two
 /// conditions are those of the partial index `sessions_idle`, word for
 /// word: SQLite uses it only so. The cursor is written
@@ -194,49 +186,7 @@ impl SqliteStore {
         })
     }
 
-    /// Runs a [`WriteOp::EventsStatement`]; how many rows it changed.
-    async fn events_statement(
-        &self,
-        sql: String,
-        values: Vec<EventValue>,
-    ) -> Result<u64, StoreError> {
-        match self.write(WriteOp::EventsStatement { sql, values }).await? {
-            Written::Count(n) => Ok(n),
-            _ => Err(StoreError::Closed),
-        }
-    }
-
-    async fn event_update(
-        &self,
-        sql: &'static str,
-        first: EventValue,
-        second: Option<EventValue>,
-        id: &str,
-        owner: &str,
-    ) -> Result<(), StoreError> {
-        let op = WriteOp::EventUpdate {
-            sql,
-            first,
-            second,
-            id: id.to_owned(),
-            owner: owner.to_owned(),
-        };
-        self.write(op).await.map(|_| ())
-    }
-
-    /// Refuses a write, loudly, once the file has been deleted or replaced:
-    /// SQLite would go on writing to the unlinked file, and every change
-    /// (a rotated refresh token too) would vanish at the next start.
-    fn writable(&self) -> Result<(), StoreError> {
-        match &self.file {
-            Some(file) => file.unchanged().inspect_err(|e| {
-                tracing::error!(error = %e, "store write refused");
-            }),
-            None => Ok(()),
-        }
-    }
-
-    async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
+    async fn send(&self, op: Job) -> Result<Written, StoreError> {
         self.writable()?;
         let (reply, answer) = oneshot::channel();
         let is_commit = op.is_commit();
@@ -257,101 +207,24 @@ impl SqliteStore {
     }
 }
 
-/// A write of the refresh path.
-enum WriteOp {
-    AcquireLease {
-        id: String,
-        owner: String,
-        until_ms: i64,
-        now_ms: i64,
-    },
-    ReleaseLease {
-        id: String,
-        owner: String,
-    },
-    ReleaseLeasesOf {
-        owner: String,
-    },
-    CommitRefresh {
-        id: String,
-        owner: String,
-        tokens: SealedTokens,
-        expected_version: i64,
-        now: i64,
-        healthy: bool,
-        recovered: Option<NewEvent>,
-        audit: Option<AuditAppend>,
-    },
-    MarkReauthorization {
-        id: String,
-        expected_version: i64,
-        now: i64,
-        code: String,
-        event: Option<NewEvent>,
-        audit: Option<AuditAppend>,
-    },
-    MarkFailing {
-        id: String,
-        owner: String,
-        expected_version: i64,
-        now: i64,
-        class: String,
-        next_retry_at: i64,
-        event: Option<NewEvent>,
-    },
+/// A write for one of the writer tasks: a shared [`WriteOp`], or last uses.
+// One per write, moved once into its channel: not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Op(WriteOp),
     NoteUses(Vec<(String, i64)>),
-    ClaimEvents {
-        owner: String,
-        now_ms: i64,
-        lease_ms: i64,
-        limit: u32,
-    },
-    /// One of the outbox's `UPDATE events ... WHERE id = ? AND lease_owner = ?`.
-    EventUpdate {
-        sql: &'static str,
-        first: EventValue,
-        second: Option<EventValue>,
-        id: String,
-        owner: String,
-    },
-    /// A statement on the outbox that changes many rows (prune, retry,
-    /// clear): its values in order; answers how many rows it changed.
-    EventsStatement {
-        sql: String,
-        values: Vec<EventValue>,
-    },
 }
 
-/// A value bound to an outbox update.
-enum EventValue {
-    Int(i64),
-    Text(String),
-}
-
-impl WriteOp {
-    /// Whether the op goes through the [`commit_writer`] (durable, first)
+impl Job {
+    /// Whether the job goes through the [`commit_writer`] (durable, first)
     /// rather than the [`lease_writer`].
     fn is_commit(&self) -> bool {
-        matches!(
-            self,
-            WriteOp::CommitRefresh { .. }
-                | WriteOp::MarkReauthorization { .. }
-                | WriteOp::MarkFailing { .. }
-        )
+        matches!(self, Job::Op(op) if op.is_commit())
     }
 }
 
-enum Written {
-    Lease(Lease),
-    Row(Option<SessionRecord>),
-    Flag(bool),
-    Count(u64),
-    Events(Vec<EventRow>),
-    Done,
-}
-
 struct WriteJob {
-    op: WriteOp,
+    op: Job,
     reply: oneshot::Sender<Result<Written, StoreError>>,
 }
 
@@ -465,156 +338,10 @@ async fn run_batch(writer: &SqlitePool, jobs: &[WriteJob]) -> Result<Vec<Written
     Ok(results)
 }
 
-async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written, StoreError> {
-    Ok(match op {
-        WriteOp::AcquireLease {
-            id,
-            owner,
-            until_ms,
-            now_ms,
-        } => {
-            let sql = format!(
-                "UPDATE sessions SET refresh_lease_owner = ?, refresh_lease_until = ?
-                 WHERE id = ? AND (refresh_lease_until IS NULL OR refresh_lease_until < ? OR refresh_lease_owner = ?)
-                 RETURNING {COLUMNS}"
-            );
-            let row = sqlx::query(&sql)
-                .bind(owner)
-                .bind(until_ms)
-                .bind(id)
-                .bind(now_ms)
-                .bind(owner)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = row {
-                return Ok(Written::Lease(Lease::Acquired(record(&row)?)));
-            }
-            let held =
-                sqlx::query("SELECT refresh_lease_until, version FROM sessions WHERE id = ?")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            Written::Lease(match held {
-                None => Lease::Gone,
-                Some(r) => Lease::Held {
-                    until_ms: r
-                        .try_get::<Option<i64>, _>("refresh_lease_until")?
-                        .unwrap_or(0),
-                    version: r.try_get("version")?,
-                },
-            })
-        }
-        WriteOp::ReleaseLeasesOf { owner } => {
-            let done = sqlx::query(super::sql::RELEASE_LEASES_OF)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
-            Written::Count(done.rows_affected())
-        }
-        WriteOp::ReleaseLease { id, owner } => {
-            sqlx::query(
-                "UPDATE sessions SET refresh_lease_owner = NULL, refresh_lease_until = NULL
-                 WHERE id = ? AND refresh_lease_owner = ?",
-            )
-            .bind(id)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?;
-            Written::Done
-        }
-        WriteOp::CommitRefresh {
-            id,
-            owner,
-            tokens,
-            expected_version,
-            now,
-            healthy,
-            recovered,
-            audit,
-        } => {
-            let prior = prior_status(tx, id).await?;
-            let row = sqlx::query(&sql::commit_refresh_sql())
-                .bind(&tokens.access_token)
-                .bind(&tokens.refresh_token)
-                .bind(tokens.expires_at)
-                .bind(healthy)
-                .bind(healthy)
-                .bind(healthy)
-                .bind(now)
-                .bind(now)
-                .bind(id)
-                .bind(expected_version)
-                .bind(owner)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let rec = row.as_ref().map(record).transpose()?;
-            if rec.is_some() {
-                log_change(tx, id, *now).await?;
-                if *healthy && sql::transition(prior.as_deref(), Status::Active) {
-                    insert_event(tx, recovered.as_ref()).await?;
-                }
-                append_audit_tx(tx, audit.as_ref()).await?;
-            }
-            Written::Row(rec)
-        }
-        WriteOp::MarkReauthorization {
-            id,
-            expected_version,
-            now,
-            code,
-            event,
-            audit,
-        } => {
-            let prior = prior_status(tx, id).await?;
-            let n = sqlx::query(sql::MARK_REAUTHORIZATION)
-                .bind(code)
-                .bind(now)
-                .bind(id)
-                .bind(expected_version)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if n > 0 {
-                log_change(tx, id, *now).await?;
-                if sql::transition(prior.as_deref(), Status::ReauthorizationRequired) {
-                    insert_event(tx, event.as_ref()).await?;
-                    append_audit_tx(tx, audit.as_ref()).await?;
-                }
-            }
-            Written::Flag(n > 0)
-        }
-        WriteOp::MarkFailing {
-            id,
-            owner,
-            expected_version,
-            now,
-            class,
-            next_retry_at,
-            event,
-        } => {
-            let prior = prior_status(tx, id).await?;
-            let n = sqlx::query(sql::MARK_REFRESH_FAILING)
-                .bind(class)
-                .bind(next_retry_at)
-                .bind(now)
-                .bind(id)
-                .bind(expected_version)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            sqlx::query(sql::RELEASE_LEASE)
-                .bind(id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
-            let became = n > 0 && sql::transition(prior.as_deref(), Status::RefreshFailing);
-            if became {
-                log_change(tx, id, *now).await?;
-                insert_event(tx, event.as_ref()).await?;
-            }
-            Written::Flag(became)
-        }
-        WriteOp::NoteUses(uses) => {
+async fn apply(tx: &mut sqlx::SqliteConnection, job: &Job) -> Result<Written, StoreError> {
+    match job {
+        Job::Op(op) => Sql::<sqlx::Sqlite>::apply(tx, op).await,
+        Job::NoteUses(uses) => {
             let mut moved = 0;
             for (id, at) in uses {
                 moved += sqlx::query(
@@ -628,234 +355,119 @@ async fn apply(tx: &mut sqlx::SqliteConnection, op: &WriteOp) -> Result<Written,
                 .await?
                 .rows_affected();
             }
-            Written::Count(moved)
+            Ok(Written::Count(moved))
         }
-        WriteOp::ClaimEvents {
-            owner,
-            now_ms,
-            lease_ms,
-            limit,
-        } => {
-            let rows = sqlx::query(&format!(
-                "UPDATE events SET lease_owner = ?, lease_until_ms = ?
-                 WHERE seq IN (
-                     SELECT seq FROM events
-                     WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at_ms <= ?
-                       AND (lease_until_ms IS NULL OR lease_until_ms <= ?)
-                     ORDER BY at, seq LIMIT ?)
-                 RETURNING seq, {EVENT_COLUMNS}"
-            ))
-            .bind(owner)
-            .bind(now_ms.saturating_add(*lease_ms))
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(i64::from(*limit))
-            .fetch_all(&mut *tx)
-            .await?;
-            Written::Events(sql::oldest_first(&rows)?)
-        }
-        WriteOp::EventUpdate {
-            sql,
-            first,
-            second,
-            id,
-            owner,
-        } => {
-            let mut q = sqlx::query(sql);
-            for v in std::iter::once(first).chain(second) {
-                q = match v {
-                    EventValue::Int(n) => q.bind(*n),
-                    EventValue::Text(t) => q.bind(t.as_str()),
-                };
-            }
-            q.bind(id).bind(owner).execute(&mut *tx).await?;
-            Written::Done
-        }
-        WriteOp::EventsStatement { sql, values } => {
-            let mut q = sqlx::query(sql);
-            for v in values {
-                q = match v {
-                    EventValue::Int(n) => q.bind(*n),
-                    EventValue::Text(t) => q.bind(t.as_str()),
-                };
-            }
-            Written::Count(q.execute(&mut *tx).await?.rows_affected())
-        }
-    })
-}
-
-async fn prior_status(
-    tx: &mut sqlx::SqliteConnection,
-    id: &str,
-) -> Result<Option<String>, StoreError> {
-    Ok(sqlx::query_scalar(sql::PRIOR_STATUS)
-        .bind(id)
-        .fetch_optional(tx)
-        .await?)
-}
-
-async fn insert_event(
-    tx: &mut sqlx::SqliteConnection,
-    event: Option<&NewEvent>,
-) -> Result<(), StoreError> {
-    if let Some(e) = event {
-        bind_event(sqlx::query(INSERT_EVENT), e).execute(tx).await?;
     }
-    Ok(())
 }
 
-/// Appends `audit` to the chain, last in the transaction. The transaction
-/// holds SQLite's write lock by now (it wrote the change first, or began
-/// IMMEDIATE), so appenders of every process take turns: the last row read
-/// here is the last row.
-async fn append_audit_tx(
-    tx: &mut sqlx::SqliteConnection,
-    audit: Option<&AuditAppend>,
-) -> Result<Option<i64>, StoreError> {
-    let Some(audit) = audit else { return Ok(None) };
-    Ok(Some(chain_audit::<sqlx::Sqlite>(tx, audit).await?))
-}
+impl Dialect for sqlx::Sqlite {
+    const NUMBERED: bool = false;
+    const INSERT_ORDER: &'static str = "rowid";
+    const PRIOR_STATUS: &'static str = sql::PRIOR_STATUS;
+    const LOCK_AUDIT: Option<&'static str> = None;
+    /// IMMEDIATE: SQLite's write lock from the start, which is the audit
+    /// chain's lock.
+    const BEGIN_AUDIT: &'static str = "BEGIN IMMEDIATE";
+    const COUNT_SEALED_BY_KEY: &'static str = "SELECT k, COUNT(*) AS n FROM ( \
+         SELECT CASE WHEN substr(access_token, 1, 1) = x'02' THEN lower(hex(substr(access_token, 2, 4))) ELSE '' END AS k FROM sessions \
+         UNION ALL \
+         SELECT CASE WHEN substr(refresh_token, 1, 1) = x'02' THEN lower(hex(substr(refresh_token, 2, 4))) ELSE '' END AS k FROM sessions WHERE refresh_token IS NOT NULL \
+         ) GROUP BY k ORDER BY k";
+    const CHANGE_AT: &'static str = "?";
+    const REREADS: bool = false;
 
-async fn log_change(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO session_changes (session_id, at) VALUES (?, ?)")
-        .bind(id)
-        .bind(now)
-        .execute(tx)
-        .await?;
-    Ok(())
-}
-
-/// Change-log entries of inserted sessions, with their key hashes.
-async fn log_added(tx: &mut sqlx::SqliteConnection, new: &[NewSession]) -> Result<(), StoreError> {
-    for chunk in new.chunks(sql::BULK_ROWS) {
-        let text = sql::insert_added_changes_sql(chunk.len(), "?");
-        let mut q = sqlx::query(&text);
-        for s in chunk {
-            q = q.bind(s.id.as_str()).bind(s.now).bind(&s.key_hash.0[..]);
-        }
-        q.execute(&mut *tx).await?;
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
     }
-    Ok(())
+
+    fn bind_change_at(q: Query<'_, Self>, now: i64) -> Query<'_, Self> {
+        q.bind(now)
+    }
+
+    fn changes(cursor: i64) -> Query<'static, Self> {
+        sqlx::query(
+            "SELECT seq, session_id, key_hash FROM session_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(cursor)
+        .bind(super::CHANGES_PAGE as i64)
+    }
+
+    fn acquire_lease(ask: &LeaseAsk) -> Query<'_, Self> {
+        sqlx::query(once!(format!(
+            "UPDATE sessions SET refresh_lease_owner = ?, refresh_lease_until = ?
+             WHERE id = ? AND (refresh_lease_until IS NULL OR refresh_lease_until < ? OR refresh_lease_owner = ?)
+             RETURNING {COLUMNS}"
+        )))
+        .bind(ask.owner.as_str())
+        .bind(ask.until_ms)
+        .bind(ask.id.as_str())
+        .bind(ask.now_ms)
+        .bind(ask.owner.as_str())
+    }
+
+    fn lease_held(ask: &LeaseAsk) -> Query<'_, Self> {
+        sqlx::query("SELECT refresh_lease_until AS until_ms, version FROM sessions WHERE id = ?")
+            .bind(ask.id.as_str())
+    }
+
+    fn claim_events(claim: &Claim) -> Query<'_, Self> {
+        sqlx::query(once!(format!(
+            "UPDATE events SET lease_owner = ?, lease_until_ms = ?
+             WHERE seq IN (
+                 SELECT seq FROM events
+                 WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at_ms <= ?
+                   AND (lease_until_ms IS NULL OR lease_until_ms <= ?)
+                 ORDER BY at, seq LIMIT ?)
+             RETURNING seq, {EVENT_COLUMNS}"
+        )))
+        .bind(claim.owner.as_str())
+        .bind(claim.now_ms.saturating_add(claim.lease_ms))
+        .bind(claim.now_ms)
+        .bind(claim.now_ms)
+        .bind(i64::from(claim.limit))
+    }
+
+    fn idle_sessions() -> &'static str {
+        once!(idle_sessions_sql())
+    }
+
+    /// `expr >= ? AND (expr > ? OR id > ?)`: see [`idle_sessions_sql`].
+    fn bind_idle_cursor<'q>(q: Query<'q, Self>, after: &'q IdleCursor) -> Query<'q, Self> {
+        q.bind(after.0).bind(after.0).bind(after.1.as_str())
+    }
 }
 
 #[async_trait]
-impl Store for SqliteStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        // Answering is not enough: the file must still be the one written to.
-        if let Some(file) = &self.file {
-            file.unchanged()?;
+impl Backend for SqliteStore {
+    type DB = sqlx::Sqlite;
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn unchanged(&self) -> Result<(), StoreError> {
+        match &self.file {
+            Some(file) => file.unchanged(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    async fn insert_session(
-        &self,
-        new: NewSession,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<SessionRecord, StoreError> {
-        self.writable()?;
-        let mut tx = self.pool.begin().await?;
-        let res = sqlx::query(
-            "INSERT INTO sessions (id, provider, label, key_hash, access_token, refresh_token, expires_at, status, version, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)",
-        )
-        .bind(&new.id)
-        .bind(&new.provider)
-        .bind(&new.label)
-        .bind(&new.key_hash.0[..])
-        .bind(&new.tokens.access_token)
-        .bind(&new.tokens.refresh_token)
-        .bind(new.tokens.expires_at)
-        .bind(new.now)
-        .bind(new.now)
-        .execute(&mut *tx)
-        .await;
-        if let Err(sqlx::Error::Database(e)) = &res {
-            if e.is_unique_violation() {
-                return Err(StoreError::DuplicateKey);
-            }
+    async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
+        self.send(Job::Op(op)).await
+    }
+
+    /// Through the lease writer, one transaction per 250 sessions: a
+    /// refresh's commit waits for one chunk at most (about 25 ms on a
+    /// loaded 2-core machine with 1M sessions), never for the batch.
+    async fn write_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError> {
+        let mut moved = 0;
+        for chunk in uses.chunks(USES_PER_TRANSACTION) {
+            moved += self.send(Job::NoteUses(chunk.to_vec())).await?.count()?;
         }
-        res?;
-        log_added(&mut tx, std::slice::from_ref(&new)).await?;
-        insert_event(&mut tx, event).await?;
-        append_audit_tx(&mut tx, audit).await?;
-        tx.commit().await?;
-        Ok(SessionRecord {
-            id: new.id,
-            key_hash: new.key_hash,
-            provider: new.provider,
-            label: new.label,
-            status: Status::Active,
-            access_token: new.tokens.access_token,
-            refresh_token: new.tokens.refresh_token,
-            expires_at: new.tokens.expires_at,
-            version: 1,
-            created_at: new.now,
-            updated_at: new.now,
-            last_refresh_at: None,
-            last_error: None,
-            next_retry_at: None,
-            last_used_at: None,
-        })
+        Ok(moved)
     }
 
-    async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        Shared(&self.pool).session_by_key(hash).await
-    }
-
-    async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        Shared(&self.pool).session_by_id(id).await
-    }
-
-    async fn list_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM sessions ORDER BY created_at, rowid"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(record).collect()
-    }
-
-    async fn newest_session(&self) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM sessions ORDER BY updated_at DESC, rowid DESC LIMIT 1"
-        ))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(record).transpose()
-    }
-
-    async fn count_sessions(&self) -> Result<Vec<SessionCount>, StoreError> {
-        Shared(&self.pool).count_sessions().await
-    }
-
-    async fn count_sealed_by_key(&self) -> Result<Vec<SealedCount>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT k, COUNT(*) AS n FROM ( \
-             SELECT CASE WHEN substr(access_token, 1, 1) = x'02' THEN lower(hex(substr(access_token, 2, 4))) ELSE '' END AS k FROM sessions \
-             UNION ALL \
-             SELECT CASE WHEN substr(refresh_token, 1, 1) = x'02' THEN lower(hex(substr(refresh_token, 2, 4))) ELSE '' END AS k FROM sessions WHERE refresh_token IS NOT NULL \
-             ) GROUP BY k ORDER BY k",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(sql::sealed_count).collect()
-    }
-
-    async fn sealed_not_under(
-        &self,
-        header: &[u8],
-        after: &str,
-        limit: u32,
-    ) -> Result<Vec<SealedRow>, StoreError> {
-        Shared(&self.pool)
-            .sealed_not_under(header, after, limit)
-            .await
-    }
-
-    async fn reseal_rows(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError> {
+    async fn reseal(&self, rows: &[Resealed]) -> Result<Vec<String>, StoreError> {
         self.writable()?;
         let mut tx = self.pool.begin().await?;
         let mut written = Vec::with_capacity(rows.len());
@@ -879,459 +491,7 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(written)
     }
-
-    async fn replace_tokens(
-        &self,
-        id: &str,
-        tokens: SealedTokens,
-        expected_version: Option<i64>,
-        now: i64,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Option<SessionRecord>, StoreError> {
-        self.writable()?;
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE sessions SET access_token = ?, refresh_token = ?, expires_at = ?, status = 'active',
-                 last_error = NULL, next_retry_at = NULL, version = version + 1, updated_at = ?
-             WHERE id = ? AND (? IS NULL OR version = ?)
-             RETURNING {COLUMNS}"
-        ))
-        .bind(&tokens.access_token)
-        .bind(&tokens.refresh_token)
-        .bind(tokens.expires_at)
-        .bind(now)
-        .bind(id)
-        .bind(expected_version)
-        .bind(expected_version)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let rec = record(&row)?;
-        log_change(&mut tx, id, now).await?;
-        insert_event(&mut tx, event).await?;
-        append_audit_tx(&mut tx, audit).await?;
-        tx.commit().await?;
-        Ok(Some(rec))
-    }
-
-    async fn acquire_refresh_lease(
-        &self,
-        id: &str,
-        owner: &str,
-        until_ms: i64,
-        now_ms: i64,
-    ) -> Result<Lease, StoreError> {
-        let op = WriteOp::AcquireLease {
-            id: id.to_owned(),
-            owner: owner.to_owned(),
-            until_ms,
-            now_ms,
-        };
-        match self.write(op).await? {
-            Written::Lease(lease) => Ok(lease),
-            _ => Err(StoreError::Closed),
-        }
-    }
-
-    async fn refresh_lease_owners(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(super::sql::LEASE_OWNERS)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    async fn release_refresh_leases(&self, owner: &str) -> Result<u64, StoreError> {
-        let op = WriteOp::ReleaseLeasesOf {
-            owner: owner.to_owned(),
-        };
-        match self.write(op).await? {
-            Written::Count(n) => Ok(n),
-            _ => Ok(0),
-        }
-    }
-
-    async fn release_refresh_lease(&self, id: &str, owner: &str) -> Result<(), StoreError> {
-        let op = WriteOp::ReleaseLease {
-            id: id.to_owned(),
-            owner: owner.to_owned(),
-        };
-        self.write(op).await.map(|_| ())
-    }
-
-    // The compare-and-swap's parts, the health and the audit row: one call.
-    #[allow(clippy::too_many_arguments)]
-    async fn commit_refresh(
-        &self,
-        id: &str,
-        owner: &str,
-        tokens: SealedTokens,
-        expected_version: i64,
-        now: i64,
-        health: Health<'_>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Option<SessionRecord>, StoreError> {
-        let (healthy, recovered) = match health {
-            Health::Healthy { recovered } => (true, recovered.cloned()),
-            Health::Unchanged => (false, None),
-        };
-        let op = WriteOp::CommitRefresh {
-            id: id.to_owned(),
-            owner: owner.to_owned(),
-            tokens,
-            expected_version,
-            now,
-            healthy,
-            recovered,
-            audit: audit.cloned(),
-        };
-        match self.write(op).await? {
-            Written::Row(rec) => Ok(rec),
-            _ => Err(StoreError::Closed),
-        }
-    }
-
-    async fn mark_reauthorization_required(
-        &self,
-        id: &str,
-        expected_version: i64,
-        now: i64,
-        code: &str,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError> {
-        let op = WriteOp::MarkReauthorization {
-            id: id.to_owned(),
-            expected_version,
-            now,
-            code: code.to_owned(),
-            event: event.cloned(),
-            audit: audit.cloned(),
-        };
-        match self.write(op).await? {
-            Written::Flag(done) => Ok(done),
-            _ => Err(StoreError::Closed),
-        }
-    }
-
-    async fn mark_refresh_failing(
-        &self,
-        id: &str,
-        owner: &str,
-        expected_version: i64,
-        now: i64,
-        failure: Failure<'_>,
-    ) -> Result<bool, StoreError> {
-        let op = WriteOp::MarkFailing {
-            id: id.to_owned(),
-            owner: owner.to_owned(),
-            expected_version,
-            now,
-            class: failure.class.to_owned(),
-            next_retry_at: failure.next_retry_at,
-            event: failure.event.cloned(),
-        };
-        match self.write(op).await? {
-            Written::Flag(became) => Ok(became),
-            _ => Err(StoreError::Closed),
-        }
-    }
-
-    /// Through the lease writer, one transaction per 250 sessions: a
-    /// refresh's commit waits for one chunk at most (about 25 ms on a
-    /// loaded 2-core machine with 1M sessions), never for the batch.
-    async fn note_uses(&self, uses: &[(String, i64)]) -> Result<u64, StoreError> {
-        let mut moved = 0;
-        for chunk in uses.chunks(USES_PER_TRANSACTION) {
-            match self.write(WriteOp::NoteUses(chunk.to_vec())).await? {
-                Written::Count(n) => moved += n,
-                _ => return Err(StoreError::Closed),
-            }
-        }
-        Ok(moved)
-    }
-
-    async fn idle_sessions(
-        &self,
-        provider: &str,
-        idle_before: i64,
-        after: &IdleCursor,
-        now: i64,
-        limit: u32,
-    ) -> Result<Vec<IdleSession>, StoreError> {
-        let rows = sqlx::query(&idle_sessions_sql())
-            .bind(provider)
-            .bind(after.0)
-            .bind(after.0)
-            .bind(&after.1)
-            .bind(idle_before)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(sql::idle_session).collect()
-    }
-
-    async fn insert_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        state: &OAuthState,
-    ) -> Result<(), StoreError> {
-        Shared(&self.pool)
-            .insert_oauth_state(state_hash, state)
-            .await
-    }
-
-    async fn peek_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        not_before: i64,
-    ) -> Result<Option<OAuthState>, StoreError> {
-        Shared(&self.pool)
-            .peek_oauth_state(state_hash, not_before)
-            .await
-    }
-
-    async fn insert_browser_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        state: &OAuthState,
-        browser_hash: &[u8; 32],
-        not_before: i64,
-        max_pending: u64,
-    ) -> Result<bool, StoreError> {
-        Shared(&self.pool)
-            .insert_browser_oauth_state(state_hash, state, browser_hash, not_before, max_pending)
-            .await
-    }
-
-    async fn count_pending_oauth_states(&self, not_before: i64) -> Result<u64, StoreError> {
-        Shared(&self.pool)
-            .count_pending_oauth_states(not_before)
-            .await
-    }
-
-    async fn take_oauth_state_from_browser(
-        &self,
-        state_hash: &[u8; 32],
-        provider: &str,
-        browser_hash: Option<&[u8; 32]>,
-        now: i64,
-        not_before: i64,
-    ) -> Result<Option<OAuthState>, StoreError> {
-        Shared(&self.pool)
-            .take_oauth_state_from_browser(state_hash, provider, browser_hash, now, not_before)
-            .await
-    }
-
-    async fn finish_oauth_state(
-        &self,
-        state_hash: &[u8; 32],
-        outcome: &OAuthOutcome,
-    ) -> Result<(), StoreError> {
-        Shared(&self.pool)
-            .finish_oauth_state(state_hash, outcome)
-            .await
-    }
-
-    async fn oauth_outcome(&self, state_hash: &[u8; 32]) -> Result<OAuthOutcome, StoreError> {
-        Shared(&self.pool).oauth_outcome(state_hash).await
-    }
-
-    async fn prune_oauth_states(&self, before: i64) -> Result<u64, StoreError> {
-        Shared(&self.pool).prune_oauth_states(before).await
-    }
-
-    async fn delete_session(
-        &self,
-        id: &str,
-        now: i64,
-        event: Option<&NewEvent>,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError> {
-        self.writable()?;
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query("DELETE FROM sessions WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if n > 0 {
-            log_change(&mut tx, id, now).await?;
-            insert_event(&mut tx, event).await?;
-            append_audit_tx(&mut tx, audit).await?;
-        }
-        tx.commit().await?;
-        Ok(n > 0)
-    }
-
-    async fn append_audit(&self, audit: &AuditAppend) -> Result<i64, StoreError> {
-        self.writable()?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let seq = append_audit_tx(&mut tx, Some(audit)).await?;
-        tx.commit().await?;
-        seq.ok_or(StoreError::Closed)
-    }
-
-    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError> {
-        Shared(&self.pool).list_audit(filter).await
-    }
-
-    async fn audit_page(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        Shared(&self.pool).audit_page(after_seq, limit).await
-    }
-
-    async fn count_audit_by_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Shared(&self.pool).count_audit_by_key().await
-    }
-
-    async fn claim_events(
-        &self,
-        owner: &str,
-        now_ms: i64,
-        lease_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<EventRow>, StoreError> {
-        let op = WriteOp::ClaimEvents {
-            owner: owner.to_owned(),
-            now_ms,
-            lease_ms,
-            limit,
-        };
-        match self.write(op).await? {
-            Written::Events(events) => Ok(events),
-            _ => Err(StoreError::Closed),
-        }
-    }
-
-    async fn event_delivered(&self, id: &str, owner: &str, now: i64) -> Result<(), StoreError> {
-        self.event_update(sql::EVENT_DELIVERED, EventValue::Int(now), None, id, owner)
-            .await
-    }
-
-    async fn event_retry(
-        &self,
-        id: &str,
-        owner: &str,
-        next_attempt_at_ms: i64,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        self.event_update(
-            sql::EVENT_RETRY,
-            EventValue::Text(error.to_owned()),
-            Some(EventValue::Int(next_attempt_at_ms)),
-            id,
-            owner,
-        )
-        .await
-    }
-
-    async fn event_gave_up(
-        &self,
-        id: &str,
-        owner: &str,
-        now: i64,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        self.event_update(
-            sql::EVENT_GAVE_UP,
-            EventValue::Int(now),
-            Some(EventValue::Text(error.to_owned())),
-            id,
-            owner,
-        )
-        .await
-    }
-
-    async fn list_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        Shared(&self.pool).list_events(limit).await
-    }
-
-    async fn prune_events(
-        &self,
-        delivered_before: i64,
-        given_up_before: i64,
-    ) -> Result<u64, StoreError> {
-        self.events_statement(
-            sql::PRUNE_EVENTS.to_owned(),
-            vec![
-                EventValue::Int(delivered_before),
-                EventValue::Int(given_up_before),
-            ],
-        )
-        .await
-    }
-
-    async fn list_given_up_events(&self, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        Shared(&self.pool).list_given_up_events(limit).await
-    }
-
-    async fn retry_given_up_events(
-        &self,
-        ids: Option<&[String]>,
-        now_ms: i64,
-    ) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for chunk in sql::id_chunks(ids) {
-            let values = std::iter::once(EventValue::Int(now_ms))
-                .chain(chunk.into_iter().flatten().cloned().map(EventValue::Text))
-                .collect();
-            n += self
-                .events_statement(sql::retry_given_up_sql(chunk.map(<[String]>::len)), values)
-                .await?;
-        }
-        Ok(n)
-    }
-
-    async fn clear_given_up_events(&self, ids: Option<&[String]>) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for chunk in sql::id_chunks(ids) {
-            let values = chunk
-                .into_iter()
-                .flatten()
-                .cloned()
-                .map(EventValue::Text)
-                .collect();
-            n += self
-                .events_statement(sql::clear_given_up_sql(chunk.map(<[String]>::len)), values)
-                .await?;
-        }
-        Ok(n)
-    }
-
-    async fn change_cursor(&self) -> Result<i64, StoreError> {
-        Shared(&self.pool).change_cursor().await
-    }
-
-    async fn changes(&self, cursor: i64) -> Result<Changes, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, session_id, key_hash FROM session_changes WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(cursor)
-        .bind(super::CHANGES_PAGE as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        sql::changes(&rows, cursor)
-    }
-
-    async fn insert_sessions(
-        &self,
-        batch: &[NewSession],
-        audit: Option<&AuditAppend>,
-    ) -> Result<u64, StoreError> {
-        self.writable()?;
-        let mut tx = self.pool.begin().await?;
-        let inserted = insert_session_rows::<sqlx::Sqlite>(&mut tx, batch).await?;
-        log_added(&mut tx, batch).await?;
-        append_audit_tx(&mut tx, audit).await?;
-        tx.commit().await?;
-        Ok(inserted)
-    }
-
-    async fn prune_changes(&self, before: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM session_changes WHERE at < ? AND seq < (SELECT MAX(seq) FROM session_changes)")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
 }
+
+/// One process: its request budgets stay in its memory.
+impl Budgets for SqliteStore {}
