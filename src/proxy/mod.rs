@@ -91,6 +91,8 @@ struct Route {
     shape: Shape,
     /// The answers that mean "refresh and replay" and "over the budget".
     expired: Signal,
+    /// `kind = "static"`: sessions hold a stored key, never refreshed.
+    stored_key: bool,
     throttled: Signal,
     /// `api_base`'s path without its trailing slash ("" for a bare host).
     base_path: String,
@@ -257,6 +259,7 @@ impl Proxy {
                 name,
                 shape: Shape::new(&p.description),
                 expired: p.description.expired.clone(),
+                stored_key: p.description.scheme == crate::config::Scheme::Static,
                 throttled: p.description.throttled.clone(),
                 base_path: p.api_base.path().trim_end_matches('/').to_owned(),
                 default_session: p.default_session.clone(),
@@ -463,6 +466,11 @@ impl Proxy {
                 // kept ones).
                 (None, None) => return Err(ProxyError::UpstreamUnreachable),
             };
+            if route.stored_key && meaning.expired {
+                // Never refreshed: the refusal goes back as it came, and
+                // the session's health says the key needs replacing.
+                self.refresher.stored_key_refused(&session);
+            }
             if !self.decide(&session, meaning.expired, kept.is_some(), replayed) {
                 return self.answer(route, &asked, answer).await;
             }
@@ -819,7 +827,9 @@ impl Proxy {
         if session.provider != route.session_owner {
             return Err(ProxyError::KeyOfOtherProvider);
         }
-        if session.status == Status::ReauthorizationRequired {
+        // A stored key marked refused still goes: only the provider can
+        // say whether it works again.
+        if session.status == Status::ReauthorizationRequired && !route.stored_key {
             return Err(ProxyError::ReauthorizationRequired);
         }
         Ok(session)
@@ -1698,6 +1708,22 @@ fn host_without_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_codes_are_read_at_the_top_or_one_object_down() {
+        let n = JsonCode::Number(1550);
+        assert!(json_code_is(
+            br#"{"D":{"Success":false,"Code":1550,"Message":"Over rate limit"}}"#,
+            &n
+        ));
+        assert!(!json_code_is(br#"{"D":{"Success":false,"Code":1020}}"#, &n));
+        assert!(!json_code_is(b"<html>busy</html>", &n));
+        assert!(json_code_is(br#"{"code":"1550"}"#, &n));
+        let t = JsonCode::Text("token_expired".into());
+        assert!(json_code_is(br#"{"error":{"code":"token_expired"}}"#, &t));
+        assert!(!json_code_is(br#"{"error":{"code":"bad_token"}}"#, &t));
+        assert!(!json_code_is(br#"{"a":{"b":{"code":"token_expired"}}}"#, &t));
+    }
 
     #[test]
     fn absolute_form_must_name_this_listener() {
