@@ -171,7 +171,7 @@ fn print_exports(prefix: &str, standin: &Standin) {
         let refused = match (standin.kind(), b.refusal) {
             (Kind::Spark, Refusal::Spark1550) => "503 code 1550",
             (Kind::Spark, Refusal::TooManyRequests) => "429 code 1550",
-            (Kind::Zillow, _) => "429 rate_limited",
+            (Kind::Zillow | Kind::OAuth2, _) => "429 rate_limited",
         };
         println!(
             "# {} budget: {} requests in any {:?}, beyond it {refused}, {}",
