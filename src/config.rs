@@ -19,8 +19,8 @@ mod keys;
 mod provider;
 pub use keys::{known_keys, PROVIDER_NAME};
 pub use provider::{
-    fold_name, preset, ClientAuth, Description, Dialect, GrantBody, JsonCode, Piece, Placeholder,
-    ProviderKind, Scheme, Signal, Template,
+    fold_name, header_case, preset, presets_table, ClientAuth, Description, Dialect, GrantBody,
+    JsonCode, Piece, Placeholder, ProviderKind, Scheme, Signal, Template,
 };
 
 /// Where the config file is looked for when `--config` is not given.
@@ -1101,15 +1101,7 @@ fn validate(
     let mut unresolved = Vec::new();
     for (name, p) in raw.providers {
         let mut secrets = Vec::new();
-        let provider = validate_provider(
-            &name,
-            p,
-            &server,
-            env,
-            dir,
-            &mut ports,
-            &mut secrets,
-        );
+        let provider = validate_provider(&name, p, &server, env, dir, &mut ports, &mut secrets);
         match needs {
             Needs::Everything => problems.append(&mut secrets),
             Needs::Store => {
@@ -1321,7 +1313,9 @@ fn validate_provider(
     match description.uses(Placeholder::ApiKey) {
         true if !api_key_given && !inherits => problems.push(invalid(
             key("api_key"),
-            format!("is required for kind = \"{kind}\" (or api_key_env): a template names {{api_key}}"),
+            format!(
+                "is required for kind = \"{kind}\" (or api_key_env): a template names {{api_key}}"
+            ),
         )),
         false if api_key_given => {
             return Err(invalid(

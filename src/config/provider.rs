@@ -165,7 +165,7 @@ impl Template {
     }
 
     pub fn uses(&self, p: Placeholder) -> bool {
-        self.pieces.iter().any(|x| *x == Piece::Value(p))
+        self.pieces.contains(&Piece::Value(p))
     }
 
     /// The text around the template's one `{access_token}`, when it has
@@ -385,6 +385,85 @@ pub fn preset(kind: ProviderKind) -> Description {
         ProviderKind::OAuth2 => plain(Scheme::OAuth2),
         ProviderKind::Static => plain(Scheme::Static),
     }
+}
+
+/// The presets and schemes as a Markdown table (README's "Providers"),
+/// written from [`preset`] so that the two never differ.
+pub fn presets_table() -> String {
+    let code = |t: &str| format!("`{t}`");
+    let mut out = String::from(
+        "| kind | injected | token grant | refresh and replay on | holds the budget |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for kind in [
+        ProviderKind::Spark,
+        ProviderKind::Zillow,
+        ProviderKind::OAuth2,
+        ProviderKind::Static,
+    ] {
+        let d = preset(kind);
+        let show = |t: &Template| {
+            t.fill(|p| match p {
+                Placeholder::AccessToken => "{access_token}".into(),
+                Placeholder::ClientId => "{client_id}".into(),
+                Placeholder::ApiKey => "{api_key}".into(),
+            })
+        };
+        let mut injected: Vec<String> = d
+            .headers
+            .iter()
+            .map(|(n, t)| code(&format!("{}: {}", header_case(n.as_str()), show(t))))
+            .collect();
+        injected.extend(
+            d.query
+                .iter()
+                .map(|(n, t)| code(&format!("{n}={}", show(t)))),
+        );
+        let grant = match d.scheme {
+            Scheme::Static => "none: a stored key, never refreshed".to_owned(),
+            Scheme::OAuth2 => format!(
+                "{} body, client by {}",
+                match d.grant_body {
+                    GrantBody::Form => "form",
+                    GrantBody::Json => "JSON",
+                },
+                match d.client_auth {
+                    ClientAuth::Basic => "HTTP Basic",
+                    ClientAuth::Body => "the body",
+                }
+            ),
+        };
+        let signal = |s: &Signal| {
+            let statuses: Vec<String> = s.status.iter().map(u16::to_string).collect();
+            match &s.json_code {
+                None => statuses.join(", "),
+                Some(JsonCode::Number(n)) => format!("{} (code {n})", statuses.join(", ")),
+                Some(JsonCode::Text(t)) => format!("{} (code {t})", statuses.join(", ")),
+            }
+        };
+        let expired = match d.scheme {
+            Scheme::Static => "never (a 401 goes back as it came)".to_owned(),
+            Scheme::OAuth2 => signal(&d.expired),
+        };
+        out.push_str(&format!(
+            "| `{kind}` | {} | {grant} | {expired} | {} |\n",
+            injected.join(" and "),
+            signal(&d.throttled)
+        ));
+    }
+    out
+}
+
+/// `authorization` as people write it: `Authorization`.
+pub fn header_case(name: &str) -> String {
+    name.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 /// Headers a template may not set: framing, routing and hop-by-hop ones,

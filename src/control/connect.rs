@@ -38,8 +38,8 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::config::{ConnectLimits, ProviderConfig};
 use crate::config::Dialect;
+use crate::config::{ConnectLimits, ProviderConfig};
 use crate::provider::spark;
 use crate::secrets::session::KeyHash;
 use crate::store::{self, OAuthOutcome, OAuthState, StoreError};

@@ -89,11 +89,13 @@ impl Shape {
                 });
             }
         }
-        let names = QueryNames::new(
-            d.query
-                .iter()
-                .map(|(n, t)| (n.as_str(), t.around_access_token().is_some_and(|(b, a)| b.is_empty() && a.is_empty()))),
-        );
+        let names = QueryNames::new(d.query.iter().map(|(n, t)| {
+            (
+                n.as_str(),
+                t.around_access_token()
+                    .is_some_and(|(b, a)| b.is_empty() && a.is_empty()),
+            )
+        }));
         Shape {
             dialect: d.dialect,
             removed,
@@ -176,7 +178,13 @@ pub fn key_example(d: &Description, key: &str) -> (Option<String>, String) {
                 Placeholder::AccessToken => key.to_owned(),
                 _ => String::new(),
             });
-            return (Some(format!("{}: {value}", header_case(name.as_str()))), path);
+            return (
+                Some(format!(
+                    "{}: {value}",
+                    crate::config::header_case(name.as_str())
+                )),
+                path,
+            );
         }
     }
     for (name, template) in &d.query {
@@ -186,19 +194,6 @@ pub fn key_example(d: &Description, key: &str) -> (Option<String>, String) {
         }
     }
     (None, path)
-}
-
-/// `authorization` as people write it: `Authorization`.
-fn header_case(name: &str) -> String {
-    name.split('-')
-        .map(|w| {
-            let mut c = w.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
-        })
-        .collect::<Vec<_>>()
-        .join("-")
 }
 
 /// Characters escaped in injected query values: everything but unreserved.
@@ -264,7 +259,10 @@ impl Credentials {
         };
         let mut headers = Vec::with_capacity(d.headers.len());
         for (name, template) in &d.headers {
-            headers.push((name.clone(), sensitive(&template.fill(|p| value(p).to_owned()))?));
+            headers.push((
+                name.clone(),
+                sensitive(&template.fill(|p| value(p).to_owned()))?,
+            ));
         }
         let query = (!d.query.is_empty()).then(|| {
             let mut q = String::new();
@@ -400,16 +398,21 @@ impl Credentials {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn zillow_names() -> QueryNames {
-        QueryNames::new([("accessToken", true), ("clientId", false), ("apiKey", false)])
+        QueryNames::new([
+            ("accessToken", true),
+            ("clientId", false),
+            ("apiKey", false),
+        ])
     }
 
-    fn split_zillow_query(q: Option<&str>) -> Result<(Option<Cow<'_, str>>, Option<KeyHash>), DisguisedCredential> {
+    fn split_zillow_query(
+        q: Option<&str>,
+    ) -> Result<(Option<Cow<'_, str>>, Option<KeyHash>), DisguisedCredential> {
         query::split_query(q, &zillow_names())
     }
 
@@ -748,9 +751,7 @@ mod tests {
         assert_eq!(slot.key, Some(KeyHash::of(b"abc")));
         assert!(!slot.bearer && h.is_empty());
         h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  xyz "));
-        let (slot, _) = spark_shape()
-            .take_slot(&mut h, Some("q=1"))
-            .expect("spark");
+        let (slot, _) = spark_shape().take_slot(&mut h, Some("q=1")).expect("spark");
         assert_eq!(slot.key, Some(KeyHash::of(b"xyz")));
         assert!(slot.bearer);
         h.insert(

@@ -211,7 +211,9 @@ pub(super) fn drop_credential_params(value: &[u8], names: &QueryNames) -> Option
             .position(|&b| ends_query(b))
             .map_or(value.len(), |i| start + i);
         let query = &value[start..end];
-        if param_spans(query).any(|(_, seg)| names.classify(name_of(&query[seg])) != ParamName::Other) {
+        if param_spans(query)
+            .any(|(_, seg)| names.classify(name_of(&query[seg])) != ParamName::Other)
+        {
             let o = out.get_or_insert_with(|| Vec::with_capacity(value.len()));
             o.extend_from_slice(&value[copied..q]);
             let mut first = true;
@@ -234,4 +236,3 @@ pub(super) fn drop_credential_params(value: &[u8], names: &QueryNames) -> Option
     out.extend_from_slice(&value[copied..]);
     Some(out)
 }
-

@@ -51,10 +51,10 @@ use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::config::{JsonCode, Signal};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
-use crate::config::{JsonCode, Signal};
 use crate::provider::{Shape, Slot, MAX_DECODE_ROUNDS};
 pub use crate::proxy::forward::enter_worker;
 use crate::proxy::forward::{
@@ -651,28 +651,31 @@ impl Proxy {
         let coded = |s: &Signal| s.json_code.is_some() && s.names(status);
         let throttle_coded = status != 429 && coded(&route.throttled);
         let expire_coded = coded(&route.expired);
-        let (answer, throttled, expired) = if (throttle_coded || expire_coded)
-            && may_carry_code(resp.headers())
-        {
-            let (parts, body) = resp.into_parts();
-            let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
-            let plain = decoded_error_body(&parts.headers, &bytes);
-            let carries = |s: &Signal| {
-                s.json_code.as_ref().is_some_and(|code| {
-                    plain.as_deref().is_some_and(|p| json_code_is(p, code))
-                })
+        let (answer, throttled, expired) =
+            if (throttle_coded || expire_coded) && may_carry_code(resp.headers()) {
+                let (parts, body) = resp.into_parts();
+                let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
+                let plain = decoded_error_body(&parts.headers, &bytes);
+                let carries = |s: &Signal| {
+                    s.json_code
+                        .as_ref()
+                        .is_some_and(|code| plain.as_deref().is_some_and(|p| json_code_is(p, code)))
+                };
+                let throttled = throttle_coded && carries(&route.throttled);
+                let expired = expire_coded && carries(&route.expired);
+                (
+                    Answer::Read(Response::from_parts(parts, bytes)),
+                    throttled,
+                    expired,
+                )
+            } else {
+                let plain = |s: &Signal| s.json_code.is_none() && s.names(status);
+                (
+                    Answer::Stream(resp),
+                    status != 429 && plain(&route.throttled),
+                    plain(&route.expired),
+                )
             };
-            let throttled = throttle_coded && carries(&route.throttled);
-            let expired = expire_coded && carries(&route.expired);
-            (Answer::Read(Response::from_parts(parts, bytes)), throttled, expired)
-        } else {
-            let plain = |s: &Signal| s.json_code.is_none() && s.names(status);
-            (
-                Answer::Stream(resp),
-                status != 429 && plain(&route.throttled),
-                plain(&route.expired),
-            )
-        };
         let verdict = match &answer {
             Answer::Stream(r) => pacing::verdict(r.status(), r.headers(), throttled),
             Answer::Read(r) => pacing::verdict(r.status(), r.headers(), throttled),
@@ -1722,7 +1725,10 @@ mod tests {
         let t = JsonCode::Text("token_expired".into());
         assert!(json_code_is(br#"{"error":{"code":"token_expired"}}"#, &t));
         assert!(!json_code_is(br#"{"error":{"code":"bad_token"}}"#, &t));
-        assert!(!json_code_is(br#"{"a":{"b":{"code":"token_expired"}}}"#, &t));
+        assert!(!json_code_is(
+            br#"{"a":{"b":{"code":"token_expired"}}}"#,
+            &t
+        ));
     }
 
     #[test]
