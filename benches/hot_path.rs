@@ -21,7 +21,8 @@ use http::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, HOST, USER_AGE
 use secrecy::SecretString;
 
 use credproxy::config::Config;
-use credproxy::provider::{Credentials, ProviderKind};
+use credproxy::config::{preset, ProviderKind};
+use credproxy::provider::{Credentials, Shape};
 use credproxy::secrets::seal::Sealer;
 use credproxy::secrets::session::KeyHash;
 use credproxy::tokens::sessions::{NewTokens, Sessions};
@@ -87,14 +88,20 @@ fn zillow_request() -> HeaderMap {
     h
 }
 
+fn shape(kind: ProviderKind) -> Shape {
+    Shape::new(&preset(kind))
+}
+
 fn extraction(c: &mut Criterion) {
     let mut g = c.benchmark_group("extract");
+    let spark_shape = shape(ProviderKind::Spark);
+    let zillow_shape = shape(ProviderKind::Zillow);
     let spark = spark_request();
     g.bench_function("spark_authorization", |b| {
         b.iter_batched(
             || spark.clone(),
             |mut h| {
-                let (slot, query) = ProviderKind::Spark
+                let (slot, query) = spark_shape
                     .take_slot(&mut h, black_box(None))
                     .expect("plain");
                 black_box((slot, query, h))
@@ -107,7 +114,7 @@ fn extraction(c: &mut Criterion) {
         b.iter_batched(
             || zillow.clone(),
             |mut h| {
-                let (slot, query) = ProviderKind::Zillow
+                let (slot, query) = zillow_shape
                     .take_slot(&mut h, black_box(Some(ZILLOW_QUERY)))
                     .expect("plain");
                 black_box((slot, query.map(Cow::into_owned), h))
@@ -221,7 +228,7 @@ fn injection(c: &mut Criterion, w: &World) {
     let spark_cfg = w.config.provider("spark").expect("spark provider");
     let spark = Credentials::new(spark_cfg, &token).expect("credentials");
     let mut spark_headers = spark_request();
-    let (spark_slot, _) = ProviderKind::Spark
+    let (spark_slot, _) = shape(ProviderKind::Spark)
         .take_slot(&mut spark_headers, None)
         .expect("plain");
     g.bench_function("spark", |b| {
@@ -243,7 +250,7 @@ fn injection(c: &mut Criterion, w: &World) {
     let zillow_cfg = w.config.provider("zillow").expect("zillow provider");
     let zillow = Credentials::new(zillow_cfg, &token).expect("credentials");
     let mut zillow_headers = zillow_request();
-    let (zillow_slot, rest) = ProviderKind::Zillow
+    let (zillow_slot, rest) = shape(ProviderKind::Zillow)
         .take_slot(&mut zillow_headers, Some(ZILLOW_QUERY))
         .expect("plain");
     let rest = rest.map(Cow::into_owned);
@@ -270,11 +277,12 @@ fn injection(c: &mut Criterion, w: &World) {
 fn whole(c: &mut Criterion, w: &World) {
     let sessions = &*w.sessions;
     let request = spark_request();
+    let spark_shape = &shape(ProviderKind::Spark);
     c.bench_function("whole/spark", |b| {
         b.to_async(&w.rt).iter_batched(
             || request.clone(),
             |mut h| async move {
-                let (slot, query) = ProviderKind::Spark
+                let (slot, query) = spark_shape
                     .take_slot(&mut h, Some(SPARK_QUERY))
                     .expect("plain");
                 let hash = slot.key.expect("key in the slot");

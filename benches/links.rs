@@ -32,7 +32,7 @@ fn map() -> Arc<LinkMap> {
                 origin("sparkapi.com", 0),
                 origin("replication.sparkapi.com", 1),
             ],
-            vec![false, false],
+            vec![None, None],
         )
         .expect("map"),
     )

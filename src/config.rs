@@ -16,28 +16,12 @@ use serde::Deserialize;
 use url::Url;
 
 mod keys;
+mod provider;
 pub use keys::{known_keys, PROVIDER_NAME};
-
-/// Which API a provider is: how its credentials are injected and its
-/// tokens asked for (the methods are in `provider.rs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// FBS's Spark API: `Authorization: OAuth TOKEN`, JSON token bodies.
-    Spark,
-    /// Zillow Rental Feeds: `accessToken`, `clientId`, `apiKey` query parameters,
-    /// form token bodies with HTTP Basic client authentication.
-    Zillow,
-}
-
-impl std::fmt::Display for ProviderKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ProviderKind::Spark => "spark",
-            ProviderKind::Zillow => "zillow",
-        })
-    }
-}
+pub use provider::{
+    fold_name, header_case, preset, presets_table, ClientAuth, Description, Dialect, GrantBody,
+    JsonCode, Piece, Placeholder, ProviderKind, Scheme, Signal, Template,
+};
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_PATH: &str = "config.toml";
@@ -239,6 +223,12 @@ struct RawProvider {
     rate_limit: Option<RawRateLimit>,
     max_queue_wait: Option<RawDuration>,
     refresh_idle_after: Option<RawDuration>,
+    scopes: Option<Vec<String>>,
+    grant_body: Option<GrantBody>,
+    client_auth: Option<ClientAuth>,
+    inject: Option<provider::RawInject>,
+    expired: Option<provider::RawSignal>,
+    throttled: Option<provider::RawSignal>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -494,13 +484,16 @@ pub struct ProviderConfig {
     /// The table name, which is also the route prefix: `/{name}/...`.
     pub name: String,
     pub kind: ProviderKind,
+    /// What the provider is: its scheme, injection, signals and grants
+    /// (`kind`'s preset with the table's own keys over it).
+    pub description: Description,
     pub api_base: Url,
     pub token_url: Option<Url>,
     pub authorize_url: Option<Url>,
     pub redirect_uri: Url,
     pub client_id: String,
     pub client_secret: SecretString,
-    /// Zillow's API key; `None` for Spark.
+    /// The key a template's `{api_key}` names (Zillow's `apiKey`).
     pub api_key: Option<SecretString>,
     pub user_agent: Option<http::HeaderValue>,
     pub listen: Option<SocketAddr>,
@@ -1108,15 +1101,7 @@ fn validate(
     let mut unresolved = Vec::new();
     for (name, p) in raw.providers {
         let mut secrets = Vec::new();
-        let provider = validate_provider(
-            &name,
-            p,
-            &server.public_url,
-            env,
-            dir,
-            &mut ports,
-            &mut secrets,
-        );
+        let provider = validate_provider(&name, p, &server, env, dir, &mut ports, &mut secrets);
         match needs {
             Needs::Everything => problems.append(&mut secrets),
             Needs::Store => {
@@ -1200,7 +1185,7 @@ fn validate(
 fn validate_provider(
     name: &str,
     p: RawProvider,
-    public_url: &Url,
+    server: &ServerConfig,
     env: &dyn Fn(&str) -> Option<String>,
     dir: Option<&Path>,
     ports: &mut Vec<(String, SocketAddr)>,
@@ -1216,6 +1201,39 @@ fn validate_provider(
             format!("providers.{name}"),
             "a provider's name is its route: use lowercase letters, digits, '-' and '_'",
         ));
+    }
+    let description = provider::describe(
+        name,
+        p.kind,
+        provider::RawDescription {
+            scopes: p.scopes,
+            grant_body: p.grant_body,
+            client_auth: p.client_auth,
+            inject: p.inject,
+            expired: p.expired,
+            throttled: p.throttled,
+        },
+        Some(server.session_header.as_str()),
+    )?;
+    let public_url = &server.public_url;
+    // A static key has no token endpoint, client or connect flow.
+    let stored_key = description.scheme == Scheme::Static;
+    if stored_key {
+        for (given, k) in [
+            (p.token_url.is_some(), "token_url"),
+            (p.authorize_url.is_some(), "authorize_url"),
+            (
+                p.client_secret.is_some() || p.client_secret_env.is_some(),
+                "client_secret",
+            ),
+        ] {
+            if given {
+                return Err(invalid(
+                    key(k),
+                    "is not used by kind = \"static\": its sessions hold a stored key that is never refreshed",
+                ));
+            }
+        }
     }
     // A provider that takes another's sessions also takes its client
     // credentials (filled in by `inherit_sessions`): they must not differ.
@@ -1265,6 +1283,7 @@ fn validate_provider(
     let client_id = match p.client_id {
         Some(id) if !id.is_empty() => id,
         _ if inherits => String::new(),
+        _ if stored_key && !description.uses(Placeholder::ClientId) => String::new(),
         _ => return Err(invalid(key("client_id"), "is required")),
     };
     // A missing secret is noted and validation goes on, so that one run
@@ -1276,7 +1295,7 @@ fn validate_provider(
         env,
     ) {
         Ok(Some(s)) => s,
-        Ok(None) if inherits => SecretString::from(String::new()),
+        Ok(None) if inherits || stored_key => SecretString::from(String::new()),
         Ok(None) => {
             problems.push(invalid(
                 key("client_secret"),
@@ -1290,13 +1309,19 @@ fn validate_provider(
         }
     };
     let api_key_given = p.api_key.is_some() || p.api_key_env.is_some();
-    match p.kind {
-        ProviderKind::Zillow if !api_key_given && !inherits => problems.push(invalid(
+    let kind = p.kind;
+    match description.uses(Placeholder::ApiKey) {
+        true if !api_key_given && !inherits => problems.push(invalid(
             key("api_key"),
-            "is required for kind = \"zillow\" (or api_key_env)",
+            format!(
+                "is required for kind = \"{kind}\" (or api_key_env): a template names {{api_key}}"
+            ),
         )),
-        ProviderKind::Spark if api_key_given => {
-            return Err(invalid(key("api_key"), "is not used by kind = \"spark\""))
+        false if api_key_given => {
+            return Err(invalid(
+                key("api_key"),
+                format!("is not used by kind = \"{kind}\": no template names {{api_key}}"),
+            ))
         }
         _ => {}
     }
@@ -1369,6 +1394,7 @@ fn validate_provider(
     Ok(ProviderConfig {
         name: name.to_owned(),
         kind: p.kind,
+        description,
         api_base,
         token_url,
         authorize_url,
@@ -1390,6 +1416,7 @@ fn validate_provider(
         label: p.label.unwrap_or_else(|| match p.kind {
             ProviderKind::Spark => "Spark API".to_owned(),
             ProviderKind::Zillow => "Zillow Rental Feeds".to_owned(),
+            ProviderKind::OAuth2 | ProviderKind::Static => name.to_owned(),
         }),
         refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,
         min_refresh_interval: dur(p.min_refresh_interval, "min_refresh_interval", 30.0)?,

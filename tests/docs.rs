@@ -161,3 +161,17 @@ fn the_listed_keys_are_the_ones_the_parser_reads() {
         assert!(err.contains("unknown field"), "{key}: {err}\n{text}");
     }
 }
+
+/// README's table of presets and schemes is the one the code makes from
+/// its presets (`config::presets_table`).
+#[test]
+fn readme_presets_table_is_written_from_the_presets() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let table = config::presets_table();
+    assert!(
+        readme.contains(&table),
+        "README.md's providers table differs from the presets; paste this:\n{table}"
+    );
+}

@@ -160,6 +160,14 @@ impl<'de, 'k> Deserializer<'de> for Lister<'k> {
         self.deserialize_str(visitor)
     }
 
+    /// A list (`scopes`): a key, given empty.
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.leaf();
+        visitor.visit_seq(serde::de::value::SeqDeserializer::<_, Error>::new(
+            std::iter::empty::<u64>(),
+        ))
+    }
+
     fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         self.leaf();
         visitor.visit_bool(false)
@@ -176,7 +184,7 @@ impl<'de, 'k> Deserializer<'de> for Lister<'k> {
 
     serde::forward_to_deserialize_any! {
         i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 char bytes byte_buf unit
-        unit_struct seq tuple tuple_struct identifier ignored_any
+        unit_struct tuple tuple_struct identifier ignored_any
     }
 }
 

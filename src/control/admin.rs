@@ -235,6 +235,7 @@ impl From<SessionError> for ApiError {
             | SessionError::SessionsFrom { .. }
             | SessionError::BadKey(_)
             | SessionError::EmptyToken
+            | SessionError::StoredKey(_)
             | SessionError::Token(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }

@@ -38,8 +38,9 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use url::Url;
 
+use crate::config::Dialect;
 use crate::config::{ConnectLimits, ProviderConfig};
-use crate::provider::ProviderKind;
+use crate::provider::spark;
 use crate::secrets::session::KeyHash;
 use crate::store::{self, OAuthOutcome, OAuthState, StoreError};
 use crate::tokens::endpoint::{Grant, TokenError};
@@ -399,7 +400,7 @@ impl Connector {
         let cfg = self
             .provider(provider)
             .map_err(|_| (CallbackError::BadState, true))?;
-        let callback = read_callback(cfg.kind, query);
+        let callback = read_callback(cfg.description.dialect, query);
         let state = callback.state.ok_or((CallbackError::BadState, true))?;
         let hash = state_hash(&state);
         let browser = cookie(headers, &binding_cookie_name(&hash)).map(browser_hash);
@@ -507,26 +508,22 @@ pub fn authorize_url(cfg: &ProviderConfig, state: &SecretString) -> Result<Url, 
         .clone()
         .ok_or_else(|| ConnectError::NoAuthorizeUrl(cfg.name.clone()))?;
     let state = state.expose_secret();
-    let redirect = cfg.redirect_uri.as_str();
-    match cfg.kind {
-        ProviderKind::Spark if !url.path().trim_end_matches('/').ends_with("/oauth2") => {
-            // OpenID carries no state parameter: it rides in return_to's query.
-            let mut return_to = cfg.redirect_uri.clone();
-            return_to.query_pairs_mut().append_pair("state", state);
-            url.query_pairs_mut()
-                .append_pair("openid.mode", "checkid_setup")
-                .append_pair("openid.return_to", return_to.as_str())
-                .append_pair("openid.spark.client_id", &cfg.client_id)
-                .append_pair("openid.spark.combined_flow", "true");
-        }
-        ProviderKind::Spark | ProviderKind::Zillow => {
-            url.query_pairs_mut()
-                .append_pair("response_type", "code")
-                .append_pair("client_id", &cfg.client_id)
-                .append_pair("redirect_uri", redirect)
-                .append_pair("state", state);
-        }
+    let d = &cfg.description;
+    if d.dialect == Dialect::Spark && spark::is_openid(&url) {
+        spark::openid_authorize(&mut url, &cfg.redirect_uri, &cfg.client_id, state);
+        return Ok(url);
     }
+    let mut query = url.query_pairs_mut();
+    query
+        .append_pair("response_type", "code")
+        .append_pair("client_id", &cfg.client_id)
+        .append_pair("redirect_uri", cfg.redirect_uri.as_str());
+    if !d.scopes.is_empty() {
+        // RFC 6749 §3.3: space-delimited.
+        query.append_pair("scope", &d.scopes.join(" "));
+    }
+    query.append_pair("state", state);
+    drop(query);
     Ok(url)
 }
 
@@ -542,13 +539,13 @@ struct Callback {
 }
 
 /// Reads a callback's query: the state, and the code or the refusal.
-fn read_callback(kind: ProviderKind, query: &HashMap<String, String>) -> Callback {
+fn read_callback(dialect: Dialect, query: &HashMap<String, String>) -> Callback {
     let get = |k: &str| query.get(k).filter(|v| !v.is_empty()).cloned();
     let refused =
         matches!(get("openid.mode").as_deref(), Some("cancel" | "error")) || get("error").is_some();
-    let code = match kind {
-        ProviderKind::Spark => get("openid.spark.code").or_else(|| get("code")),
-        ProviderKind::Zillow => get("code"),
+    let code = match dialect {
+        Dialect::Spark => get(spark::OPENID_CODE).or_else(|| get("code")),
+        Dialect::Plain => get("code"),
     };
     Callback {
         state: get("state"),
@@ -681,7 +678,7 @@ mod tests {
                 .collect()
         };
         let cb = read_callback(
-            ProviderKind::Spark,
+            Dialect::Spark,
             &q(&[
                 ("state", "s"),
                 ("openid.mode", "id_res"),
@@ -690,18 +687,18 @@ mod tests {
         );
         assert!(matches!(cb.answer, Answer::Code(_)) && cb.state.as_deref() == Some("s"));
         let cb = read_callback(
-            ProviderKind::Spark,
+            Dialect::Spark,
             &q(&[("state", "s"), ("openid.mode", "cancel")]),
         );
         assert!(matches!(cb.answer, Answer::Refused));
         let cb = read_callback(
-            ProviderKind::Zillow,
+            Dialect::Plain,
             &q(&[("state", "s"), ("error", "access_denied")]),
         );
         assert!(matches!(cb.answer, Answer::Refused));
-        let cb = read_callback(ProviderKind::Zillow, &q(&[("code", "c")]));
+        let cb = read_callback(Dialect::Plain, &q(&[("code", "c")]));
         assert!(cb.state.is_none());
-        let cb = read_callback(ProviderKind::Zillow, &q(&[("state", "s")]));
+        let cb = read_callback(Dialect::Plain, &q(&[("state", "s")]));
         assert!(matches!(cb.answer, Answer::Nothing));
     }
 }

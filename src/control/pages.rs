@@ -18,10 +18,10 @@ use secrecy::SecretString;
 
 use std::sync::Arc;
 
+use crate::config::ProviderConfig;
 use crate::control::connect::Connector;
 use crate::control::connect::{CallbackError, ConnectError, Connected};
 use crate::control::token::AdminToken;
-use crate::provider::ProviderKind;
 use crate::tokens::sessions::Sessions;
 
 struct ProviderView {
@@ -482,28 +482,26 @@ impl PagesState {
     }
 
     fn curl_line(&self, provider: &str, key: &str) -> String {
-        let kind = self
-            .connector
-            .provider(provider)
-            .map(|p| p.kind)
-            .unwrap_or(ProviderKind::Spark);
-        curl_line(self.proxy_addr, provider, kind, key)
+        match self.connector.provider(provider) {
+            Ok(p) => curl_line(self.proxy_addr, p, key),
+            Err(_) => String::new(),
+        }
     }
 }
 
-pub fn curl_line(listen: SocketAddr, provider: &str, kind: ProviderKind, key: &str) -> String {
+/// A curl command that calls the provider with `key` where a legacy
+/// application would put its token.
+pub fn curl_line(listen: SocketAddr, provider: &ProviderConfig, key: &str) -> String {
     let host = if listen.ip().is_unspecified() {
         format!("127.0.0.1:{}", listen.port())
     } else {
         listen.to_string()
     };
-    match kind {
-        ProviderKind::Spark => format!(
-            "curl -H 'Authorization: OAuth {key}' 'http://{host}/{provider}/v1/listings?_limit=1'"
-        ),
-        ProviderKind::Zillow => {
-            format!("curl 'http://{host}/{provider}/listings/v1/listingsForUser?accessToken={key}'")
-        }
+    let (header, path) = crate::provider::key_example(&provider.description, key);
+    let name = &provider.name;
+    match header {
+        Some(h) => format!("curl -H '{h}' 'http://{host}/{name}{path}'"),
+        None => format!("curl 'http://{host}/{name}{path}'"),
     }
 }
 

@@ -624,10 +624,10 @@ impl Gate {
 }
 
 /// Whether an upstream answer is a refusal for the rate limit: 429, or
-/// Spark's 503 whose body carries code 1550 (`spark_1550` says whether the
-/// caller found it there). `Retry-After` may be seconds or an HTTP date.
-pub fn verdict(status: http::StatusCode, headers: &http::HeaderMap, spark_1550: bool) -> Verdict {
-    if status != http::StatusCode::TOO_MANY_REQUESTS && !spark_1550 {
+/// another of the provider's `throttled` answers (`throttled` says whether
+/// the caller found it so, e.g. Spark's 503 whose body carries code 1550). `Retry-After` may be seconds or an HTTP date.
+pub fn verdict(status: http::StatusCode, headers: &http::HeaderMap, throttled: bool) -> Verdict {
+    if status != http::StatusCode::TOO_MANY_REQUESTS && !throttled {
         return Verdict::Accepted;
     }
     let retry_after = headers
@@ -647,15 +647,6 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
-}
-
-/// Whether a Spark error body is code 1550 (over the rate limit):
-/// `{"D": {"Success": false, "Code": 1550, ...}}`.
-pub fn is_spark_1550(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("D")?.get("Code")?.as_u64())
-        == Some(1550)
 }
 
 /// Whether a refused request may be sent again: its body was kept, and its

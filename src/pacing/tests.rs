@@ -348,15 +348,6 @@ fn verdicts_read_429_and_retry_after() {
 }
 
 #[test]
-fn spark_1550_is_read_from_the_body() {
-    assert!(is_spark_1550(
-        br#"{"D":{"Success":false,"Code":1550,"Message":"Over rate limit"}}"#
-    ));
-    assert!(!is_spark_1550(br#"{"D":{"Success":false,"Code":1020}}"#));
-    assert!(!is_spark_1550(b"<html>busy</html>"));
-}
-
-#[test]
 fn only_safe_requests_are_resent() {
     use http::{HeaderMap, HeaderValue, Method};
     let mut h = HeaderMap::new();

@@ -30,6 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::provider::QueryNames;
 use crate::proxy::forward::UpBody;
 use aho_corasick::{
     AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, Anchored, Input, MatchKind, StartKind,
@@ -74,14 +75,14 @@ pub struct LinkMap {
     escaped_sep: memchr::memmem::Finder<'static>,
     ac: AhoCorasick,
     patterns: Vec<Pattern>,
-    /// Per target: strip credential parameters from its links.
-    strip: Vec<bool>,
+    /// Per target: the injected query parameters its links lose.
+    strip: Vec<Option<Arc<QueryNames>>>,
     max_len: usize,
 }
 
 impl LinkMap {
-    /// `strip[t]`: target `t`'s links lose their credential parameters.
-    pub fn new(origins: &[Origin], strip: Vec<bool>) -> Option<LinkMap> {
+    /// `strip[t]`: the credential parameters target `t`'s links lose.
+    pub fn new(origins: &[Origin], strip: Vec<Option<Arc<QueryNames>>>) -> Option<LinkMap> {
         let mut patterns = Vec::new();
         for o in origins {
             let default_port = match o.scheme.as_str() {
@@ -271,7 +272,8 @@ impl Rewriter {
                 }
                 Boundary::Yes => {}
             }
-            let tail_end = if map.strip[pat.target] {
+            let names = map.strip[pat.target].as_deref();
+            let tail_end = if names.is_some() {
                 match link_end(&buf, e, last) {
                     Some(end) => end,
                     None if buf.len() - s < MAX_LINK => {
@@ -292,8 +294,8 @@ impl Rewriter {
                 &self.bases.plain[pat.target]
             };
             out.push(Bytes::copy_from_slice(base.as_bytes()));
-            if tail_end > e {
-                match strip_credentials(&buf[e..tail_end]) {
+            if let Some(names) = names.filter(|_| tail_end > e) {
+                match strip_credentials(&buf[e..tail_end], names) {
                     Cow::Borrowed(_) => out.push(buf.slice(e..tail_end)),
                     Cow::Owned(v) => out.push(Bytes::from(v)),
                 }
@@ -391,7 +393,7 @@ const QUERY_STARTS: [&[u8]; 4] = [b"?", b"\\u003f", b"&#63;", b"&#x3f;"];
 
 /// Removes credential parameters (any case, percent-encoded, JSON- or
 /// XML-escaped) from a link's path-and-query; every other byte is kept in order.
-pub fn strip_credentials(link: &[u8]) -> Cow<'_, [u8]> {
+pub fn strip_credentials<'l>(link: &'l [u8], names: &QueryNames) -> Cow<'l, [u8]> {
     let Some((q, q_len)) = (0..link.len()).find_map(|i| {
         QUERY_STARTS
             .iter()
@@ -442,14 +444,14 @@ pub fn strip_credentials(link: &[u8]) -> Cow<'_, [u8]> {
         }
     }
     parts.push((sep, &query[start..]));
-    if !parts.iter().any(|(_, seg)| is_credential(seg)) {
+    if !parts.iter().any(|(_, seg)| is_credential(seg, names)) {
         return Cow::Borrowed(link);
     }
     let mut out = Vec::with_capacity(link.len());
     out.extend_from_slice(&link[..q]);
     let mut first = true;
     for (sep, seg) in parts {
-        if is_credential(seg) {
+        if is_credential(seg, names) {
             continue;
         }
         out.extend_from_slice(if first { &link[q..q + q_len] } else { sep });
@@ -520,10 +522,10 @@ fn unescape_text(text: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-fn is_credential(segment: &[u8]) -> bool {
+fn is_credential(segment: &[u8], names: &QueryNames) -> bool {
     let segment = unescape_text(segment);
     let name = memchr::memchr(b'=', &segment).map_or(&segment[..], |i| &segment[..i]);
-    crate::provider::is_credential_name(name)
+    names.is_credential_name(name)
 }
 
 fn concat(mut parts: Vec<Bytes>) -> Bytes {
@@ -946,7 +948,14 @@ mod tests {
                 target: 1,
             },
         ];
-        Arc::new(LinkMap::new(&origins, vec![strip, strip]).expect("map"))
+        let names = strip.then(|| {
+            Arc::new(QueryNames::new([
+                ("accessToken", true),
+                ("clientId", false),
+                ("apiKey", false),
+            ]))
+        });
+        Arc::new(LinkMap::new(&origins, vec![names.clone(), names]).expect("map"))
     }
 
     fn rewriter(strip: bool) -> Rewriter {

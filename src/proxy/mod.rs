@@ -45,16 +45,17 @@ use http::header::{
 };
 use http::request::Parts;
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::config::{JsonCode, Signal};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
-use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
+use crate::provider::{Shape, Slot, MAX_DECODE_ROUNDS};
 pub use crate::proxy::forward::enter_worker;
 use crate::proxy::forward::{
     strip_hop_by_hop, Outbound, TlsError, UpBody, UpstreamBody, Upstreams,
@@ -86,7 +87,13 @@ pub enum Mount {
 struct Route {
     /// Leaked once at start-up so metrics labels need no allocation per request.
     name: &'static str,
-    kind: ProviderKind,
+    /// Where a caller may put its key, and what is removed before forwarding.
+    shape: Shape,
+    /// The answers that mean "refresh and replay" and "over the budget".
+    expired: Signal,
+    /// `kind = "static"`: sessions hold a stored key, never refreshed.
+    stored_key: bool,
+    throttled: Signal,
     /// `api_base`'s path without its trailing slash ("" for a bare host).
     base_path: String,
     default_session: Option<String>,
@@ -203,11 +210,20 @@ struct Pace {
     resend: bool,
 }
 
-/// An upstream answer: streaming, or read whole to be classified (Spark's
-/// 503, which says in its body whether it is the rate limit).
+/// An upstream answer: streaming, or read whole to be classified (an error
+/// whose JSON code says whether it is the rate limit or an expired token,
+/// such as Spark's 503 with 1550).
 enum Answer {
     Stream(Response<UpBody>),
     Read(Response<Bytes>),
+}
+
+/// What an answer means, by the provider's `expired` and `throttled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meaning {
+    verdict: Verdict,
+    /// The token was refused as expired: refresh and replay.
+    expired: bool,
 }
 
 /// How many rate-limit refusals a request is sent again after.
@@ -241,7 +257,10 @@ impl Proxy {
             metrics.watch_gate(&gate);
             routes.push(Route {
                 name,
-                kind: p.kind,
+                shape: Shape::new(&p.description),
+                expired: p.description.expired.clone(),
+                stored_key: p.description.scheme == crate::config::Scheme::Static,
+                throttled: p.description.throttled.clone(),
                 base_path: p.api_base.path().trim_end_matches('/').to_owned(),
                 default_session: p.default_session.clone(),
                 max_request_body: p.max_request_body,
@@ -279,7 +298,7 @@ impl Proxy {
                 .collect();
             let strip = family
                 .iter()
-                .map(|&j| routes[j].kind.credentials_in_query())
+                .map(|&j| routes[j].shape.query_names())
                 .collect();
             routes[i].links = LinkMap::new(&origins, strip).map(Arc::new);
             routes[i].link_targets = family;
@@ -432,7 +451,7 @@ impl Proxy {
         let mut session = session;
         let mut replayed = false;
         loop {
-            let answer = match (&kept, streamed.take()) {
+            let (answer, meaning) = match (&kept, streamed.take()) {
                 (Some(bytes), _) => {
                     self.send_kept(route, &session, &out, bytes, log, &mut pace)
                         .await?
@@ -442,18 +461,18 @@ impl Proxy {
                     let parts = out.clone_parts();
                     self.send(route, &session, parts, outbound, log, &mut pace)
                         .await?
-                        .0
                 }
                 // A streamed body is never sent twice (`decide` replays only
                 // kept ones).
                 (None, None) => return Err(ProxyError::UpstreamUnreachable),
             };
-            let resp = match answer {
-                Answer::Stream(resp) => resp,
-                Answer::Read(resp) => return Ok(pass_read(resp)),
-            };
-            if !self.decide(&session, resp.status(), kept.is_some(), replayed) {
-                return self.response_filter(route, &asked, resp).await;
+            if route.stored_key && meaning.expired {
+                // Never refreshed: the refusal goes back as it came, and
+                // the session's health says the key needs replacing.
+                self.refresher.stored_key_refused(&session);
+            }
+            if !self.decide(&session, meaning.expired, kept.is_some(), replayed) {
+                return self.answer(route, &asked, answer).await;
             }
             // Reactive: the token was refused. Refresh (or pick up a refresh
             // another request made meanwhile) and replay once.
@@ -461,15 +480,13 @@ impl Proxy {
                 Ok(fresh) => fresh,
                 // A refresh moments ago did not cure this session's refusals:
                 // it is about something else (Spark's 1010 disabled key).
-                Err(RefreshError::TooSoon) => {
-                    return self.response_filter(route, &asked, resp).await
-                }
+                Err(RefreshError::TooSoon) => return self.answer(route, &asked, answer).await,
                 Err(e) => {
-                    drain(resp).await;
+                    drain(answer).await;
                     return Err(refresh_error(&session, e));
                 }
             };
-            drain(resp).await;
+            drain(answer).await;
             log.session = Some(Arc::clone(&fresh));
             log.replayed = true;
             session = fresh;
@@ -477,18 +494,33 @@ impl Proxy {
         }
     }
 
+    /// Passes an answer back: a streamed one through the response filter,
+    /// one read whole (to classify it) as it is.
+    async fn answer(
+        &self,
+        route: &Route,
+        asked: &Asked<'_>,
+        answer: Answer,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match answer {
+            Answer::Stream(resp) => self.response_filter(route, asked, resp).await,
+            Answer::Read(resp) => Ok(pass_read(resp)),
+        }
+    }
+
     /// The one place that decides what an upstream answer means for its
-    /// request: `true` to refresh and replay it (a 401 on a session that
-    /// can refresh, first attempt, body kept); else it is answered, and the
-    /// refresh-loop guard and background refreshes are told what happened.
+    /// request: `true` to refresh and replay it (the provider's `expired`
+    /// answer on a session that can refresh, first attempt, body kept);
+    /// else it is answered, and the refresh-loop guard and background
+    /// refreshes are told what happened.
     fn decide(
         &self,
         session: &Arc<ActiveSession>,
-        status: StatusCode,
+        expired: bool,
         replayable: bool,
         replayed: bool,
     ) -> bool {
-        if status != StatusCode::UNAUTHORIZED {
+        if !expired {
             self.refresher.accepted(&session.id);
             return false;
         }
@@ -524,11 +556,11 @@ impl Proxy {
         bytes: &Bytes,
         log: &mut AccessLog,
         pace: &mut Pace,
-    ) -> Result<Answer, ProxyError> {
+    ) -> Result<(Answer, Meaning), ProxyError> {
         let resendable = pacing::resendable(&out.method, &out.headers);
         let mut refusals = 0;
         loop {
-            let (answer, verdict) = self
+            let (answer, meaning) = self
                 .send(
                     route,
                     session,
@@ -538,8 +570,8 @@ impl Proxy {
                     pace,
                 )
                 .await?;
-            if verdict == Verdict::Accepted {
-                return Ok(answer);
+            if meaning.verdict == Verdict::Accepted {
+                return Ok((answer, meaning));
             }
             refusals += 1;
             // A request sent without waiting has no deadline yet: it
@@ -549,11 +581,9 @@ impl Proxy {
                 .get_or_insert_with(|| tokio::time::Instant::now() + route.gate.max_wait());
             let in_time = route.gate.held_until().is_none_or(|held| held <= deadline);
             if !resendable || !in_time || refusals > MAX_RESENDS {
-                return Ok(answer);
+                return Ok((answer, meaning));
             }
-            if let Answer::Stream(resp) = answer {
-                drain(resp).await;
-            }
+            drain(answer).await;
         }
     }
 
@@ -591,7 +621,7 @@ impl Proxy {
         body: Outbound,
         log: &mut AccessLog,
         pace: &mut Pace,
-    ) -> Result<(Answer, Verdict), ProxyError> {
+    ) -> Result<(Answer, Meaning), ProxyError> {
         let mut permit = route
             .gate
             .acquire_by(&mut pace.deadline, pace.resend, &session.id)
@@ -614,26 +644,48 @@ impl Proxy {
         // Before anything else reads the answer: no injected secret in any
         // header, whatever the upstream echoed.
         session.credentials.scrub_response(resp.headers_mut());
-        let (answer, verdict) = if resp.status() == StatusCode::SERVICE_UNAVAILABLE
-            && route.kind == ProviderKind::Spark
-            && may_be_spark_1550(resp.headers())
-        {
-            let (parts, body) = resp.into_parts();
-            let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
-            let spark_1550 = decoded_error_body(&parts.headers, &bytes)
-                .is_some_and(|plain| pacing::is_spark_1550(&plain));
-            let verdict = pacing::verdict(parts.status, &parts.headers, spark_1550);
-            (Answer::Read(Response::from_parts(parts, bytes)), verdict)
-        } else {
-            let verdict = pacing::verdict(resp.status(), resp.headers(), false);
-            (Answer::Stream(resp), verdict)
+        let status = resp.status().as_u16();
+        // 429 holds the budget whatever its body says; a listed status
+        // with a JSON code holds it (or means expired) only when its body
+        // carries that code, so that body is read first (small JSON only).
+        let coded = |s: &Signal| s.json_code.is_some() && s.names(status);
+        let throttle_coded = status != 429 && coded(&route.throttled);
+        let expire_coded = coded(&route.expired);
+        let (answer, throttled, expired) =
+            if (throttle_coded || expire_coded) && may_carry_code(resp.headers()) {
+                let (parts, body) = resp.into_parts();
+                let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
+                let plain = decoded_error_body(&parts.headers, &bytes);
+                let carries = |s: &Signal| {
+                    s.json_code
+                        .as_ref()
+                        .is_some_and(|code| plain.as_deref().is_some_and(|p| json_code_is(p, code)))
+                };
+                let throttled = throttle_coded && carries(&route.throttled);
+                let expired = expire_coded && carries(&route.expired);
+                (
+                    Answer::Read(Response::from_parts(parts, bytes)),
+                    throttled,
+                    expired,
+                )
+            } else {
+                let plain = |s: &Signal| s.json_code.is_none() && s.names(status);
+                (
+                    Answer::Stream(resp),
+                    status != 429 && plain(&route.throttled),
+                    plain(&route.expired),
+                )
+            };
+        let verdict = match &answer {
+            Answer::Stream(r) => pacing::verdict(r.status(), r.headers(), throttled),
+            Answer::Read(r) => pacing::verdict(r.status(), r.headers(), throttled),
         };
         if verdict != Verdict::Accepted {
             log.upstream_refusals += 1;
         }
         route.gate.answered(&permit, verdict);
         drop(permit);
-        Ok((answer, verdict))
+        Ok((answer, Meaning { verdict, expired }))
     }
 
     /// Picks the provider; refuses CONNECT and absolute-form URIs naming
@@ -727,9 +779,9 @@ impl Proxy {
                 .eq_ignore_ascii_case("bearer")
                 .then(|| non_empty_hash(key.as_bytes()))?
         });
-        let (slot, query) = route.kind.take_slot(headers, query).map_err(|_| {
+        let (slot, query) = route.shape.take_slot(headers, query).map_err(|_| {
             ProxyError::BadRequest(
-                "a credential parameter is disguised in the query string (send accessToken=KEY, or the session header)",
+                "a credential parameter is disguised in the query string (send it plainly, or the key in the session header)",
             )
         })?;
         let presented = from_header
@@ -778,7 +830,9 @@ impl Proxy {
         if session.provider != route.session_owner {
             return Err(ProxyError::KeyOfOtherProvider);
         }
-        if session.status == Status::ReauthorizationRequired {
+        // A stored key marked refused still goes: only the provider can
+        // say whether it works again.
+        if session.status == Status::ReauthorizationRequired && !route.stored_key {
             return Err(ProxyError::ReauthorizationRequired);
         }
         Ok(session)
@@ -1166,11 +1220,12 @@ async fn read_error_body(body: UpBody, wait: Duration) -> Result<Bytes, ProxyErr
     }
 }
 
-/// Whether a Spark 503 is worth reading for code 1550, a small JSON body.
-/// One declaring more than [`ERROR_BODY_LIMIT`], or of unknown length and
-/// not JSON, is something else (a maintenance page): it streams on to the
-/// caller as it came instead of being cut off into a 502.
-fn may_be_spark_1550(headers: &HeaderMap) -> bool {
+/// Whether an error answer is worth reading for a JSON code (Spark's 1550
+/// on a 503), a small JSON body. One declaring more than
+/// [`ERROR_BODY_LIMIT`], or of unknown length and not JSON, is something
+/// else (a maintenance page): it streams on to the caller as it came
+/// instead of being cut off into a 502.
+fn may_carry_code(headers: &HeaderMap) -> bool {
     match content_length(headers) {
         Some(n) => n <= ERROR_BODY_LIMIT as u64,
         None => headers.get(CONTENT_TYPE).is_none_or(|v| {
@@ -1215,9 +1270,36 @@ fn decoded_error_body<'b>(headers: &HeaderMap, body: &'b [u8]) -> Option<Cow<'b,
     Some(Cow::Owned(out))
 }
 
+/// Whether a JSON error body carries `code` in a `code` field (any case)
+/// at its top level or one object down (Spark's `{"D": {"Code": 1550}}`,
+/// OAuth-style `{"error": {"code": "..."}}`).
+fn json_code_is(body: &[u8], code: &JsonCode) -> bool {
+    let Ok(serde_json::Value::Object(top)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return false;
+    };
+    let same = |v: &serde_json::Value| match (code, v) {
+        (JsonCode::Number(n), serde_json::Value::Number(m)) => m.as_i64() == Some(*n),
+        (JsonCode::Number(n), serde_json::Value::String(m)) => m.trim() == n.to_string(),
+        (JsonCode::Text(t), serde_json::Value::String(m)) => m == t,
+        (JsonCode::Text(t), serde_json::Value::Number(m)) => m.to_string() == *t,
+        _ => false,
+    };
+    let in_object = |o: &serde_json::Map<String, serde_json::Value>| {
+        o.iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("code") && same(v))
+    };
+    in_object(&top)
+        || top.values().any(|v| match v {
+            serde_json::Value::Object(inner) => in_object(inner),
+            _ => false,
+        })
+}
+
 /// Reads (a little of) an answer that will be thrown away, so its
 /// connection can go back to the pool.
-async fn drain(resp: Response<UpBody>) {
+async fn drain(answer: Answer) {
+    let Answer::Stream(resp) = answer else { return };
     let body = Limited::new(resp.into_body(), 64 * 1024);
     let _ = tokio::time::timeout(Duration::from_secs(1), body.collect()).await;
 }
@@ -1629,6 +1711,25 @@ fn host_without_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_codes_are_read_at_the_top_or_one_object_down() {
+        let n = JsonCode::Number(1550);
+        assert!(json_code_is(
+            br#"{"D":{"Success":false,"Code":1550,"Message":"Over rate limit"}}"#,
+            &n
+        ));
+        assert!(!json_code_is(br#"{"D":{"Success":false,"Code":1020}}"#, &n));
+        assert!(!json_code_is(b"<html>busy</html>", &n));
+        assert!(json_code_is(br#"{"code":"1550"}"#, &n));
+        let t = JsonCode::Text("token_expired".into());
+        assert!(json_code_is(br#"{"error":{"code":"token_expired"}}"#, &t));
+        assert!(!json_code_is(br#"{"error":{"code":"bad_token"}}"#, &t));
+        assert!(!json_code_is(
+            br#"{"a":{"b":{"code":"token_expired"}}}"#,
+            &t
+        ));
+    }
 
     #[test]
     fn absolute_form_must_name_this_listener() {

@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::config::ProviderConfig;
-use crate::provider::ProviderKind;
+use crate::config::{ClientAuth, GrantBody};
 use crate::tls::{tls_config, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,9 @@ pub enum Grant<'a> {
 /// One provider's token endpoint.
 pub struct TokenEndpoint {
     http: reqwest::Client,
-    kind: ProviderKind,
+    grant_body: GrantBody,
+    client_auth: ClientAuth,
+    redirect_uri_on_refresh: bool,
     url: Option<url::Url>,
     client_id: String,
     client_secret: SecretString,
@@ -135,7 +137,9 @@ impl TokenEndpoint {
             })?;
         Ok(TokenEndpoint {
             http,
-            kind: provider.kind,
+            grant_body: provider.description.grant_body,
+            client_auth: provider.description.client_auth,
+            redirect_uri_on_refresh: provider.description.redirect_uri_on_refresh,
             url: provider.token_url.clone(),
             client_id: provider.client_id.clone(),
             client_secret: provider.client_secret.clone(),
@@ -154,30 +158,44 @@ impl TokenEndpoint {
             Grant::RefreshToken(t) => ("refresh_token", "refresh_token", t),
             Grant::AuthorizationCode(c) => ("authorization_code", "code", c),
         };
-        let req = match self.kind {
-            ProviderKind::Spark => self.http.post(url).json(&serde_json::json!({
-                "client_id": self.client_id,
-                "client_secret": self.client_secret.expose_secret(),
-                "grant_type": grant_type,
-                field: value.expose_secret(),
-                "redirect_uri": self.redirect_uri,
-            })),
-            ProviderKind::Zillow => {
-                let body = url::form_urlencoded::Serializer::new(String::new())
-                    .append_pair("grant_type", grant_type)
-                    .append_pair(field, value.expose_secret())
-                    .append_pair("redirect_uri", &self.redirect_uri)
-                    .finish();
+        // The grant's parameters, in the order the providers' documents
+        // show them; the client's credentials in the body or as HTTP Basic.
+        let in_body = self.client_auth == ClientAuth::Body;
+        let mut params: Vec<(&str, &str)> = Vec::with_capacity(5);
+        if in_body {
+            params.push(("client_id", &self.client_id));
+            params.push(("client_secret", self.client_secret.expose_secret()));
+        }
+        params.push(("grant_type", grant_type));
+        params.push((field, value.expose_secret()));
+        if self.redirect_uri_on_refresh || matches!(grant, Grant::AuthorizationCode(_)) {
+            params.push(("redirect_uri", &self.redirect_uri));
+        }
+        let mut req = match self.grant_body {
+            GrantBody::Json => {
+                let body: serde_json::Map<String, serde_json::Value> = params
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+                    .collect();
+                self.http.post(url).json(&body)
+            }
+            GrantBody::Form => {
+                let mut form = url::form_urlencoded::Serializer::new(String::new());
+                for (k, v) in &params {
+                    form.append_pair(k, v);
+                }
                 self.http
                     .post(url)
-                    .basic_auth(&self.client_id, Some(self.client_secret.expose_secret()))
                     .header(
                         reqwest::header::CONTENT_TYPE,
                         "application/x-www-form-urlencoded",
                     )
-                    .body(body)
+                    .body(form.finish())
             }
         };
+        if !in_body {
+            req = req.basic_auth(&self.client_id, Some(self.client_secret.expose_secret()));
+        }
         let resp = req
             .header(reqwest::header::ACCEPT, "application/json")
             .send()

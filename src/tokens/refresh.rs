@@ -339,6 +339,55 @@ impl Refresher {
         });
     }
 
+    /// A stored key (`kind = "static"`) was refused by the upstream: the
+    /// session is marked `reauthorization_required` (an event and an audit
+    /// entry say so), in the background, once. Nothing is refreshed, and
+    /// its requests still go upstream: only the provider can say whether
+    /// the key works, and an operator replaces it.
+    pub fn stored_key_refused(self: &Arc<Self>, seen: &Arc<ActiveSession>) {
+        if seen.status == Status::ReauthorizationRequired {
+            return;
+        }
+        let me = Arc::clone(self);
+        let seen = Arc::clone(seen);
+        self.track(async move {
+            let code = "upstream_refused";
+            let event = me.sessions.event(
+                EventKind::ReauthorizationRequired,
+                &seen.id,
+                &seen.provider,
+                serde_json::json!({"error": code}),
+            );
+            let audit = me.sessions.audit(
+                audit::kind::SESSION_REAUTHORIZATION_REQUIRED,
+                Some(&seen.id),
+                Actor::Proxy,
+                serde_json::json!({"provider": seen.provider, "error": code}),
+            );
+            let marked = me
+                .sessions
+                .store()
+                .mark_reauthorization_required(
+                    &seen.id,
+                    seen.version,
+                    store::now(),
+                    code,
+                    event.as_ref(),
+                    Some(&audit),
+                )
+                .await;
+            match marked {
+                Ok(_) => {
+                    tracing::warn!(session = %seen.id, provider = %seen.provider, "the upstream refused a stored key; the session needs a new one");
+                    me.sessions.invalidate(&seen.id);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %seen.id, error = %e, "a refused stored key could not be recorded")
+                }
+            }
+        });
+    }
+
     /// At shutdown: waits until every refresh under way has finished (its
     /// tokens committed, or its failure recorded), until `deadline`; then
     /// gives back the refresh leases this process still holds, so that

@@ -64,6 +64,8 @@ pub enum SessionError {
     SessionsFrom { provider: String, owner: String },
     #[error(transparent)]
     BadKey(#[from] BadKey),
+    #[error("provider `{0}` is of kind \"static\": its sessions hold one key (--access-token), never refreshed, with no refresh token or expiry")]
+    StoredKey(String),
     #[error("the access token is empty")]
     EmptyToken,
     /// The client is over its budget of store reads for uncached keys.
@@ -1254,6 +1256,11 @@ impl Sessions {
         }
         if tokens.access_token.expose_secret().is_empty() {
             return Err(SessionError::EmptyToken);
+        }
+        if provider_cfg.description.scheme == crate::config::Scheme::Static
+            && (tokens.refresh_token.is_some() || tokens.expires_in.is_some())
+        {
+            return Err(SessionError::StoredKey(provider.to_owned()));
         }
         // Refuse tokens that could never be injected, now rather than per
         // request: the same rule as for a token endpoint's answer.

@@ -1,10 +1,11 @@
-//! The API side of both providers: every path that is not the token endpoint
+//! The API side of every provider: every path that is not the token endpoint
 //! or the authorisation page.
 //!
 //! Each request's body is hashed as it streams in (never held whole), the
 //! request is recorded (rejected ones too), then its credentials are checked
 //! the way the provider does (Spark: `Authorization: OAuth|Bearer TOKEN`;
-//! Zillow: `accessToken`, `clientId` and `apiKey` query parameters) and it is
+//! Zillow: `accessToken`, `clientId` and `apiKey` query parameters; acme:
+//! its [`crate::OAuth2`] credential slot and required values) and it is
 //! answered by one of the special paths, the RESO Web API (Spark) or a JSON
 //! echo. Before the credentials, in this order, an [`crate::ApiFault`] in
 //! force, the [`crate::Budget`] in force and (Spark, with
@@ -20,7 +21,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION,
-    RETRY_AFTER,
+    RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
@@ -29,7 +30,8 @@ use sha2::{Digest, Sha256};
 
 use crate::budget::Verdict;
 use crate::{
-    big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded, Refusal, Shared,
+    big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded, Refusal,
+    Shared, Slot,
 };
 
 /// Where `/redirect-away` points.
@@ -80,6 +82,7 @@ pub(crate) async fn handle(
             .or_else(|| match kind {
                 Kind::Spark => check_spark(&shared, &parts),
                 Kind::Zillow => check_zillow(&shared, &parts),
+                Kind::OAuth2 => check_oauth2(&shared, &parts),
             });
         match denied {
             Some(resp) => resp,
@@ -130,6 +133,15 @@ fn spark_error(shared: &Shared, status: StatusCode, code: u32, message: &str) ->
     )
 }
 
+/// acme's error envelope (credproxy's own shape): `{"error": {"code", "message"}}`.
+fn oauth2_error(shared: &Shared, status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(
+        shared,
+        status,
+        json!({"error": {"code": code, "message": message}}),
+    )
+}
+
 /// The answer of the [`ApiFault`] in force, if any.
 fn fault(shared: &Shared) -> Option<Response<Body>> {
     let kind = shared.opts.kind;
@@ -145,6 +157,12 @@ fn fault(shared: &Shared) -> Option<Response<Body>> {
                 shared,
                 StatusCode::UNAUTHORIZED,
                 json!({"error": "disabled_api_key", "error_description": "the API key is disabled"}),
+            ),
+            Kind::OAuth2 => oauth2_error(
+                shared,
+                StatusCode::UNAUTHORIZED,
+                "disabled_key",
+                "the client is disabled",
             ),
         }),
         ApiFault::RateLimited {
@@ -188,6 +206,7 @@ fn rate_limited(shared: &Shared, status: StatusCode, retry_after: Option<u64>) -
             status,
             json!({"error": "rate_limited", "error_description": "too many requests"}),
         ),
+        Kind::OAuth2 => oauth2_error(shared, status, "rate_limited", "too many requests"),
     };
     if let Some(seconds) = retry_after {
         resp.headers_mut()
@@ -295,6 +314,74 @@ fn check_zillow(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
             "invalid_token",
             "missing or unknown accessToken",
         ),
+    }
+}
+
+/// What slot `slot` of the request holds: `None` when it is absent or
+/// repeated, or (a header) its value does not follow the template.
+fn read_slot(parts: &Parts, slot: &Slot) -> Option<String> {
+    match slot {
+        Slot::Header { name, template } => {
+            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+            let mut values = parts.headers.get_all(name).iter();
+            let (Some(value), None) = (values.next(), values.next()) else {
+                return None;
+            };
+            let value = value.to_str().ok()?;
+            let (prefix, suffix) = template.split_once("{token}")?;
+            let token = value.strip_prefix(prefix)?.strip_suffix(suffix)?;
+            (!token.is_empty()).then(|| token.to_owned())
+        }
+        Slot::Query(name) => {
+            let query = parts.uri.query().unwrap_or("");
+            let mut values = form_urlencoded::parse(query.as_bytes())
+                .filter(|(n, _)| n == name.as_str())
+                .map(|(_, v)| v.into_owned());
+            match (values.next(), values.next()) {
+                (Some(value), None) => Some(value),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// `None` when the request carries a valid acme access token (or the static
+/// key) where the options say, and each required value.
+fn check_oauth2(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
+    let opts = &shared.opts.oauth2;
+    let deny = |code: &str, message: &str| {
+        let mut resp = oauth2_error(shared, StatusCode::UNAUTHORIZED, code, message);
+        if let Slot::Header { .. } = opts.credential {
+            resp.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
+        Some(resp)
+    };
+    let required_ok = opts
+        .required
+        .iter()
+        .all(|(slot, value)| read_slot(parts, slot).as_ref() == Some(value));
+    if !required_ok {
+        return deny(
+            "invalid_client",
+            "a required client credential is missing or wrong",
+        );
+    }
+    let Some(token) = read_slot(parts, &opts.credential) else {
+        return deny(&opts.invalid_code, "missing access token");
+    };
+    if crate::lock(&shared.static_key).as_ref() == Some(&token) {
+        return None;
+    }
+    match shared.tokens().present_access(&token) {
+        AccessCheck::Valid => None,
+        AccessCheck::Expired => match &opts.expired_code {
+            Some(code) => deny(code, "the access token has expired"),
+            None => deny(&opts.invalid_code, "invalid access token"),
+        },
+        AccessCheck::Unknown => deny(&opts.invalid_code, "invalid access token"),
     }
 }
 

@@ -6,8 +6,9 @@
 //! - Spark's OpenID+OAuth 2 hybrid flow at `/openid` (`openid.mode=checkid_setup`,
 //!   `openid.return_to`, `openid.spark.client_id`, `openid.spark.combined_flow=true`),
 //!   answered with `openid.mode=id_res&openid.spark.code=CODE` or `openid.mode=cancel`;
-//! - Spark's plain OAuth 2 flow at `/oauth2` and Zillow's at `/oauth/authorize`
-//!   (`response_type=code`, `client_id`, `redirect_uri`, `state`), answered with
+//! - Spark's plain OAuth 2 flow at `/oauth2`, Zillow's and acme's at
+//!   `/oauth/authorize` (`response_type=code`, `client_id`, `redirect_uri`,
+//!   `state`; an optional `scope`, recorded as it came), answered with
 //!   `code=CODE&state=S` or `error=access_denied&state=S`.
 //!
 //! `GET {page}` checks the request and shows the login form, which carries the
@@ -72,7 +73,7 @@ pub(crate) struct State {
 pub(crate) fn pages(kind: Kind) -> &'static [(&'static str, Flow)] {
     match kind {
         Kind::Spark => &[("/openid", Flow::Hybrid), ("/oauth2", Flow::OAuth2)],
-        Kind::Zillow => &[("/oauth/authorize", Flow::OAuth2)],
+        Kind::Zillow | Kind::OAuth2 => &[("/oauth/authorize", Flow::OAuth2)],
     }
 }
 
@@ -357,6 +358,7 @@ fn provider_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Spark => "Spark",
         Kind::Zillow => "Zillow",
+        Kind::OAuth2 => "Acme",
     }
 }
 
@@ -365,6 +367,7 @@ fn brand_colour(kind: Kind) -> &'static str {
     match kind {
         Kind::Spark => "#0b5cad",
         Kind::Zillow => "#0041d9",
+        Kind::OAuth2 => "#2f6f4f",
     }
 }
 

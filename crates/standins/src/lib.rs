@@ -1,5 +1,6 @@
-//! Local stand-ins of FBS's Spark API and Zillow's Rental Feeds API, for
-//! credproxy's integration tests (in-process) and its demo.
+//! Local stand-ins of FBS's Spark API, Zillow's Rental Feeds API and a
+//! generic OAuth 2 API ("acme", see [below](#the-generic-oauth-2-api-acme)),
+//! for credproxy's integration tests (in-process) and its demo.
 //!
 //! A [`Standin`] is one running HTTP/1.1 server on 127.0.0.1 that plays one
 //! provider: its token endpoint (see `token.rs`), its authorisation pages
@@ -15,7 +16,7 @@
 //! Every path that is not the token endpoint or an authorisation page is the
 //! API. It checks credentials first (Spark: `Authorization: OAuth TOKEN` or
 //! `Bearer TOKEN`; Zillow: `accessToken`, `clientId` and `apiKey` in the
-//! query), then answers:
+//! query; acme: where [`OAuth2::credential`] says), then answers:
 //!
 //! | path | answer |
 //! | --- | --- |
@@ -99,6 +100,44 @@
 //! Spark's refusals are `{"D": {"Success": false, "Code": N, "Message": "..."}}`:
 //! 1000 invalid key (401), 1010 disabled key (401), 1016 user agent required
 //! (400), 1020 expired token (401), 1550 over the rate limit (429 or 503).
+//!
+//! # The generic OAuth 2 API (acme)
+//!
+//! [`Options::oauth2`] starts a stand-in of an API that follows RFC 6749 and
+//! RFC 6750 with no quirk of its own, each of its choices set by
+//! [`Options::oauth2`]'s [`OAuth2`] so that one test can pick each variant:
+//! - the token endpoint (`POST /oauth/token`) takes a form body
+//!   ([`GrantBody::Form`]) or a JSON object ([`GrantBody::Json`]), and the
+//!   client credentials as HTTP Basic ([`ClientAuth::Basic`]) or as
+//!   `client_id` and `client_secret` in the body ([`ClientAuth::Body`]); a
+//!   request that authenticates the other way (a `client_secret` in the body
+//!   under Basic, an `Authorization` header under Body) is refused with 401
+//!   `invalid_client`, a body of the wrong format with 400 `invalid_request`;
+//! - refresh tokens rotate strictly ([`OAuth2::rotation`]: each works once,
+//!   the answer carries the next), or not at all (the answer has no
+//!   `refresh_token` and the one presented stays valid);
+//! - the answer is `{"access_token", "token_type": "Bearer", "expires_in"?,
+//!   "refresh_token"?}`, `expires_in` from [`Options::access_lifetime`];
+//! - the authorisation page `/oauth/authorize` is the plain OAuth 2 code
+//!   flow (as Zillow's); [`Standin::last_authorize_scope`] is the `scope` it
+//!   last received;
+//! - the API reads the access token from [`OAuth2::credential`] (a header
+//!   whose value follows a template, by default `Authorization: Bearer
+//!   {token}`, or a query parameter), exactly once, and requires each of
+//!   [`OAuth2::required`] (a client id or API key in another header or query
+//!   parameter) with its exact value;
+//! - its refusals are `{"error": {"code": CODE, "message": "..."}}`: 401
+//!   [`OAuth2::expired_code`] for an expired token (without one, an expired
+//!   token is refused as an unknown one), 401 [`OAuth2::invalid_code`] for a
+//!   missing or unknown token, 401 `invalid_client` for a missing or wrong
+//!   [`OAuth2::required`] value, 401 `disabled_key` for
+//!   [`ApiFault::DisabledKey`], 429 `rate_limited` (with `Retry-After` when
+//!   set) for [`ApiFault::RateLimited`] and the [`Budget`]; a 401 on a header
+//!   credential carries `WWW-Authenticate: Bearer error="invalid_token"`;
+//! - a static key ([`OAuth2::static_key`]): a fixed key the API accepts in
+//!   [`OAuth2::credential`] besides the issued tokens, which never expires
+//!   (not by time, use or [`Standin::expire_access_tokens`]) until
+//!   [`Standin::revoke_static_key`]; then it is refused as an unknown token.
 
 mod api;
 mod authorize;
@@ -135,33 +174,126 @@ use tokio::time::Instant;
 pub enum Kind {
     Spark,
     Zillow,
+    /// A generic OAuth 2 API, "acme", configured by [`OAuth2`].
+    OAuth2,
 }
 
 impl Kind {
-    /// `"spark"` or `"zillow"`, as in the `x-standin` response header.
+    /// `"spark"`, `"zillow"` or `"acme"`, as in the `x-standin` response header.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Spark => "spark",
             Kind::Zillow => "zillow",
+            Kind::OAuth2 => "acme",
         }
     }
 
     fn token_path(self) -> &'static str {
         match self {
             Kind::Spark => "/v1/oauth2/grant",
-            Kind::Zillow => "/oauth/token",
+            Kind::Zillow | Kind::OAuth2 => "/oauth/token",
         }
     }
 
     fn authorize_path(self) -> &'static str {
         match self {
             Kind::Spark => "/openid",
-            Kind::Zillow => "/oauth/authorize",
+            Kind::Zillow | Kind::OAuth2 => "/oauth/authorize",
         }
     }
 }
 
-/// How a stand-in is set up. Start from [`Options::spark`] or [`Options::zillow`].
+/// The body format the generic stand-in's token endpoint takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantBody {
+    /// `application/x-www-form-urlencoded` (RFC 6749).
+    Form,
+    /// A JSON object (`application/json`), as Spark's.
+    Json,
+}
+
+/// How the generic stand-in's token endpoint wants the client authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// HTTP Basic (RFC 6749 §2.3.1); a `client_secret` in the body is refused.
+    Basic,
+    /// `client_id` and `client_secret` in the grant body; an `Authorization` header is refused.
+    Body,
+}
+
+/// Where the generic stand-in's API reads a credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Header `name` (any case), exactly once, whose value is `template` with
+    /// `{token}` replaced by the credential (e.g. `Bearer {token}`).
+    Header { name: String, template: String },
+    /// Query parameter `name`, exactly once (form-urlencoded).
+    Query(String),
+}
+
+impl Slot {
+    /// `Authorization: Bearer {token}` (RFC 6750).
+    pub fn bearer() -> Slot {
+        Slot::header("Authorization", "Bearer {token}")
+    }
+
+    pub fn header(name: &str, template: &str) -> Slot {
+        Slot::Header {
+            name: name.to_owned(),
+            template: template.to_owned(),
+        }
+    }
+
+    pub fn query(name: &str) -> Slot {
+        Slot::Query(name.to_owned())
+    }
+}
+
+/// What the generic OAuth 2 stand-in ([`Kind::OAuth2`]) does; ignored by
+/// Spark and Zillow. See the crate's documentation.
+#[derive(Clone, Debug)]
+pub struct OAuth2 {
+    pub grant_body: GrantBody,
+    pub client_auth: ClientAuth,
+    /// `true`: strict rotation, a refresh token works once and the answer
+    /// carries the next; `false`: the answer has no `refresh_token` and the
+    /// one presented stays valid.
+    pub rotation: bool,
+    /// Where the API reads the access token.
+    pub credential: Slot,
+    /// Other credentials the API requires, each in its slot with exactly this
+    /// value (e.g. a client id or an API key).
+    pub required: Vec<(Slot, String)>,
+    /// The `error.code` of the 401 for an expired token; `None`: an expired
+    /// token is refused as an unknown one.
+    pub expired_code: Option<String>,
+    /// The `error.code` of the 401 for a missing or unknown token.
+    pub invalid_code: String,
+    /// A fixed key the API accepts besides issued tokens, until
+    /// [`Standin::revoke_static_key`].
+    pub static_key: Option<String>,
+}
+
+impl Default for OAuth2 {
+    /// Form grants, Basic client authentication, strict rotation,
+    /// `Authorization: Bearer {token}`, nothing else required, 401
+    /// `token_expired` and `invalid_token`, no static key.
+    fn default() -> OAuth2 {
+        OAuth2 {
+            grant_body: GrantBody::Form,
+            client_auth: ClientAuth::Basic,
+            rotation: true,
+            credential: Slot::bearer(),
+            required: Vec::new(),
+            expired_code: Some("token_expired".into()),
+            invalid_code: "invalid_token".into(),
+            static_key: None,
+        }
+    }
+}
+
+/// How a stand-in is set up. Start from [`Options::spark`],
+/// [`Options::zillow`] or [`Options::oauth2`].
 #[derive(Clone, Debug)]
 pub struct Options {
     pub kind: Kind,
@@ -169,7 +301,8 @@ pub struct Options {
     pub client_id: String,
     /// The client secret the token endpoint expects.
     pub client_secret: String,
-    /// Zillow only: the expected `apiKey` query parameter (ignored for Spark).
+    /// Zillow: the expected `apiKey` query parameter; acme: a key a test may
+    /// put in [`OAuth2::required`] or [`OAuth2::static_key`] (ignored for Spark).
     pub api_key: String,
     /// Lifetime of access tokens. `None`: the token answer has no
     /// `expires_in` and tokens never expire by time.
@@ -187,6 +320,8 @@ pub struct Options {
     pub replication_port: u16,
     /// Spark only: refuse an API request without `X-SparkApi-User-Agent` (400, code 1016).
     pub require_user_agent: bool,
+    /// The generic OAuth 2 stand-in's choices (ignored by Spark and Zillow).
+    pub oauth2: OAuth2,
 }
 
 impl Options {
@@ -203,6 +338,7 @@ impl Options {
             replication: false,
             replication_port: 0,
             require_user_agent: false,
+            oauth2: OAuth2::default(),
         }
     }
 
@@ -219,6 +355,27 @@ impl Options {
             replication: false,
             replication_port: 0,
             require_user_agent: false,
+            oauth2: OAuth2::default(),
+        }
+    }
+
+    /// The generic OAuth 2 API, acme: [`OAuth2::default`], access tokens
+    /// valid for an hour, an API key (`acme-api-key-XYZ`) ready for
+    /// [`OAuth2::required`] or a static key.
+    pub fn oauth2() -> Options {
+        Options {
+            kind: Kind::OAuth2,
+            client_id: "acme-client".into(),
+            client_secret: "acme-secret-XYZ".into(),
+            api_key: "acme-api-key-XYZ".into(),
+            access_lifetime: Some(Duration::from_secs(3600)),
+            port: 0,
+            reso_records: 25,
+            json_escape_slashes: false,
+            replication: false,
+            replication_port: 0,
+            require_user_agent: false,
+            oauth2: OAuth2::default(),
         }
     }
 }
@@ -397,12 +554,13 @@ impl Standin {
         format!("{}{}", self.base_url(), self.kind().authorize_path())
     }
 
-    /// The plain OAuth 2 authorisation page: Spark's `/oauth2`. Zillow has only
-    /// one authorisation page, already plain OAuth 2: its [`Standin::authorize_url`].
+    /// The plain OAuth 2 authorisation page: Spark's `/oauth2`. Zillow and acme
+    /// have only one authorisation page, already plain OAuth 2: their
+    /// [`Standin::authorize_url`].
     pub fn authorize_url_oauth2(&self) -> String {
         match self.kind() {
             Kind::Spark => format!("{}/oauth2", self.base_url()),
-            Kind::Zillow => self.authorize_url(),
+            Kind::Zillow | Kind::OAuth2 => self.authorize_url(),
         }
     }
 
@@ -410,6 +568,26 @@ impl Standin {
     /// page, whether or not it was acceptable; `None` before the first.
     pub fn last_authorize_query(&self) -> Option<String> {
         lock(&self.shared.authorize.last_query).clone()
+    }
+
+    /// The `scope` parameter (decoded) of the last `GET` of an authorisation
+    /// page; `None` before the first or when it carried none.
+    pub fn last_authorize_scope(&self) -> Option<String> {
+        let query = self.last_authorize_query()?;
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| name == "scope")
+            .map(|(_, value)| value.into_owned())
+    }
+
+    /// The generic stand-in's static key in force ([`OAuth2::static_key`]
+    /// until [`Standin::revoke_static_key`]).
+    pub fn static_key(&self) -> Option<String> {
+        lock(&self.shared.static_key).clone()
+    }
+
+    /// The static key is refused (401, as an unknown token) from now on.
+    pub fn revoke_static_key(&self) {
+        *lock(&self.shared.static_key) = None;
     }
 
     /// Successful `authorization_code` grants answered by the token endpoint.
@@ -633,11 +811,14 @@ pub(crate) struct Shared {
     pub(crate) last_redirect_uri: Mutex<Option<String>>,
     requests: Mutex<Vec<Recorded>>,
     recorded: watch::Sender<usize>,
+    /// The generic stand-in's static key, until revoked.
+    pub(crate) static_key: Mutex<Option<String>>,
 }
 
 impl Shared {
     fn new(opts: Options, api_origin: String, replication_origin: Option<String>) -> Shared {
         Shared {
+            static_key: Mutex::new(opts.oauth2.static_key.clone()),
             opts,
             api_origin,
             replication_origin,
@@ -743,9 +924,14 @@ pub(crate) struct TokenStore {
 
 impl TokenStore {
     fn mint(&mut self, opts: &Options) -> Tokens {
-        let prefix = opts.kind.name();
-        let access_token = random_token(&format!("{prefix}-at-"));
-        let refresh_token = random_token(&format!("{prefix}-rt-"));
+        let refresh_token = random_token(&format!("{}-rt-", opts.kind.name()));
+        self.refresh.insert(refresh_token.clone());
+        self.mint_access(opts, refresh_token)
+    }
+
+    /// A new access token, paired with `refresh_token` (already live).
+    fn mint_access(&mut self, opts: &Options, refresh_token: String) -> Tokens {
+        let access_token = random_token(&format!("{}-at-", opts.kind.name()));
         self.access.insert(
             access_token.clone(),
             AccessToken {
@@ -754,7 +940,6 @@ impl TokenStore {
                 uses: 0,
             },
         );
-        self.refresh.insert(refresh_token.clone());
         Tokens {
             access_token,
             refresh_token,
@@ -789,8 +974,16 @@ impl TokenStore {
         }
     }
 
-    /// Consumes a live refresh token (strict rotation) and mints a new pair.
+    /// Consumes a live refresh token (strict rotation) and mints a new pair;
+    /// or, for the generic stand-in without rotation, mints an access token
+    /// and keeps the refresh token live.
     pub(crate) fn redeem_refresh(&mut self, refresh_token: &str, opts: &Options) -> Option<Tokens> {
+        if opts.kind == Kind::OAuth2 && !opts.oauth2.rotation {
+            return self
+                .refresh
+                .contains(refresh_token)
+                .then(|| self.mint_access(opts, refresh_token.to_owned()));
+        }
         if self.refresh.remove(refresh_token) {
             self.consumed.insert(refresh_token.to_owned());
             return Some(self.mint(opts));

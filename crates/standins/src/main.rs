@@ -1,7 +1,8 @@
-//! Runs a Spark and a Zillow stand-in for the demo until Ctrl-C.
+//! Runs a Spark, a Zillow and a generic OAuth 2 (acme) stand-in for the demo
+//! until Ctrl-C.
 //!
-//! `credproxy-standins [--spark-port N] [--zillow-port N] [--replication-port N]
-//! [--spark-lifetime SECS] [--budget N/DUR] [--spark-budget N/DUR]
+//! `credproxy-standins [--spark-port N] [--zillow-port N] [--acme-port N]
+//! [--replication-port N] [--spark-lifetime SECS] [--budget N/DUR] [--spark-budget N/DUR]
 //! [--zillow-budget N/DUR] [--budget-refusal 429|1550] [--no-retry-after]`
 //! prints each stand-in's URLs, client credentials and one freshly issued
 //! token pair as `export` lines, then one line per API request (and per
@@ -19,25 +20,26 @@ use std::time::Duration;
 use credproxy_standins::{Budget, Kind, Options, Refusal, Standin};
 
 const USAGE: &str = concat!(
-    "usage: credproxy-standins [--spark-port N] [--zillow-port N] [--replication-port N] ",
-    "[--spark-lifetime SECS]\n",
+    "usage: credproxy-standins [--spark-port N] [--zillow-port N] [--acme-port N] ",
+    "[--replication-port N] [--spark-lifetime SECS]\n",
     "       [--budget N/DUR] [--spark-budget N/DUR] [--zillow-budget N/DUR] ",
     "[--budget-refusal 429|1550] [--no-retry-after]\n",
-    "  defaults: --spark-port 9001 --zillow-port 9002 --replication-port 9003 ",
+    "  defaults: --spark-port 9001 --zillow-port 9002 --acme-port 9004 --replication-port 9003 ",
     "--spark-lifetime 86400, no budget\n",
     "  (port 0 = ephemeral; lifetime 0 = tokens never expire by time;\n",
     "  --replication-port: Spark's replication host, same API and tokens;\n",
     "  --budget N/DUR: each stand-in refuses API requests beyond N in any window of DUR\n",
     "  (DUR: a whole number with ms, s, m or h, e.g. 1500/5m, Spark's budget for an IDX key),\n",
     "  --spark-budget and --zillow-budget set one stand-in's, overriding --budget;\n",
-    "  --budget-refusal: 429 (default) or 1550, Spark's 503 with code 1550 (Zillow: always 429);\n",
+    "  --budget-refusal: 429 (default) or 1550, Spark's 503 with code 1550 (Zillow, acme: always 429);\n",
     "  --no-retry-after: refuse without a Retry-After header)"
 );
 
 /// Flags that take a value.
-const FLAGS: [&str; 8] = [
+const FLAGS: [&str; 9] = [
     "--spark-port",
     "--zillow-port",
+    "--acme-port",
     "--replication-port",
     "--spark-lifetime",
     "--budget",
@@ -50,12 +52,15 @@ const FLAGS: [&str; 8] = [
 struct Args {
     spark_port: u16,
     zillow_port: u16,
+    acme_port: u16,
     replication_port: u16,
     spark_lifetime: u64,
     /// The Spark stand-in's budget.
     spark_budget: Option<Budget>,
     /// The Zillow stand-in's budget.
     zillow_budget: Option<Budget>,
+    /// The acme stand-in's budget (`--budget`).
+    acme_budget: Option<Budget>,
 }
 
 /// `N/DUR`: N requests (at least 1) per DUR (a whole number followed by `ms`,
@@ -87,10 +92,12 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut args = Args {
         spark_port: 9001,
         zillow_port: 9002,
+        acme_port: 9004,
         replication_port: 9003,
         spark_lifetime: 86400,
         spark_budget: None,
         zillow_budget: None,
+        acme_budget: None,
     };
     let mut both = None;
     let mut spark = None;
@@ -115,6 +122,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--spark-port" => args.spark_port = value.parse().map_err(bad)?,
             "--zillow-port" => args.zillow_port = value.parse().map_err(bad)?,
+            "--acme-port" => args.acme_port = value.parse().map_err(bad)?,
             "--replication-port" => args.replication_port = value.parse().map_err(bad)?,
             "--spark-lifetime" => args.spark_lifetime = value.parse().map_err(bad)?,
             "--budget" => both = Some(rate(&value)?),
@@ -140,6 +148,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
     };
     args.spark_budget = budget(spark.or(both));
     args.zillow_budget = budget(zillow.or(both));
+    args.acme_budget = budget(both);
     Ok(args)
 }
 
@@ -171,7 +180,7 @@ fn print_exports(prefix: &str, standin: &Standin) {
         let refused = match (standin.kind(), b.refusal) {
             (Kind::Spark, Refusal::Spark1550) => "503 code 1550",
             (Kind::Spark, Refusal::TooManyRequests) => "429 code 1550",
-            (Kind::Zillow, _) => "429 rate_limited",
+            (Kind::Zillow | Kind::OAuth2, _) => "429 rate_limited",
         };
         println!(
             "# {} budget: {} requests in any {:?}, beyond it {refused}, {}",
@@ -248,6 +257,8 @@ async fn main() -> ExitCode {
         (args.spark_lifetime > 0).then(|| Duration::from_secs(args.spark_lifetime));
     let mut zillow_opts = Options::zillow();
     zillow_opts.port = args.zillow_port;
+    let mut acme_opts = Options::oauth2();
+    acme_opts.port = args.acme_port;
 
     let spark = match Standin::start(spark_opts).await {
         Ok(s) => s,
@@ -267,21 +278,34 @@ async fn main() -> ExitCode {
         }
     };
 
+    let acme = match Standin::start(acme_opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot listen on 127.0.0.1:{}: {e}", args.acme_port);
+            return ExitCode::FAILURE;
+        }
+    };
+
     spark.set_budget(args.spark_budget);
     zillow.set_budget(args.zillow_budget);
+    acme.set_budget(args.acme_budget);
     print_exports("SPARK", &spark);
     print_exports("ZILLOW", &zillow);
+    print_exports("ACME", &acme);
     println!("# running until Ctrl-C");
 
     tokio::select! {
         _ = log_requests(&spark) => {}
         _ = log_requests(&zillow) => {}
+        _ = log_requests(&acme) => {}
         _ = log_refusals(&spark) => {}
         _ = log_refusals(&zillow) => {}
+        _ = log_refusals(&acme) => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     spark.shutdown();
     zillow.shutdown();
+    acme.shutdown();
     ExitCode::SUCCESS
 }
 
@@ -328,6 +352,9 @@ mod tests {
             (args.spark_budget, args.zillow_budget),
             (spark_idx, spark_idx)
         );
+        assert_eq!(args.acme_budget, spark_idx, "--budget is every stand-in's");
+        let args = parse(&["--acme-port", "0"]).expect("acme port");
+        assert_eq!((args.acme_port, args.acme_budget), (0, None));
 
         let args = parse(&[
             "--no-retry-after",

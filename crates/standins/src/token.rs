@@ -1,11 +1,14 @@
-//! The token endpoint of both providers.
+//! The token endpoint of every provider.
 //!
 //! Spark (`POST /v1/oauth2/grant`) takes a JSON body carrying the client
 //! credentials; Zillow (`POST /oauth/token`) takes a form body and accepts the
-//! client credentials only as HTTP Basic. Both grant `authorization_code`
+//! client credentials only as HTTP Basic; acme (`POST /oauth/token`) takes
+//! the body format and client authentication its [`OAuth2`] options name, and
+//! refuses the other client authentication. All grant `authorization_code`
 //! (codes from `Standin::issue_code` or the authorisation pages) and
-//! `refresh_token` with strict rotation: a refresh token works once. [`TokenMode`] can make the endpoint
-//! fail, hang or refuse every grant.
+//! `refresh_token` with strict rotation: a refresh token works once (acme
+//! without rotation: it keeps working, and the answer carries none).
+//! [`TokenMode`] can make the endpoint fail, hang or refuse every grant.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +24,9 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
-use crate::{json as json_response, Kind, Shared, TokenMode, Tokens};
+use crate::{
+    json as json_response, ClientAuth, GrantBody, Kind, OAuth2, Shared, TokenMode, Tokens,
+};
 
 /// Token requests are small; anything bigger is refused.
 const MAX_BODY: usize = 64 * 1024;
@@ -89,12 +94,24 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let parsed = match opts.kind {
         Kind::Spark => spark_request(&body, &opts.client_id, &opts.client_secret),
         Kind::Zillow => zillow_request(&parts, &body, &opts.client_id, &opts.client_secret),
+        Kind::OAuth2 => oauth2_request(
+            &parts,
+            &body,
+            &opts.oauth2,
+            &opts.client_id,
+            &opts.client_secret,
+        ),
     };
     let grant = match parsed {
         Ok(grant) => grant,
         Err((status, code, description)) => {
             let mut resp = error(status, code, description);
-            if opts.kind == Kind::Zillow && status == StatusCode::UNAUTHORIZED {
+            let basic = match opts.kind {
+                Kind::Zillow => true,
+                Kind::OAuth2 => opts.oauth2.client_auth == ClientAuth::Basic,
+                Kind::Spark => false,
+            };
+            if basic && status == StatusCode::UNAUTHORIZED {
                 resp.headers_mut().insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"oauth\""),
@@ -105,8 +122,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     };
     *crate::lock(&shared.last_redirect_uri) = grant.redirect_uri.clone();
 
+    // Without rotation the refresh answer carries no refresh token.
+    let mut rotated = true;
     let issued = match grant.grant_type.as_deref() {
         Some("refresh_token") => {
+            rotated = opts.kind != Kind::OAuth2 || opts.oauth2.rotation;
             let Some(refresh_token) = grant.refresh_token.as_deref() else {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -150,7 +170,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         }
     };
     match issued {
-        Some(tokens) => token_answer(opts.kind, &tokens),
+        Some(tokens) => token_answer(opts.kind, &tokens, rotated),
         None => error(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
@@ -235,6 +255,82 @@ fn zillow_request(
     Ok(grant)
 }
 
+/// acme: the body format and client authentication its options name.
+fn oauth2_request(
+    parts: &Parts,
+    body: &[u8],
+    opts: &OAuth2,
+    client_id: &str,
+    client_secret: &str,
+) -> Result<Grant, Refusal> {
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let fields: Vec<(String, String)> = match opts.grant_body {
+        GrantBody::Form => {
+            if !content_type.starts_with("application/x-www-form-urlencoded") {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the body must be application/x-www-form-urlencoded",
+                ));
+            }
+            form_urlencoded::parse(body).into_owned().collect()
+        }
+        GrantBody::Json => {
+            let object = match serde_json::from_slice(body) {
+                Ok(Value::Object(object)) if content_type.starts_with("application/json") => object,
+                _ => {
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "the body must be an application/json object",
+                    ))
+                }
+            };
+            object
+                .into_iter()
+                .filter_map(|(name, value)| Some((name, value.as_str()?.to_owned())))
+                .collect()
+        }
+    };
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let authenticated = match opts.client_auth {
+        ClientAuth::Basic => {
+            field("client_secret").is_none() && basic_auth_matches(parts, client_id, client_secret)
+        }
+        ClientAuth::Body => {
+            !parts.headers.contains_key(AUTHORIZATION)
+                && field("client_id").as_deref() == Some(client_id)
+                && field("client_secret").as_deref() == Some(client_secret)
+        }
+    };
+    if !authenticated {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            match opts.client_auth {
+                ClientAuth::Basic => "client authentication by HTTP Basic only is required",
+                ClientAuth::Body => "client_id and client_secret in the body only are required",
+            },
+        ));
+    }
+    Ok(Grant {
+        grant_type: field("grant_type"),
+        code: field("code"),
+        refresh_token: field("refresh_token"),
+        redirect_uri: field("redirect_uri"),
+    })
+}
+
 fn basic_auth_matches(parts: &Parts, client_id: &str, client_secret: &str) -> bool {
     let mut values = parts.headers.get_all(AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
@@ -267,7 +363,8 @@ fn basic_auth_matches(parts: &Parts, client_id: &str, client_secret: &str) -> bo
     unescape(id).as_deref() == Some(client_id) && unescape(secret).as_deref() == Some(client_secret)
 }
 
-fn token_answer(kind: Kind, tokens: &Tokens) -> Response<Body> {
+/// The grant's answer; `rotated` false leaves the refresh token out.
+fn token_answer(kind: Kind, tokens: &Tokens, rotated: bool) -> Response<Body> {
     let mut body = match kind {
         Kind::Spark => json!({
             "access_token": tokens.access_token,
@@ -279,6 +376,16 @@ fn token_answer(kind: Kind, tokens: &Tokens) -> Response<Body> {
             "refresh_token": tokens.refresh_token,
             "id_token": id_token(),
         }),
+        Kind::OAuth2 => {
+            let mut body = json!({
+                "access_token": tokens.access_token,
+                "token_type": "Bearer",
+            });
+            if let (true, Some(object)) = (rotated, body.as_object_mut()) {
+                object.insert("refresh_token".into(), tokens.refresh_token.clone().into());
+            }
+            body
+        }
     };
     if let (Some(expires_in), Some(object)) = (tokens.expires_in, body.as_object_mut()) {
         object.insert("expires_in".into(), expires_in.into());
