@@ -196,7 +196,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     kind: ProviderKind,
-    api_base: String,
+    api_base: Option<String>,
     token_url: Option<String>,
     authorize_url: Option<String>,
     redirect_uri: Option<String>,
@@ -1216,8 +1216,9 @@ fn validate_provider(
         Some(server.session_header.as_str()),
     )?;
     let public_url = &server.public_url;
-    // A static key has no token endpoint, client or connect flow.
-    let stored_key = description.scheme == Scheme::Static;
+    // A static key, and Spark's API keys (each session holds its own key
+    // and secret), have no token endpoint, client or connect flow.
+    let stored_key = matches!(description.scheme, Scheme::Static | Scheme::SparkApiKey);
     if stored_key {
         for (given, k) in [
             (p.token_url.is_some(), "token_url"),
@@ -1230,7 +1231,10 @@ fn validate_provider(
             if given {
                 return Err(invalid(
                     key(k),
-                    "is not used by kind = \"static\": its sessions hold a stored key that is never refreshed",
+                    format!(
+                        "is not used by kind = \"{}\": its sessions hold their own keys",
+                        p.kind
+                    ),
                 ));
             }
         }
@@ -1258,7 +1262,11 @@ fn validate_provider(
             }
         }
     }
-    let api_base = http_url(&key("api_base"), &p.api_base)?;
+    let api_base = match (&p.api_base, p.kind.default_api_base()) {
+        (Some(given), _) => http_url(&key("api_base"), given)?,
+        (None, Some(home)) => http_url(&key("api_base"), home)?,
+        (None, None) => return Err(invalid(key("api_base"), "is required")),
+    };
     if api_base.query().is_some() || api_base.fragment().is_some() {
         return Err(invalid(
             key("api_base"),
@@ -1335,7 +1343,13 @@ fn validate_provider(
             http::HeaderValue::from_str(&ua)
                 .map_err(|_| invalid(key("user_agent"), "must be printable ASCII"))
         })
-        .transpose()?;
+        .transpose()?
+        // Spark refuses an API-key session without one.
+        .or_else(|| {
+            (p.kind == ProviderKind::SparkApiKey).then(|| {
+                http::HeaderValue::from_static(concat!("credproxy/", env!("CARGO_PKG_VERSION")))
+            })
+        });
     let listen = p.listen.map(|l| addr(&key("listen"), &l)).transpose()?;
     if let Some(l) = listen {
         ports.push((key("listen"), l));
@@ -1416,6 +1430,7 @@ fn validate_provider(
         label: p.label.unwrap_or_else(|| match p.kind {
             ProviderKind::Spark => "Spark API".to_owned(),
             ProviderKind::Zillow => "Zillow Rental Feeds".to_owned(),
+            ProviderKind::SparkApiKey => "Spark API (API key)".to_owned(),
             ProviderKind::OAuth2 | ProviderKind::Static => name.to_owned(),
         }),
         refresh_backoff_max: dur(p.refresh_backoff_max, "refresh_backoff_max", 60.0)?,

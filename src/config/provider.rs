@@ -29,6 +29,9 @@ pub enum ProviderKind {
     OAuth2,
     /// A stored API key or personal access token, never refreshed.
     Static,
+    /// Spark's original API-key authentication: a Spark session opened by
+    /// credproxy, every request signed.
+    SparkApiKey,
 }
 
 impl ProviderKind {
@@ -38,6 +41,7 @@ impl ProviderKind {
             ProviderKind::Zillow => "zillow",
             ProviderKind::OAuth2 => "oauth2",
             ProviderKind::Static => "static",
+            ProviderKind::SparkApiKey => "spark_api_key",
         }
     }
 
@@ -46,6 +50,16 @@ impl ProviderKind {
         match self {
             ProviderKind::Spark | ProviderKind::Zillow | ProviderKind::OAuth2 => Scheme::OAuth2,
             ProviderKind::Static => Scheme::Static,
+            ProviderKind::SparkApiKey => Scheme::SparkApiKey,
+        }
+    }
+
+    /// The `api_base` of a kind whose provider has one home.
+    pub fn default_api_base(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::Spark | ProviderKind::SparkApiKey => Some("https://sparkapi.com"),
+            ProviderKind::Zillow => Some("https://rentalsapi.zillowgroup.com"),
+            ProviderKind::OAuth2 | ProviderKind::Static => None,
         }
     }
 }
@@ -63,6 +77,10 @@ pub enum Scheme {
     OAuth2,
     /// One stored key, injected as an access token would be, never refreshed.
     Static,
+    /// Spark's API key and secret: credproxy opens Spark's session (its
+    /// `AuthToken` is the session's access token, reopened as a refresh
+    /// is) and signs every request (`provider/spark.rs`).
+    SparkApiKey,
 }
 
 /// How the grant's parameters travel to the token endpoint.
@@ -259,6 +277,13 @@ pub struct Description {
     pub query: Vec<(String, Template)>,
     pub expired: Signal,
     pub throttled: Signal,
+    /// Answers that say the credential itself is bad (Spark's 1000 and
+    /// 1010 on a signed request): the session needs reauthorization at once.
+    pub revoked: Vec<Signal>,
+    /// Query parameters removed from the caller's query though no template
+    /// writes them (Spark's `ApiKey`, `ApiSig`, `ApiUser`: the signature
+    /// writes them).
+    pub owned_query: Vec<String>,
     /// A path (after the provider's prefix) the pages show in an example call.
     pub example_path: String,
 }
@@ -326,7 +351,32 @@ fn spark() -> Description {
             status: vec![429, 503],
             json_code: Some(JsonCode::Number(1550)),
         },
+        revoked: Vec::new(),
+        owned_query: Vec::new(),
         example_path: "/v1/listings?_limit=1".to_owned(),
+    }
+}
+
+/// Spark's API-key authentication (its original scheme): the session's
+/// `AuthToken` in the query, every request signed; a 401 with code 1020
+/// means the Spark session ended (reopen and replay), 1000 and 1010 that
+/// the key itself is bad.
+fn spark_api_key() -> Description {
+    let coded = |n| Signal {
+        status: vec![401],
+        json_code: Some(JsonCode::Number(n)),
+    };
+    Description {
+        scheme: Scheme::SparkApiKey,
+        headers: Vec::new(),
+        query: vec![(
+            "AuthToken".to_owned(),
+            Template::of(vec![Piece::Value(Placeholder::AccessToken)]),
+        )],
+        expired: coded(1020),
+        revoked: vec![coded(1000), coded(1010)],
+        owned_query: vec!["ApiKey".into(), "ApiSig".into(), "ApiUser".into()],
+        ..spark()
     }
 }
 
@@ -349,6 +399,8 @@ fn zillow() -> Description {
         ],
         expired: Signal::status(&[401]),
         throttled: Signal::status(&[429]),
+        revoked: Vec::new(),
+        owned_query: Vec::new(),
         example_path: "/listings/v1/listingsForUser".to_owned(),
     }
 }
@@ -373,6 +425,8 @@ fn plain(scheme: Scheme) -> Description {
         query: Vec::new(),
         expired: Signal::status(&[401]),
         throttled: Signal::status(&[429]),
+        revoked: Vec::new(),
+        owned_query: Vec::new(),
         example_path: "/".to_owned(),
     }
 }
@@ -384,6 +438,7 @@ pub fn preset(kind: ProviderKind) -> Description {
         ProviderKind::Zillow => zillow(),
         ProviderKind::OAuth2 => plain(Scheme::OAuth2),
         ProviderKind::Static => plain(Scheme::Static),
+        ProviderKind::SparkApiKey => spark_api_key(),
     }
 }
 
@@ -397,6 +452,7 @@ pub fn presets_table() -> String {
     for kind in [
         ProviderKind::Spark,
         ProviderKind::Zillow,
+        ProviderKind::SparkApiKey,
         ProviderKind::OAuth2,
         ProviderKind::Static,
     ] {
@@ -420,6 +476,7 @@ pub fn presets_table() -> String {
         );
         let grant = match d.scheme {
             Scheme::Static => "none: a stored key, never refreshed".to_owned(),
+            Scheme::SparkApiKey => "`POST /v1/session`, signed with the key's secret".to_owned(),
             Scheme::OAuth2 => format!(
                 "{} body, client by {}",
                 match d.grant_body {
@@ -442,8 +499,11 @@ pub fn presets_table() -> String {
         };
         let expired = match d.scheme {
             Scheme::Static => "never (a 401 goes back as it came)".to_owned(),
-            Scheme::OAuth2 => signal(&d.expired),
+            Scheme::OAuth2 | Scheme::SparkApiKey => signal(&d.expired),
         };
+        if d.scheme == Scheme::SparkApiKey {
+            injected.push("every request signed (`ApiSig`)".to_owned());
+        }
         out.push_str(&format!(
             "| `{kind}` | {} | {grant} | {expired} | {} |\n",
             injected.join(" and "),
@@ -506,6 +566,21 @@ pub(super) fn describe(
 ) -> Result<Description, ConfigError> {
     let key = |k: &str| format!("providers.{name}.{k}");
     let mut d = preset(kind);
+    if d.scheme == Scheme::SparkApiKey {
+        for (given, k) in [
+            (raw.scopes.is_some(), "scopes"),
+            (raw.grant_body.is_some(), "grant_body"),
+            (raw.client_auth.is_some(), "client_auth"),
+            (raw.inject.is_some(), "inject"),
+        ] {
+            if given {
+                return Err(invalid(
+                    key(k),
+                    "is not used by kind = \"spark_api_key\": Spark's session and signature are fixed by its API",
+                ));
+            }
+        }
+    }
     if let Some(scopes) = raw.scopes {
         for s in &scopes {
             // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )

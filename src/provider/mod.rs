@@ -20,7 +20,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LE
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{Description, Dialect, Placeholder, ProviderConfig};
+use crate::config::{Description, Dialect, Placeholder, ProviderConfig, Scheme};
 use crate::secrets::session::KeyHash;
 
 mod query;
@@ -89,13 +89,17 @@ impl Shape {
                 });
             }
         }
-        let names = QueryNames::new(d.query.iter().map(|(n, t)| {
-            (
-                n.as_str(),
-                t.around_access_token()
-                    .is_some_and(|(b, a)| b.is_empty() && a.is_empty()),
-            )
-        }));
+        let names = QueryNames::new(
+            d.query
+                .iter()
+                .map(|(n, t)| {
+                    let alone = t
+                        .around_access_token()
+                        .is_some_and(|(b, a)| b.is_empty() && a.is_empty());
+                    (n.as_str(), alone)
+                })
+                .chain(d.owned_query.iter().map(|n| (n.as_str(), false))),
+        );
         Shape {
             dialect: d.dialect,
             removed,
@@ -217,8 +221,11 @@ struct Injection {
     headers: Vec<(HeaderName, HeaderValue)>,
     /// The injected query parameters, `a=..&b=..`, already percent-encoded.
     query: Option<SecretString>,
-    /// Spark: `Bearer TOKEN`, and the user agent.
-    spark: Option<(HeaderValue, Option<HeaderValue>)>,
+    /// Spark: `Bearer TOKEN` (OAuth sessions), and the user agent.
+    spark_bearer: Option<HeaderValue>,
+    spark_user_agent: Option<HeaderValue>,
+    /// Spark's API-key sessions: every request is signed.
+    signer: Option<Arc<spark::api_key::ApiKeyCredentials>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -244,7 +251,18 @@ impl Credentials {
         access_token: &SecretString,
     ) -> Result<Credentials, UnusableToken> {
         let d = &provider.description;
-        let token = access_token.expose_secret();
+        // Spark's API-key sessions keep the key, its secret and the open
+        // Spark session's AuthToken together in their access token.
+        let signer = match d.scheme {
+            Scheme::SparkApiKey => Some(Arc::new(
+                spark::api_key::ApiKeyCredentials::read(access_token).ok_or(UnusableToken)?,
+            )),
+            Scheme::OAuth2 | Scheme::Static => None,
+        };
+        let token = match &signer {
+            Some(s) => s.auth_token.as_str(),
+            None => access_token.expose_secret(),
+        };
         let api_key = provider
             .api_key
             .as_ref()
@@ -264,24 +282,32 @@ impl Credentials {
                 sensitive(&template.fill(|p| value(p).to_owned()))?,
             ));
         }
-        let query = (!d.query.is_empty()).then(|| {
+        let mut pairs: Vec<(&str, String)> = d
+            .query
+            .iter()
+            .map(|(name, template)| (name.as_str(), template.fill(|p| value(p).to_owned())))
+            .collect();
+        if let Some(user) = signer.as_ref().and_then(|s| s.api_user.as_ref()) {
+            pairs.push(("ApiUser", user.clone()));
+        }
+        let query = (!pairs.is_empty()).then(|| {
             let mut q = String::new();
-            for (name, template) in &d.query {
+            for (name, filled) in &pairs {
                 if !q.is_empty() {
                     q.push('&');
                 }
                 q.push_str(name);
                 q.push('=');
-                let filled = template.fill(|p| value(p).to_owned());
-                q.extend(utf8_percent_encode(&filled, QUERY_VALUE));
+                q.extend(utf8_percent_encode(filled, QUERY_VALUE));
             }
             SecretString::from(q)
         });
-        let spark = match d.dialect {
-            Dialect::Spark => Some((
-                sensitive(&format!("Bearer {token}"))?,
-                provider.user_agent.clone(),
-            )),
+        let spark_bearer = match (d.dialect, d.scheme) {
+            (Dialect::Spark, Scheme::OAuth2) => Some(sensitive(&format!("Bearer {token}"))?),
+            _ => None,
+        };
+        let spark_user_agent = match d.dialect {
+            Dialect::Spark => provider.user_agent.clone(),
             Dialect::Plain => None,
         };
         // The access token is searched for whatever its length; the other
@@ -292,15 +318,41 @@ impl Credentials {
                 long.push(value(p).as_bytes());
             }
         }
+        if let Some(s) = &signer {
+            long.push(s.api_key.as_bytes());
+        }
         let names = Shape::new(d).query_names().map(|n| (*n).clone());
+        let scrubber = Scrubber::new(&[token.as_bytes()], &long, names);
         Ok(Credentials {
             injection: Injection {
                 headers,
                 query,
-                spark,
+                spark_bearer,
+                spark_user_agent,
+                signer,
             },
-            scrubber: Arc::new(Scrubber::new(&[token.as_bytes()], &long, names)),
+            scrubber: Arc::new(scrubber),
         })
+    }
+
+    /// Whether every request must be signed over its body (Spark's API
+    /// keys): a body that cannot be kept in memory cannot be sent.
+    pub fn signs(&self) -> bool {
+        self.injection.signer.is_some()
+    }
+
+    /// Spark's API keys: appends `ApiSig` for the request as it will be
+    /// sent (`path` upstream, `query` after [`Credentials::inject`], `body`
+    /// as sent). Nothing for other schemes.
+    pub fn sign(&self, path: &str, query: &mut String, body: &[u8]) {
+        if let Some(signer) = &self.injection.signer {
+            let sig = signer.request_signature(path, query, body);
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str("ApiSig=");
+            query.push_str(&sig);
+        }
     }
 
     /// Writes the credentials into the outgoing request. `query` is what
@@ -317,8 +369,14 @@ impl Credentials {
         for (name, value) in &injection.headers {
             headers.insert(name.clone(), value.clone());
         }
-        if let Some((bearer, user_agent)) = &injection.spark {
-            spark::inject(headers, bearer, user_agent.as_ref(), slot, path);
+        if injection.spark_bearer.is_some() || injection.spark_user_agent.is_some() {
+            spark::inject(
+                headers,
+                injection.spark_bearer.as_ref(),
+                injection.spark_user_agent.as_ref(),
+                slot,
+                path,
+            );
         }
         let Some(creds) = &injection.query else {
             return query.map(Cow::into_owned);

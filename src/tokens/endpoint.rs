@@ -19,7 +19,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::config::ProviderConfig;
-use crate::config::{ClientAuth, GrantBody};
+use crate::config::{ClientAuth, GrantBody, Scheme};
+use crate::provider::spark::api_key::ApiKeyCredentials;
 use crate::tls::{tls_config, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,9 @@ pub struct TokenEndpoint {
     client_id: String,
     client_secret: SecretString,
     redirect_uri: String,
+    /// Spark's API keys: `{api_base}/v1/session`, where a Spark session is
+    /// opened (the "refresh"), and the user agent Spark requires.
+    spark_session: Option<(url::Url, Option<http::HeaderValue>)>,
 }
 
 #[derive(Deserialize)]
@@ -144,10 +148,21 @@ impl TokenEndpoint {
             client_id: provider.client_id.clone(),
             client_secret: provider.client_secret.clone(),
             redirect_uri: provider.redirect_uri.to_string(),
+            spark_session: (provider.description.scheme == Scheme::SparkApiKey).then(|| {
+                let mut url = provider.api_base.clone();
+                let path = format!("{}/v1/session", url.path().trim_end_matches('/'));
+                url.set_path(&path);
+                (url, provider.user_agent.clone())
+            }),
         })
     }
 
     pub async fn grant(&self, grant: Grant<'_>) -> Result<TokenAnswer, TokenError> {
+        if let Some((url, user_agent)) = &self.spark_session {
+            return self
+                .open_spark_session(url, user_agent.as_ref(), grant)
+                .await;
+        }
         let url = self.url.clone().ok_or_else(|| {
             TokenError::failed(
                 class::NO_TOKEN_URL,
@@ -260,6 +275,126 @@ impl TokenEndpoint {
     }
 }
 
+impl TokenEndpoint {
+    /// Spark's API keys: opens a Spark session, `POST /v1/session?ApiKey=K&ApiSig=S`
+    /// with an empty body, for the key in `grant` (the session's sealed
+    /// "refresh token"). Its `AuthToken` and `Expires` become the access
+    /// token and its lifetime. A key Spark refuses (401 with code 1000, bad
+    /// key or signature; 1010, disabled) is rejected like `invalid_grant`.
+    async fn open_spark_session(
+        &self,
+        url: &url::Url,
+        user_agent: Option<&http::HeaderValue>,
+        grant: Grant<'_>,
+    ) -> Result<TokenAnswer, TokenError> {
+        let Grant::RefreshToken(held) = grant else {
+            return Err(TokenError::failed(
+                class::CLIENT_ERROR,
+                "Spark API-key sessions are added with their key, not connected",
+            ));
+        };
+        let creds = ApiKeyCredentials::read(held).ok_or_else(|| TokenError::Rejected {
+            code: "invalid_key".to_owned(),
+        })?;
+        let mut url = url.clone();
+        url.query_pairs_mut()
+            .append_pair("ApiKey", &creds.api_key)
+            .append_pair("ApiSig", &creds.session_signature());
+        let mut req = self
+            .http
+            .post(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(reqwest::header::CONTENT_LENGTH, "0");
+        if let Some(ua) = user_agent {
+            req = req.header("x-sparkapi-user-agent", ua.clone());
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_timeout() {
+                TokenError::failed(class::TIMEOUT, "timed out")
+            } else {
+                TokenError::failed(class::UNREACHABLE, "unreachable")
+            }
+        })?;
+        let status = resp.status();
+        let body = read_capped(resp, MAX_ANSWER_BYTES).await.map_err(|_| {
+            TokenError::failed(
+                class::UNREADABLE,
+                format!("answered {status} but the body could not be read"),
+            )
+        })?;
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let d = answer.get("D");
+        if status.is_success() {
+            let result = d.and_then(|d| d.get("Results")).and_then(|r| r.get(0));
+            let token = result
+                .and_then(|r| r.get("AuthToken"))
+                .and_then(|t| t.as_str())
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()));
+            let Some(token) = token else {
+                return Err(TokenError::failed(
+                    class::NO_ACCESS_TOKEN,
+                    format!("answered {status} without a usable AuthToken"),
+                ));
+            };
+            let expires_in = result
+                .and_then(|r| r.get("Expires"))
+                .and_then(|e| e.as_str())
+                .and_then(unix_of_rfc3339)
+                .map(|at| (at - crate::store::now()).max(0) as u64);
+            return Ok(TokenAnswer {
+                access_token: creds.with_auth_token(token.to_owned()).to_secret(),
+                refresh_token: None,
+                expires_in,
+            });
+        }
+        let code = d.and_then(|d| d.get("Code")).and_then(|c| c.as_u64());
+        match code {
+            Some(1000) if status.is_client_error() => Err(TokenError::Rejected {
+                code: "invalid_key".to_owned(),
+            }),
+            Some(1010) if status.is_client_error() => Err(TokenError::Rejected {
+                code: "disabled_key".to_owned(),
+            }),
+            Some(code) => Err(TokenError::failed(
+                class::ERROR,
+                format!("answered {status} (code {code})"),
+            )),
+            None if status == reqwest::StatusCode::TOO_MANY_REQUESTS => Err(TokenError::failed(
+                class::RATE_LIMITED,
+                format!("answered {status}"),
+            )),
+            None => Err(TokenError::failed(
+                class::ERROR,
+                format!("answered {status}"),
+            )),
+        }
+    }
+}
+
+/// Unix seconds of an RFC 3339 time with any offset, as Spark writes
+/// `Expires` (`2010-10-30T15:49:01-05:00`); fractions are dropped.
+fn unix_of_rfc3339(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let local = text.get(..19)?;
+    let at = humantime::parse_rfc3339(&format!("{local}Z")).ok()?;
+    let mut unix = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    let mut rest = &text[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        rest = frac.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    match rest.as_bytes() {
+        b"Z" | b"z" | b"" => {}
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digit = |b: u8| b.is_ascii_digit().then(|| i64::from(b - b'0'));
+            let offset =
+                (digit(*h1)? * 10 + digit(*h2)?) * 3600 + (digit(*m1)? * 10 + digit(*m2)?) * 60;
+            unix += if *sign == b'+' { -offset } else { offset };
+        }
+        _ => return None,
+    }
+    Some(unix)
+}
+
 /// The largest token-endpoint answer read: a real one is well under 4 KiB,
 /// and an endpoint that streams more must not grow memory.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -314,9 +449,11 @@ fn parse_answer(body: &[u8]) -> Option<TokenAnswer> {
 /// would be committed only to fail every request that uses it.
 pub fn usable_access_token(provider: &ProviderConfig, token: &SecretString) -> bool {
     let text = token.expose_secret();
-    !text.is_empty()
-        && text.bytes().all(|b| b.is_ascii_graphic())
-        && crate::provider::Credentials::new(provider, token).is_ok()
+    // Spark's API-key sessions hold their key, secret and AuthToken as one
+    // value that only `Credentials` reads.
+    let plain = provider.description.scheme == Scheme::SparkApiKey
+        || text.bytes().all(|b| b.is_ascii_graphic());
+    !text.is_empty() && plain && crate::provider::Credentials::new(provider, token).is_ok()
 }
 
 /// Exponential back-off with jitter: `base * 2^(failures-1)`, capped, times 0.8..1.2.
@@ -329,6 +466,15 @@ pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spark_expiry_times_read_with_any_offset() {
+        assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10Z"), Some(10));
+        assert_eq!(unix_of_rfc3339("1970-01-01T01:00:10+01:00"), Some(10));
+        assert_eq!(unix_of_rfc3339("1969-12-31T19:00:10-05:00"), Some(10));
+        assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10.250Z"), Some(10));
+        assert_eq!(unix_of_rfc3339("tomorrow"), None);
+    }
 
     #[test]
     fn answers_parse_with_optional_fields() {
