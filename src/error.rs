@@ -22,6 +22,9 @@ pub enum ProxyError {
     UnknownRoute,
     BadRequest(&'static str),
     BodyTooLarge,
+    /// Spark's API keys sign a request over its body: one above the replay
+    /// limit (or streamed) cannot be signed.
+    BodyTooLargeToSign,
     /// The request body made no progress for `server.body_read_timeout`.
     RequestTimeout,
     TokenRefreshFailed {
@@ -52,7 +55,7 @@ impl ProxyError {
             ProxyError::ReauthorizationRequired => "reauthorization_required",
             ProxyError::UnknownRoute => "unknown_route",
             ProxyError::BadRequest(_) => "bad_request",
-            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BodyTooLarge | ProxyError::BodyTooLargeToSign => "body_too_large",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::TokenRefreshFailed { .. } => "token_refresh_failed",
             ProxyError::RateLimited { .. } => "rate_limited",
@@ -72,7 +75,9 @@ impl ProxyError {
             | ProxyError::ReauthorizationRequired => StatusCode::UNAUTHORIZED,
             ProxyError::UnknownRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooLarge | ProxyError::BodyTooLargeToSign => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::TokenRefreshFailed { .. } | ProxyError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -95,6 +100,7 @@ impl ProxyError {
             ProxyError::UnknownRoute => "no configured provider serves this path; use /{provider}/...",
             ProxyError::BadRequest(why) => why,
             ProxyError::BodyTooLarge => "the request body is larger than this provider's limit",
+            ProxyError::BodyTooLargeToSign => "this provider's requests are signed over their body, which must fit in memory: the body is larger than its max_replay_body",
             ProxyError::RequestTimeout => "the request body stopped arriving; send it again",
             ProxyError::TokenRefreshFailed { .. } => "the provider's token endpoint failed; the session is intact, retry later",
             ProxyError::RateLimited { .. } => "the provider's request budget is spent for now; retry after Retry-After seconds",
@@ -147,6 +153,7 @@ mod tests {
             ProxyError::UnknownRoute,
             ProxyError::BadRequest("x"),
             ProxyError::BodyTooLarge,
+            ProxyError::BodyTooLargeToSign,
             ProxyError::RequestTimeout,
             ProxyError::TokenRefreshFailed {
                 retry_after_secs: 3,

@@ -241,9 +241,19 @@ struct AddArgs {
     /// The provider's name, as in the config's [providers.NAME] table.
     #[arg(long)]
     provider: String,
-    /// The access token; `-` reads it from standard input (keeps it out of `ps`).
-    #[arg(long, value_name = "TOKEN")]
-    access_token: String,
+    /// The access token (or a `static` provider's key); `-` reads it from
+    /// standard input (keeps it out of `ps`).
+    #[arg(long, value_name = "TOKEN", required_unless_present = "api_key")]
+    access_token: Option<String>,
+    /// Spark's API-key authentication (`kind = "spark_api_key"`): the API key.
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["access_token", "refresh_token", "expires_in"], requires = "api_secret_env")]
+    api_key: Option<String>,
+    /// The environment variable that holds the API key's secret.
+    #[arg(long, value_name = "VAR", requires = "api_key")]
+    api_secret_env: Option<String>,
+    /// The `ApiUser` to act as, if any.
+    #[arg(long, value_name = "USER", requires = "api_key")]
+    api_user: Option<String>,
     /// The refresh token, if the provider issued one; `-` reads it from standard input.
     #[arg(long, value_name = "TOKEN")]
     refresh_token: Option<String>,
@@ -743,16 +753,39 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
     let sessions = Arc::new(open_sessions(&config).await?);
     match cmd {
         SessionCommand::Add(a) => {
-            if a.access_token == "-" && a.refresh_token.as_deref() == Some("-") {
-                bail!("only one of --access-token and --refresh-token can be read from standard input");
-            }
-            let tokens = NewTokens {
-                access_token: secret_arg(a.access_token, "--access-token")?,
-                refresh_token: a
-                    .refresh_token
-                    .map(|r| secret_arg(r, "--refresh-token"))
-                    .transpose()?,
-                expires_in: a.expires_in,
+            let tokens = match (a.access_token, a.api_key) {
+                (Some(access_token), None) => {
+                    if access_token == "-" && a.refresh_token.as_deref() == Some("-") {
+                        bail!("only one of --access-token and --refresh-token can be read from standard input");
+                    }
+                    NewTokens {
+                        access_token: secret_arg(access_token, "--access-token")?,
+                        refresh_token: a
+                            .refresh_token
+                            .map(|r| secret_arg(r, "--refresh-token"))
+                            .transpose()?,
+                        expires_in: a.expires_in,
+                    }
+                }
+                (None, Some(api_key)) => {
+                    let var = a.api_secret_env.unwrap_or_default();
+                    let secret = std::env::var(&var)
+                        .ok()
+                        .filter(|s| !s.is_empty())
+                        .with_context(|| format!("--api-secret-env: {var} is not set"))?;
+                    let (access_token, refresh_token) =
+                        credproxy::provider::spark::api_key::ApiKeyCredentials::new_session(
+                            api_key,
+                            SecretString::from(secret),
+                            a.api_user,
+                        );
+                    NewTokens {
+                        access_token,
+                        refresh_token: Some(refresh_token),
+                        expires_in: Some(0),
+                    }
+                }
+                _ => bail!("give --access-token, or --api-key with --api-secret-env"),
             };
             let key = a
                 .key

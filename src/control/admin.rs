@@ -25,6 +25,7 @@ use crate::control::token::AdminToken;
 use crate::metrics::Metrics;
 use crate::secrets::session::SessionKey;
 use crate::tokens::refresh::{RefreshError, Refresher};
+use crate::provider::spark::api_key::ApiKeyCredentials;
 use crate::tokens::sessions::{NewTokens, SessionError, Sessions};
 
 #[derive(Clone)]
@@ -236,6 +237,7 @@ impl From<SessionError> for ApiError {
             | SessionError::BadKey(_)
             | SessionError::EmptyToken
             | SessionError::StoredKey(_)
+            | SessionError::WrongCredential { .. }
             | SessionError::Token(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
@@ -473,7 +475,12 @@ async fn refresh_session(
 #[serde(deny_unknown_fields)]
 struct AddSession {
     provider: String,
-    access_token: SecretString,
+    access_token: Option<SecretString>,
+    /// Spark's API keys (`kind = "spark_api_key"`): the key, its secret
+    /// and the optional `ApiUser`, instead of tokens.
+    api_key: Option<String>,
+    api_secret: Option<SecretString>,
+    api_user: Option<String>,
     refresh_token: Option<SecretString>,
     expires_in: Option<u64>,
     label: Option<String>,
@@ -488,7 +495,7 @@ async fn add_session(State(state): State<AdminState>, body: Bytes) -> Result<Res
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!(
-                "the body must be a JSON object {{provider, access_token, refresh_token?, expires_in?, label?, session_key?}} ({:?} error at line {}, column {})",
+                "the body must be a JSON object {{provider, access_token or api_key and api_secret, refresh_token?, expires_in?, api_user?, label?, session_key?}} ({:?} error at line {}, column {})",
                 e.classify(),
                 e.line(),
                 e.column()
@@ -500,15 +507,36 @@ async fn add_session(State(state): State<AdminState>, body: Bytes) -> Result<Res
         .map(SessionKey::chosen)
         .transpose()
         .map_err(SessionError::from)?;
+    let tokens = match (req.access_token, req.api_key, req.api_secret) {
+        (Some(access_token), None, None) if req.api_user.is_none() => NewTokens {
+            access_token,
+            refresh_token: req.refresh_token,
+            expires_in: req.expires_in,
+        },
+        (None, Some(api_key), Some(api_secret))
+            if req.refresh_token.is_none() && req.expires_in.is_none() =>
+        {
+            let (access_token, refresh_token) =
+                ApiKeyCredentials::new_session(api_key, api_secret, req.api_user);
+            NewTokens {
+                access_token,
+                refresh_token: Some(refresh_token),
+                expires_in: Some(0),
+            }
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give either access_token (with refresh_token, expires_in) or api_key and api_secret (with api_user)",
+            ))
+        }
+    };
     let added = state
         .sessions
         .add(
             &req.provider,
-            NewTokens {
-                access_token: req.access_token,
-                refresh_token: req.refresh_token,
-                expires_in: req.expires_in,
-            },
+            tokens,
             req.label,
             key,
             crate::audit::Actor::Admin,

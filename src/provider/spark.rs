@@ -145,6 +145,23 @@ pub mod api_key {
     }
 
     impl ApiKeyCredentials {
+        /// A new session's key: its tokens as stored before any Spark
+        /// session is open, `(access token, refresh token)`. The access
+        /// token's lifetime is zero, so the first request opens one.
+        pub fn new_session(
+            api_key: String,
+            api_secret: SecretString,
+            api_user: Option<String>,
+        ) -> (SecretString, SecretString) {
+            let creds = ApiKeyCredentials {
+                api_key,
+                api_secret,
+                api_user,
+                auth_token: String::new(),
+            };
+            (creds.to_secret(), creds.to_secret())
+        }
+
         /// Read from a sealed token's text; `None` when it is not one.
         pub fn read(text: &SecretString) -> Option<ApiKeyCredentials> {
             serde_json::from_str(text.expose_secret()).ok()

@@ -93,6 +93,11 @@ struct Route {
     expired: Signal,
     /// `kind = "static"`: sessions hold a stored key, never refreshed.
     stored_key: bool,
+    /// Answers that say the credential itself is bad (Spark's 1000, 1010).
+    revoked: Vec<Signal>,
+    /// Spark's API keys: requests are signed over their body, and the
+    /// application's own `POST /v1/session` is answered here.
+    signs: bool,
     throttled: Signal,
     /// `api_base`'s path without its trailing slash ("" for a bare host).
     base_path: String,
@@ -224,7 +229,13 @@ struct Meaning {
     verdict: Verdict,
     /// The token was refused as expired: refresh and replay.
     expired: bool,
+    /// The credential itself was refused: the session needs reauthorization.
+    revoked: bool,
 }
+
+/// The `Expires` credproxy gives an application's own Spark session: the
+/// session key does not expire, so a day keeps old clients from reopening.
+const OWN_SESSION_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// How many rate-limit refusals a request is sent again after.
 const MAX_RESENDS: u32 = 3;
@@ -260,6 +271,8 @@ impl Proxy {
                 shape: Shape::new(&p.description),
                 expired: p.description.expired.clone(),
                 stored_key: p.description.scheme == crate::config::Scheme::Static,
+                revoked: p.description.revoked.clone(),
+                signs: p.description.scheme == crate::config::Scheme::SparkApiKey,
                 throttled: p.description.throttled.clone(),
                 base_path: p.api_base.path().trim_end_matches('/').to_owned(),
                 default_session: p.default_session.clone(),
@@ -402,6 +415,10 @@ impl Proxy {
             head: parts.method == Method::HEAD,
         };
 
+        if route.signs && parts.method == Method::POST && rest == "/v1/session" {
+            let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+            return self.open_own_session(route, uri.query(), client, log).await;
+        }
         let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query())?;
         if matches!(presented, Some(Presented::Default(_))) && from_a_web_page(&parts.headers) {
             // Without a key, any page a browser opens could use the account.
@@ -426,6 +443,10 @@ impl Proxy {
         let form_post = parts.method == Method::POST && is_form(&parts.headers);
         let keep = session.has_refresh_token || form_post;
         let body = prepare_body(route, &parts.headers, body, keep).await?;
+        if route.signs && matches!(body, Prepared::Streamed(_)) {
+            // Signed over the body as sent: only a body kept in memory can be.
+            return Err(ProxyError::BodyTooLargeToSign);
+        }
         if let Prepared::Kept(bytes) = &body {
             if form_post && form_overrides_to_refused_method(&parts.headers, bytes) {
                 return Err(ProxyError::BadRequest(REFUSED_OVERRIDE));
@@ -466,10 +487,11 @@ impl Proxy {
                 // kept ones).
                 (None, None) => return Err(ProxyError::UpstreamUnreachable),
             };
-            if route.stored_key && meaning.expired {
-                // Never refreshed: the refusal goes back as it came, and
-                // the session's health says the key needs replacing.
-                self.refresher.stored_key_refused(&session);
+            if (route.stored_key && meaning.expired) || meaning.revoked {
+                // The credential itself was refused (a static key is never
+                // refreshed): the refusal goes back as it came, and the
+                // session's health says it needs a new one.
+                self.refresher.credential_refused(&session);
             }
             if !self.decide(&session, meaning.expired, kept.is_some(), replayed) {
                 return self.answer(route, &asked, answer).await;
@@ -492,6 +514,43 @@ impl Proxy {
             session = fresh;
             replayed = true;
         }
+    }
+
+    /// Spark's API keys: an application that signs for itself opens its
+    /// Spark session with `POST /v1/session?ApiKey=KEY&ApiSig=...`. Given
+    /// its credproxy session key as its API key, it is answered here, never
+    /// by Spark (whose one session per key credproxy holds for every
+    /// instance): the `AuthToken` is the session key itself, which the
+    /// application then sends with every request (the key's slot), and its
+    /// own `ApiSig`s are dropped for credproxy's.
+    async fn open_own_session(
+        &self,
+        route: &Route,
+        query: Option<&str>,
+        client: Option<std::net::IpAddr>,
+        log: &mut AccessLog,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let key = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(name, _)| name == "ApiKey")
+            .map(|(_, value)| value.into_owned())
+            .filter(|k| !k.is_empty())
+            .ok_or(ProxyError::MissingSession)?;
+        let session = self
+            .resolve(route, Some(Presented::Key(KeyHash::of(key.as_bytes()))), client)
+            .await?;
+        log.session = Some(Arc::clone(&session));
+        let expires = std::time::SystemTime::now() + OWN_SESSION_LIFETIME;
+        let body = serde_json::json!({"D": {"Success": true, "Results": [{
+            "AuthToken": key,
+            "Expires": humantime::format_rfc3339_seconds(expires).to_string(),
+            "Roles": [],
+        }]}});
+        let mut resp = Response::new(own(Full::new(Bytes::from(body.to_string()))));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(resp)
     }
 
     /// Passes an answer back: a streamed one through the response filter,
@@ -651,31 +710,28 @@ impl Proxy {
         let coded = |s: &Signal| s.json_code.is_some() && s.names(status);
         let throttle_coded = status != 429 && coded(&route.throttled);
         let expire_coded = coded(&route.expired);
-        let (answer, throttled, expired) =
-            if (throttle_coded || expire_coded) && may_carry_code(resp.headers()) {
-                let (parts, body) = resp.into_parts();
-                let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
-                let plain = decoded_error_body(&parts.headers, &bytes);
-                let carries = |s: &Signal| {
-                    s.json_code
-                        .as_ref()
-                        .is_some_and(|code| plain.as_deref().is_some_and(|p| json_code_is(p, code)))
-                };
-                let throttled = throttle_coded && carries(&route.throttled);
-                let expired = expire_coded && carries(&route.expired);
-                (
-                    Answer::Read(Response::from_parts(parts, bytes)),
-                    throttled,
-                    expired,
-                )
-            } else {
-                let plain = |s: &Signal| s.json_code.is_none() && s.names(status);
-                (
-                    Answer::Stream(resp),
-                    status != 429 && plain(&route.throttled),
-                    plain(&route.expired),
-                )
+        let revoke_coded = route.revoked.iter().any(coded);
+        let any_coded = throttle_coded || expire_coded || revoke_coded;
+        let (answer, throttled, expired, revoked) = if any_coded && may_carry_code(resp.headers()) {
+            let (parts, body) = resp.into_parts();
+            let bytes = read_error_body(body, route.upstream.here().response_timeout()).await?;
+            let plain = decoded_error_body(&parts.headers, &bytes);
+            let carries = |s: &Signal| {
+                s.json_code
+                    .as_ref()
+                    .is_some_and(|code| plain.as_deref().is_some_and(|p| json_code_is(p, code)))
             };
+            let throttled = throttle_coded && carries(&route.throttled);
+            let expired = expire_coded && carries(&route.expired);
+            let revoked = route.revoked.iter().any(|s| coded(s) && carries(s));
+            let answer = Answer::Read(Response::from_parts(parts, bytes));
+            (answer, throttled, expired, revoked)
+        } else {
+            let plain = |s: &Signal| s.json_code.is_none() && s.names(status);
+            let throttled = status != 429 && plain(&route.throttled);
+            let revoked = route.revoked.iter().any(plain);
+            (Answer::Stream(resp), throttled, plain(&route.expired), revoked)
+        };
         let verdict = match &answer {
             Answer::Stream(r) => pacing::verdict(r.status(), r.headers(), throttled),
             Answer::Read(r) => pacing::verdict(r.status(), r.headers(), throttled),
@@ -685,7 +741,14 @@ impl Proxy {
         }
         route.gate.answered(&permit, verdict);
         drop(permit);
-        Ok((answer, Meaning { verdict, expired }))
+        Ok((
+            answer,
+            Meaning {
+                verdict,
+                expired,
+                revoked,
+            },
+        ))
     }
 
     /// Picks the provider; refuses CONNECT and absolute-form URIs naming
@@ -1348,7 +1411,18 @@ fn upstream_request(
         rest,
         query,
     } = out;
-    let query = session.credentials.inject(&mut headers, query, &slot, rest);
+    let mut query = session.credentials.inject(&mut headers, query, &slot, rest);
+    if session.credentials.signs() {
+        // Spark's API keys: signed over the path, the query as it goes
+        // (with the injected AuthToken) and the body as sent.
+        let body: &[u8] = match &body {
+            Outbound::Kept(bytes) => bytes,
+            Outbound::Streamed(_) => return Err(ProxyError::BodyTooLargeToSign),
+        };
+        let path = format!("{}{rest}", route.base_path);
+        let q = query.get_or_insert_with(String::new);
+        session.credentials.sign(&path, q, body);
+    }
     let mut path_and_query = String::with_capacity(
         route.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
     );

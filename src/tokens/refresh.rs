@@ -339,12 +339,12 @@ impl Refresher {
         });
     }
 
-    /// A stored key (`kind = "static"`) was refused by the upstream: the
-    /// session is marked `reauthorization_required` (an event and an audit
-    /// entry say so), in the background, once. Nothing is refreshed, and
-    /// its requests still go upstream: only the provider can say whether
-    /// the key works, and an operator replaces it.
-    pub fn stored_key_refused(self: &Arc<Self>, seen: &Arc<ActiveSession>) {
+    /// The upstream refused the session's credential itself (a static key's
+    /// 401; Spark's 1000 or 1010 on a signed request): the session is
+    /// marked `reauthorization_required` (an event and an audit entry say
+    /// so), in the background, once. Nothing is refreshed; an operator
+    /// replaces the key.
+    pub fn credential_refused(self: &Arc<Self>, seen: &Arc<ActiveSession>) {
         if seen.status == Status::ReauthorizationRequired {
             return;
         }

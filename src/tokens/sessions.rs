@@ -66,6 +66,11 @@ pub enum SessionError {
     BadKey(#[from] BadKey),
     #[error("provider `{0}` is of kind \"static\": its sessions hold one key (--access-token), never refreshed, with no refresh token or expiry")]
     StoredKey(String),
+    #[error("provider `{provider}` takes {wanted}")]
+    WrongCredential {
+        provider: String,
+        wanted: &'static str,
+    },
     #[error("the access token is empty")]
     EmptyToken,
     /// The client is over its budget of store reads for uncached keys.
@@ -1261,6 +1266,21 @@ impl Sessions {
             && (tokens.refresh_token.is_some() || tokens.expires_in.is_some())
         {
             return Err(SessionError::StoredKey(provider.to_owned()));
+        }
+        // Spark's API-key sessions hold a key and its secret, every other
+        // kind tokens: neither is taken for the other.
+        let api_key = crate::provider::spark::api_key::ApiKeyCredentials::read(&tokens.access_token);
+        let wants_api_key =
+            provider_cfg.description.scheme == crate::config::Scheme::SparkApiKey;
+        if api_key.is_some() != wants_api_key {
+            return Err(SessionError::WrongCredential {
+                provider: provider.to_owned(),
+                wanted: if wants_api_key {
+                    "an API key and its secret (--api-key, --api-secret-env)"
+                } else {
+                    "tokens (--access-token), not an API key"
+                },
+            });
         }
         // Refuse tokens that could never be injected, now rather than per
         // request: the same rule as for a token endpoint's answer.
