@@ -11,7 +11,7 @@
 //!
 //! **Invariant (index):** a fill inserts into the cache before the index,
 //! and an entry leaves the index only under its shard lock after checking
-//! that the cache no longer holds that key ([`SessionCache::unindex`]); so a
+//! that the cache no longer holds that key (`unindex`); so a
 //! cached session always has its index entry.
 //!
 //! **Invariant (coherence):** a fill is discarded when an invalidation
@@ -178,7 +178,7 @@ impl SessionCache {
         }
     }
 
-    /// Caches a session read by key (see [`SessionCache::fill_key_at`]).
+    /// Caches a session read by key (see `fill_key_at`).
     pub fn fill_key(&self, key: KeyHash, active: &Arc<ActiveSession>, ticket: Ticket) {
         self.fill_key_at(key, active, ticket.generation);
     }
@@ -257,7 +257,7 @@ impl SessionCache {
     }
 
     /// Removes index entries whose session the cache no longer holds (left
-    /// by races; each check as in [`SessionCache::unindex`]).
+    /// by races; each check as in `unindex`).
     pub fn sweep_index(&self) {
         self.key_of
             .retain(|id, h| self.by_key.peek(h).is_some_and(|s| s.id == *id));

@@ -1,7 +1,7 @@
 //! Sealing a session's tokens on the way into the store and opening them on
 //! the way out, under the sealing ring as this process knows it now (the
 //! live ring follows `key rotate` and other processes' re-sealing).
-//! Every sealed value is bound to its session and field ([`aad`]).
+//! Every sealed value is bound to its session and field (`aad`).
 
 use std::sync::Arc;
 
