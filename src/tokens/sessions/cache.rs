@@ -26,7 +26,7 @@ use dashmap::DashMap;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 
-use super::ActiveSession;
+use super::active::ActiveSession;
 use crate::secrets::session::KeyHash;
 
 /// A capped cache that hands its evictions back to the caller (after the

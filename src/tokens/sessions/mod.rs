@@ -1,6 +1,7 @@
 //! Sessions as the rest of the program sees them. [`Sessions`] is a thin
 //! facade over the parts it owns, each in a file of its own:
 //!
+//! - `active.rs`: a session as the hot path holds it ([`ActiveSession`]);
 //! - [`cache`]: the hot-path cache of sessions by key hash (and by id, for
 //!   default sessions) and the negative cache of unknown keys
 //!   ([`SessionCache`]);
@@ -12,7 +13,7 @@
 //!   ([`RequestCounts`]);
 //! - [`vault`]: sealing tokens on the way into the store, opening them on
 //!   the way out ([`Vault`]);
-//! - `open.rs`: opening the store and the sealing key together
+//! - [`open`]: opening the store and the sealing key together
 //!   ([`Sessions::open`]);
 //! - `changes.rs`: the control plane's changes (add, replace, revoke) and
 //!   lists, each change with its event and audit row and the cache
@@ -35,22 +36,22 @@
 //! another process as soon as the change follower reads its entry; a
 //! negative fill that raced an add is discarded.
 
+mod active;
 pub mod cache;
 mod changes;
 pub mod cold;
 pub mod counts;
 mod follow;
-mod open;
+pub mod open;
 pub mod uses;
 pub mod vault;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::audit::{self, Actor, AuditAppend, AuditEntry, AuditSigner};
@@ -61,13 +62,13 @@ use crate::secrets::seal::{OpenError, Sealer};
 use crate::secrets::session::{BadKey, KeyHash, SessionKey, Status};
 use crate::store::{self, EventKind, NewEvent, SessionRecord, Store, StoreError};
 
+pub use active::ActiveSession;
 pub use cache::{SessionCache, Ticket};
 pub use cold::{client_key, ColdBudget};
 pub use counts::{RequestCounts, COUNT_PERIOD_SECS};
-pub use open::StartError;
 pub use uses::{Uses, RECENT_USE};
 pub(crate) use vault::aad;
-pub use vault::Vault;
+pub use vault::{NewTokens, Vault};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -92,46 +93,6 @@ pub enum SessionError {
     /// The client is over its budget of store reads for uncached keys.
     #[error("too many lookups of uncached session keys from this client")]
     ColdBudget { retry_after_secs: u64 },
-}
-
-/// A session ready for the hot path.
-#[derive(Debug)]
-pub struct ActiveSession {
-    pub id: String,
-    pub provider: String,
-    pub status: Status,
-    pub credentials: Credentials,
-    pub expires_at: Option<i64>,
-    pub version: i64,
-    pub has_refresh_token: bool,
-    /// Unix seconds this cached copy was last used; throttles [`Uses::note`].
-    last_used: AtomicI64,
-    /// The session's request counter, shared by its cached copies (see
-    /// [`RequestCounts`]).
-    requests: Arc<AtomicU64>,
-}
-
-impl ActiveSession {
-    /// Whether the access token is within `margin` of its known expiry and
-    /// can be refreshed. Tokens of unknown lifetime never are.
-    pub fn due(&self, now: i64, margin: Duration) -> bool {
-        self.has_refresh_token
-            && self
-                .expires_at
-                .is_some_and(|at| now.saturating_add(margin.as_secs() as i64) >= at)
-    }
-
-    pub fn expired(&self, now: i64) -> bool {
-        self.expires_at.is_some_and(|at| now >= at)
-    }
-}
-
-/// Tokens handed to credproxy by an operator or a code exchange.
-#[derive(Debug)]
-pub struct NewTokens {
-    pub access_token: SecretString,
-    pub refresh_token: Option<SecretString>,
-    pub expires_in: Option<u64>,
 }
 
 /// What `session add` answers; the key is shown this once.
@@ -166,11 +127,6 @@ pub struct SessionInfo {
     pub created_at: String,
     pub updated_at: String,
 }
-
-/// The longest token lifetime believed: a provider (or a hostile token
-/// endpoint) announcing more gets this, so `expires_at` stays a date that
-/// can be shown (and compared) without overflow.
-pub const MAX_LIFETIME_SECS: u64 = 10 * 366 * 24 * 3600;
 
 /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
 const MAX_RFC3339: i64 = 253_402_300_799;
@@ -526,6 +482,7 @@ impl Sessions {
 
 #[cfg(test)]
 mod lifetime_tests {
+    use super::vault::MAX_LIFETIME_SECS;
     use super::*;
 
     #[test]
@@ -539,6 +496,7 @@ mod lifetime_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::SecretString;
 
     async fn sessions(dir: &std::path::Path) -> Sessions {
         sessions_with(dir, "").await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use super::ActiveSession;
+use super::active::ActiveSession;
 use crate::store::{self, Store, StoreError};
 
 /// A use stays in [`Uses`]' memory this long (refresh-ahead counts a

@@ -7,10 +7,22 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use super::{NewTokens, MAX_LIFETIME_SECS};
 use crate::secrets::live::LiveRing;
 use crate::secrets::seal::{OpenError, Sealer};
 use crate::store::{SealedTokens, SessionRecord};
+
+/// The longest token lifetime believed: a provider (or a hostile token
+/// endpoint) announcing more gets this, so `expires_at` stays a date that
+/// can be shown (and compared) without overflow.
+pub const MAX_LIFETIME_SECS: u64 = 10 * 366 * 24 * 3600;
+
+/// Tokens handed to credproxy by an operator or a code exchange.
+#[derive(Debug)]
+pub struct NewTokens {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_in: Option<u64>,
+}
 
 /// Associated data binding a sealed token to its session and field.
 pub(crate) fn aad(id: &str, field: &str) -> Vec<u8> {
