@@ -2,7 +2,7 @@
 //! rows. The hot path's share is one atomic increment on a counter its
 //! cached session holds ([`RequestCounts::counter`]); the use flusher
 //! harvests the counters into hours and writes the hours that are over
-//! (`Sessions::flush_request_counts`).
+//! (`Sessions::write_last_uses`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
