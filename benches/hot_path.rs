@@ -204,7 +204,7 @@ fn lookup(c: &mut Criterion, w: &World) {
     // A key the store said does not exist: answered by the negative cache.
     let unknown = KeyHash::of(b"cpk_not-a-session-key-at-all-0123456789abcdefgh");
     w.rt.block_on(sessions.by_key(&unknown)).unwrap();
-    assert!(sessions.known_absent(&unknown));
+    assert!(sessions.cache().known_absent(&unknown));
     c.bench_function("lookup/negative_cache_hit", |b| {
         b.to_async(&w.rt).iter(|| async {
             let none = sessions
@@ -217,7 +217,7 @@ fn lookup(c: &mut Criterion, w: &World) {
     // The budget check of a cold lookup; spent after the first 200, so this
     // is the refused path a flood of random keys takes.
     c.bench_function("lookup/cold_budget_check", |b| {
-        b.iter(|| black_box(sessions.admit_cold(black_box(client)).is_ok()))
+        b.iter(|| black_box(sessions.cold().admit(black_box(client)).is_ok()))
     });
 }
 
