@@ -334,7 +334,7 @@ impl Credentials {
     pub fn inject(
         &self,
         headers: &mut HeaderMap,
-        query: Option<Cow<'_, str>>,
+        query: Option<&str>,
         slot: &Slot,
         path: &str,
     ) -> Option<String> {
@@ -360,14 +360,14 @@ impl Credentials {
                         headers.insert(SPARK_USER_AGENT, ua.clone());
                     }
                 }
-                query.map(Cow::into_owned)
+                query.map(str::to_owned)
             }
             Injection::Zillow { query: creds } => {
                 let creds = creds.expose_secret();
                 Some(match query {
                     Some(q) if !q.is_empty() => {
                         let mut out = String::with_capacity(q.len() + 1 + creds.len());
-                        out.push_str(&q);
+                        out.push_str(q);
                         out.push('&');
                         out.push_str(creds);
                         out
@@ -750,13 +750,8 @@ mod tests {
 
     /// What the upstream saw: the injected query, as an echo would quote it.
     fn injected_query(c: &Credentials) -> String {
-        c.inject(
-            &mut HeaderMap::new(),
-            Some(Cow::Borrowed("a=1")),
-            &Slot::default(),
-            "/",
-        )
-        .expect("query")
+        c.inject(&mut HeaderMap::new(), Some("a=1"), &Slot::default(), "/")
+            .expect("query")
     }
 
     fn leaks(value: &[u8]) -> bool {

@@ -1,7 +1,7 @@
 //! The hot path: one proxied request, as a sequence of named phases.
 //!
 //! ```text
-//! route -> identify -> resolve -> upstream_request -> send -> response_filter -> log
+//! route -> identify -> resolve -> ensure_fresh -> prepare_body -> send -> decide -> response_filter
 //! ```
 //!
 //! * `route` picks the provider from the path (or the dedicated listener)
@@ -10,21 +10,27 @@
 //!   contract's four places carried it, and removes every place a key or a
 //!   credential could hide (**invariant: no session key reaches the upstream**).
 //! * `resolve` maps the key to an [`ActiveSession`] (cache first, then store).
-//! * `upstream_request` strips hop-by-hop headers, injects the credentials
-//!   and builds the upstream URI.
 //! * `ensure_fresh` refreshes a token within `refresh_margin` of its expiry
 //!   before it is used (proactive).
 //! * `prepare_body` keeps a body up to `max_replay_body` so the request can
 //!   be replayed; a larger one streams.
+//! * The upstream head is built once: hop-by-hop headers and `Host` out,
+//!   the credentials in and the upstream URI made by [`Target::address`].
+//!   Each attempt borrows it while another may follow (a rate-limit resend,
+//!   a replay) and the last one takes it, so it is copied only when hyper's
+//!   client needs it owned and it may still be needed.
 //! * `send` forwards with the provider's timeouts; bodies stream both ways.
-//! * After `send`, an upstream 401 on a kept body means: refresh (unless
-//!   another request already did) and replay once (reactive). The second
-//!   answer goes back as it is. A streamed body's 401 goes back as it is,
-//!   and the refresh happens in the background for the next request.
+//! * `decide` is the one place that says what an answer means: an upstream
+//!   401 on a kept body means refresh (unless another request already did)
+//!   and replay once, with fresh credentials written into the same head
+//!   (reactive). The second answer goes back as it is. A streamed body's
+//!   401 goes back as it is, and the refresh happens in the background for
+//!   the next request.
 //! * `response_filter` drops hop-by-hop headers, moves links on the
 //!   provider's origins behind the proxy (`links.rs`: `Location`,
 //!   `Content-Location`, `Link`, JSON and XML bodies); `send` has already
 //!   scrubbed the injected credentials from every header of the answer.
+//! * `handle` writes the access-log line.
 
 pub mod forward;
 pub mod links;
@@ -45,7 +51,7 @@ use http::header::{
 };
 use http::request::Parts;
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
 use hyper::body::Incoming;
@@ -57,7 +63,7 @@ use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
 pub use crate::proxy::forward::enter_worker;
 use crate::proxy::forward::{
-    strip_hop_by_hop, Outbound, TlsError, UpBody, UpstreamBody, Upstreams,
+    strip_hop_by_hop, Head, Outbound, TlsError, UpBody, UpstreamBody, Upstreams,
 };
 use crate::secrets::session::{KeyHash, Status};
 use crate::store;
@@ -161,13 +167,15 @@ enum Prepared {
     Streamed(UpstreamBody),
 }
 
-/// What the upstream request is made of, before credentials go in; kept so
-/// a replay can be built with fresh ones.
-struct Outgoing<'a> {
-    method: Method,
-    headers: HeaderMap,
+/// Where the upstream request goes and how the caller presented its key:
+/// what [`Target::address`] writes a session's credentials and the upstream
+/// URI from, into the head built once (again with fresh credentials for a
+/// replay).
+struct Target<'a> {
     slot: Slot,
+    /// The path after the route's prefix.
     rest: &'a str,
+    /// The caller's query, without the provider's credential slot.
     query: Option<Cow<'a, str>>,
 }
 
@@ -379,7 +387,8 @@ impl Proxy {
             mount,
             local,
             uri: &uri,
-            host_header: parts.headers.get(HOST).cloned(),
+            // The upstream client sets Host (or :authority) from the upstream URI.
+            host_header: parts.headers.remove(HOST),
             head: parts.method == Method::HEAD,
         };
 
@@ -397,8 +406,6 @@ impl Proxy {
         log.session = Some(Arc::clone(&session));
 
         strip_hop_by_hop(&mut parts.headers);
-        // The client sets Host (or :authority) from the upstream URI.
-        parts.headers.remove(HOST);
         if route.links.is_some() {
             limit_accept_encoding(&mut parts.headers);
         }
@@ -412,58 +419,77 @@ impl Proxy {
                 return Err(ProxyError::BadRequest(REFUSED_OVERRIDE));
             }
         }
-        let out = Outgoing {
+        // The head is built once; a replay writes fresh credentials into it.
+        let target = Target { slot, rest, query };
+        let mut headers = parts.headers;
+        let uri = target.address(route, &session, &mut headers)?;
+        let head = Head {
             method: parts.method,
-            headers: parts.headers,
-            slot,
-            rest,
-            query,
+            uri,
+            headers,
         };
         let mut pace = Pace {
             deadline: None,
             resend: false,
         };
-        // The attempt loop: send, then `decide` what the answer means; only
-        // a kept body can go again (a replay with fresh tokens).
-        let (kept, mut streamed) = match body {
-            Prepared::Kept(bytes) => (Some(bytes), None),
-            Prepared::Streamed(body) => (None, Some(body)),
+        let answer = match body {
+            // A streamed body goes once: the head goes with it.
+            Prepared::Streamed(body) => {
+                let outbound = Outbound::Streamed(body);
+                let (answer, _) = self
+                    .send(route, &session, Cow::Owned(head), outbound, log, &mut pace)
+                    .await?;
+                if let Answer::Stream(resp) = &answer {
+                    self.decide(&session, resp.status(), None, false);
+                }
+                answer
+            }
+            Prepared::Kept(bytes) => {
+                self.attempts(route, session, &target, head, bytes, log, &mut pace)
+                    .await?
+            }
         };
-        let mut session = session;
+        match answer {
+            Answer::Stream(resp) => self.response_filter(route, &asked, resp).await,
+            Answer::Read(resp) => Ok(pass_read(resp)),
+        }
+    }
+
+    /// The attempt loop of a request whose body was kept: send (again
+    /// while the provider refuses it for its rate limit, see
+    /// [`Proxy::send_kept`]), then [`Proxy::decide`] what the answer means;
+    /// on a refused token, refresh and replay once with fresh credentials
+    /// in the same head.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        route: &Route,
+        mut session: Arc<ActiveSession>,
+        target: &Target<'_>,
+        mut head: Head,
+        bytes: Bytes,
+        log: &mut AccessLog,
+        pace: &mut Pace,
+    ) -> Result<Answer, ProxyError> {
         let mut replayed = false;
         loop {
-            let answer = match (&kept, streamed.take()) {
-                (Some(bytes), _) => {
-                    self.send_kept(route, &session, &out, bytes, log, &mut pace)
-                        .await?
-                }
-                (None, Some(body)) => {
-                    let outbound = Outbound::Streamed(body);
-                    let parts = out.clone_parts();
-                    self.send(route, &session, parts, outbound, log, &mut pace)
-                        .await?
-                        .0
-                }
-                // A streamed body is never sent twice (`decide` replays only
-                // kept ones).
-                (None, None) => return Err(ProxyError::UpstreamUnreachable),
+            let can_replay = !replayed && session.has_refresh_token;
+            let (answer, kept) = self
+                .send_kept(route, &session, head, &bytes, can_replay, log, pace)
+                .await?;
+            let Answer::Stream(resp) = answer else {
+                return Ok(answer);
             };
-            let resp = match answer {
-                Answer::Stream(resp) => resp,
-                Answer::Read(resp) => return Ok(pass_read(resp)),
+            let Some(next) = self.decide(&session, resp.status(), kept, replayed) else {
+                return Ok(Answer::Stream(resp));
             };
-            if !self.decide(&session, resp.status(), kept.is_some(), replayed) {
-                return self.response_filter(route, &asked, resp).await;
-            }
             // Reactive: the token was refused. Refresh (or pick up a refresh
             // another request made meanwhile) and replay once.
             let fresh = match self.refresher.refresh_refused(&session).await {
                 Ok(fresh) => fresh,
                 // A refresh moments ago did not cure this session's refusals:
                 // it is about something else (Spark's 1010 disabled key).
-                Err(RefreshError::TooSoon) => {
-                    return self.response_filter(route, &asked, resp).await
-                }
+                Err(RefreshError::TooSoon) => return Ok(Answer::Stream(resp)),
                 Err(e) => {
                     drain(resp).await;
                     return Err(refresh_error(&session, e));
@@ -474,41 +500,43 @@ impl Proxy {
             log.replayed = true;
             session = fresh;
             replayed = true;
+            head = next;
+            head.uri = target.address(route, &session, &mut head.headers)?;
         }
     }
 
     /// The one place that decides what an upstream answer means for its
-    /// request: `true` to refresh and replay it (a 401 on a session that
-    /// can refresh, first attempt, body kept); else it is answered, and the
-    /// refresh-loop guard and background refreshes are told what happened.
+    /// request: `Some(head)` to refresh and replay it with that head (a 401
+    /// on a session that can refresh, first attempt, head and body kept);
+    /// `None`: it is answered, and the refresh-loop guard and background
+    /// refreshes are told what happened.
     fn decide(
         &self,
         session: &Arc<ActiveSession>,
         status: StatusCode,
-        replayable: bool,
+        kept: Option<Head>,
         replayed: bool,
-    ) -> bool {
+    ) -> Option<Head> {
         if status != StatusCode::UNAUTHORIZED {
             self.refresher.accepted(&session.id);
-            return false;
+            return None;
         }
         if replayed {
             // Fresh tokens were refused too: hold later 401s of this
             // session for min_refresh_interval instead of rotating again.
             self.refresher.refusal_survived_refresh(session);
-            return false;
+            return None;
         }
         if !session.has_refresh_token {
-            return false;
+            return None;
         }
-        if !replayable {
+        if kept.is_none() {
             // The body went upstream streamed and cannot go again: the 401
             // goes back as it came, and the tokens are refreshed for the
             // next request.
             self.refresher.refresh_refused_in_background(session);
-            return false;
         }
-        true
+        kept
     }
 
     /// Sends a request whose body was kept; when the provider refuses it
@@ -516,30 +544,37 @@ impl Proxy {
     /// safe to send again ([`pacing::resendable`]) and the hold ends before
     /// the request's `max_queue_wait` does. Otherwise the refusal goes back
     /// as the provider gave it.
+    ///
+    /// The head is lent to each send while another may follow (a resend,
+    /// or a replay when `can_replay`) and given to the last one; it comes
+    /// back with the answer when it was kept.
+    #[allow(clippy::too_many_arguments)]
     async fn send_kept(
         &self,
         route: &Route,
         session: &ActiveSession,
-        out: &Outgoing<'_>,
+        head: Head,
         bytes: &Bytes,
+        can_replay: bool,
         log: &mut AccessLog,
         pace: &mut Pace,
-    ) -> Result<Answer, ProxyError> {
-        let resendable = pacing::resendable(&out.method, &out.headers);
+    ) -> Result<(Answer, Option<Head>), ProxyError> {
+        let resendable = pacing::resendable(&head.method, &head.headers);
         let mut refusals = 0;
         loop {
+            let body = Outbound::Kept(bytes.clone());
+            let another_may_follow = can_replay || (resendable && refusals < MAX_RESENDS);
+            if !another_may_follow {
+                let (answer, _) = self
+                    .send(route, session, Cow::Owned(head), body, log, pace)
+                    .await?;
+                return Ok((answer, None));
+            }
             let (answer, verdict) = self
-                .send(
-                    route,
-                    session,
-                    out.clone_parts(),
-                    Outbound::Kept(bytes.clone()),
-                    log,
-                    pace,
-                )
+                .send(route, session, Cow::Borrowed(&head), body, log, pace)
                 .await?;
             if verdict == Verdict::Accepted {
-                return Ok(answer);
+                return Ok((answer, Some(head)));
             }
             refusals += 1;
             // A request sent without waiting has no deadline yet: it
@@ -549,7 +584,7 @@ impl Proxy {
                 .get_or_insert_with(|| tokio::time::Instant::now() + route.gate.max_wait());
             let in_time = route.gate.held_until().is_none_or(|held| held <= deadline);
             if !resendable || !in_time || refusals > MAX_RESENDS {
-                return Ok(answer);
+                return Ok((answer, Some(head)));
             }
             if let Answer::Stream(resp) = answer {
                 drain(resp).await;
@@ -580,14 +615,13 @@ impl Proxy {
         }
     }
 
-    /// Takes a permit from the provider's gate, builds the upstream request
-    /// with `session`'s credentials and sends it; tells the gate whether the
-    /// provider refused it for its rate limit.
+    /// Takes a permit from the provider's gate and sends the request; tells
+    /// the gate whether the provider refused it for its rate limit.
     async fn send(
         &self,
         route: &Route,
         session: &ActiveSession,
-        out: Outgoing<'_>,
+        head: Cow<'_, Head>,
         body: Outbound,
         log: &mut AccessLog,
         pace: &mut Pace,
@@ -603,10 +637,9 @@ impl Proxy {
         if !permit.waited.is_zero() {
             log.queued_ms = Some(log.queued_ms.unwrap_or(0) + permit.waited.as_millis());
         }
-        let req = upstream_request(route, session, out, body)?;
         permit.sent();
         let sent = Instant::now();
-        let resp = route.upstream.here().send(req, &session.id).await;
+        let resp = route.upstream.here().send(head, body, &session.id).await;
         let took = sent.elapsed();
         route.metrics.upstream_latency(&self.metrics, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
@@ -1062,22 +1095,6 @@ fn names_us(authority: &Authority, local: SocketAddr) -> bool {
             .is_ok_and(|ip| ip == local.ip())
 }
 
-impl Outgoing<'_> {
-    /// A copy for one attempt; the original stays for a replay.
-    fn clone_parts(&self) -> Outgoing<'_> {
-        Outgoing {
-            method: self.method.clone(),
-            headers: self.headers.clone(),
-            slot: Slot {
-                key: None,
-                bearer: self.slot.bearer,
-            },
-            rest: self.rest,
-            query: self.query.clone(),
-        }
-    }
-}
-
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
@@ -1252,40 +1269,34 @@ fn refresh_error(session: &ActiveSession, e: RefreshError) -> ProxyError {
     }
 }
 
-/// Builds the request credproxy sends upstream.
-fn upstream_request(
-    route: &Route,
-    session: &ActiveSession,
-    out: Outgoing<'_>,
-    body: Outbound,
-) -> Result<Request<Outbound>, ProxyError> {
-    let Outgoing {
-        method,
-        mut headers,
-        slot,
-        rest,
-        query,
-    } = out;
-    let query = session.credentials.inject(&mut headers, query, &slot, rest);
-    let mut path_and_query = String::with_capacity(
-        route.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
-    );
-    path_and_query.push_str(&route.base_path);
-    path_and_query.push_str(rest);
-    if let Some(q) = &query {
-        path_and_query.push('?');
-        path_and_query.push_str(q);
+impl Target<'_> {
+    /// Writes `session`'s credentials into `headers` (only
+    /// [`Credentials::inject`](crate::provider::Credentials::inject) does)
+    /// and returns the upstream URI, in origin form: the upstream client
+    /// adds the scheme and authority where the protocol wants them (Host for
+    /// HTTP/1.1, :authority for h2).
+    fn address(
+        &self,
+        route: &Route,
+        session: &ActiveSession,
+        headers: &mut HeaderMap,
+    ) -> Result<Uri, ProxyError> {
+        let query =
+            session
+                .credentials
+                .inject(headers, self.query.as_deref(), &self.slot, self.rest);
+        let mut path_and_query = String::with_capacity(
+            route.base_path.len() + self.rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+        );
+        path_and_query.push_str(&route.base_path);
+        path_and_query.push_str(self.rest);
+        if let Some(q) = &query {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Uri::try_from(path_and_query)
+            .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
     }
-    // Origin form: the upstream client adds the scheme and authority
-    // where the protocol wants them (Host for HTTP/1.1, :authority for h2).
-    let uri = Uri::try_from(path_and_query)
-        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    Ok(req)
 }
 
 /// Bodies up to this size with a known length are rewritten whole, so their

@@ -6,6 +6,7 @@
 //! Bodies are never collected here: request and response bodies stream
 //! through frame by frame, so memory use does not grow with body size.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,28 @@ impl Outbound {
             Outbound::Kept(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
             Outbound::Streamed(body) => body,
         }
+    }
+}
+
+/// An upstream request's head: method, URI in origin form (path and
+/// query), headers with the credentials in. The proxy builds it once per
+/// request and lends it to each attempt ([`Upstream::send`] takes a
+/// `Cow`): credproxy's HTTP/1.1 client only reads it, and hyper's, which
+/// needs it owned, gets a copy only when another attempt may follow.
+#[derive(Clone)]
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+impl Head {
+    fn into_request<B>(self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
     }
 }
 
@@ -231,9 +254,9 @@ impl Upstream {
         self.response_timeout
     }
 
-    /// Sends the request (its URI in origin form: path and query) for the
-    /// session `owner` and waits for the response head, within the
-    /// provider's timeouts; the response body is left streaming.
+    /// Sends the request (`head`, then `body`) for the session `owner` and
+    /// waits for the response head, within the provider's timeouts; the
+    /// response body is left streaming.
     ///
     /// **Isolation:** an HTTP/1.1 connection is reused only by the session
     /// it was opened for (`owner`), so whatever an upstream sends beyond an
@@ -241,11 +264,12 @@ impl Upstream {
     /// are framed apart by the protocol and share one connection.
     pub async fn send(
         &self,
-        req: Request<Outbound>,
+        head: Cow<'_, Head>,
+        body: Outbound,
         owner: &str,
     ) -> Result<Response<UpBody>, ProxyError> {
         let idle = self.response_timeout;
-        match tokio::time::timeout(self.response_timeout, self.send_now(req, owner)).await {
+        match tokio::time::timeout(self.response_timeout, self.send_now(head, body, owner)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
             Ok(answer) => answer.map(|resp| resp.map(|body| Silence::answer(body, idle))),
         }
@@ -253,18 +277,18 @@ impl Upstream {
 
     async fn send_now(
         &self,
-        req: Request<Outbound>,
+        head: Cow<'_, Head>,
+        body: Outbound,
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
-        let (parts, body) = req.into_parts();
         match body {
             Outbound::Kept(bytes)
                 if bytes.len() <= h1::COALESCE && !self.speaks_h2.load(Ordering::Relaxed) =>
             {
-                self.send_own(parts, bytes, owner).await
+                self.send_own(head, bytes, owner).await
             }
             body => {
-                let req = Request::from_parts(parts, body.into_body());
+                let req = head.into_owned().into_request(body.into_body());
                 Ok(self.send_hyper(req).await?.map(UpInner::Hyper))
             }
         }
@@ -275,17 +299,17 @@ impl Upstream {
     /// an answer) goes once more, on a new connection.
     async fn send_own(
         &self,
-        parts: http::request::Parts,
+        head: Cow<'_, Head>,
         body: Bytes,
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (wire, rest) = h1::encode(&parts.method, path, &self.host, &parts.headers, &body);
-        let head_request = parts.method == Method::HEAD;
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (wire, rest) = h1::encode(&head.method, path, &self.host, &head.headers, &body);
+        let head_request = head.method == Method::HEAD;
         // Only a safe method goes again: the request was written, and an
         // upstream that acted on it and then reset would see a PUT or a
         // DELETE twice.
-        let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let safe = matches!(head.method, Method::GET | Method::HEAD | Method::OPTIONS);
         // The first try on an idle connection, if there is one; a second
         // one (only after a reused connection failed) always on a new one:
         // another idle one may have been closed at the same moment. A new
@@ -297,7 +321,9 @@ impl Upstream {
                 None => match self.connect().await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io), owner), false),
                     Connected::H2(tx) => {
-                        let req = Request::from_parts(parts, Outbound::Kept(body).into_body());
+                        let req = head
+                            .into_owned()
+                            .into_request(Outbound::Kept(body).into_body());
                         return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
                     }
                 },
