@@ -57,7 +57,7 @@ use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::error::{Cause, Failure, ProxyError};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{ProviderKind, Slot, MAX_DECODE_ROUNDS};
@@ -342,10 +342,13 @@ impl Proxy {
             queued_ms: None,
             upstream_refusals: 0,
         };
-        let resp = match self.proxy(mount, local, parts, body, &mut log).await {
-            Ok(resp) => resp,
-            Err(e) => e.to_response().map(own),
+        let (resp, failed) = match self.proxy(mount, local, parts, body, &mut log).await {
+            Ok(resp) => (resp, None),
+            // The answer is the fixed code and message; why the upstream
+            // failed goes only to the log line.
+            Err(e) => (e.to_response().map(own), Some(e)),
         };
+        let failure = failed.as_ref().and_then(ProxyError::failure);
         let status = resp.status().as_u16();
         match log.route.and_then(|i| self.routes.get(i)) {
             Some(route) => route.metrics.request(&self.metrics, status),
@@ -364,6 +367,8 @@ impl Proxy {
             queued_ms = log.queued_ms.map(|m| m as u64),
             upstream_refusals = (log.upstream_refusals > 0).then_some(log.upstream_refusals),
             error = resp.headers().get(crate::error::ERROR_HEADER).and_then(|v| v.to_str().ok()),
+            cause = failure.map(|f| f.cause.as_str()),
+            detail = failure.and_then(|f| f.detail()).as_deref(),
             "request"
         );
         resp
@@ -1175,11 +1180,16 @@ async fn read_error_body(body: UpBody, wait: Duration) -> Result<Bytes, ProxyErr
     let limited = Limited::new(body, ERROR_BODY_LIMIT);
     match tokio::time::timeout(wait, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "upstream error body broke off or was too long");
-            Err(ProxyError::UpstreamUnreachable)
+        // Over the limit: an error body longer than is read.
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::unreachable(Cause::TooLong))
         }
-        Err(_) => Err(ProxyError::UpstreamTimeout),
+        // Broke off: unreachable whatever broke it.
+        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(Failure::new(
+            forward::cause_of(&*e),
+            Some(e),
+        ))),
+        Err(_) => Err(ProxyError::timeout(Cause::Timeout)),
     }
 }
 
@@ -1457,9 +1467,9 @@ impl Proxy {
 /// yet is waited for, within `wait`.
 async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<Bytes, ProxyError> {
     use futures_util::FutureExt;
+    // Broke off: unreachable whatever broke it.
     let broke = |e: Box<dyn std::error::Error + Send + Sync>| {
-        tracing::debug!(error = %e, "upstream body broke off");
-        ProxyError::UpstreamUnreachable
+        ProxyError::UpstreamUnreachable(Failure::new(forward::cause_of(&*e), Some(e)))
     };
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
@@ -1468,7 +1478,7 @@ async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<B
             Some(frame) => frame,
             None => tokio::time::timeout(wait, body.frame())
                 .await
-                .map_err(|_| ProxyError::UpstreamTimeout)?,
+                .map_err(|_| ProxyError::timeout(Cause::Stalled))?,
         };
         let Some(frame) = frame else { break };
         let Ok(data) = frame.map_err(broke)?.into_data() else {
@@ -1488,8 +1498,9 @@ async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<B
         } else {
             rest.len()
         };
+        // Longer than its Content-Length (which is within WHOLE_BODY_LIMIT).
         if len as u64 > WHOLE_BODY_LIMIT || len as u64 > declared {
-            return Err(ProxyError::UpstreamUnreachable);
+            return Err(ProxyError::unreachable(Cause::Protocol));
         }
         if len as u64 == declared {
             break;
