@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "scale_probe: store {} with {stored} sessions; cache capacity {}",
         config.store.shown_url(),
-        sessions.capacity()
+        sessions.cache().capacity()
     );
 
     // Warm the pool, the statement cache and the allocator's arenas first,
@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let fill = fill.elapsed();
     let after = rss_kib()?;
-    let (cached, _) = sessions.cache_sizes();
+    let (cached, _) = sessions.cache().sizes();
     println!(
         "scale_probe: rss {before} KiB before, {after} KiB after caching {cached} sessions: {:.0} bytes per cached session (filled at {:.0} lookups/s)",
         (after.saturating_sub(before) * 1024) as f64 / cached.max(1) as f64,

@@ -73,7 +73,7 @@ pub struct Metrics {
     gates: std::sync::Mutex<Vec<std::sync::Weak<Gate>>>,
 }
 
-/// What the session cache counts (`Sessions::key_reads` and the like),
+/// What the session cache counts (`SessionCache::key_reads` and the like),
 /// as read at a scrape.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CacheStats {

@@ -17,12 +17,13 @@
 
 mod support;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use credproxy::proxy::forward::{Outbound, Upstreams};
+use credproxy::proxy::forward::{Head, Outbound, Upstreams};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use support::{client, url, Extra, World};
@@ -777,13 +778,14 @@ async fn run_steps(
         } else {
             Outbound::Kept(Bytes::new())
         };
-        let req = http::Request::builder()
-            .method(method)
-            .uri(format!("/p/{n}"))
-            .header("x-tag", tag)
-            .body(body)
-            .map_err(|e| e.to_string())?;
-        let Ok(resp) = up.send(req, owner).await else {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-tag", http::HeaderValue::from_static(tag));
+        let head = Head {
+            method,
+            uri: format!("/p/{n}").parse().map_err(|e| format!("{e}"))?,
+            headers,
+        };
+        let Ok(resp) = up.send(Cow::Owned(head), body, owner).await else {
             continue; // a refusal is allowed
         };
         let got = resp.headers().get("x-for").map(|v| v.as_bytes().to_vec());

@@ -23,9 +23,9 @@ use crate::control::connect::Connector;
 use crate::control::pages;
 use crate::control::token::AdminToken;
 use crate::metrics::Metrics;
+use crate::provider::spark::api_key::ApiKeyCredentials;
 use crate::secrets::session::SessionKey;
 use crate::tokens::refresh::{RefreshError, Refresher};
-use crate::provider::spark::api_key::ApiKeyCredentials;
 use crate::tokens::sessions::{NewTokens, SessionError, Sessions};
 
 #[derive(Clone)]
@@ -373,11 +373,13 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     let s = &state.sessions;
     state.metrics.note_cache(crate::metrics::CacheStats {
         key_reads: s.key_reads(),
-        absent_hits: s.absent_hits(),
-        cold_refusals: s.cold_refusals(),
-        absent_cached: s.cache_sizes().1,
+        absent_hits: s.cache().absent_hits(),
+        cold_refusals: s.cold().refusals(),
+        absent_cached: s.cache().sizes().1,
     });
-    let text = state.metrics.render(&counts, state.sessions.cached());
+    let text = state
+        .metrics
+        .render(&counts, state.sessions.cache().cached());
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

@@ -1,7 +1,7 @@
 //! The hot path: one proxied request, as a sequence of named phases.
 //!
 //! ```text
-//! route -> identify -> resolve -> upstream_request -> send -> response_filter -> log
+//! route -> identify -> resolve -> ensure_fresh -> prepare_body -> send -> decide -> response_filter
 //! ```
 //!
 //! * `route` picks the provider from the path (or the dedicated listener)
@@ -10,21 +10,27 @@
 //!   contract's four places carried it, and removes every place a key or a
 //!   credential could hide (**invariant: no session key reaches the upstream**).
 //! * `resolve` maps the key to an [`ActiveSession`] (cache first, then store).
-//! * `upstream_request` strips hop-by-hop headers, injects the credentials
-//!   and builds the upstream URI.
 //! * `ensure_fresh` refreshes a token within `refresh_margin` of its expiry
 //!   before it is used (proactive).
 //! * `prepare_body` keeps a body up to `max_replay_body` so the request can
 //!   be replayed; a larger one streams.
+//! * The upstream head is built once: hop-by-hop headers and `Host` out,
+//!   the credentials in and the upstream URI made by [`Target::address`].
+//!   Each attempt borrows it while another may follow (a rate-limit resend,
+//!   a replay) and the last one takes it, so it is copied only when hyper's
+//!   client needs it owned and it may still be needed.
 //! * `send` forwards with the provider's timeouts; bodies stream both ways.
-//! * After `send`, an upstream 401 on a kept body means: refresh (unless
-//!   another request already did) and replay once (reactive). The second
-//!   answer goes back as it is. A streamed body's 401 goes back as it is,
-//!   and the refresh happens in the background for the next request.
+//! * `decide` is the one place that says what an answer means: an upstream
+//!   401 on a kept body means refresh (unless another request already did)
+//!   and replay once, with fresh credentials written into the same head
+//!   (reactive). The second answer goes back as it is. A streamed body's
+//!   401 goes back as it is, and the refresh happens in the background for
+//!   the next request.
 //! * `response_filter` drops hop-by-hop headers, moves links on the
 //!   provider's origins behind the proxy (`links.rs`: `Location`,
 //!   `Content-Location`, `Link`, JSON and XML bodies); `send` has already
 //!   scrubbed the injected credentials from every header of the answer.
+//! * `handle` writes the access-log line.
 
 pub mod forward;
 pub mod links;
@@ -45,20 +51,20 @@ use http::header::{
 };
 use http::request::Parts;
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::config::{JsonCode, Signal};
-use crate::error::ProxyError;
+use crate::error::{Cause, Failure, ProxyError};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pacing::{self, Gate, Verdict};
 use crate::provider::{Shape, Slot, MAX_DECODE_ROUNDS};
 pub use crate::proxy::forward::enter_worker;
 use crate::proxy::forward::{
-    strip_hop_by_hop, Outbound, TlsError, UpBody, UpstreamBody, Upstreams,
+    strip_hop_by_hop, Head, Outbound, TlsError, UpBody, UpstreamBody, Upstreams,
 };
 use crate::secrets::session::{KeyHash, Status};
 use crate::store;
@@ -173,13 +179,15 @@ enum Prepared {
     Streamed(UpstreamBody),
 }
 
-/// What the upstream request is made of, before credentials go in; kept so
-/// a replay can be built with fresh ones.
-struct Outgoing<'a> {
-    method: Method,
-    headers: HeaderMap,
+/// Where the upstream request goes and how the caller presented its key:
+/// what [`Target::address`] writes a session's credentials and the upstream
+/// URI from, into the head built once (again with fresh credentials for a
+/// replay).
+struct Target<'a> {
     slot: Slot,
+    /// The path after the route's prefix.
     rest: &'a str,
+    /// The caller's query, without the provider's credential slot.
     query: Option<Cow<'a, str>>,
 }
 
@@ -366,10 +374,13 @@ impl Proxy {
             queued_ms: None,
             upstream_refusals: 0,
         };
-        let resp = match self.proxy(mount, local, parts, body, &mut log).await {
-            Ok(resp) => resp,
-            Err(e) => e.to_response().map(own),
+        let (resp, failed) = match self.proxy(mount, local, parts, body, &mut log).await {
+            Ok(resp) => (resp, None),
+            // The answer is the fixed code and message; why the upstream
+            // failed goes only to the log line.
+            Err(e) => (e.to_response().map(own), Some(e)),
         };
+        let failure = failed.as_ref().and_then(ProxyError::failure);
         let status = resp.status().as_u16();
         match log.route.and_then(|i| self.routes.get(i)) {
             Some(route) => route.metrics.request(&self.metrics, status),
@@ -388,6 +399,8 @@ impl Proxy {
             queued_ms = log.queued_ms.map(|m| m as u64),
             upstream_refusals = (log.upstream_refusals > 0).then_some(log.upstream_refusals),
             error = resp.headers().get(crate::error::ERROR_HEADER).and_then(|v| v.to_str().ok()),
+            cause = failure.map(|f| f.cause.as_str()),
+            detail = failure.and_then(|f| f.detail()).as_deref(),
             "request"
         );
         resp
@@ -411,7 +424,8 @@ impl Proxy {
             mount,
             local,
             uri: &uri,
-            host_header: parts.headers.get(HOST).cloned(),
+            // The upstream client sets Host (or :authority) from the upstream URI.
+            host_header: parts.headers.remove(HOST),
             head: parts.method == Method::HEAD,
         };
 
@@ -433,8 +447,6 @@ impl Proxy {
         log.session = Some(Arc::clone(&session));
 
         strip_hop_by_hop(&mut parts.headers);
-        // The client sets Host (or :authority) from the upstream URI.
-        parts.headers.remove(HOST);
         if route.links.is_some() {
             limit_accept_encoding(&mut parts.headers);
         }
@@ -452,57 +464,85 @@ impl Proxy {
                 return Err(ProxyError::BadRequest(REFUSED_OVERRIDE));
             }
         }
-        let out = Outgoing {
+        // The head is built once; a replay writes fresh credentials into it.
+        let target = Target { slot, rest, query };
+        let mut headers = parts.headers;
+        let signed: &[u8] = match &body {
+            Prepared::Kept(bytes) => bytes,
+            Prepared::Streamed(_) => &[],
+        };
+        let uri = target.address(route, &session, &mut headers, signed)?;
+        let head = Head {
             method: parts.method,
-            headers: parts.headers,
-            slot,
-            rest,
-            query,
+            uri,
+            headers,
         };
         let mut pace = Pace {
             deadline: None,
             resend: false,
         };
-        // The attempt loop: send, then `decide` what the answer means; only
-        // a kept body can go again (a replay with fresh tokens).
-        let (kept, mut streamed) = match body {
-            Prepared::Kept(bytes) => (Some(bytes), None),
-            Prepared::Streamed(body) => (None, Some(body)),
+        let answer = match body {
+            // A streamed body goes once: the head goes with it.
+            Prepared::Streamed(body) => {
+                let outbound = Outbound::Streamed(body);
+                let (answer, meaning) = self
+                    .send(route, &session, Cow::Owned(head), outbound, log, &mut pace)
+                    .await?;
+                if (route.stored_key && meaning.expired) || meaning.revoked {
+                    self.refresher.credential_refused(&session);
+                }
+                self.decide(&session, meaning.expired, None, false);
+                answer
+            }
+            Prepared::Kept(bytes) => {
+                self.attempts(route, session, &target, head, bytes, log, &mut pace)
+                    .await?
+            }
         };
-        let mut session = session;
+        match answer {
+            Answer::Stream(resp) => self.response_filter(route, &asked, resp).await,
+            Answer::Read(resp) => Ok(pass_read(resp)),
+        }
+    }
+
+    /// The attempt loop of a request whose body was kept: send (again
+    /// while the provider refuses it for its rate limit, see
+    /// [`Proxy::send_kept`]), then [`Proxy::decide`] what the answer means;
+    /// on a refused token, refresh and replay once with fresh credentials
+    /// in the same head.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        route: &Route,
+        mut session: Arc<ActiveSession>,
+        target: &Target<'_>,
+        mut head: Head,
+        bytes: Bytes,
+        log: &mut AccessLog,
+        pace: &mut Pace,
+    ) -> Result<Answer, ProxyError> {
         let mut replayed = false;
         loop {
-            let (answer, meaning) = match (&kept, streamed.take()) {
-                (Some(bytes), _) => {
-                    self.send_kept(route, &session, &out, bytes, log, &mut pace)
-                        .await?
-                }
-                (None, Some(body)) => {
-                    let outbound = Outbound::Streamed(body);
-                    let parts = out.clone_parts();
-                    self.send(route, &session, parts, outbound, log, &mut pace)
-                        .await?
-                }
-                // A streamed body is never sent twice (`decide` replays only
-                // kept ones).
-                (None, None) => return Err(ProxyError::UpstreamUnreachable),
-            };
+            let can_replay = !replayed && session.has_refresh_token;
+            let (answer, meaning, kept) = self
+                .send_kept(route, &session, head, &bytes, can_replay, log, pace)
+                .await?;
             if (route.stored_key && meaning.expired) || meaning.revoked {
                 // The credential itself was refused (a static key is never
                 // refreshed): the refusal goes back as it came, and the
                 // session's health says it needs a new one.
                 self.refresher.credential_refused(&session);
             }
-            if !self.decide(&session, meaning.expired, kept.is_some(), replayed) {
-                return self.answer(route, &asked, answer).await;
-            }
+            let Some(next) = self.decide(&session, meaning.expired, kept, replayed) else {
+                return Ok(answer);
+            };
             // Reactive: the token was refused. Refresh (or pick up a refresh
             // another request made meanwhile) and replay once.
             let fresh = match self.refresher.refresh_refused(&session).await {
                 Ok(fresh) => fresh,
                 // A refresh moments ago did not cure this session's refusals:
                 // it is about something else (Spark's 1010 disabled key).
-                Err(RefreshError::TooSoon) => return self.answer(route, &asked, answer).await,
+                Err(RefreshError::TooSoon) => return Ok(answer),
                 Err(e) => {
                     drain(answer).await;
                     return Err(refresh_error(&session, e));
@@ -513,6 +553,8 @@ impl Proxy {
             log.replayed = true;
             session = fresh;
             replayed = true;
+            head = next;
+            head.uri = target.address(route, &session, &mut head.headers, &bytes)?;
         }
     }
 
@@ -536,7 +578,11 @@ impl Proxy {
             .filter(|k| !k.is_empty())
             .ok_or(ProxyError::MissingSession)?;
         let session = self
-            .resolve(route, Some(Presented::Key(KeyHash::of(key.as_bytes()))), client)
+            .resolve(
+                route,
+                Some(Presented::Key(KeyHash::of(key.as_bytes()))),
+                client,
+            )
             .await?;
         log.session = Some(Arc::clone(&session));
         let expires = std::time::SystemTime::now() + OWN_SESSION_LIFETIME;
@@ -553,53 +599,39 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// Passes an answer back: a streamed one through the response filter,
-    /// one read whole (to classify it) as it is.
-    async fn answer(
-        &self,
-        route: &Route,
-        asked: &Asked<'_>,
-        answer: Answer,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        match answer {
-            Answer::Stream(resp) => self.response_filter(route, asked, resp).await,
-            Answer::Read(resp) => Ok(pass_read(resp)),
-        }
-    }
-
     /// The one place that decides what an upstream answer means for its
-    /// request: `true` to refresh and replay it (the provider's `expired`
-    /// answer on a session that can refresh, first attempt, body kept);
-    /// else it is answered, and the refresh-loop guard and background
+    /// request: `Some(head)` to refresh and replay it with that head (the
+    /// provider's `expired` answer on a session that can refresh, first
+    /// attempt, head and body kept); `None`: it is answered, and the
+    /// refresh-loop guard and background
     /// refreshes are told what happened.
     fn decide(
         &self,
         session: &Arc<ActiveSession>,
         expired: bool,
-        replayable: bool,
+        kept: Option<Head>,
         replayed: bool,
-    ) -> bool {
+    ) -> Option<Head> {
         if !expired {
             self.refresher.accepted(&session.id);
-            return false;
+            return None;
         }
         if replayed {
             // Fresh tokens were refused too: hold later 401s of this
             // session for min_refresh_interval instead of rotating again.
             self.refresher.refusal_survived_refresh(session);
-            return false;
+            return None;
         }
         if !session.has_refresh_token {
-            return false;
+            return None;
         }
-        if !replayable {
+        if kept.is_none() {
             // The body went upstream streamed and cannot go again: the 401
             // goes back as it came, and the tokens are refreshed for the
             // next request.
             self.refresher.refresh_refused_in_background(session);
-            return false;
         }
-        true
+        kept
     }
 
     /// Sends a request whose body was kept; when the provider refuses it
@@ -607,30 +639,37 @@ impl Proxy {
     /// safe to send again ([`pacing::resendable`]) and the hold ends before
     /// the request's `max_queue_wait` does. Otherwise the refusal goes back
     /// as the provider gave it.
+    ///
+    /// The head is lent to each send while another may follow (a resend,
+    /// or a replay when `can_replay`) and given to the last one; it comes
+    /// back with the answer when it was kept.
+    #[allow(clippy::too_many_arguments)]
     async fn send_kept(
         &self,
         route: &Route,
         session: &ActiveSession,
-        out: &Outgoing<'_>,
+        head: Head,
         bytes: &Bytes,
+        can_replay: bool,
         log: &mut AccessLog,
         pace: &mut Pace,
-    ) -> Result<(Answer, Meaning), ProxyError> {
-        let resendable = pacing::resendable(&out.method, &out.headers);
+    ) -> Result<(Answer, Meaning, Option<Head>), ProxyError> {
+        let resendable = pacing::resendable(&head.method, &head.headers);
         let mut refusals = 0;
         loop {
+            let body = Outbound::Kept(bytes.clone());
+            let another_may_follow = can_replay || (resendable && refusals < MAX_RESENDS);
+            if !another_may_follow {
+                let (answer, meaning) = self
+                    .send(route, session, Cow::Owned(head), body, log, pace)
+                    .await?;
+                return Ok((answer, meaning, None));
+            }
             let (answer, meaning) = self
-                .send(
-                    route,
-                    session,
-                    out.clone_parts(),
-                    Outbound::Kept(bytes.clone()),
-                    log,
-                    pace,
-                )
+                .send(route, session, Cow::Borrowed(&head), body, log, pace)
                 .await?;
             if meaning.verdict == Verdict::Accepted {
-                return Ok((answer, meaning));
+                return Ok((answer, meaning, Some(head)));
             }
             refusals += 1;
             // A request sent without waiting has no deadline yet: it
@@ -640,7 +679,7 @@ impl Proxy {
                 .get_or_insert_with(|| tokio::time::Instant::now() + route.gate.max_wait());
             let in_time = route.gate.held_until().is_none_or(|held| held <= deadline);
             if !resendable || !in_time || refusals > MAX_RESENDS {
-                return Ok((answer, meaning));
+                return Ok((answer, meaning, Some(head)));
             }
             drain(answer).await;
         }
@@ -669,14 +708,13 @@ impl Proxy {
         }
     }
 
-    /// Takes a permit from the provider's gate, builds the upstream request
-    /// with `session`'s credentials and sends it; tells the gate whether the
-    /// provider refused it for its rate limit.
+    /// Takes a permit from the provider's gate and sends the request; tells
+    /// the gate whether the provider refused it for its rate limit.
     async fn send(
         &self,
         route: &Route,
         session: &ActiveSession,
-        out: Outgoing<'_>,
+        head: Cow<'_, Head>,
         body: Outbound,
         log: &mut AccessLog,
         pace: &mut Pace,
@@ -692,10 +730,9 @@ impl Proxy {
         if !permit.waited.is_zero() {
             log.queued_ms = Some(log.queued_ms.unwrap_or(0) + permit.waited.as_millis());
         }
-        let req = upstream_request(route, session, out, body)?;
         permit.sent();
         let sent = Instant::now();
-        let resp = route.upstream.here().send(req, &session.id).await;
+        let resp = route.upstream.here().send(head, body, &session.id).await;
         let took = sent.elapsed();
         route.metrics.upstream_latency(&self.metrics, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
@@ -730,7 +767,12 @@ impl Proxy {
             let plain = |s: &Signal| s.json_code.is_none() && s.names(status);
             let throttled = status != 429 && plain(&route.throttled);
             let revoked = route.revoked.iter().any(plain);
-            (Answer::Stream(resp), throttled, plain(&route.expired), revoked)
+            (
+                Answer::Stream(resp),
+                throttled,
+                plain(&route.expired),
+                revoked,
+            )
         };
         let verdict = match &answer {
             Answer::Stream(r) => pacing::verdict(r.status(), r.headers(), throttled),
@@ -1179,22 +1221,6 @@ fn names_us(authority: &Authority, local: SocketAddr) -> bool {
             .is_ok_and(|ip| ip == local.ip())
 }
 
-impl Outgoing<'_> {
-    /// A copy for one attempt; the original stays for a replay.
-    fn clone_parts(&self) -> Outgoing<'_> {
-        Outgoing {
-            method: self.method.clone(),
-            headers: self.headers.clone(),
-            slot: Slot {
-                key: None,
-                bearer: self.slot.bearer,
-            },
-            rest: self.rest,
-            query: self.query.clone(),
-        }
-    }
-}
-
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
@@ -1275,11 +1301,16 @@ async fn read_error_body(body: UpBody, wait: Duration) -> Result<Bytes, ProxyErr
     let limited = Limited::new(body, ERROR_BODY_LIMIT);
     match tokio::time::timeout(wait, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "upstream error body broke off or was too long");
-            Err(ProxyError::UpstreamUnreachable)
+        // Over the limit: an error body longer than is read.
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::unreachable(Cause::TooLong))
         }
-        Err(_) => Err(ProxyError::UpstreamTimeout),
+        // Broke off: unreachable whatever broke it.
+        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(Failure::new(
+            forward::cause_of(&*e),
+            Some(e),
+        ))),
+        Err(_) => Err(ProxyError::timeout(Cause::Timeout)),
     }
 }
 
@@ -1397,51 +1428,43 @@ fn refresh_error(session: &ActiveSession, e: RefreshError) -> ProxyError {
     }
 }
 
-/// Builds the request credproxy sends upstream.
-fn upstream_request(
-    route: &Route,
-    session: &ActiveSession,
-    out: Outgoing<'_>,
-    body: Outbound,
-) -> Result<Request<Outbound>, ProxyError> {
-    let Outgoing {
-        method,
-        mut headers,
-        slot,
-        rest,
-        query,
-    } = out;
-    let mut query = session.credentials.inject(&mut headers, query, &slot, rest);
-    if session.credentials.signs() {
-        // Spark's API keys: signed over the path, the query as it goes
-        // (with the injected AuthToken) and the body as sent.
-        let body: &[u8] = match &body {
-            Outbound::Kept(bytes) => bytes,
-            Outbound::Streamed(_) => return Err(ProxyError::BodyTooLargeToSign),
-        };
-        let path = format!("{}{rest}", route.base_path);
-        let q = query.get_or_insert_with(String::new);
-        session.credentials.sign(&path, q, body);
+impl Target<'_> {
+    /// Writes `session`'s credentials into `headers` (only
+    /// [`Credentials::inject`](crate::provider::Credentials::inject) does)
+    /// and returns the upstream URI, in origin form: the upstream client
+    /// adds the scheme and authority where the protocol wants them (Host for
+    /// HTTP/1.1, :authority for h2). Spark's API keys sign the request over
+    /// the path, the query as it goes (with the injected `AuthToken`) and
+    /// `body`, as sent.
+    fn address(
+        &self,
+        route: &Route,
+        session: &ActiveSession,
+        headers: &mut HeaderMap,
+        body: &[u8],
+    ) -> Result<Uri, ProxyError> {
+        let mut query =
+            session
+                .credentials
+                .inject(headers, self.query.as_deref(), &self.slot, self.rest);
+        if session.credentials.signs() {
+            let path = format!("{}{}", route.base_path, self.rest);
+            session
+                .credentials
+                .sign(&path, query.get_or_insert_with(String::new), body);
+        }
+        let mut path_and_query = String::with_capacity(
+            route.base_path.len() + self.rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+        );
+        path_and_query.push_str(&route.base_path);
+        path_and_query.push_str(self.rest);
+        if let Some(q) = &query {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Uri::try_from(path_and_query)
+            .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
     }
-    let mut path_and_query = String::with_capacity(
-        route.base_path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
-    );
-    path_and_query.push_str(&route.base_path);
-    path_and_query.push_str(rest);
-    if let Some(q) = &query {
-        path_and_query.push('?');
-        path_and_query.push_str(q);
-    }
-    // Origin form: the upstream client adds the scheme and authority
-    // where the protocol wants them (Host for HTTP/1.1, :authority for h2).
-    let uri = Uri::try_from(path_and_query)
-        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    Ok(req)
 }
 
 /// Bodies up to this size with a known length are rewritten whole, so their
@@ -1602,9 +1625,9 @@ impl Proxy {
 /// yet is waited for, within `wait`.
 async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<Bytes, ProxyError> {
     use futures_util::FutureExt;
+    // Broke off: unreachable whatever broke it.
     let broke = |e: Box<dyn std::error::Error + Send + Sync>| {
-        tracing::debug!(error = %e, "upstream body broke off");
-        ProxyError::UpstreamUnreachable
+        ProxyError::UpstreamUnreachable(Failure::new(forward::cause_of(&*e), Some(e)))
     };
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
@@ -1613,7 +1636,7 @@ async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<B
             Some(frame) => frame,
             None => tokio::time::timeout(wait, body.frame())
                 .await
-                .map_err(|_| ProxyError::UpstreamTimeout)?,
+                .map_err(|_| ProxyError::timeout(Cause::Stalled))?,
         };
         let Some(frame) = frame else { break };
         let Ok(data) = frame.map_err(broke)?.into_data() else {
@@ -1633,8 +1656,9 @@ async fn read_whole(mut body: UpBody, declared: u64, wait: Duration) -> Result<B
         } else {
             rest.len()
         };
+        // Longer than its Content-Length (which is within WHOLE_BODY_LIMIT).
         if len as u64 > WHOLE_BODY_LIMIT || len as u64 > declared {
-            return Err(ProxyError::UpstreamUnreachable);
+            return Err(ProxyError::unreachable(Cause::Protocol));
         }
         if len as u64 == declared {
             break;

@@ -207,7 +207,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.clone().cancelled_owned(),
     ));
     tasks.spawn(
-        Arc::clone(sessions.ring()).watch(config.store.key_reload_interval, shutdown.clone()),
+        Arc::clone(sessions.vault().ring())
+            .watch(config.store.key_reload_interval, shutdown.clone()),
     );
     tasks.spawn(Arc::clone(&refresher).refresh_ahead(shutdown.clone().cancelled_owned()));
     tasks.spawn(Arc::clone(&refresher).refresh_idle(shutdown.clone().cancelled_owned()));

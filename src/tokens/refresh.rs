@@ -379,7 +379,7 @@ impl Refresher {
             match marked {
                 Ok(_) => {
                     tracing::warn!(session = %seen.id, provider = %seen.provider, "the upstream refused a stored key; the session needs a new one");
-                    me.sessions.invalidate(&seen.id);
+                    me.sessions.cache().invalidate(&seen.id);
                 }
                 Err(e) => {
                     tracing::warn!(session = %seen.id, error = %e, "a refused stored key could not be recorded")
@@ -618,7 +618,7 @@ impl Refresher {
         actor: Actor,
     ) -> Result<Attempt, RefreshError> {
         let force = why == Why::Forced;
-        let generation = self.sessions.generation();
+        let generation = self.sessions.cache().generation();
         let store = self.sessions.store();
         let rec = store.session_by_id(id).await?.ok_or(RefreshError::Gone)?;
         if flight.version != rec.version {
@@ -668,8 +668,13 @@ impl Refresher {
             store.release_refresh_lease(id, &self.owner).await?;
             return Ok(Attempt::Done(self.settle(&rec, generation, why).await?));
         }
-        self.sessions.know_keys_of(&rec).await;
-        let Some(refresh_token) = self.sessions.refresh_token(&rec)? else {
+        self.sessions.vault().know_keys_of(&rec).await;
+        let Some(refresh_token) = self
+            .sessions
+            .vault()
+            .refresh_token(&rec)
+            .map_err(SessionError::from)?
+        else {
             store.release_refresh_lease(id, &self.owner).await?;
             return Err(RefreshError::NotRefreshable);
         };
@@ -690,9 +695,10 @@ impl Refresher {
                 };
                 let now = store::now();
                 let sealed = if usable {
-                    self.sessions.seal_refreshed(&rec, &tokens, now)
+                    self.sessions.vault().seal_refreshed(&rec, &tokens, now)
                 } else {
                     self.sessions
+                        .vault()
                         .seal_unusable(&rec, tokens.refresh_token.as_ref(), now)
                 };
                 // The provider has rotated the refresh token: until it is
@@ -765,7 +771,7 @@ impl Refresher {
                         };
                         // Cached copies hold the old expiry: drop them, so
                         // the next request sees the token as expired.
-                        self.sessions.invalidate(id);
+                        self.sessions.cache().invalidate(id);
                         Ok(Attempt::Unusable {
                             version: new.version,
                             provider: rec.provider.clone(),
@@ -833,7 +839,7 @@ impl Refresher {
                         Some(&audit),
                     )
                     .await?;
-                self.sessions.invalidate(id);
+                self.sessions.cache().invalidate(id);
                 Err(RefreshError::Reauthorization)
             }
             Err(TokenError::Failed { class, reason }) => {
@@ -859,7 +865,7 @@ impl Refresher {
         why: Why,
     ) -> Result<Arc<ActiveSession>, SessionError> {
         // Another process may have sealed it under a key not known here yet.
-        self.sessions.know_keys_of(rec).await;
+        self.sessions.vault().know_keys_of(rec).await;
         match why {
             Why::Idle => self.sessions.uncached(rec),
             _ => self.sessions.install(rec, generation),
@@ -899,7 +905,7 @@ impl Refresher {
         {
             Ok(true) => {
                 tracing::warn!(session = %id, provider = %provider, class, "session refresh_failing: it serves requests with the token it has while the refresh is retried");
-                self.sessions.invalidate(id);
+                self.sessions.cache().invalidate(id);
             }
             Ok(false) => {}
             Err(e) => {
@@ -1044,7 +1050,8 @@ impl Refresher {
                         // Used here since the cutoff, not yet in the store.
                         if self
                             .sessions
-                            .last_use(&candidate.id)
+                            .uses()
+                            .last(&candidate.id)
                             .is_some_and(|at| at >= cutoff)
                         {
                             continue;
@@ -1129,11 +1136,15 @@ impl Refresher {
                 _ = interval.tick() => {}
             }
             let now = store::now();
-            for id in self.sessions.used_since(now - RECENT_USE.as_secs() as i64) {
+            for id in self
+                .sessions
+                .uses()
+                .used_since(now - RECENT_USE.as_secs() as i64)
+            {
                 let session = match self.sessions.by_id(&id).await {
                     Ok(Some(s)) => s,
                     Ok(None) => {
-                        self.sessions.forget_use(&id);
+                        self.sessions.uses().forget(&id);
                         continue;
                     }
                     Err(e) => {

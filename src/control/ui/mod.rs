@@ -861,7 +861,7 @@ async fn dashboard(
         .into_iter()
         .take(MAX_ROWS)
         .map(|r| {
-            let last_use = state.sessions().last_use(&r.id);
+            let last_use = state.sessions().uses().last(&r.id);
             row(
                 r,
                 now,

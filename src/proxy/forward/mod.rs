@@ -6,6 +6,7 @@
 //! Bodies are never collected here: request and response bodies stream
 //! through frame by frame, so memory use does not grow with body size.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +31,7 @@ use tower_service::Service as _;
 
 use super::silence::{BodyReadTimeout, BodyStalled, Silence};
 use crate::config::ProviderConfig;
-use crate::error::ProxyError;
+use crate::error::{chain, Cause, Failure, ProxyError};
 pub use crate::tls::{tls_config, TlsError};
 
 pub mod h1;
@@ -53,6 +54,28 @@ impl Outbound {
             Outbound::Kept(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
             Outbound::Streamed(body) => body,
         }
+    }
+}
+
+/// An upstream request's head: method, URI in origin form (path and
+/// query), headers with the credentials in. The proxy builds it once per
+/// request and lends it to each attempt ([`Upstream::send`] takes a
+/// `Cow`): credproxy's HTTP/1.1 client only reads it, and hyper's, which
+/// needs it owned, gets a copy only when another attempt may follow.
+#[derive(Clone)]
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+impl Head {
+    fn into_request<B>(self, body: B) -> Request<B> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
     }
 }
 
@@ -231,9 +254,9 @@ impl Upstream {
         self.response_timeout
     }
 
-    /// Sends the request (its URI in origin form: path and query) for the
-    /// session `owner` and waits for the response head, within the
-    /// provider's timeouts; the response body is left streaming.
+    /// Sends the request (`head`, then `body`) for the session `owner` and
+    /// waits for the response head, within the provider's timeouts; the
+    /// response body is left streaming.
     ///
     /// **Isolation:** an HTTP/1.1 connection is reused only by the session
     /// it was opened for (`owner`), so whatever an upstream sends beyond an
@@ -241,30 +264,31 @@ impl Upstream {
     /// are framed apart by the protocol and share one connection.
     pub async fn send(
         &self,
-        req: Request<Outbound>,
+        head: Cow<'_, Head>,
+        body: Outbound,
         owner: &str,
     ) -> Result<Response<UpBody>, ProxyError> {
         let idle = self.response_timeout;
-        match tokio::time::timeout(self.response_timeout, self.send_now(req, owner)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout),
+        match tokio::time::timeout(self.response_timeout, self.send_now(head, body, owner)).await {
+            Err(_) => Err(ProxyError::timeout(Cause::Timeout)),
             Ok(answer) => answer.map(|resp| resp.map(|body| Silence::answer(body, idle))),
         }
     }
 
     async fn send_now(
         &self,
-        req: Request<Outbound>,
+        head: Cow<'_, Head>,
+        body: Outbound,
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
-        let (parts, body) = req.into_parts();
         match body {
             Outbound::Kept(bytes)
                 if bytes.len() <= h1::COALESCE && !self.speaks_h2.load(Ordering::Relaxed) =>
             {
-                self.send_own(parts, bytes, owner).await
+                self.send_own(head, bytes, owner).await
             }
             body => {
-                let req = Request::from_parts(parts, body.into_body());
+                let req = head.into_owned().into_request(body.into_body());
                 Ok(self.send_hyper(req).await?.map(UpInner::Hyper))
             }
         }
@@ -275,17 +299,17 @@ impl Upstream {
     /// an answer) goes once more, on a new connection.
     async fn send_own(
         &self,
-        parts: http::request::Parts,
+        head: Cow<'_, Head>,
         body: Bytes,
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (wire, rest) = h1::encode(&parts.method, path, &self.host, &parts.headers, &body);
-        let head_request = parts.method == Method::HEAD;
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (wire, rest) = h1::encode(&head.method, path, &self.host, &head.headers, &body);
+        let head_request = head.method == Method::HEAD;
         // Only a safe method goes again: the request was written, and an
         // upstream that acted on it and then reset would see a PUT or a
         // DELETE twice.
-        let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let safe = matches!(head.method, Method::GET | Method::HEAD | Method::OPTIONS);
         // The first try on an idle connection, if there is one; a second
         // one (only after a reused connection failed) always on a new one:
         // another idle one may have been closed at the same moment. A new
@@ -297,7 +321,9 @@ impl Upstream {
                 None => match self.connect().await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io), owner), false),
                     Connected::H2(tx) => {
-                        let req = Request::from_parts(parts, Outbound::Kept(body).into_body());
+                        let req = head
+                            .into_owned()
+                            .into_request(Outbound::Kept(body).into_body());
                         return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
                     }
                 },
@@ -311,7 +337,7 @@ impl Upstream {
                 Err(e) if reused && safe && e.unanswered() => {
                     tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
                 }
-                Err(e) => return Err(classify(&e)),
+                Err(e) => return Err(classify(e)),
             }
         }
     }
@@ -351,7 +377,7 @@ impl Upstream {
         match self.connect().await? {
             Connected::H2(tx) => self.send_h2(tx, req).await,
             Connected::H1(io) => {
-                let (mut tx, conn) = http1::handshake(*io).await.map_err(|e| classify(&e))?;
+                let (mut tx, conn) = http1::handshake(*io).await.map_err(classify)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream connection ended");
@@ -360,7 +386,7 @@ impl Upstream {
                 req.headers_mut().insert(HOST, self.host.clone());
                 // `tx` goes with this function: the connection ends once
                 // the answer has been read.
-                tx.send_request(req).await.map_err(|e| classify(&e))
+                tx.send_request(req).await.map_err(classify)
             }
         }
     }
@@ -375,7 +401,7 @@ impl Upstream {
         parts.authority = Some(self.authority.clone());
         *req.uri_mut() = Uri::from_parts(parts)
             .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
-        tx.send_request(req).await.map_err(|e| classify(&e))
+        tx.send_request(req).await.map_err(classify)
     }
 
     /// The HTTP/2 connection, if there is one and it is open.
@@ -398,13 +424,13 @@ impl Upstream {
         let io = connector
             .call(self.origin.clone())
             .await
-            .map_err(|e| classify(&*e))?;
+            .map_err(connect_error)?;
         if !io.connected().is_negotiated_h2() {
             return Ok(Connected::H1(Box::new(io)));
         }
         let (tx, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(classify)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
@@ -417,11 +443,14 @@ impl Upstream {
     }
 }
 
-/// Maps a client error to the contract: a timed-out connect is a timeout,
-/// a body over the provider's limit is 413, anything else is unreachable.
-fn classify(e: &(dyn std::error::Error + 'static)) -> ProxyError {
-    let mut source = Some(e);
-    while let Some(err) = source {
+/// Maps a client error to the contract: a body over the provider's limit
+/// is 413, a request body that stopped arriving 408, a timed-out connect or
+/// a silent answer a timeout, anything else unreachable; the last two keep
+/// the error and its [`Cause`] for the access log.
+pub fn classify(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
+    let e = e.into();
+    let mut timed_out = None;
+    for err in chain(&*e) {
         if err.is::<http_body_util::LengthLimitError>() {
             return ProxyError::BodyTooLarge;
         }
@@ -429,17 +458,87 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> ProxyError {
             return ProxyError::RequestTimeout;
         }
         if err.is::<BodyStalled>() {
-            return ProxyError::UpstreamTimeout;
+            timed_out = timed_out.or(Some(Cause::Stalled));
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
-                return ProxyError::UpstreamTimeout;
+                timed_out = timed_out.or(Some(Cause::Timeout));
             }
         }
-        source = err.source();
     }
-    tracing::debug!(error = %e, "upstream request failed");
-    ProxyError::UpstreamUnreachable
+    match timed_out {
+        Some(cause) => ProxyError::UpstreamTimeout(Failure::new(cause, Some(e))),
+        None => ProxyError::UpstreamUnreachable(Failure::new(cause_of(&*e), Some(e))),
+    }
+}
+
+/// What a client error says about why the exchange failed: a TLS error
+/// anywhere in its chain first, else the outermost error that says.
+pub fn cause_of(e: &(dyn std::error::Error + 'static)) -> Cause {
+    if let Some(tls) = chain(e).find_map(|e| e.downcast_ref::<rustls::Error>()) {
+        return match tls {
+            rustls::Error::InvalidCertificate(_) => Cause::Certificate,
+            _ => Cause::Protocol,
+        };
+    }
+    chain(e).find_map(says).unwrap_or(Cause::Other)
+}
+
+/// The cause one error of a chain names, if it names one.
+fn says(e: &(dyn std::error::Error + 'static)) -> Option<Cause> {
+    use std::io::ErrorKind;
+    if e.is::<BodyStalled>() {
+        return Some(Cause::Stalled);
+    }
+    if let Some(h1) = e.downcast_ref::<h1::H1Error>() {
+        return match h1 {
+            h1::H1Error::Closed => Some(Cause::Closed),
+            h1::H1Error::Invalid(_) => Some(Cause::Protocol),
+            // Its source, the I/O error, says.
+            h1::H1Error::Io(_) => None,
+        };
+    }
+    if let Some(h) = e.downcast_ref::<hyper::Error>() {
+        if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+            return Some(Cause::Protocol);
+        }
+        if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+            return Some(Cause::Closed);
+        }
+        return None;
+    }
+    let io = e.downcast_ref::<std::io::Error>()?;
+    Some(match io.kind() {
+        ErrorKind::ConnectionRefused => Cause::Refused,
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            Cause::Reset
+        }
+        ErrorKind::UnexpectedEof => Cause::Closed,
+        ErrorKind::TimedOut => Cause::Timeout,
+        ErrorKind::InvalidData => Cause::Protocol,
+        _ => return None,
+    })
+}
+
+/// A connection that could not be opened. hyper-util's connector reports
+/// the TCP stage (name resolution, connect) in an error of its own, whose
+/// text for a resolver's failure is "dns error"; hyper-rustls reports the
+/// TLS stage as an I/O error, and everything that fails there, past the
+/// TCP connect, is the handshake (or the certificate).
+fn connect_error(e: Box<dyn std::error::Error + Send + Sync>) -> ProxyError {
+    let tls_stage = e.is::<std::io::Error>();
+    let dns = !tls_stage && e.to_string() == "dns error";
+    let mut error = classify(e);
+    if let Some(failure) = error.failure_mut() {
+        failure.cause = match failure.cause {
+            Cause::Certificate => Cause::Certificate,
+            _ if tls_stage => Cause::TlsHandshake,
+            _ if dns => Cause::Dns,
+            Cause::Timeout => Cause::ConnectTimeout,
+            cause => cause,
+        };
+    }
+    error
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
