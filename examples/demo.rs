@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use credproxy::config::Config;
 use credproxy::tokens::sessions::NewTokens;
-use credproxy_standins::{Options, Standin};
+use credproxy_standins::{ApiKey, Options, Standin};
 use secrecy::SecretString;
 
 /// The preferred port, or any free one when it is taken.
@@ -93,9 +93,11 @@ fn fresh_store(dir: &Path) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _log = credproxy::telemetry::init("info");
-    // Spark with its replication host, as flex-mls and replication jobs use it.
+    // Spark with its replication host, as flex-mls and replication jobs use
+    // it, and a key of its API-key authentication.
     let spark = Standin::start(Options {
         replication: true,
+        api_keys: vec![ApiKey::demo()],
         ..Options::spark()
     })
     .await?;

@@ -3,7 +3,9 @@
 //!
 //! Each request's body is hashed as it streams in (never held whole), the
 //! request is recorded (rejected ones too), then its credentials are checked
-//! the way the provider does (Spark: `Authorization: OAuth|Bearer TOKEN`;
+//! the way the provider does (Spark: `Authorization: OAuth|Bearer TOKEN`,
+//! or, when its query carries `AuthToken` or `ApiSig`, API-key
+//! authentication's signature over its path, query and body: see `apikey.rs`;
 //! Zillow: `accessToken`, `clientId` and `apiKey` query parameters; acme:
 //! its [`crate::OAuth2`] credential slot and required values) and it is
 //! answered by one of the special paths, the RESO Web API (Spark) or a JSON
@@ -30,8 +32,8 @@ use sha2::{Digest, Sha256};
 
 use crate::budget::Verdict;
 use crate::{
-    big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded, Refusal,
-    Shared, Slot,
+    apikey, big_json, encoding, hex, reso, AccessCheck, ApiFault, Kind, Listener, Recorded,
+    Refusal, Shared, Slot,
 };
 
 /// Where `/redirect-away` points.
@@ -49,7 +51,9 @@ pub(crate) async fn handle(
     let (parts, body) = req.into_parts();
     let coding = encoding::negotiate(&parts.headers);
     let head = parts.method == Method::HEAD;
-    let (body_len, body_sha256, complete) = hash_body(body).await;
+    // A signed request's body is part of its signature: kept, up to a limit.
+    let signed = kind == Kind::Spark && apikey::is_signed(&parts);
+    let (body_len, body_sha256, complete, kept) = hash_body(body, signed).await;
     let rec = Recorded {
         host: ctx.host,
         method: parts.method.to_string(),
@@ -80,7 +84,7 @@ pub(crate) async fn handle(
         let denied = fault(&shared)
             .or_else(|| over_budget(&shared))
             .or_else(|| match kind {
-                Kind::Spark => check_spark(&shared, &parts),
+                Kind::Spark => check_spark(&shared, &parts, signed, kept.as_deref()),
                 Kind::Zillow => check_zillow(&shared, &parts),
                 Kind::OAuth2 => check_oauth2(&shared, &parts),
             });
@@ -95,10 +99,15 @@ pub(crate) async fn handle(
     resp
 }
 
-/// Reads the body to its end, hashing as it goes. `false` when it broke off.
-async fn hash_body(mut body: Incoming) -> (u64, String, bool) {
+/// The most of a signed request's body kept to check its signature.
+const MAX_SIGNED_BODY: usize = 16 * 1024 * 1024;
+
+/// Reads the body to its end, hashing as it goes (`false` when it broke
+/// off), and with `keep` keeps it too (`None` past [`MAX_SIGNED_BODY`]).
+async fn hash_body(mut body: Incoming, keep: bool) -> (u64, String, bool, Option<Vec<u8>>) {
     let mut hasher = Sha256::new();
     let mut len = 0u64;
+    let mut kept = keep.then(Vec::new);
     let complete = loop {
         match body.frame().await {
             None => break true,
@@ -107,11 +116,18 @@ async fn hash_body(mut body: Incoming) -> (u64, String, bool) {
                 if let Ok(data) = frame.into_data() {
                     len += data.len() as u64;
                     hasher.update(&data);
+                    if let Some(buf) = &mut kept {
+                        if buf.len() + data.len() <= MAX_SIGNED_BODY {
+                            buf.extend_from_slice(&data);
+                        } else {
+                            kept = None;
+                        }
+                    }
                 }
             }
         }
     };
-    (len, hex(&hasher.finalize()), complete)
+    (len, hex(&hasher.finalize()), complete, kept)
 }
 
 /// A JSON answer of the API (`/` escaped if the options say so).
@@ -215,9 +231,15 @@ fn rate_limited(shared: &Shared, status: StatusCode, retry_after: Option<u64>) -
     resp
 }
 
-/// `None` when the request carries a valid Spark access token (and, if
-/// required, an `X-SparkApi-User-Agent`).
-fn check_spark(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
+/// `None` when the request carries a valid Spark access token, or (`signed`,
+/// API-key authentication) a live `AuthToken` and a right signature over
+/// `body`; and, if required, an `X-SparkApi-User-Agent`.
+fn check_spark(
+    shared: &Shared,
+    parts: &Parts,
+    signed: bool,
+    body: Option<&[u8]>,
+) -> Option<Response<Body>> {
     if shared.opts.require_user_agent {
         let has_agent = parts
             .headers
@@ -232,6 +254,9 @@ fn check_spark(shared: &Shared, parts: &Parts) -> Option<Response<Body>> {
                 "X-SparkApi-User-Agent header must be provided",
             ));
         }
+    }
+    if signed {
+        return apikey::check(shared, parts, body);
     }
     let mut values = parts.headers.get_all(AUTHORIZATION).iter();
     let token = match (values.next(), values.next()) {

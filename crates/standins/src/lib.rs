@@ -3,7 +3,8 @@
 //! for credproxy's integration tests (in-process) and its demo.
 //!
 //! A [`Standin`] is one running HTTP/1.1 server on 127.0.0.1 that plays one
-//! provider: its token endpoint (see `token.rs`), its authorisation pages
+//! provider: its token endpoint (see `token.rs`; Spark also its session
+//! endpoint, see `apikey.rs`), its authorisation pages
 //! (login, consent and redirect; see `authorize.rs`), and an API (see `api.rs`) that checks credentials the way the
 //! provider does, records every request it receives and offers a few special
 //! paths to exercise a proxy's streaming, timeouts, status handling, link
@@ -15,7 +16,7 @@
 //!
 //! Every path that is not the token endpoint or an authorisation page is the
 //! API. It checks credentials first (Spark: `Authorization: OAuth TOKEN` or
-//! `Bearer TOKEN`; Zillow: `accessToken`, `clientId` and `apiKey` in the
+//! `Bearer TOKEN`, or a signed request, below; Zillow: `accessToken`, `clientId` and `apiKey` in the
 //! query; acme: where [`OAuth2::credential`] says), then answers:
 //!
 //! | path | answer |
@@ -97,6 +98,34 @@
 //!   the same API with the same tokens and counters. [`Recorded::host`] tells
 //!   which listener got a request.
 //!
+//! # API-key authentication (Spark)
+//!
+//! Spark's original authentication, as its Ruby client
+//! (`SparkApi::Authentication::ApiAuth`) does it, for the keys in
+//! [`Options::api_keys`] (each an [`ApiKey`]: key, secret, optional
+//! `ApiUser`); see `apikey.rs`:
+//! - `POST /v1/session?ApiKey=K&ApiSig=S` with `S` = [`session_sig`]
+//!   answers `{"D": {"Success": true, "Results": [{"AuthToken", "Expires",
+//!   "Roles": ["idx"]}]}}`, `Expires` in RFC 3339 with Spark's `-05:00`
+//!   offset, [`Options::session_lifetime`] ahead. One session per key:
+//!   opening one ends the key's last. An unknown key or a bad signature gets
+//!   401 code 1000, a disabled key ([`Standin::set_api_key_disabled`], or
+//!   [`ApiFault::DisabledKey`]) 1010. The endpoint follows
+//!   [`Standin::set_token_mode`] (hang, 500; `InvalidGrant`: 1000) and is
+//!   not an API request: not recorded, not budgeted; [`Standin::session_calls`]
+//!   counts its calls and [`Standin::sessions_opened`] the sessions it
+//!   opened, per key.
+//! - An API request whose query carries `AuthToken` or `ApiSig` is checked
+//!   this way instead of by its `Authorization`: `AuthToken` and `ApiSig`
+//!   exactly once, `ApiSig` = [`request_sig`] over the path as received,
+//!   the query and the body (else 1000), the key's `ApiUser` exactly once
+//!   when it has one and none when not (else 1000), the key enabled (else
+//!   1010), the session neither ended nor past `Expires` (else 1020; an
+//!   `AuthToken` never issued also gets 1020).
+//! - Controls: [`Standin::end_api_sessions`], [`Standin::end_api_session`],
+//!   [`Standin::set_session_lifetime`], [`Standin::open_api_session`] (another
+//!   copy of the application takes the key's session), [`Standin::live_auth_token`].
+//!
 //! Spark's refusals are `{"D": {"Success": false, "Code": N, "Message": "..."}}`:
 //! 1000 invalid key (401), 1010 disabled key (401), 1016 user agent required
 //! (400), 1020 expired token (401), 1550 over the rate limit (429 or 503).
@@ -140,6 +169,7 @@
 //!   [`Standin::revoke_static_key`]; then it is refused as an unknown token.
 
 mod api;
+mod apikey;
 mod authorize;
 mod big_json;
 mod budget;
@@ -150,6 +180,7 @@ mod reso;
 mod token;
 
 pub use api::pattern_byte;
+pub use apikey::{request_sig, session_sig, ApiKey, ApiSession};
 pub use big_json::big_json_records;
 pub use budget::{Budget, Refusal};
 
@@ -322,6 +353,12 @@ pub struct Options {
     pub require_user_agent: bool,
     /// The generic OAuth 2 stand-in's choices (ignored by Spark and Zillow).
     pub oauth2: OAuth2,
+    /// Spark only: the keys its API-key authentication accepts (see
+    /// [below](#api-key-authentication-spark)); none by default.
+    pub api_keys: Vec<ApiKey>,
+    /// Spark only: how long a session of API-key authentication lasts
+    /// (`Expires`); [`Standin::set_session_lifetime`] changes it later.
+    pub session_lifetime: Duration,
 }
 
 impl Options {
@@ -339,6 +376,8 @@ impl Options {
             replication_port: 0,
             require_user_agent: false,
             oauth2: OAuth2::default(),
+            api_keys: Vec::new(),
+            session_lifetime: Duration::from_secs(3600),
         }
     }
 
@@ -356,6 +395,8 @@ impl Options {
             replication_port: 0,
             require_user_agent: false,
             oauth2: OAuth2::default(),
+            api_keys: Vec::new(),
+            session_lifetime: Duration::from_secs(3600),
         }
     }
 
@@ -376,6 +417,8 @@ impl Options {
             replication_port: 0,
             require_user_agent: false,
             oauth2: OAuth2::default(),
+            api_keys: Vec::new(),
+            session_lifetime: Duration::from_secs(3600),
         }
     }
 }
@@ -677,6 +720,67 @@ impl Standin {
         lock(&self.shared.last_redirect_uri).clone()
     }
 
+    /// Spark: every session of API-key authentication ends now; its
+    /// `AuthToken` answers 401 code 1020 from now on.
+    pub fn end_api_sessions(&self) {
+        self.shared.api_keys().end_all();
+    }
+
+    /// Spark: `key`'s session, if it has one, ends now (1020 from now on).
+    pub fn end_api_session(&self, key: &str) {
+        self.shared.api_keys().end(key);
+    }
+
+    /// Spark: sessions opened from now on last `lifetime` (their `Expires`);
+    /// an `AuthToken` past it answers 401 code 1020.
+    pub fn set_session_lifetime(&self, lifetime: Duration) {
+        self.shared.api_keys().set_lifetime(lifetime);
+    }
+
+    /// Spark: opens a session for `key` as another copy of the application
+    /// would, ending the one it had. Not counted by [`Standin::sessions_opened`].
+    pub fn open_api_session(&self, key: &str) -> ApiSession {
+        self.shared.api_keys().open(key)
+    }
+
+    /// Spark: `key` is disabled (`true`) or enabled again: while disabled,
+    /// its session endpoint and its API requests answer 401 code 1010.
+    pub fn set_api_key_disabled(&self, key: &str, disabled: bool) {
+        self.shared.api_keys().set_disabled(key, disabled);
+    }
+
+    /// Spark: sessions that `POST /v1/session` opened for `key`.
+    pub fn sessions_opened(&self, key: &str) -> u64 {
+        self.shared.api_keys().opened(key)
+    }
+
+    /// Spark: sessions that `POST /v1/session` opened, every key together.
+    pub fn sessions_opened_total(&self) -> u64 {
+        self.shared.api_keys().opened_total()
+    }
+
+    /// Spark: `key`'s live `AuthToken`, if it has one that has not ended or expired.
+    pub fn live_auth_token(&self, key: &str) -> Option<String> {
+        self.shared.api_keys().live_token(key)
+    }
+
+    /// Spark: every `AuthToken` ever issued (for tests that search logs for secrets).
+    pub fn all_auth_tokens(&self) -> Vec<String> {
+        self.shared.api_keys().all_tokens()
+    }
+
+    /// Spark: POSTs to the session endpoint, whatever their outcome.
+    pub fn session_calls(&self) -> u64 {
+        *self.shared.session_calls.borrow()
+    }
+
+    /// Resolves once at least `n` POSTs have reached the session endpoint
+    /// (counted on arrival, before the answer).
+    pub async fn wait_for_session_calls(&self, n: u64) {
+        let mut rx = self.shared.session_calls.subscribe();
+        let _ = rx.wait_for(|count| *count >= n).await;
+    }
+
     /// Every API request received (not token endpoint calls), oldest first.
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.shared.requests).clone()
@@ -813,12 +917,18 @@ pub(crate) struct Shared {
     recorded: watch::Sender<usize>,
     /// The generic stand-in's static key, until revoked.
     pub(crate) static_key: Mutex<Option<String>>,
+    /// Spark's API keys and their sessions.
+    api_keys: Mutex<apikey::State>,
+    /// POSTs to Spark's session endpoint, whatever their outcome.
+    pub(crate) session_calls: watch::Sender<u64>,
 }
 
 impl Shared {
     fn new(opts: Options, api_origin: String, replication_origin: Option<String>) -> Shared {
         Shared {
             static_key: Mutex::new(opts.oauth2.static_key.clone()),
+            api_keys: Mutex::new(apikey::State::new(&opts.api_keys, opts.session_lifetime)),
+            session_calls: watch::Sender::new(0),
             opts,
             api_origin,
             replication_origin,
@@ -839,6 +949,10 @@ impl Shared {
 
     pub(crate) fn tokens(&self) -> MutexGuard<'_, TokenStore> {
         lock(&self.tokens)
+    }
+
+    pub(crate) fn api_keys(&self) -> MutexGuard<'_, apikey::State> {
+        lock(&self.api_keys)
     }
 
     /// A single-use authorisation code for the token endpoint.
@@ -1091,6 +1205,8 @@ async fn route(shared: Arc<Shared>, ctx: Arc<Listener>, req: Request<Incoming>) 
     let path = req.uri().path();
     if path == kind.token_path() {
         token::handle(shared, req).await
+    } else if kind == Kind::Spark && path == apikey::SESSION_PATH {
+        apikey::session(shared, req).await
     } else if let Some((page, flow, step)) = authorize::route(kind, path) {
         authorize::handle(shared, req, page, flow, step).await
     } else {

@@ -8,7 +8,9 @@
 //! token pair as `export` lines, then one line per API request (and per
 //! request refused by the budget) on stderr.
 //! The Spark stand-in also serves its API on a replication host
-//! (`SPARK_REPLICATION_BASE`), as `replication.sparkapi.com` does.
+//! (`SPARK_REPLICATION_BASE`), as `replication.sparkapi.com` does, and
+//! accepts one key of Spark's API-key authentication
+//! (`SPARK_APIAUTH_KEY`, `SPARK_APIAUTH_SECRET`; see `ApiKey::demo`).
 //!
 //! A budget (`--budget 1500/5m`, Spark's figure for an IDX key) makes a
 //! stand-in refuse API requests beyond N in any window of length DUR, as
@@ -17,7 +19,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use credproxy_standins::{Budget, Kind, Options, Refusal, Standin};
+use credproxy_standins::{ApiKey, Budget, Kind, Options, Refusal, Standin};
 
 const USAGE: &str = concat!(
     "usage: credproxy-standins [--spark-port N] [--zillow-port N] [--acme-port N] ",
@@ -176,6 +178,10 @@ fn print_exports(prefix: &str, standin: &Standin) {
     if let Some(expires_in) = tokens.expires_in {
         println!("export {prefix}_EXPIRES_IN={expires_in}");
     }
+    for key in &opts.api_keys {
+        println!("export {prefix}_APIAUTH_KEY={}", key.key);
+        println!("export {prefix}_APIAUTH_SECRET={}", key.secret);
+    }
     if let Some(b) = standin.budget() {
         let refused = match (standin.kind(), b.refusal) {
             (Kind::Spark, Refusal::Spark1550) => "503 code 1550",
@@ -253,6 +259,7 @@ async fn main() -> ExitCode {
     spark_opts.port = args.spark_port;
     spark_opts.replication = true;
     spark_opts.replication_port = args.replication_port;
+    spark_opts.api_keys = vec![ApiKey::demo()];
     spark_opts.access_lifetime =
         (args.spark_lifetime > 0).then(|| Duration::from_secs(args.spark_lifetime));
     let mut zillow_opts = Options::zillow();
