@@ -135,6 +135,10 @@ kind = "spark"
 api_base = "{replication_base}"
 sessions_from = "spark"
 
+[providers.spark-apikey]      # Spark's API-key authentication: credproxy signs every request
+kind = "spark_api_key"
+api_base = "{spark_base}"
+
 [providers.zillow]
 kind = "zillow"
 api_base = "{zillow_base}"
@@ -184,6 +188,28 @@ api_key = "{zillow_key}"
         keys.push(added.key.expose().to_owned());
         ids.push(added.id);
     }
+    // A session of Spark's API-key authentication: the key and its secret.
+    let demo_key = ApiKey::demo();
+    let (access_token, refresh_token) =
+        credproxy::provider::spark::api_key::ApiKeyCredentials::new_session(
+            demo_key.key.clone(),
+            SecretString::from(demo_key.secret.clone()),
+            None,
+        );
+    let signed = running
+        .sessions
+        .add(
+            "spark-apikey",
+            NewTokens {
+                access_token,
+                refresh_token: Some(refresh_token),
+                expires_in: Some(0),
+            },
+            Some("demo spark API key".to_owned()),
+            None,
+            credproxy::audit::Actor::Cli,
+        )
+        .await?;
     let p = running.proxy_addr;
     println!();
     println!(
@@ -215,6 +241,11 @@ api_key = "{zillow_key}"
     println!(
         "curl -H 'Authorization: Bearer {}' 'http://{p}/spark-replication/Version/3/Reso/OData/Member?$top=2'",
         keys[0]
+    );
+    println!("# Spark's API-key authentication: credproxy opens Spark's session and signs the request");
+    println!(
+        "curl -H 'X-Credproxy-Session: {}' 'http://{p}/spark-apikey/v1/listings?_limit=1'",
+        signed.key.expose()
     );
     println!("# Zillow: the session key as the accessToken parameter");
     println!(
