@@ -471,7 +471,7 @@ mod tests {
     fn spark_expiry_times_read_with_any_offset() {
         assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10Z"), Some(10));
         assert_eq!(unix_of_rfc3339("1970-01-01T01:00:10+01:00"), Some(10));
-        assert_eq!(unix_of_rfc3339("1969-12-31T19:00:10-05:00"), Some(10));
+        assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10-05:00"), Some(18_010));
         assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10.250Z"), Some(10));
         assert_eq!(unix_of_rfc3339("tomorrow"), None);
     }
