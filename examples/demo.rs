@@ -92,7 +92,7 @@ fn fresh_store(dir: &Path) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _log = credproxy::telemetry::init("info");
+    let _log = credproxy::telemetry::init("info", &Default::default());
     // Spark with its replication host, as flex-mls and replication jobs use
     // it, and a key of its API-key authentication.
     let spark = Standin::start(Options {
