@@ -362,3 +362,87 @@ async fn the_access_line_tells_how_the_body_ended() {
         .expect("bytes_out");
     assert!(out > 0 && out < 200_000_000, "{line}");
 }
+
+/// The access line of an answer whose upstream breaks off mid-body: the
+/// upstream is named as the side that broke off, with the bytes that got
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_line_names_an_upstream_that_broke_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Declares 100,000 bytes, sends 1,000, then closes.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up_addr = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&[b'x'; 1000]).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let w = World::new().await;
+    let text = format!(
+        "{}\n[providers.cut]\nkind = \"static\"\napi_base = \"http://{up_addr}\"\n",
+        w.config_text(&Extra::default())
+    );
+    let cfg = w.path("cut.toml");
+    std::fs::write(&cfg, text).expect("config");
+    let out = support::run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "cut",
+            "--access-token",
+            "static-key",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let key = added["session_key"].as_str().expect("key").to_owned();
+    let srv = BinServer::spawn(&cfg, "info");
+    // The caller sees the connection end before the declared length: at
+    // the head (nothing was flushed yet) or in the body.
+    let sent = client()
+        .get(url(srv.proxy_addr, "/cut/file"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await;
+    if let Ok(r) = sent {
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.is_err(), "the body cannot end well");
+    }
+    let line = srv
+        .stderr
+        .wait_for(Duration::from_secs(10), |l| {
+            l.contains("credproxy::access") && l.contains("/cut/file")
+        })
+        .expect("the access line");
+    assert!(line.contains("broke_off=\"upstream\""), "{line}");
+    let out: u64 = line
+        .split("bytes_out=")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("bytes_out");
+    assert!(out <= 1000, "{line}");
+}
