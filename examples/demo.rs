@@ -92,7 +92,7 @@ fn fresh_store(dir: &Path) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _log = credproxy::telemetry::init("info");
+    let _log = credproxy::telemetry::init("info", &Default::default());
     // Spark with its replication host, as flex-mls and replication jobs use
     // it, and a key of its API-key authentication.
     let spark = Standin::start(Options {
@@ -242,7 +242,9 @@ api_key = "{zillow_key}"
         "curl -H 'Authorization: Bearer {}' 'http://{p}/spark-replication/Version/3/Reso/OData/Member?$top=2'",
         keys[0]
     );
-    println!("# Spark's API-key authentication: credproxy opens Spark's session and signs the request");
+    println!(
+        "# Spark's API-key authentication: credproxy opens Spark's session and signs the request"
+    );
     println!(
         "curl -H 'X-Credproxy-Session: {}' 'http://{p}/spark-apikey/v1/listings?_limit=1'",
         signed.key.expose()

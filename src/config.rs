@@ -137,6 +137,16 @@ struct RawConfig {
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     notify: Option<RawNotify>,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<String>,
+    sample_ratio: Option<f64>,
+    log_format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,6 +332,8 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     /// `[notify]`, when configured.
     pub notify: Option<NotifyConfig>,
+    /// `[telemetry]`: traces and the log's format.
+    pub telemetry: crate::telemetry::Settings,
     /// Things worth telling the operator that do not stop start-up.
     pub warnings: Vec<String>,
     /// Secrets put aside under [`Needs::Store`] (always empty under
@@ -1162,6 +1174,7 @@ fn validate(
             })
         })
         .transpose()?;
+    let telemetry = telemetry(raw.telemetry)?;
     // Two listeners on one address would fail at bind time with a vaguer message.
     for (i, (ka, a)) in ports.iter().enumerate() {
         for (kb, b) in &ports[i + 1..] {
@@ -1176,8 +1189,37 @@ fn validate(
         admin,
         providers,
         notify,
+        telemetry,
         warnings,
         unresolved,
+    })
+}
+
+/// `[telemetry]`: traces off unless `otlp_endpoint` is set.
+fn telemetry(t: RawTelemetry) -> Result<crate::telemetry::Settings, ConfigError> {
+    use crate::telemetry::{LogFormat, Settings};
+    let otlp_endpoint = t
+        .otlp_endpoint
+        .map(|u| http_url("telemetry.otlp_endpoint", &u).map(|u| u.to_string()))
+        .transpose()?;
+    let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+    }
+    let log_format = match t.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(invalid(
+                "telemetry.log_format",
+                format!("`{other}` is neither \"text\" nor \"json\""),
+            ))
+        }
+    };
+    Ok(Settings {
+        otlp_endpoint,
+        sample_ratio,
+        log_format,
     })
 }
 

@@ -331,12 +331,8 @@ struct AddArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Serve => "info",
-        _ => "warn",
-    };
-    let log = telemetry::init(default_level);
-    let result = run(cli);
+    let mut log = None;
+    let result = run(cli, &mut log);
     // Every log line out before the error lines below.
     drop(log);
     match result {
@@ -369,7 +365,9 @@ fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; logging starts once the config (which says how lines
+/// are written, and where traces go) is read, into `log`.
+fn run(cli: Cli, log: &mut Option<telemetry::Guard>) -> anyhow::Result<()> {
     // What is printed from the command line's own description needs no config.
     match &cli.command {
         Command::Completions { shell } => return completions(*shell),
@@ -384,6 +382,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         _ => Needs::Store,
     };
     let config = Config::load_for(&cli.config, needs)?;
+    let (default_level, settings) = match cli.command {
+        Command::Serve => ("info", config.telemetry.clone()),
+        // Only the server's requests are traced.
+        _ => (
+            "warn",
+            telemetry::Settings {
+                otlp_endpoint: None,
+                ..config.telemetry.clone()
+            },
+        ),
+    };
+    // Before the runtime: the trace exporter's blocking HTTP client must
+    // not be made (or dropped) on a runtime thread.
+    *log = telemetry::init(default_level, &settings);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if matches!(cli.command, Command::Serve) {

@@ -862,9 +862,10 @@ async fn demo_prints_working_commands_and_starts_fresh() {
             .expect("sh");
         assert!(out.status.success(), "run {run}: {list}: {}", stderr(&out));
         let sessions: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        // Spark's, Zillow's and the Spark API key's.
         assert_eq!(
             sessions.as_array().map(Vec::len),
-            Some(2),
+            Some(3),
             "run {run}: only this run's sessions: {sessions}"
         );
         // And they are alive: the printed curl line's key works.

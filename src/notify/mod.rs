@@ -191,6 +191,28 @@ impl Notifier {
     }
 
     async fn deliver(&self, row: EventRow) {
+        use tracing::Instrument;
+        // A trace of its own per delivery; never the URL (see above).
+        let span = if crate::telemetry::traces_on() {
+            tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "notify",
+                otel.name = "POST notify",
+                otel.kind = "client",
+                http.request.method = "POST",
+                credproxy.event_type = row.kind.as_str(),
+                credproxy.event_id = row.id.as_str(),
+                credproxy.session_id = row.session_id.as_str(),
+                http.response.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        self.deliver_now(row).instrument(span).await;
+    }
+
+    async fn deliver_now(&self, row: EventRow) {
         let body = event_body(&row);
         let t = store::now();
         let signature = sign::signature(self.config.secret.expose_secret().as_bytes(), t, &body);
@@ -204,11 +226,20 @@ impl Notifier {
             .body(body)
             .send()
             .await;
+        if let Ok(resp) = &sent {
+            tracing::Span::current().record(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            );
+        }
         let failure = match sent {
             Ok(resp) if resp.status().is_success() => None,
             Ok(resp) => Some(format!("http_{}", resp.status().as_u16())),
             Err(e) => Some(failure_class(&e).to_owned()),
         };
+        if let Some(class) = &failure {
+            tracing::Span::current().record("error.type", class.as_str());
+        }
         let now = store::now();
         let outcome = match &failure {
             None => {

@@ -371,7 +371,19 @@ impl Gate {
             rx
         };
         self.changed.notify_one();
-        match tokio::time::timeout_at(deadline, rx).await {
+        let wait = tokio::time::timeout_at(deadline, rx);
+        let waited = if crate::telemetry::traces_on() {
+            use tracing::Instrument;
+            let span = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "wait for budget",
+                credproxy.provider = self.provider,
+            );
+            wait.instrument(span).await
+        } else {
+            wait.await
+        };
+        match waited {
             Ok(Ok(mut permit)) => {
                 permit.waited = start.elapsed();
                 if let Some(h) = &self.metrics.waited {

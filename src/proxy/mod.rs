@@ -30,11 +30,22 @@
 //!   provider's origins behind the proxy (`links.rs`: `Location`,
 //!   `Content-Location`, `Link`, JSON and XML bodies); `send` has already
 //!   scrubbed the injected credentials from every header of the answer.
-//! * `handle` writes the access-log line.
+//! * `handle` wraps the answer's body in [`Logged`] (`access.rs`), which
+//!   writes the access-log line once the body has been sent or broken off.
+//!
+//! Traces (with `[telemetry] otlp_endpoint` only, see `telemetry/`): `handle`
+//! makes the server span, the child of the caller's `traceparent` if it
+//! sent one; `send` makes a client span per upstream attempt (a resend or
+//! a replay is another) and sends that span's `traceparent` upstream in
+//! place of the caller's. Attributes are the caller's method and path (no
+//! query), statuses, the provider and the session id: no token, key or
+//! injected parameter.
 
+mod access;
 pub mod forward;
 pub mod links;
 pub mod silence;
+mod spans;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -68,10 +79,15 @@ use crate::proxy::forward::{
 };
 use crate::secrets::session::{KeyHash, Status};
 use crate::store;
+use crate::telemetry;
 use crate::tokens::refresh::{RefreshError, Refresher};
 use crate::tokens::sessions::{ActiveSession, Grant, Refusal, Scope, SessionError, Sessions};
+pub use access::Logged;
+use access::{AccessLog, BytesIn, Line};
 use links::{Bases, Coding, LinkBody, LinkMap, Origin, Rewriter};
 use silence::{BodyReadTimeout, Silence};
+use spans::{attempt_span, record_answer, server_span};
+use tracing::Instrument;
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
 pub type ProxyBody = Either<UpBody, Either<LinkBody, Full<Bytes>>>;
@@ -107,6 +123,9 @@ struct Route {
     throttled: Signal,
     /// `api_base`'s path without its trailing slash ("" for a bare host).
     base_path: String,
+    /// `api_base`'s host and port (the attempts' `server.address`).
+    api_host: String,
+    api_port: u16,
     default_session: Option<String>,
     max_request_body: Option<u64>,
     max_replay_body: usize,
@@ -201,22 +220,6 @@ enum Presented<'a> {
 /// slot held, and the query to forward.
 type Identified<'q> = (Option<Presented<'q>>, Slot, Option<Cow<'q, str>>);
 
-/// The fields of the access log line, filled in as the phases learn them.
-struct AccessLog {
-    provider: &'static str,
-    /// The route's index, once routing found one (its metrics).
-    route: Option<usize>,
-    session: Option<Arc<ActiveSession>>,
-    /// The key the request presented (its id is logged, never the key).
-    key: Option<Arc<Grant>>,
-    upstream_ms: Option<u128>,
-    replayed: bool,
-    /// How long the request waited for the provider's budget, if it did.
-    queued_ms: Option<u128>,
-    /// Refusals for the rate limit the provider answered this request with.
-    upstream_refusals: u32,
-}
-
 /// A request's place in its provider's rate-limit queue.
 struct Pace {
     /// Set at the first send: the request may wait until then.
@@ -285,6 +288,8 @@ impl Proxy {
                 signs: p.description.scheme == crate::config::Scheme::SparkApiKey,
                 throttled: p.description.throttled.clone(),
                 base_path: p.api_base.path().trim_end_matches('/').to_owned(),
+                api_host: p.api_base.host_str().unwrap_or_default().to_owned(),
+                api_port: p.api_base.port_or_known_default().unwrap_or_default(),
                 default_session: p.default_session.clone(),
                 max_request_body: p.max_request_body,
                 max_replay_body: p.max_replay_body,
@@ -362,22 +367,18 @@ impl Proxy {
         mount: Mount,
         local: SocketAddr,
         req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<Logged<ProxyBody>> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let method = parts.method.clone();
         let uri = parts.uri.clone();
-        let mut log = AccessLog {
-            provider: "-",
-            route: None,
-            session: None,
-            key: None,
-            upstream_ms: None,
-            replayed: false,
-            queued_ms: None,
-            upstream_refusals: 0,
-        };
-        let (resp, failed) = match self.proxy(mount, local, parts, body, &mut log).await {
+        let span = server_span(&parts);
+        let mut log = AccessLog::new(span.clone());
+        let (resp, failed) = match self
+            .proxy(mount, local, parts, body, &mut log)
+            .instrument(span)
+            .await
+        {
             Ok(resp) => (resp, None),
             // The answer is the fixed code and message; why the upstream
             // failed goes only to the log line.
@@ -389,25 +390,22 @@ impl Proxy {
             Some(route) => route.metrics.request(&self.metrics, status),
             None => self.metrics.request(log.provider, status),
         }
-        tracing::info!(
-            target: "credproxy::access",
-            provider = log.provider,
-            method = %method,
-            path = uri.path(),
+        let error = resp.headers().get(crate::error::ERROR_HEADER).cloned();
+        if !log.span.is_none() {
+            record_answer(&log, status, error.as_ref(), failure);
+        }
+        let line = Line {
+            log,
+            method,
+            uri,
             status,
-            upstream_ms = log.upstream_ms.map(|m| m as u64),
-            total_ms = started.elapsed().as_millis() as u64,
-            session = log.session.as_ref().map(|s| s.id.as_str()),
-            key_id = log.key.as_ref().map(|k| k.key_id.as_str()),
-            replayed = log.replayed,
-            queued_ms = log.queued_ms.map(|m| m as u64),
-            upstream_refusals = (log.upstream_refusals > 0).then_some(log.upstream_refusals),
-            error = resp.headers().get(crate::error::ERROR_HEADER).and_then(|v| v.to_str().ok()),
-            cause = failure.map(|f| f.cause.as_str()),
-            detail = failure.and_then(|f| f.detail()).as_deref(),
-            "request"
-        );
-        resp
+            started,
+            head: started.elapsed(),
+            error,
+            cause: failure.map(|f| f.cause.as_str()),
+            detail: failure.and_then(|f| f.detail()),
+        };
+        resp.map(|body| Logged::new(body, line))
     }
 
     async fn proxy(
@@ -462,7 +460,9 @@ impl Proxy {
             self.sessions.note_key_use(grant, store::now());
         }
         log.key = grant;
+        let version = session.version;
         let session = self.ensure_fresh(route, session).await?;
+        log.refreshed = session.version != version;
         log.session = Some(Arc::clone(&session));
 
         strip_hop_by_hop(&mut parts.headers);
@@ -473,7 +473,13 @@ impl Proxy {
         // a `_method` in it is seen (`form_overrides_to_refused_method`).
         let form_post = parts.method == Method::POST && is_form(&parts.headers);
         let keep = session.has_refresh_token || form_post;
-        let body = prepare_body(route, &parts.headers, body, keep).await?;
+        let body = match prepare_body(route, &parts.headers, body, keep).await? {
+            Prepared::Kept(bytes) => {
+                log.bytes_in = BytesIn::Known(bytes.len() as u64);
+                Prepared::Kept(bytes)
+            }
+            Prepared::Streamed(body) => Prepared::Streamed(log.count_in(body)),
+        };
         if route.signs && matches!(body, Prepared::Streamed(_)) {
             // Signed over the body as sent: only a body kept in memory can be.
             return Err(ProxyError::BodyTooLargeToSign);
@@ -575,6 +581,7 @@ impl Proxy {
             drain(answer).await;
             log.session = Some(Arc::clone(&fresh));
             log.replayed = true;
+            log.refreshed = true;
             session = fresh;
             replayed = true;
             head = next;
@@ -766,9 +773,30 @@ impl Proxy {
             log.queued_ms = Some(log.queued_ms.unwrap_or(0) + permit.waited.as_millis());
         }
         permit.sent();
+        log.attempts += 1;
+        let span = attempt_span(route, &head, log.attempts);
+        let mut head = head;
+        if !span.is_none() {
+            // This attempt's traceparent goes upstream, not the caller's.
+            telemetry::trace::propagate(&span, &mut head.to_mut().headers);
+        }
         let sent = Instant::now();
-        let resp = route.upstream.here().send(head, body, &session.id).await;
+        let resp = route
+            .upstream
+            .here()
+            .send(head, body, &session.id)
+            .instrument(span.clone())
+            .await;
         let took = sent.elapsed();
+        if !span.is_none() {
+            match &resp {
+                Ok(r) => span.record("http.response.status_code", i64::from(r.status().as_u16())),
+                Err(e) => span.record(
+                    "error.type",
+                    e.failure().map_or(e.code(), |f| f.cause.as_str()),
+                ),
+            };
+        }
         route.metrics.upstream_latency(&self.metrics, took);
         log.upstream_ms = Some(log.upstream_ms.unwrap_or(0) + took.as_millis());
         let mut resp = resp?;

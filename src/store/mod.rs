@@ -89,13 +89,31 @@ pub const HOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// `call`, bounded by [`HOT_TIMEOUT`]: the store calls of the request path.
 /// A dropped call's statement, if it got that far, is ended by the
 /// database's own `statement_timeout` (PostgreSQL, see `postgres.rs`).
-pub async fn within<T>(
+/// A call slower than [`SLOW_CALL`] is written into the request's trace as
+/// a span, named by where it was made.
+#[track_caller]
+pub fn within<T>(
     call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(HOT_TIMEOUT, call)
-        .await
-        .unwrap_or(Err(StoreError::Timeout))
+) -> impl std::future::Future<Output = Result<T, StoreError>> {
+    let site = std::panic::Location::caller();
+    async move {
+        let traced = crate::telemetry::traces_on();
+        let began = traced.then(|| (std::time::SystemTime::now(), std::time::Instant::now()));
+        let result = tokio::time::timeout(HOT_TIMEOUT, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout));
+        if let Some((at, start)) = began {
+            let took = start.elapsed();
+            if took >= SLOW_CALL {
+                crate::telemetry::trace::after_the_fact("store call", at, took, site);
+            }
+        }
+        result
+    }
 }
+
+/// A store call of the request path slower than this gets a span.
+pub const SLOW_CALL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A session row as stored: tokens still sealed.
 #[derive(Debug, Clone)]

