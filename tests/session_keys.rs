@@ -456,3 +456,65 @@ async fn a_store_of_the_previous_release_keeps_its_key() {
     assert_eq!(keys[0].scope_text(), "any");
     srv.shutdown().await;
 }
+
+/// On PostgreSQL, a key revoked through one instance's admin API stops
+/// working there at once and on the other instance within 2 seconds; the
+/// session's other key goes on working on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_one_instance_stops_on_the_other_within_two_seconds() {
+    let Some(db) = support::postgres_db("session_key_revoked_two_instances").await else {
+        return;
+    };
+    let w = World::new().await;
+    let cfg = w.write_config(&Extra {
+        store_url: Some(db),
+        ..Extra::default()
+    });
+    let added = support::cli_add(&cfg, "spark", &w.spark.issue_tokens());
+    let id = added["id"].as_str().expect("id").to_owned();
+    let first = added["session_key"].as_str().expect("key").to_owned();
+    let a = support::BinServer::spawn(&cfg, "warn");
+    let b = support::BinServer::spawn(&cfg, "warn");
+    let (key_id, key) = admin_add_key(
+        a.admin_addr,
+        &id,
+        serde_json::json!({"label": "leaked", "paths": ["/v1/*"]}),
+    )
+    .await;
+    // Both instances serve the new key (b learns it from the change log).
+    for srv in [&a, &b] {
+        let r = call(srv.proxy_addr, reqwest::Method::GET, "/spark/v1/x", &key).await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = client()
+        .delete(url(
+            a.admin_addr,
+            &format!("/admin/sessions/{id}/keys/{key_id}"),
+        ))
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 204);
+    // At once where it was revoked.
+    let r = call(a.proxy_addr, reqwest::Method::GET, "/spark/v1/x", &key).await;
+    assert_eq!(r.status(), 401);
+    // Within 2 seconds on the other instance.
+    let revoked = std::time::Instant::now();
+    loop {
+        let r = call(b.proxy_addr, reqwest::Method::GET, "/spark/v1/x", &key).await;
+        if r.status() == 401 {
+            assert_eq!(error_code(&r), "unknown_session");
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "instance b still serves a revoked key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for srv in [&a, &b] {
+        let r = call(srv.proxy_addr, reqwest::Method::GET, "/spark/v1/x", &first).await;
+        assert_eq!(r.status(), 200, "the session's first key goes on");
+    }
+}
