@@ -202,6 +202,60 @@ fn lookup(c: &mut Criterion, w: &World) {
                 .unwrap()
         })
     });
+    // The lookup with the scope check the proxy makes after it: one branch
+    // on `None` for an unlimited key (the session's first key, above)...
+    let method = http::Method::GET;
+    c.bench_function("lookup/scope_check_unlimited", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let keyed = sessions
+                .by_key_from(black_box(&hash), Some(client))
+                .await
+                .unwrap()
+                .unwrap();
+            match &keyed.grant.scope {
+                Some(scope) => scope
+                    .admit(&method, black_box("/v1/listings/20"), 0)
+                    .is_ok(),
+                None => true,
+            }
+        })
+    });
+    // ...and the methods and patterns of a limited key (no rate: its
+    // window is a lock and a deque, measured by the gate's benches).
+    let limited = w.rt.block_on(async {
+        let added = sessions
+            .add_key(
+                &keyed_session_id(sessions, &hash).await,
+                None,
+                credproxy::tokens::sessions::ScopeAsked::parse(
+                    Some("GET,HEAD"),
+                    Some("/v1/contacts*,/v1/listings/*/photos,/v1/listings*"),
+                    None,
+                    None,
+                )
+                .expect("scope"),
+                credproxy::audit::Actor::Cli,
+            )
+            .await
+            .expect("key added");
+        added.key.hash()
+    });
+    c.bench_function("lookup/scope_check_limited", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let keyed = sessions
+                .by_key_from(black_box(&limited), Some(client))
+                .await
+                .unwrap()
+                .unwrap();
+            let allowed = match &keyed.grant.scope {
+                Some(scope) => scope
+                    .admit(&method, black_box("/v1/listings/20"), 0)
+                    .is_ok(),
+                None => true,
+            };
+            assert!(allowed);
+        })
+    });
     // A key the store said does not exist: answered by the negative cache.
     let unknown = KeyHash::of(b"cpk_not-a-session-key-at-all-0123456789abcdefgh");
     w.rt.block_on(sessions.by_key(&unknown)).unwrap();
@@ -220,6 +274,12 @@ fn lookup(c: &mut Criterion, w: &World) {
     c.bench_function("lookup/cold_budget_check", |b| {
         b.iter(|| black_box(sessions.cold().admit(black_box(client)).is_ok()))
     });
+}
+
+/// The id of the session `hash` names.
+async fn keyed_session_id(sessions: &Sessions, hash: &KeyHash) -> String {
+    let keyed = sessions.by_key(hash).await.unwrap().unwrap();
+    keyed.session.id.clone()
 }
 
 fn injection(c: &mut Criterion, w: &World) {

@@ -34,6 +34,12 @@ pub enum ProxyError {
     TokenRefreshFailed {
         retry_after_secs: u64,
     },
+    /// The request is outside its session key's scope (its methods or paths).
+    ForbiddenByScope,
+    /// The session key's own rate (`--rate`) is spent: refused at once.
+    KeyRateLimited {
+        retry_after_secs: u64,
+    },
     /// No budget for this request within the provider's `max_queue_wait`.
     RateLimited {
         retry_after_secs: u64,
@@ -64,7 +70,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge | ProxyError::BodyTooLargeToSign => "body_too_large",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::TokenRefreshFailed { .. } => "token_refresh_failed",
-            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::ForbiddenByScope => "forbidden_by_scope",
+            ProxyError::RateLimited { .. } | ProxyError::KeyRateLimited { .. } => "rate_limited",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::LookupsLimited { .. } => "too_many_lookups",
@@ -80,6 +87,7 @@ impl ProxyError {
             | ProxyError::KeyOfOtherProvider
             | ProxyError::ReauthorizationRequired => StatusCode::UNAUTHORIZED,
             ProxyError::UnknownRoute => StatusCode::NOT_FOUND,
+            ProxyError::ForbiddenByScope => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge | ProxyError::BodyTooLargeToSign => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -88,9 +96,9 @@ impl ProxyError {
             ProxyError::TokenRefreshFailed { .. } | ProxyError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::RateLimited { .. } | ProxyError::LookupsLimited { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ProxyError::RateLimited { .. }
+            | ProxyError::KeyRateLimited { .. }
+            | ProxyError::LookupsLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,7 +117,9 @@ impl ProxyError {
             ProxyError::BodyTooLargeToSign => "this provider's requests are signed over their body, which must fit in memory: the body is larger than its max_replay_body",
             ProxyError::RequestTimeout => "the request body stopped arriving; send it again",
             ProxyError::TokenRefreshFailed { .. } => "the provider's token endpoint failed; the session is intact, retry later",
+            ProxyError::ForbiddenByScope => "this session key may not make this request: its method or path is outside the key's scope",
             ProxyError::RateLimited { .. } => "the provider's request budget is spent for now; retry after Retry-After seconds",
+            ProxyError::KeyRateLimited { .. } => "this session key's own rate is spent for now; retry after Retry-After seconds",
             ProxyError::UpstreamUnreachable(_) => "the upstream API could not be reached",
             ProxyError::UpstreamTimeout(_) => "the upstream API did not answer in time",
             ProxyError::LookupsLimited { .. } => "too many requests from this address presented session keys that are not cached; retry after Retry-After seconds",
@@ -156,6 +166,7 @@ impl ProxyError {
         match self {
             ProxyError::TokenRefreshFailed { retry_after_secs }
             | ProxyError::RateLimited { retry_after_secs }
+            | ProxyError::KeyRateLimited { retry_after_secs }
             | ProxyError::LookupsLimited { retry_after_secs } => {
                 h.insert(
                     http::header::RETRY_AFTER,

@@ -12,7 +12,9 @@ use secrecy::{ExposeSecret, SecretString};
 use credproxy::config::{Config, Needs, DEFAULT_PATH};
 use credproxy::secrets::session::SessionKey;
 use credproxy::tokens::refresh::{RefreshError, Refresher};
-use credproxy::tokens::sessions::{NewTokens, RevokedBy, SessionInfo, Sessions};
+use credproxy::tokens::sessions::{
+    NewTokens, RevokedBy, ScopeAsked, SessionError, SessionInfo, Sessions,
+};
 use credproxy::{server, telemetry};
 
 /// mimalloc instead of glibc's malloc: the hot path allocates and frees a
@@ -234,6 +236,60 @@ enum SessionCommand {
         /// The session's id (as shown by `session list`).
         id: String,
     },
+    /// A session's keys: one per application, each revocable on its own
+    /// and each limited to the methods, paths and rate it needs.
+    #[command(subcommand)]
+    Key(SessionKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum SessionKeyCommand {
+    /// Add a key to session ID and print it once. Without options it may
+    /// do anything the session can, like the key `session add` printed.
+    Add(SessionKeyAddArgs),
+    /// List the session's keys: key id, label, scope, created, expires,
+    /// last use. Never a key.
+    List {
+        /// The session's id (as shown by `session list`).
+        id: String,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke one key: it stops working within 2 seconds on every running
+    /// server; the session and its other keys go on.
+    Revoke {
+        /// The session's id.
+        id: String,
+        /// The key's id (as shown by `session key list`).
+        key_id: String,
+    },
+}
+
+#[derive(Args)]
+struct SessionKeyAddArgs {
+    /// The session's id (as shown by `session list`).
+    id: String,
+    /// A note for people: which application holds this key.
+    #[arg(long)]
+    label: Option<String>,
+    /// The methods it may use, separated by commas (e.g. GET,HEAD).
+    #[arg(long, value_name = "METHODS")]
+    methods: Option<String>,
+    /// The paths it may use, after the provider's prefix, separated by
+    /// commas; `*` matches any run of characters (e.g. /v1/listings*).
+    #[arg(long, value_name = "PATTERN,...")]
+    paths: Option<String>,
+    /// Seconds until the key stops working.
+    #[arg(long, value_name = "SECONDS")]
+    expires_in: Option<u64>,
+    /// Its own budget, N requests per DURATION (e.g. 100/1m): beyond it,
+    /// 429 `rate_limited` at once. Counted by each server for itself.
+    #[arg(long, value_name = "N/DURATION")]
+    rate: Option<String>,
+    /// Print {"key_id", "session_key"} as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -845,6 +901,7 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
             }
             println!("session {id} revoked");
         }
+        SessionCommand::Key(cmd) => session_key(&sessions, cmd).await?,
         SessionCommand::Refresh { id } => {
             let Some(info) = sessions.info(&id).await? else {
                 bail!("no session with id {id}");
@@ -872,6 +929,69 @@ async fn session(config: Config, cmd: SessionCommand) -> anyhow::Result<()> {
                 // Revoked in the meantime, by someone else.
                 None => println!("session {id} refreshed (and since revoked)"),
             }
+        }
+    }
+    Ok(())
+}
+
+async fn session_key(sessions: &Sessions, cmd: SessionKeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        SessionKeyCommand::Add(a) => {
+            let scope = ScopeAsked::parse(
+                a.methods.as_deref(),
+                a.paths.as_deref(),
+                a.rate.as_deref(),
+                a.expires_in,
+            )?;
+            let added = match sessions
+                .add_key(&a.id, a.label, scope, credproxy::audit::Actor::Cli)
+                .await
+            {
+                Err(SessionError::NotFound(_)) => bail!("no session with id {}", a.id),
+                other => other?,
+            };
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key_id": added.key_id, "session_key": added.key.expose()})
+                );
+            } else {
+                println!("key {} added to session {}", added.key_id, a.id);
+                println!("session key (shown only now): {}", added.key.expose());
+            }
+        }
+        SessionKeyCommand::List { id, json } => {
+            let Some(keys) = sessions.keys(&id).await? else {
+                bail!("no session with id {id}");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                let mut rows = vec![
+                    ["KEY ID", "LABEL", "SCOPE", "CREATED", "EXPIRES", "LAST USE"]
+                        .map(str::to_owned),
+                ];
+                for k in &keys {
+                    rows.push([
+                        k.key_id.clone(),
+                        k.label.clone().unwrap_or_default(),
+                        k.scope_text(),
+                        k.created_at.clone(),
+                        k.expires_at.clone().unwrap_or_else(|| "never".to_owned()),
+                        k.last_used_at.clone().unwrap_or_else(|| "never".to_owned()),
+                    ]);
+                }
+                print!("{}", credproxy::table::columns(&rows));
+            }
+        }
+        SessionKeyCommand::Revoke { id, key_id } => {
+            if !sessions
+                .revoke_key(&id, &key_id, credproxy::audit::Actor::Cli)
+                .await?
+            {
+                bail!("session {id} has no key {key_id}");
+            }
+            println!("key {key_id} of session {id} revoked");
         }
     }
     Ok(())

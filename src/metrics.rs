@@ -25,6 +25,14 @@ pub struct ProviderLabels {
     pub provider: &'static str,
 }
 
+/// A refusal by a session key's own limits: the provider and what refused
+/// it (never the key or its id: their number is not bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyRefusalLabels {
+    pub provider: &'static str,
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SessionLabels {
     pub provider: String,
@@ -67,6 +75,7 @@ pub struct Metrics {
     rate_wait: Family<ProviderLabels, Histogram>,
     upstream_refusals: Family<ProviderLabels, Counter>,
     rate_limited: Family<ProviderLabels, Counter>,
+    key_refusals: Family<KeyRefusalLabels, Counter>,
     budget_remaining: Family<ProviderLabels, Gauge>,
     events: Family<EventLabels, Counter>,
     /// The gates whose remaining budget is read at each scrape.
@@ -201,6 +210,12 @@ impl Default for Metrics {
             "Requests credproxy answered 429 rate_limited: no budget within max_queue_wait",
             rate_limited.clone(),
         );
+        let key_refusals = Family::<KeyRefusalLabels, Counter>::default();
+        registry.register(
+            "key_refusals",
+            "Requests refused by their session key's own limits, by provider and outcome (forbidden_by_scope, key_rate_limited, key_expired)",
+            key_refusals.clone(),
+        );
         let budget_remaining = Family::<ProviderLabels, Gauge>::default();
         registry.register(
             "rate_budget_remaining",
@@ -218,6 +233,7 @@ impl Default for Metrics {
             rate_wait,
             upstream_refusals,
             rate_limited,
+            key_refusals,
             budget_remaining,
             gates: std::sync::Mutex::new(Vec::new()),
             registry,
@@ -256,6 +272,13 @@ impl Metrics {
             counter.inc_by(now.saturating_sub(counter.get()));
         }
         c.absent_cached.set(stats.absent_cached as i64);
+    }
+
+    /// A request refused by its key's limits (`outcome`: what refused it).
+    pub fn key_refusal(&self, provider: &'static str, outcome: &'static str) {
+        self.key_refusals
+            .get_or_create(&KeyRefusalLabels { provider, outcome })
+            .inc();
     }
 
     pub fn request(&self, provider: &'static str, status: u16) {

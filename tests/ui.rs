@@ -799,3 +799,79 @@ async fn a_refused_refresh_token_shows_reconnect_needed() {
     assert!(html.contains(&format!("id=\"reconnect-{id}\"")));
     srv.shutdown().await;
 }
+
+/// A session's keys in the browser: listed from the sessions table, one
+/// revoked with its button (it stops working at once; the first key goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_keys_are_listed_and_one_is_revoked_in_the_browser() {
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let w = World::new().await;
+    let admin = free_port();
+    let srv = start_at(&w, admin, &Extra::default()).await;
+    let base = format!("http://{admin}");
+    let (id, first, _) = add_session(&srv, "spark", &w.spark).await;
+    let scope = credproxy::tokens::sessions::ScopeAsked::parse(
+        Some("GET"),
+        Some("/v1/listings*"),
+        Some("100/1m"),
+        None,
+    )
+    .expect("scope");
+    let added = srv
+        .sessions
+        .add_key(
+            &id,
+            Some("feed".into()),
+            scope,
+            credproxy::audit::Actor::Cli,
+        )
+        .await
+        .expect("key added");
+    let key = added.key.expose().to_owned();
+
+    b.goto(&format!("{base}/ui")).await;
+    b.fill("#token", ADMIN_TOKEN).await;
+    b.click_and_navigate("#sign-in", "#sessions").await;
+    b.click_and_navigate(&format!("#keys-{id}"), "#keys").await;
+    let listed = b.text("#keys").await;
+    assert!(
+        listed.contains(&added.key_id) && listed.contains("feed"),
+        "{listed}"
+    );
+    assert!(listed.contains("GET /v1/listings* 100/1m"), "{listed}");
+    assert!(
+        !source(&b).await.contains(&key),
+        "the page never shows a key"
+    );
+    shots(&b, "ui-keys").await;
+
+    let r = client()
+        .get(url(srv.proxy_addr, "/spark/v1/listings"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    b.click_and_navigate(&format!("#revoke-key-{}", added.key_id), "#flash")
+        .await;
+    assert!(b.text("#flash").await.contains("was revoked"));
+    assert!(!b.text("#keys").await.contains(&added.key_id));
+    let r = client()
+        .get(url(srv.proxy_addr, "/spark/v1/listings"))
+        .header("X-Credproxy-Session", &key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(url(srv.proxy_addr, "/spark/v1/listings"))
+        .header("X-Credproxy-Session", &first)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    b.close().await;
+    srv.shutdown().await;
+}

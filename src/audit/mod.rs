@@ -76,6 +76,10 @@ pub mod kind {
     pub const SESSION_REVOKED: &str = "session.revoked";
     pub const SESSION_REAUTHORIZATION_REQUIRED: &str = "session.reauthorization_required";
     pub const SESSION_REQUESTS: &str = "session.requests";
+    /// A key added to a session (`{"key_id", "label", "scoped"}`; never the key).
+    pub const SESSION_KEY_ADDED: &str = "session.key_added";
+    /// One of a session's keys revoked (`{"key_id"}`).
+    pub const SESSION_KEY_REVOKED: &str = "session.key_revoked";
     pub const KEY_ROTATED: &str = "key.rotated";
     pub const KEY_REWRAPPED: &str = "key.rewrapped";
     pub const KEY_RETIRED: &str = "key.retired";

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::provider::spark::api_key::ApiKeyCredentials;
 use crate::secrets::session::SessionKey;
 use crate::tokens::refresh::{RefreshError, Refresher};
-use crate::tokens::sessions::{NewTokens, SessionError, Sessions};
+use crate::tokens::sessions::{NewTokens, ScopeAsked, SessionError, Sessions};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -157,6 +157,11 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/admin/sessions/{id}/refresh",
             axum::routing::post(refresh_session),
+        )
+        .route("/admin/sessions/{id}/keys", get(list_keys).post(add_key))
+        .route(
+            "/admin/sessions/{id}/keys/{key_id}",
+            axum::routing::delete(delete_key),
         )
         .route("/admin/audit", get(list_audit))
         // Inside the token check: only authorised calls are audited (an
@@ -418,6 +423,93 @@ async fn delete_session(
             StatusCode::NOT_FOUND,
             "not_found",
             "no such session",
+        ))
+    }
+}
+
+/// `POST /admin/sessions/{id}/keys`: a key's label and scope (see
+/// `session key add`), every field optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddKey {
+    label: Option<String>,
+    methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    expires_in: Option<u64>,
+    rate: Option<String>,
+}
+
+async fn list_keys(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.sessions.keys(&id).await? {
+        Some(keys) => Ok(Json(keys).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such session",
+        )),
+    }
+}
+
+async fn add_key(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    let req: AddKey = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "the body must be a JSON object {{label?, methods?, paths?, expires_in?, rate?}} ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let methods = req.methods.map(|m| m.join(","));
+    let scope = ScopeAsked::from_parts(
+        methods.as_deref(),
+        req.paths,
+        req.rate.as_deref(),
+        req.expires_in,
+    )
+    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    let added = state
+        .sessions
+        .add_key(&id, req.label, scope, crate::audit::Actor::Admin)
+        .await?;
+    tracing::info!(session = %id, key_id = %added.key_id, "key added via admin API");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "key_id": added.key_id,
+            "session_key": added.key.expose(),
+        })),
+    )
+        .into_response())
+}
+
+async fn delete_key(
+    State(state): State<AdminState>,
+    Path((id, key_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    if state
+        .sessions
+        .revoke_key(&id, &key_id, crate::audit::Actor::Admin)
+        .await?
+    {
+        tracing::info!(session = %id, key_id = %key_id, "key revoked via admin API");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such key",
         ))
     }
 }

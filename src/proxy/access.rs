@@ -6,7 +6,8 @@
 //! query: it may carry credentials), `status`, `upstream_ms`, `head_ms`
 //! (time to the answer's head), `total_ms` (to the body's last byte, or the
 //! break), `bytes_in` (the request body as read), `bytes_out` (the answer's
-//! body as sent), `session`, `replayed`, `refreshed`, `queued_ms`,
+//! body as sent), `session`, `key_id` (the key presented: its id, never
+//! the key), `replayed`, `refreshed`, `queued_ms`,
 //! `upstream_refusals`, `error` (credproxy's own code), `cause` and `detail`
 //! (why the upstream failed), `broke_off` (`client` or `upstream`, when the
 //! body did not reach its end).
@@ -27,7 +28,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tracing::Span;
 
-use crate::tokens::sessions::ActiveSession;
+use crate::tokens::sessions::{ActiveSession, Grant};
 
 /// The fields of the access log line, filled in as the phases learn them.
 pub(super) struct AccessLog {
@@ -35,6 +36,8 @@ pub(super) struct AccessLog {
     /// The route's index, once routing found one (its metrics).
     pub route: Option<usize>,
     pub session: Option<Arc<ActiveSession>>,
+    /// The key the request presented (its id is logged, never the key).
+    pub key: Option<Arc<Grant>>,
     pub upstream_ms: Option<u128>,
     pub replayed: bool,
     /// A refresh ran (or was waited for) on this request's behalf.
@@ -73,6 +76,7 @@ impl AccessLog {
             provider: "-",
             route: None,
             session: None,
+            key: None,
             upstream_ms: None,
             replayed: false,
             refreshed: false,
@@ -238,6 +242,7 @@ fn write(line: Line, bytes_out: u64, end: End) {
         bytes_in = log.bytes_in.get(),
         bytes_out,
         session = log.session.as_ref().map(|s| s.id.as_str()),
+        key_id = log.key.as_ref().map(|k| k.key_id.as_str()),
         replayed = log.replayed,
         refreshed = log.refreshed,
         queued_ms = log.queued_ms.map(|m| m as u64),

@@ -81,7 +81,7 @@ use crate::secrets::session::{KeyHash, Status};
 use crate::store;
 use crate::telemetry;
 use crate::tokens::refresh::{RefreshError, Refresher};
-use crate::tokens::sessions::{ActiveSession, SessionError, Sessions};
+use crate::tokens::sessions::{ActiveSession, Grant, Refusal, Scope, SessionError, Sessions};
 pub use access::Logged;
 use access::{AccessLog, BytesIn, Line};
 use links::{Bases, Coding, LinkBody, LinkMap, Origin, Rewriter};
@@ -443,8 +443,23 @@ impl Proxy {
             ));
         }
         let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
-        let session = self.resolve(route, presented, client).await?;
+        let (session, grant) = self.resolve(route, presented, client).await?;
         log.session = Some(Arc::clone(&session));
+        // The key's scope, before any refresh, budget or upstream call: a
+        // key without limits has none (one branch).
+        let limits_methods = match grant.as_deref() {
+            Some(Grant {
+                scope: Some(scope), ..
+            }) => {
+                self.check_scope(route, scope, &parts, rest)?;
+                scope.limits_methods()
+            }
+            _ => false,
+        };
+        if let Some(grant) = &grant {
+            self.sessions.note_key_use(grant, store::now());
+        }
+        log.key = grant;
         let version = session.version;
         let session = self.ensure_fresh(route, session).await?;
         log.refreshed = session.version != version;
@@ -472,6 +487,11 @@ impl Proxy {
         if let Prepared::Kept(bytes) = &body {
             if form_post && form_overrides_to_refused_method(&parts.headers, bytes) {
                 return Err(ProxyError::BadRequest(REFUSED_OVERRIDE));
+            }
+            // A key limited to some methods may not name another in its form.
+            if limits_methods && form_post && form_overrides_method(bytes) {
+                self.metrics.key_refusal(route.name, "forbidden_by_scope");
+                return Err(ProxyError::ForbiddenByScope);
             }
         }
         // The head is built once; a replay writes fresh credentials into it.
@@ -588,14 +608,25 @@ impl Proxy {
             .map(|(_, value)| value.into_owned())
             .filter(|k| !k.is_empty())
             .ok_or(ProxyError::MissingSession)?;
-        let session = self
+        let (session, grant) = self
             .resolve(
                 route,
                 Some(Presented::Key(KeyHash::of(key.as_bytes()))),
                 client,
             )
             .await?;
+        // Answered here, never upstream: only an expired key is refused;
+        // the scope is checked on each request the session then makes.
+        if grant
+            .as_ref()
+            .and_then(|g| g.scope.as_ref())
+            .is_some_and(|s| s.expired(store::now()))
+        {
+            self.metrics.key_refusal(route.name, "key_expired");
+            return Err(ProxyError::UnknownSession);
+        }
         log.session = Some(Arc::clone(&session));
+        log.key = grant;
         let expires = std::time::SystemTime::now() + OWN_SESSION_LIFETIME;
         let body = serde_json::json!({"D": {"Success": true, "Results": [{
             "AuthToken": key,
@@ -929,15 +960,23 @@ impl Proxy {
         Ok((presented, slot, query))
     }
 
+    /// The session the request presented, and the grant of its key (none
+    /// for a provider's default session).
     async fn resolve(
         &self,
         route: &Route,
         presented: Option<Presented<'_>>,
         client: Option<std::net::IpAddr>,
-    ) -> Result<Arc<ActiveSession>, ProxyError> {
-        let found = match presented.ok_or(ProxyError::MissingSession)? {
-            Presented::Key(hash) => self.sessions.by_key_from(&hash, client).await,
-            Presented::Default(id) => self.sessions.by_id(id).await,
+    ) -> Result<(Arc<ActiveSession>, Option<Arc<Grant>>), ProxyError> {
+        let (found, grant) = match presented.ok_or(ProxyError::MissingSession)? {
+            Presented::Key(hash) => match self.sessions.by_key_from(&hash, client).await {
+                Ok(Some(keyed)) => (
+                    Ok(Some(Arc::clone(&keyed.session))),
+                    Some(Arc::clone(&keyed.grant)),
+                ),
+                other => (other.map(|_| None), None),
+            },
+            Presented::Default(id) => (self.sessions.by_id(id).await, None),
         };
         let session = match found {
             Ok(Some(s)) => s,
@@ -972,7 +1011,37 @@ impl Proxy {
         if session.status == Status::ReauthorizationRequired && !route.stored_key {
             return Err(ProxyError::ReauthorizationRequired);
         }
-        Ok(session)
+        Ok((session, grant))
+    }
+
+    /// Checks a request against its key's scope (see `Scope::admit`): an
+    /// expired key is unknown, a method or path outside the scope is 403
+    /// `forbidden_by_scope`, a key over its own rate is 429 at once. A key
+    /// limited to some methods may not carry a method override.
+    fn check_scope(
+        &self,
+        route: &Route,
+        scope: &Scope,
+        parts: &Parts,
+        rest: &str,
+    ) -> Result<(), ProxyError> {
+        let verdict = if scope.limits_methods() && !matches!(method_override(parts), Override::None)
+        {
+            Err(Refusal::Forbidden)
+        } else {
+            scope.admit(&parts.method, rest, store::now())
+        };
+        let (outcome, error) = match verdict {
+            Ok(()) => return Ok(()),
+            Err(Refusal::Expired) => ("key_expired", ProxyError::UnknownSession),
+            Err(Refusal::Forbidden) => ("forbidden_by_scope", ProxyError::ForbiddenByScope),
+            Err(Refusal::Rate { retry_after_secs }) => (
+                "key_rate_limited",
+                ProxyError::KeyRateLimited { retry_after_secs },
+            ),
+        };
+        self.metrics.key_refusal(route.name, outcome);
+        Err(error)
     }
 }
 
@@ -1183,6 +1252,13 @@ fn form_overrides_to_refused_method(headers: &HeaderMap, body: &[u8]) -> bool {
     let mut refused = false;
     method_params(body, &mut |value| refused |= names_refused_method(value));
     refused
+}
+
+/// Whether a form body has a `_method` parameter at all.
+fn form_overrides_method(body: &[u8]) -> bool {
+    let mut any = false;
+    method_params(body, &mut |_| any = true);
+    any
 }
 
 fn is_form(headers: &HeaderMap) -> bool {

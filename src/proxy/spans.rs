@@ -40,6 +40,7 @@ pub(super) fn server_span(parts: &Parts) -> Span {
         error.type = Empty,
         credproxy.provider = Empty,
         credproxy.session_id = Empty,
+        credproxy.key_id = Empty,
         credproxy.refreshed = Empty,
         credproxy.replayed = Empty,
         credproxy.queued_ms = Empty,
@@ -69,6 +70,9 @@ pub(super) fn record_answer(
     span.record("http.response.status_code", i64::from(status));
     if let Some(session) = &log.session {
         span.record("credproxy.session_id", session.id.as_str());
+    }
+    if let Some(key) = &log.key {
+        span.record("credproxy.key_id", key.key_id.as_str());
     }
     span.record("credproxy.refreshed", log.refreshed);
     span.record("credproxy.replayed", log.replayed);

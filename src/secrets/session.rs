@@ -89,6 +89,19 @@ pub fn new_session_id() -> String {
     random_id("s_")
 }
 
+/// A session key's id (`k_` and 64 random bits in hex): what the control
+/// plane, the logs and the audit trail name a key by, never the key.
+pub fn new_key_id() -> String {
+    random_id("k_")
+}
+
+/// The id of a session's first key, the one `session add` prints: the
+/// session id's, `k_` for `s_` (as the migration that made every existing
+/// session's key its first key named them).
+pub fn first_key_id(session_id: &str) -> String {
+    format!("k_{}", session_id.strip_prefix("s_").unwrap_or(session_id))
+}
+
 /// An event's id (`evt_` and 64 random bits in hex), which receivers use
 /// to drop duplicate deliveries.
 pub fn new_event_id() -> String {

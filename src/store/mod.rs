@@ -31,6 +31,7 @@ use crate::secrets::session::{KeyHash, Status};
 mod audit_log;
 mod budgets;
 mod changes;
+mod keys;
 mod oauth;
 mod outbox;
 pub mod postgres;
@@ -42,6 +43,7 @@ pub mod sqlite;
 pub use audit_log::AuditLog;
 pub use budgets::Budgets;
 pub use changes::ChangeFeed;
+pub use keys::SessionKeys;
 pub use oauth::OAuthStates;
 pub use outbox::Outbox;
 pub use sessions::SessionStore;
@@ -138,6 +140,34 @@ pub struct SessionRecord {
     /// When a request last used the session (unix seconds), as written by
     /// the batched [`SessionStore::note_uses`]: up to one flush interval behind.
     pub last_used_at: Option<i64>,
+}
+
+/// A session key as stored: its hash, never the key, and its scope as the
+/// control plane wrote it (`tokens::sessions::scope` reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub session_id: String,
+    pub key_hash: KeyHash,
+    pub label: Option<String>,
+    /// `None`: any method; else methods separated by commas (`GET,HEAD`).
+    pub methods: Option<String>,
+    /// `None`: any path; else a JSON array of patterns.
+    pub paths: Option<String>,
+    /// The key's own budget: `requests` per `per_ms` milliseconds.
+    pub rate: Option<KeyRate>,
+    /// Unix seconds; `None` when it never expires.
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    /// When a request last used the key (unix seconds), written in batches.
+    pub last_used_at: Option<i64>,
+}
+
+/// A key's own budget, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRate {
+    pub requests: i64,
+    pub per_ms: i64,
 }
 
 /// What an event is about; `as_str` is its `type` on the wire.
@@ -433,16 +463,26 @@ pub struct SessionCount {
 
 /// The store as the rest of the code holds it (`Arc<dyn Store>`): every
 /// role at once. A caller names the role it uses (`SessionStore`,
-/// `OAuthStates`, `Outbox`, `AuditLog`, `ChangeFeed`, `Budgets`); each role
+/// `SessionKeys`, `OAuthStates`, `Outbox`, `AuditLog`, `ChangeFeed`, `Budgets`); each role
 /// is implemented once for both databases (`shared.rs`), but for the
 /// budgets, which only PostgreSQL shares.
 pub trait Store:
-    SessionStore + OAuthStates + Outbox + AuditLog + ChangeFeed + Budgets + Send + Sync + 'static
+    SessionStore
+    + SessionKeys
+    + OAuthStates
+    + Outbox
+    + AuditLog
+    + ChangeFeed
+    + Budgets
+    + Send
+    + Sync
+    + 'static
 {
 }
 
 impl<T> Store for T where
     T: SessionStore
+        + SessionKeys
         + OAuthStates
         + Outbox
         + AuditLog

@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
+use super::keys::SessionKeys;
 use super::shared::{dialect_sql, over_sql, unique, Backend, LeaseAsk, Sql, WriteOp};
 use super::sql::{self, SESSION_COLUMNS as COLUMNS};
 use super::{
@@ -28,6 +29,7 @@ pub trait SessionStore: Send + Sync {
         audit: Option<&AuditAppend>,
     ) -> Result<SessionRecord, StoreError>;
 
+    /// The session any of its keys names (see `SessionKeys::session_for_key`).
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError>;
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError>;
@@ -219,6 +221,7 @@ impl [<DB, B: Backend<DB = DB>> SessionStore for B] {
         );
         let row = unique(sql::bind_new_session(sqlx::query(text), &new).fetch_one(&mut *tx).await)?;
         let rec = sql::record(&row)?;
+        Sql::<DB>::insert_first_keys(&mut tx, std::slice::from_ref(&new)).await?;
         Sql::<DB>::log_added(&mut tx, std::slice::from_ref(&new)).await?;
         Sql::<DB>::insert_event(&mut tx, event).await?;
         Sql::<DB>::append_audit(&mut tx, audit).await?;
@@ -227,14 +230,7 @@ impl [<DB, B: Backend<DB = DB>> SessionStore for B] {
     }
 
     async fn session_by_key(&self, hash: &KeyHash) -> Result<Option<SessionRecord>, StoreError> {
-        let row = sqlx::query(dialect_sql!(
-            DB,
-            format!("SELECT {COLUMNS} FROM sessions WHERE key_hash = ?")
-        ))
-        .bind(&hash.0[..])
-        .fetch_optional(self.hot())
-        .await?;
-        row.as_ref().map(sql::record).transpose()
+        Ok(self.session_for_key(hash).await?.map(|(session, _)| session))
     }
 
     async fn session_by_id(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {

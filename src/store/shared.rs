@@ -590,8 +590,48 @@ impl [<DB> Sql<DB>] {
         Ok(())
     }
 
-    /// Inserts new sessions, [`sql::BULK_ROWS`] to a statement; the rows
-    /// inserted, or [`StoreError::DuplicateKey`].
+    /// The change-log entry of a key added to session `id`, with its hash
+    /// (other processes forget the key's absence).
+    pub(crate) async fn log_key_added(
+        tx: &mut DB::Connection,
+        id: &str,
+        hash: &crate::secrets::session::KeyHash,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let text = Self::text(sql::insert_added_changes_sql(1, DB::CHANGE_AT));
+        DB::bind_change_at(sqlx::query(&text).bind(id), now)
+            .bind(&hash.0[..])
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    /// The first key of each new session (its `key_hash`, unlimited), or
+    /// [`StoreError::DuplicateKey`] when one names a key already.
+    pub(crate) async fn insert_first_keys(
+        tx: &mut DB::Connection,
+        batch: &[NewSession],
+    ) -> Result<(), StoreError> {
+        for chunk in batch.chunks(sql::BULK_ROWS) {
+            let text = Self::text(format!(
+                "INSERT INTO session_keys (key_id, session_id, key_hash, created_at) VALUES {}",
+                vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
+            ));
+            let mut q = sqlx::query(&text);
+            for s in chunk {
+                q = q
+                    .bind(crate::secrets::session::first_key_id(&s.id))
+                    .bind(s.id.as_str())
+                    .bind(&s.key_hash.0[..])
+                    .bind(s.now);
+            }
+            unique(q.execute(&mut *tx).await)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts new sessions, [`sql::BULK_ROWS`] to a statement, each with
+    /// its first key; the rows inserted, or [`StoreError::DuplicateKey`].
     pub(crate) async fn insert_session_rows(
         tx: &mut DB::Connection,
         batch: &[NewSession],
@@ -605,6 +645,7 @@ impl [<DB> Sql<DB>] {
             }
             inserted += DB::rows_affected(&unique(q.execute(&mut *tx).await)?);
         }
+        Self::insert_first_keys(tx, batch).await?;
         Ok(inserted)
     }
 }

@@ -361,6 +361,8 @@ where
         .route("/ui/sessions/{id}/refresh", post(refresh))
         .route("/ui/sessions/{id}/reconnect", post(reconnect))
         .route("/ui/sessions/{id}/revoke", get(confirm_revoke).post(revoke))
+        .route("/ui/sessions/{id}/keys", get(keys_page))
+        .route("/ui/sessions/{id}/keys/{key_id}/revoke", post(revoke_key))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
 }
 
@@ -1151,6 +1153,135 @@ async fn revoke(
             secs: 0,
         },
     )
+}
+
+/// A key as the keys page shows it: never the key.
+struct KeyRow {
+    key_id: String,
+    label: Option<String>,
+    scope: String,
+    created_at: String,
+    expires_at: Option<String>,
+    last_used_at: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "ui_keys.html")]
+struct KeysPage {
+    csrf: String,
+    id: String,
+    keys: Vec<KeyRow>,
+    /// The key just revoked (`?revoked=`), when it is gone from the list.
+    revoked: Option<String>,
+}
+
+/// `GET /ui/sessions/{id}/keys`: the session's keys, each with its revoke
+/// button. (Changes nothing.)
+async fn keys_page(
+    State(state): State<UiState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let dash = state.dashboard();
+    let Some(keys) = &dash.keys else {
+        return not_found();
+    };
+    let Some(sign_in) = dash.sign_in(keys, &headers).0 else {
+        return see_other("/ui/login", &[]);
+    };
+    let gone = || {
+        problem(
+            StatusCode::NOT_FOUND,
+            "Unknown session",
+            "There is no session with that id (any more).",
+            ("/ui", "Back to the dashboard"),
+        )
+    };
+    if !plausible_id(&id) {
+        return gone();
+    }
+    let list = match state.sessions().keys(&id).await {
+        Ok(Some(list)) => list,
+        Ok(None) => return gone(),
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: cannot read a session's keys");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Try again later",
+                "The session store did not answer.",
+                ("/ui", "Back to the dashboard"),
+            );
+        }
+    };
+    let revoked = query
+        .get("revoked")
+        .filter(|k| plausible_id(k) && !list.iter().any(|i| &i.key_id == *k))
+        .cloned();
+    let rows = list
+        .into_iter()
+        .map(|k| KeyRow {
+            scope: k.scope_text(),
+            key_id: k.key_id,
+            label: k.label,
+            created_at: k.created_at,
+            expires_at: k.expires_at,
+            last_used_at: k.last_used_at,
+        })
+        .collect();
+    page(
+        StatusCode::OK,
+        KeysPage {
+            csrf: keys.csrf(&sign_in),
+            id,
+            keys: rows,
+            revoked,
+        }
+        .render(),
+    )
+}
+
+/// `POST /ui/sessions/{id}/keys/{key_id}/revoke`: revokes one key (it
+/// stops working at once here, within 2 seconds elsewhere), then back to
+/// the keys page saying so.
+async fn revoke_key(
+    State(state): State<UiState>,
+    Path((id, key_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let dash = state.dashboard();
+    if let Err(refused) = action(dash, &id, &headers, &body) {
+        return refused.into_response();
+    }
+    if !plausible_id(&key_id) {
+        return not_found();
+    }
+    match state
+        .sessions()
+        .revoke_key(&id, &key_id, crate::audit::Actor::Ui)
+        .await
+    {
+        Ok(true) => {
+            tracing::info!(session = %id, key_id = %key_id, "key revoked via the dashboard");
+            see_other(&format!("/ui/sessions/{id}/keys?revoked={key_id}"), &[])
+        }
+        Ok(false) => problem(
+            StatusCode::NOT_FOUND,
+            "Unknown key",
+            "That session has no such key (any more).",
+            ("/ui", "Back to the dashboard"),
+        ),
+        Err(e) => {
+            tracing::warn!(session = %id, error = %e, "dashboard: cannot revoke a key");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Try again later",
+                "The session store did not answer; nothing was changed.",
+                ("/ui", "Back to the dashboard"),
+            )
+        }
+    }
 }
 
 #[derive(Template)]

@@ -1,12 +1,14 @@
 //! The hot-path cache of sessions, and the negative cache of keys the store
 //! said do not exist.
 //!
-//! The cache maps a key hash to an [`ActiveSession`] whose credentials are
-//! already in their injected form, so a cached request does no store I/O and
-//! no decryption. It holds at most `store.session_cache_capacity` sessions
-//! (S3-FIFO eviction, `quick_cache`); an evicted session is read again with
-//! one indexed store read (`key_hash`). An index from session id to key
-//! hash, kept for exactly the cached entries, makes an invalidation O(1).
+//! The cache maps a key hash to a [`Keyed`]: the [`ActiveSession`], whose
+//! credentials are already in their injected form, and what that key may
+//! do (its [`Grant`]), so a cached request does no store I/O and no
+//! decryption. It holds at most `store.session_cache_capacity` keys
+//! (S3-FIFO eviction, `quick_cache`); an evicted one is read again with
+//! one indexed store read (`session_keys.key_hash`). An index from session
+//! id to the key hashes cached for it, kept for exactly the cached
+//! entries, makes an invalidation cost the session's cached keys.
 //! Default sessions (a provider's `default_session`) are cached by id.
 //!
 //! **Invariant (index):** a fill inserts into the cache before the index,
@@ -27,6 +29,7 @@ use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter};
 
 use super::active::ActiveSession;
+use super::scope::Keyed;
 use crate::secrets::session::KeyHash;
 
 /// A capped cache that hands its evictions back to the caller (after the
@@ -67,13 +70,13 @@ pub struct Ticket {
 /// The cached sessions by key hash and by id, the id index, and the
 /// negative cache; see the module's doc comment for the invariants.
 pub struct SessionCache {
-    by_key: Capped<KeyHash, Arc<ActiveSession>>,
-    /// Session id -> key hash of every session in `by_key` (and, briefly,
+    by_key: Capped<KeyHash, Arc<Keyed>>,
+    /// Session id -> key hashes of its keys in `by_key` (and, briefly,
     /// of some just evicted or discarded): what `invalidate` removes by.
-    /// An entry is added after its cache insert and removed only when the
+    /// A hash is added after its cache insert and removed only when the
     /// cache no longer holds that key, under the index's shard lock, so a
-    /// cached session always has its entry.
-    key_of: DashMap<String, KeyHash>,
+    /// cached key always has its entry.
+    key_of: DashMap<String, Vec<KeyHash>>,
     by_id: Capped<String, Arc<ActiveSession>>,
     /// Key hashes the store said do not exist (bounded like the cache).
     absent: Capped<KeyHash, ()>,
@@ -105,9 +108,10 @@ impl SessionCache {
         }
     }
 
-    /// The cached session this key names (the hot path: one cache read).
+    /// The cached session this key names, with the key's grant (the hot
+    /// path: one cache read).
     #[inline]
-    pub fn get(&self, hash: &KeyHash) -> Option<Arc<ActiveSession>> {
+    pub fn get(&self, hash: &KeyHash) -> Option<Arc<Keyed>> {
         self.by_key.get(hash)
     }
 
@@ -157,30 +161,36 @@ impl SessionCache {
     /// the entry back if so. The id index gets its entry after the cache
     /// insert and before the second check, so an invalidation after that
     /// check finds it. Evicted entries leave the index.
-    fn fill_key_at(&self, key: KeyHash, active: &Arc<ActiveSession>, generation: u64) {
+    fn fill_key_at(&self, key: KeyHash, keyed: &Arc<Keyed>, generation: u64) {
         if self.generation() != generation {
             return;
         }
+        let id = &keyed.session.id;
         let mut evicted = Vec::new();
         self.by_key
-            .insert_with_lifecycle(key, Arc::clone(active), &mut evicted);
-        self.key_of.insert(active.id.clone(), key);
+            .insert_with_lifecycle(key, Arc::clone(keyed), &mut evicted);
+        {
+            let mut hashes = self.key_of.entry(id.clone()).or_default();
+            if !hashes.contains(&key) {
+                hashes.push(key);
+            }
+        }
         if self.generation() != generation
             && self
                 .by_key
-                .remove_if(&key, |cached| Arc::ptr_eq(cached, active))
+                .remove_if(&key, |cached| Arc::ptr_eq(cached, keyed))
                 .is_some()
         {
-            self.unindex(&active.id, &key);
+            self.unindex(id, &key);
         }
-        for (hash, session) in evicted {
-            self.unindex(&session.id, &hash);
+        for (hash, gone) in evicted {
+            self.unindex(&gone.session.id, &hash);
         }
     }
 
     /// Caches a session read by key (see `fill_key_at`).
-    pub fn fill_key(&self, key: KeyHash, active: &Arc<ActiveSession>, ticket: Ticket) {
-        self.fill_key_at(key, active, ticket.generation);
+    pub fn fill_key(&self, key: KeyHash, keyed: &Arc<Keyed>, ticket: Ticket) {
+        self.fill_key_at(key, keyed, ticket.generation);
     }
 
     /// [`SessionCache::fill_key`] for the cache by id (default sessions).
@@ -199,68 +209,82 @@ impl SessionCache {
         }
     }
 
-    /// Caches a row just written (or read) by a refresh, whose key is
-    /// `key`. `generation` was read before the row: if anything was
-    /// invalidated since (a revocation, say), it is not cached, but older
-    /// copies are dropped. The bump first makes lookups that read an older
-    /// row discard their copy. Returns whether it was cached.
-    pub fn install(&self, key: KeyHash, active: &Arc<ActiveSession>, generation: u64) -> bool {
+    /// Puts a row just written (or read) by a refresh in place of the
+    /// older copies of its session, under every key cached for it (each
+    /// keeps its grant). `generation` was read before the row: if anything
+    /// was invalidated since (a revocation, say), it is not cached, but
+    /// older copies are dropped. The bump first makes lookups that read an
+    /// older row discard their copy. Returns whether it was cached.
+    pub fn install(&self, active: &Arc<ActiveSession>, generation: u64) -> bool {
         let before = self.generation.fetch_add(1, Ordering::AcqRel);
+        let hashes = self
+            .key_of
+            .get(&active.id)
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let older = |cached: &Arc<Keyed>| cached.session.version < active.version;
         if before != generation {
             // Not cached (something was invalidated meanwhile), but an
             // older copy must not stay: requests would keep presenting the
             // tokens this refresh replaced, each refused and replayed.
-            if self
-                .by_key
-                .remove_if(&key, |cached| cached.version < active.version)
-                .is_some()
-            {
-                self.unindex(&active.id, &key);
+            for key in &hashes {
+                if self.by_key.remove_if(key, older).is_some() {
+                    self.unindex(&active.id, key);
+                }
             }
             self.by_id
                 .remove_if(&active.id, |cached| cached.version < active.version);
             return false;
         }
-        self.fill_key_at(key, active, before + 1);
+        for key in hashes {
+            if let Some(cached) = self.by_key.peek(&key).filter(older) {
+                let keyed = Arc::new(Keyed {
+                    session: Arc::clone(active),
+                    grant: Arc::clone(&cached.grant),
+                });
+                self.fill_key_at(key, &keyed, before + 1);
+            }
+        }
         if self.by_id.contains_key(&active.id) {
             self.fill_id_at(active, before + 1);
         }
         true
     }
 
-    /// Drops the copies of session `id` (key `key`) after a commit nobody
-    /// waits for; a lookup racing the commit discards the row it read (the
-    /// bump).
-    pub fn drop_copies(&self, id: &str, key: &KeyHash) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.by_key.remove(key);
-        self.unindex(id, key);
-        self.by_id.remove(id);
-    }
-
-    /// Drops every cached copy of session `id`: O(1), through the id index.
+    /// Drops every cached copy of session `id` (under each of its keys),
+    /// through the id index; a lookup racing the change discards the row
+    /// it read (the bump).
     pub fn invalidate(&self, id: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.by_id.remove(id);
-        if let Some((_, hash)) = self.key_of.remove(id) {
-            self.by_key.remove(&hash);
+        if let Some((_, hashes)) = self.key_of.remove(id) {
+            for hash in hashes {
+                self.by_key.remove(&hash);
+            }
         }
     }
 
-    /// Drops `id`'s index entry if it names `hash` and the cache no longer
-    /// holds `hash`. Checked under the index's shard lock: a fill inserts
-    /// into the cache before the index, so either this sees the new cache
-    /// entry and keeps the index entry, or the fill's index insert comes after.
+    /// Drops `hash` from `id`'s index entry if the cache no longer holds
+    /// `hash` (and the entry when it names no key left). Checked under the
+    /// index's shard lock: a fill inserts into the cache before the index,
+    /// so either this sees the new cache entry and keeps the index entry,
+    /// or the fill's index insert comes after.
     fn unindex(&self, id: &str, hash: &KeyHash) {
-        self.key_of
-            .remove_if(id, |_, h| h == hash && !self.by_key.contains_key(hash));
+        if let Some(mut hashes) = self.key_of.get_mut(id) {
+            if !self.by_key.contains_key(hash) {
+                hashes.retain(|h| h != hash);
+            }
+        }
+        self.key_of.remove_if(id, |_, hashes| hashes.is_empty());
     }
 
-    /// Removes index entries whose session the cache no longer holds (left
-    /// by races; each check as in `unindex`).
+    /// Removes index entries whose key the cache no longer holds for that
+    /// session (left by races; each check as in `unindex`).
     pub fn sweep_index(&self) {
-        self.key_of
-            .retain(|id, h| self.by_key.peek(h).is_some_and(|s| s.id == *id));
+        self.key_of.retain(|id, hashes| {
+            hashes.retain(|h| self.by_key.peek(h).is_some_and(|k| k.session.id == *id));
+            !hashes.is_empty()
+        });
     }
 
     /// Remembers that the store has no session for `hash`, unless keys may
@@ -305,7 +329,7 @@ impl SessionCache {
         self.absent_hits.load(Ordering::Relaxed)
     }
 
-    /// Sessions cached by key now, and key hashes cached as absent.
+    /// Keys cached now, and key hashes cached as absent.
     pub fn sizes(&self) -> (usize, usize) {
         (self.by_key.len(), self.absent.len())
     }
@@ -320,10 +344,10 @@ impl SessionCache {
         self.capacity
     }
 
-    /// Entries of the id index (the cached sessions, plus any left by a
-    /// race that the next sweep removes).
+    /// Entries of the id index (the cached keys, plus any left by a race
+    /// that the next sweep removes).
     pub fn indexed(&self) -> usize {
-        self.key_of.len()
+        self.key_of.iter().map(|e| e.value().len()).sum()
     }
 }
 

@@ -5,6 +5,10 @@
 //! - [`cache`]: the hot-path cache of sessions by key hash (and by id, for
 //!   default sessions) and the negative cache of unknown keys
 //!   ([`SessionCache`]);
+//! - [`scope`]: what each of a session's keys may do ([`Scope`]) and the
+//!   session as a key presents it ([`Keyed`]), with the keys' own rates
+//!   ([`KeyRates`]);
+//! - `keys.rs`: a session's keys added, listed and revoked;
 //! - [`cold`]: the budget of store reads for keys in neither cache, per
 //!   client address ([`ColdBudget`]);
 //! - [`uses`]: when sessions were last used, written to the store in
@@ -42,7 +46,9 @@ mod changes;
 pub mod cold;
 pub mod counts;
 mod follow;
+mod keys;
 pub mod open;
+pub mod scope;
 pub mod uses;
 pub mod vault;
 
@@ -66,6 +72,8 @@ pub use active::ActiveSession;
 pub use cache::{SessionCache, Ticket};
 pub use cold::{client_key, ColdBudget};
 pub use counts::{RequestCounts, COUNT_PERIOD_SECS};
+pub use keys::{KeyAdded, KeyInfo};
+pub use scope::{Grant, KeyRates, Keyed, Refusal, Scope, ScopeAsked, ScopeError};
 pub use uses::{Uses, RECENT_USE};
 pub(crate) use vault::aad;
 pub use vault::{NewTokens, Vault};
@@ -210,6 +218,7 @@ pub struct Sessions {
     cold: ColdBudget,
     uses: Uses,
     counts: RequestCounts,
+    rates: KeyRates,
 }
 
 impl Sessions {
@@ -227,6 +236,7 @@ impl Sessions {
             cold: ColdBudget::new(config.store.cold_lookups_per_client),
             uses: Uses::default(),
             counts: RequestCounts::default(),
+            rates: KeyRates::default(),
         }
     }
 
@@ -313,11 +323,12 @@ impl Sessions {
 
     /// The session a key names, from the cache or else the store, with no
     /// budget of cold lookups (the CLI, tests, benches).
-    pub async fn by_key(&self, hash: &KeyHash) -> Result<Option<Arc<ActiveSession>>, SessionError> {
+    pub async fn by_key(&self, hash: &KeyHash) -> Result<Option<Arc<Keyed>>, SessionError> {
         self.by_key_from(hash, None).await
     }
 
-    /// The session a key presented by `client` names: from the cache, or
+    /// The session a key presented by `client` names, with what the key
+    /// may do: from the cache, or
     /// `None` at once when the store said lately that the key does not
     /// exist, or else from the store (one indexed read), charged to the
     /// client's budget of cold lookups ([`SessionError::ColdBudget`] over it).
@@ -325,7 +336,7 @@ impl Sessions {
         &self,
         hash: &KeyHash,
         client: Option<IpAddr>,
-    ) -> Result<Option<Arc<ActiveSession>>, SessionError> {
+    ) -> Result<Option<Arc<Keyed>>, SessionError> {
         if let Some(s) = self.cache.get(hash) {
             return Ok(Some(s));
         }
@@ -338,14 +349,21 @@ impl Sessions {
         let ticket = self.cache.ticket_for_key_read();
         // Bounded: a store that cannot answer in time is unavailable for
         // this request (503 `store_unavailable`), not a wait for the caller.
-        let Some(rec) = store::within(self.store.session_by_key(hash)).await? else {
+        let Some((rec, key)) = store::within(self.store.session_for_key(hash)).await? else {
             self.cache.remember_absent(*hash, ticket);
             return Ok(None);
         };
         self.vault.know_keys_of(&rec).await;
-        let active = Arc::new(self.activate(&rec)?);
-        self.cache.fill_key(*hash, &active, ticket);
-        Ok(Some(active))
+        let scope = Scope::of(&key, &self.rates).map_err(|e| {
+            tracing::error!(key_id = %key.key_id, error = %e, "a stored key's scope cannot be read");
+            SessionError::Store(StoreError::Corrupt(key.key_id.clone()))
+        })?;
+        let keyed = Arc::new(Keyed {
+            session: Arc::new(self.activate(&rec)?),
+            grant: Arc::new(Grant::new(key.key_id, scope)),
+        });
+        self.cache.fill_key(*hash, &keyed, ticket);
+        Ok(Some(keyed))
     }
 
     /// The session with this id (a provider's `default_session`), cached likewise.
@@ -393,7 +411,7 @@ impl Sessions {
         generation: u64,
     ) -> Result<Arc<ActiveSession>, SessionError> {
         let active = Arc::new(self.activate(rec)?);
-        self.cache.install(rec.key_hash, &active, generation);
+        self.cache.install(&active, generation);
         Ok(active)
     }
 
@@ -403,7 +421,7 @@ impl Sessions {
     /// the row it read. The next request reads the new row.
     pub fn uncached(&self, rec: &SessionRecord) -> Result<Arc<ActiveSession>, SessionError> {
         let active = Arc::new(self.activate(rec)?);
-        self.cache.drop_copies(&rec.id, &rec.key_hash);
+        self.cache.invalidate(&rec.id);
         Ok(active)
     }
 
@@ -413,6 +431,12 @@ impl Sessions {
     pub fn note_use(&self, session: &ActiveSession, now: i64) {
         session.requests.fetch_add(1, Ordering::Relaxed);
         self.uses.note(session, now);
+    }
+
+    /// Notes that a request presented `grant`'s key ([`Uses::note_key`]).
+    #[inline]
+    pub fn note_key_use(&self, grant: &Grant, now: i64) {
+        self.uses.note_key(grant, now);
     }
 
     /// Flushes the recorded uses and request counts every `every` until

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::active::ActiveSession;
+use super::scope::Grant;
 use crate::store::{self, Store, StoreError};
 
 /// A use stays in [`Uses`]' memory this long (refresh-ahead counts a
@@ -26,6 +27,9 @@ pub struct Uses {
     /// refresh and the store's `last_used_at`. Kept apart from the cache,
     /// which changes evict.
     recent: DashMap<String, i64>,
+    /// Key id -> unix seconds of its last use, for the store's
+    /// `session_keys.last_used_at` (written with the sessions').
+    recent_keys: DashMap<String, i64>,
     /// Uses recorded at or after this (unix seconds) are not in the store
     /// yet (see [`Uses::flush`]); the lock keeps flushes apart.
     flushed_to: tokio::sync::Mutex<i64>,
@@ -43,6 +47,21 @@ impl Uses {
             session.last_used.store(now, Ordering::Relaxed);
             self.recent.insert(session.id.clone(), now);
         }
+    }
+
+    /// Notes that a request presented `grant`'s key at `now`, as
+    /// [`Uses::note`] does for its session.
+    #[inline]
+    pub fn note_key(&self, grant: &Grant, now: i64) {
+        if grant.last_used.load(Ordering::Relaxed) != now {
+            grant.last_used.store(now, Ordering::Relaxed);
+            self.recent_keys.insert(grant.key_id.clone(), now);
+        }
+    }
+
+    /// When this process last saw key `key_id` used, if not yet flushed.
+    pub fn last_of_key(&self, key_id: &str) -> Option<i64> {
+        self.recent_keys.get(key_id).map(|at| *at)
     }
 
     /// Ids of sessions used at or after `since` (unix seconds); older
@@ -80,6 +99,15 @@ impl Uses {
             .filter(|e| (*from..until).contains(e.value()))
             .map(|e| (e.key().clone(), *e.value()))
             .collect();
+        let key_uses: Vec<(String, i64)> = self
+            .recent_keys
+            .iter()
+            .filter(|e| (*from..until).contains(e.value()))
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        if !key_uses.is_empty() {
+            store.note_key_uses(&key_uses).await?;
+        }
         if !uses.is_empty() {
             store.note_uses(&uses).await?;
             self.writes.fetch_add(uses.len() as u64, Ordering::Relaxed);
@@ -90,6 +118,8 @@ impl Uses {
         // the store alone.
         let keep = until.min(store::now() - RECENT_USE.as_secs() as i64);
         self.recent.retain(|_, at| *at >= keep);
+        self.recent_keys
+            .retain(|_, at| *at >= until.min(store::now()));
         Ok(uses.len())
     }
 
