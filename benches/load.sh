@@ -16,7 +16,7 @@
 #                    HAProxy nbthread N, nginx worker_processes N (1..64)
 #   SERVER_CPU=0     core for the server side (upstream, proxy under test), WORKERS=1
 #   CLIENT_CPU=1     core for wrk, WORKERS=1
-#   PORT_BASE=18480  first of the 9 consecutive loopback ports used
+#   PORT_BASE=18480  first of the 12 consecutive loopback ports used
 #   CREDPROXY_BIN=   use this binary instead of building target/release/credproxy
 #
 # Targets, each served with WORKERS workers (one by default):
@@ -36,6 +36,10 @@
 #   credproxy-budget  `credproxy` with a rate limit configured but far from
 #                   spent (1,000,000 per second): what pacing itself costs.
 #                   Not in the default TARGETS; add it to compare.
+#   credproxy-traced  `credproxy` exporting a trace of every request
+#                   (`[telemetry]`, sample_ratio 1.0) to a loopback OTLP/HTTP
+#                   sink (python3, answers 200 and drops the batch): what
+#                   tracing costs. Not in the default TARGETS; add it to compare.
 #
 # Why nginx and not the Spark stand-in (crates/standins) as the upstream: the
 # stand-in hashes every body, records every request in memory (unbounded over
@@ -85,8 +89,8 @@ in_range SERVER_CPU "$SERVER_CPU" 0 4095
 in_range CLIENT_CPU "$CLIENT_CPU" 0 4095
 for t in $TARGETS; do
     case $t in
-        upstream | nginx | haproxy | credproxy | credproxy-info | credproxy-budget) ;;
-        *) die "unknown target '$t' (known: upstream nginx haproxy credproxy credproxy-info credproxy-budget)" ;;
+        upstream | nginx | haproxy | credproxy | credproxy-info | credproxy-budget | credproxy-traced) ;;
+        *) die "unknown target '$t' (known: upstream nginx haproxy credproxy credproxy-info credproxy-budget credproxy-traced)" ;;
     esac
 done
 
@@ -179,6 +183,9 @@ CP_INFO_ADMIN_PORT=$((PORT_BASE + 5))
 CP_BUDGET_PORT=$((PORT_BASE + 6))
 CP_BUDGET_ADMIN_PORT=$((PORT_BASE + 7))
 HAPROXY_PORT=$((PORT_BASE + 8))
+CP_TRACED_PORT=$((PORT_BASE + 9))
+CP_TRACED_ADMIN_PORT=$((PORT_BASE + 10))
+OTLP_PORT=$((PORT_BASE + 11))
 
 ports_free "$UP_PORT" "$NGINX_PORT" "$CP_PORT" "$CP_INFO_PORT" "$CP_ADMIN_PORT" "$CP_INFO_ADMIN_PORT" \
     "$CP_BUDGET_PORT" "$CP_BUDGET_ADMIN_PORT" "$HAPROXY_PORT"
@@ -305,6 +312,10 @@ sed -e "s/:$CP_PORT\"/:$CP_INFO_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_INFO_ADMIN
 CFG_BUDGET=$WORK/credproxy-budget.toml
 sed -e "s/:$CP_PORT\"/:$CP_BUDGET_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_BUDGET_ADMIN_PORT\"/" "$CFG" >"$CFG_BUDGET"
 echo 'rate_limit = { requests = 1000000, per = "1s" }' >>"$CFG_BUDGET"
+# The traced instance: every request's trace exported to a loopback sink.
+CFG_TRACED=$WORK/credproxy-traced.toml
+sed -e "s/:$CP_PORT\"/:$CP_TRACED_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_TRACED_ADMIN_PORT\"/" "$CFG" >"$CFG_TRACED"
+printf '\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 1.0\n' "$OTLP_PORT" >>"$CFG_TRACED"
 
 json=$(RUST_LOG=warn "$CREDPROXY_BIN" session add --provider spark --access-token sometoken \
     --label load --json --config "$CFG") || die "credproxy session add failed"
@@ -327,6 +338,26 @@ for t in $TARGETS; do
         credproxy) start_credproxy credproxy "$CFG" "$CP_PORT" warn ;;
         credproxy-info) start_credproxy credproxy-info "$CFG_INFO" "$CP_INFO_PORT" info ;;
         credproxy-budget) start_credproxy credproxy-budget "$CFG_BUDGET" "$CP_BUDGET_PORT" warn ;;
+        credproxy-traced)
+            # The OTLP sink: reads each export and answers 200 (its own CPU
+            # is not counted: only the proxy's is).
+            python3 - "$OTLP_PORT" >"$WORK/otlp-sink.log" 2>&1 <<'PY' &
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+            PIDS+=($!)
+            start_credproxy credproxy-traced "$CFG_TRACED" "$CP_TRACED_PORT" warn
+            ;;
     esac
 done
 
@@ -339,6 +370,7 @@ url_of() {
         credproxy) echo "http://127.0.0.1:$CP_PORT/spark/v1/listings" ;;
         credproxy-info) echo "http://127.0.0.1:$CP_INFO_PORT/spark/v1/listings" ;;
         credproxy-budget) echo "http://127.0.0.1:$CP_BUDGET_PORT/spark/v1/listings" ;;
+        credproxy-traced) echo "http://127.0.0.1:$CP_TRACED_PORT/spark/v1/listings" ;;
     esac
 }
 
@@ -462,6 +494,8 @@ END {
             printf "%-17s / %-8s req/s x%.2f (goal >= 1)   p99 x%.2f (<= 1)   cpu/req x%.2f (<= 1)\n", t, peer, R[t] / R[peer], P99[t] / P99[peer], C[t] / C[peer]
         }
     }
+    if ("credproxy-traced" in R && C["credproxy"] > 0)
+        printf "%-17s / credproxy: cpu/req +%.1f us (x%.2f)   req/s x%.3f   (every request traced and exported)\n", "credproxy-traced", C["credproxy-traced"] - C["credproxy"], C["credproxy-traced"] / C["credproxy"], R["credproxy-traced"] / R["credproxy"]
     if ("credproxy-budget" in R && R["credproxy"] > 0 && P99["credproxy"] > 0)
         printf "%-17s / credproxy: req/s x%.3f   p99 x%.2f   (a budget far from spent)\n", "credproxy-budget", R["credproxy-budget"] / R["credproxy"], P99["credproxy-budget"] / P99["credproxy"]
 }' "$RESULTS"
