@@ -404,15 +404,64 @@ async fn the_cli_adds_lists_and_revokes_keys_and_a_running_server_follows() {
     srv.shutdown().await;
 }
 
+/// The migration that added `session_keys`: undone to make a store of the
+/// release before it.
+const SESSION_KEYS_MIGRATION: i64 = 20270105000001;
+
 /// A store written by the release before keys had scopes: its session's
-/// key is the first key after the migration, and still works.
+/// key is the first key after the migration, and still works. The store is
+/// made here, not committed: a session added by today's code, then the
+/// migration undone (its table dropped, its row in `_sqlx_migrations`
+/// deleted), which leaves exactly the previous release's schema and rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_of_the_previous_release_keeps_its_key() {
     let w = World::new().await;
-    let fixtures =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/previous-release");
-    std::fs::copy(fixtures.join("credproxy.db"), w.path("credproxy.db")).expect("copy store");
-    std::fs::copy(fixtures.join("credproxy.key"), w.path("credproxy.key")).expect("copy key");
+    let cfg = w.write_config(&Extra::default());
+    let out = run_cli(
+        &cfg,
+        &[
+            "session",
+            "add",
+            "--provider",
+            "spark",
+            "--access-token",
+            "fixture-access-token-0001",
+            "--refresh-token",
+            "fixture-refresh-token-0001",
+            "--key",
+            "cpk-fixture-previous-release-key",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = added["id"].as_str().expect("id").to_owned();
+    {
+        use sqlx::Connection;
+        let db = format!("sqlite://{}", w.path("credproxy.db").display());
+        let mut conn = sqlx::SqliteConnection::connect(&db)
+            .await
+            .expect("open store");
+        sqlx::query("DROP TABLE session_keys")
+            .execute(&mut conn)
+            .await
+            .expect("drop session_keys");
+        let undone = sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
+            .bind(SESSION_KEYS_MIGRATION)
+            .execute(&mut conn)
+            .await
+            .expect("forget the migration");
+        assert_eq!(
+            undone.rows_affected(),
+            1,
+            "the session_keys migration moved"
+        );
+        conn.close().await.expect("close");
+    }
     // An upstream of the test's own: it answers 200 and says what it got.
     let api = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -447,12 +496,12 @@ async fn a_store_of_the_previous_release_keeps_its_key() {
     assert!(got.contains("OAuth fixture-access-token-0001"), "{got}");
     let keys = srv
         .sessions
-        .keys("s_c4f2708c01bca769")
+        .keys(&id)
         .await
         .expect("keys")
         .expect("the session");
     assert_eq!(keys.len(), 1);
-    assert_eq!(keys[0].key_id, "k_c4f2708c01bca769");
+    assert_eq!(keys[0].key_id, format!("k_{}", &id[2..]));
     assert_eq!(keys[0].scope_text(), "any");
     srv.shutdown().await;
 }
