@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod http1;
 pub mod metrics;
 pub mod notify;
 pub mod pacing;

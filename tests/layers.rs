@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The library's top-level modules, lowest layer first. Modules of one
 /// layer do not read each other.
 const LAYERS: &[&[&str]] = &[
-    &["clock", "error", "table", "telemetry"],
+    &["clock", "error", "http1", "table", "telemetry"],
     &["config"],
     &["secrets"],
     &["audit"],

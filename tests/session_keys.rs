@@ -159,10 +159,12 @@ async fn an_expired_key_is_unknown_and_a_key_over_its_rate_is_refused_at_once() 
     let w = World::new().await;
     let srv = w.start(&Extra::default()).await;
     let (id, _, _) = add_session(&srv, "spark", &w.spark).await;
-    let (_, brief) = admin_add_key(srv.admin_addr, &id, serde_json::json!({"expires_in": 1})).await;
+    // Expiry is kept in whole seconds: a key of 1 s added late in a second
+    // could be over before its first use. 2 s leaves at least one.
+    let (_, brief) = admin_add_key(srv.admin_addr, &id, serde_json::json!({"expires_in": 2})).await;
     let r = call(srv.proxy_addr, reqwest::Method::GET, "/spark/v1/x", &brief).await;
     assert_eq!(r.status(), 200);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let r = call(srv.proxy_addr, reqwest::Method::GET, "/spark/v1/x", &brief).await;
     assert_eq!(r.status(), 401);
     assert_eq!(error_code(&r), "unknown_session");

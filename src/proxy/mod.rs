@@ -65,7 +65,6 @@ use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, Limited, StreamBody};
-use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::config::{JsonCode, Signal};
@@ -91,6 +90,26 @@ use tracing::Instrument;
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
 pub type ProxyBody = Either<UpBody, Either<LinkBody, Full<Bytes>>>;
+
+/// A caller's request body, as a server side hands it to [`Proxy::handle`]
+/// (credproxy's own HTTP/1.1 server: `server::h1`).
+pub trait CallerBody:
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + Sync
+    + Unpin
+    + 'static
+{
+}
+
+impl<B> CallerBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + Sync
+        + Unpin
+        + 'static
+{
+}
 
 fn own(body: Full<Bytes>) -> ProxyBody {
     Either::Right(Either::Right(body))
@@ -362,12 +381,15 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (errors become credproxy's own answers).
-    pub async fn handle(
+    pub async fn handle<B>(
         &self,
         mount: Mount,
         local: SocketAddr,
-        req: Request<Incoming>,
-    ) -> Response<Logged<ProxyBody>> {
+        req: Request<B>,
+    ) -> Response<Logged<ProxyBody>>
+    where
+        B: CallerBody,
+    {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let method = parts.method.clone();
@@ -408,12 +430,12 @@ impl Proxy {
         resp.map(|body| Logged::new(body, line))
     }
 
-    async fn proxy(
+    async fn proxy<B: CallerBody>(
         &self,
         mount: Mount,
         local: SocketAddr,
         mut parts: Parts,
-        body: Incoming,
+        body: B,
         log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (route, rest_at) = self.route(mount, local, &parts)?;
@@ -1342,10 +1364,10 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// that stops arriving for `body_read_timeout` ends in 408 while it is
 /// being kept; streamed, its error reaches the upstream request (408 if
 /// the upstream has not answered yet, else the connection is closed).
-async fn prepare_body(
+async fn prepare_body<B: CallerBody>(
     route: &Route,
     headers: &HeaderMap,
-    body: Incoming,
+    body: B,
     replayable: bool,
 ) -> Result<Prepared, ProxyError> {
     let limit = route.max_request_body.unwrap_or(u64::MAX);

@@ -1,16 +1,18 @@
 //! Starting and stopping the whole server: the store, the proxy listeners,
 //! the admin listener and the background tasks, tied to one shutdown token.
 //!
-//! Limits are in plain sight here: a semaphore caps connections per
-//! listener (and the proxy listeners together to what `RLIMIT_NOFILE`
-//! allows), hyper's `max_header_size` caps the request head exactly (over
-//! it: 431) and `max_buf_size` what a connection buffers each way,
-//! `header_read_timeout` cuts off clients that send their head too slowly
-//! (and idle keep-alive connections), `WriteTimeout` closes connections
-//! whose peer stops reading (request bodies that stop arriving end in
-//! `proxy::silence`). Accept errors (out of file descriptors) back off. On
-//! shutdown, listeners stop accepting, in-flight requests get
-//! `shutdown_grace` to finish, then the rest are dropped.
+//! Limits are in plain sight here and in `h1/`: a semaphore caps
+//! connections per listener (and the proxy listeners together to what
+//! `RLIMIT_NOFILE` allows); the request head is capped exactly at
+//! `server.max_header_bytes` (over it: 431), a head that does not arrive
+//! within `header_read_timeout` ends its connection (an idle keep-alive one
+//! too), a write that makes no progress for `write_timeout` ends it
+//! (request bodies that stop arriving end in `proxy::silence`). The proxy
+//! listeners are served by credproxy's own HTTP/1.1 server (`h1/`, on the
+//! workers), the admin listener by hyper's with the same limits
+//! ([`Connections`], [`WriteTimeout`]). Accept errors (out of file
+//! descriptors) back off. On shutdown, listeners stop accepting, in-flight
+//! requests get `shutdown_grace` to finish, then the rest are dropped.
 
 use std::future::Future as _;
 use std::io;
@@ -38,6 +40,7 @@ use crate::proxy::{Mount, Proxy};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::sessions::Sessions;
 
+mod h1;
 mod workers;
 
 use workers::{Handoff, Workers};
@@ -323,8 +326,8 @@ async fn accept(
     }
 }
 
-/// The HTTP/1.1 side of every listener: hyper's settings (the same on the
-/// proxy's workers and the admin listener), and the connections served, so
+/// The admin listener's HTTP/1.1 side: hyper's settings (the limits of
+/// the proxy listeners' own server, `h1`), and the connections served, so
 /// they can be drained.
 struct Connections {
     http: http1::Builder,

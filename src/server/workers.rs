@@ -25,18 +25,17 @@
 //! worker are registered with its reactor and must keep working until the
 //! last use flush is written.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use hyper::service::service_fn;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Connections, Permits};
+use super::h1::{Accepted, Connections};
+use super::Permits;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ClientAddr, Mount, Proxy};
@@ -223,14 +222,13 @@ impl Worker {
                     continue;
                 }
             };
-            let proxy = Arc::clone(&self.proxy);
-            let (mount, local, client) = (conn.mount, conn.local, conn.client);
-            let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                let proxy = Arc::clone(&proxy);
-                req.extensions_mut().insert(client);
-                async move { Ok::<_, Infallible>(proxy.handle(mount, local, req).await) }
-            });
-            connections.serve(stream, service, (conn.permits, open));
+            let at = Accepted {
+                proxy: Arc::clone(&self.proxy),
+                mount: conn.mount,
+                local: conn.local,
+                client: conn.client,
+            };
+            connections.serve(stream, at, (conn.permits, open));
         }
         connections.drain().await;
         reaper.abort();

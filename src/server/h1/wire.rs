@@ -1,0 +1,183 @@
+//! One client connection as both sides of it see it: the socket, and what
+//! has been read from it but not yet used (a head, a body's bytes, the
+//! next pipelined request), shared by the connection's task and the
+//! request body that the proxy reads (see [`super::body`]).
+
+use std::io::{self, IoSlice};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+use crate::http1::Chunked;
+
+/// How much room a read asks for.
+pub const READ_CHUNK: usize = 16 * 1024;
+
+/// Where the current request's body is.
+#[derive(Debug)]
+pub enum BodyState {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunked),
+    /// Read to its end.
+    Done,
+    /// Its framing broke or the client went away within it: the
+    /// connection cannot carry another request.
+    Broken,
+}
+
+impl BodyState {
+    pub fn is_done(&self) -> bool {
+        matches!(self, BodyState::Done | BodyState::Length(0))
+    }
+}
+
+/// What has been read and where the current request stands.
+pub struct Inbound {
+    pub buf: BytesMut,
+    /// Which request of the connection `body` is: a body handed out for
+    /// an earlier one (held somewhere past its answer) reads nothing of a
+    /// later one's.
+    pub request: u64,
+    pub body: BodyState,
+    /// Bytes of `100 Continue` still to write before reading the body.
+    pub continue_left: usize,
+    /// The answer's head has started: no `100 Continue` any more.
+    pub responded: bool,
+}
+
+pub struct Wire {
+    pub stream: TcpStream,
+    inbound: Mutex<Inbound>,
+}
+
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl Wire {
+    pub fn new(stream: TcpStream) -> Wire {
+        Wire {
+            stream,
+            inbound: Mutex::new(Inbound {
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                request: 0,
+                body: BodyState::Done,
+                continue_left: 0,
+                responded: false,
+            }),
+        }
+    }
+
+    /// The read side. Never held across an await: the connection's task
+    /// and the request body take turns, on one thread.
+    pub fn inbound(&self) -> MutexGuard<'_, Inbound> {
+        self.inbound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads what the socket has into `buf` without waiting: `Ok(0)` at
+    /// EOF, `WouldBlock` when nothing is there.
+    pub fn try_fill(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        self.stream.try_read_buf(buf)
+    }
+
+    /// Reads into `buf`, waiting for the socket in `cx`.
+    pub fn poll_fill(&self, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            match self.try_fill(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Poll::Ready(done),
+            }
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+        }
+    }
+
+    /// Writes `bufs` whole. A write that makes no progress for `timeout`
+    /// (a peer that stopped reading, its window and our send buffer full)
+    /// fails, and the socket is set to close with a reset, so the kernel
+    /// drops what it still holds for the peer at once.
+    pub async fn write_all(
+        &self,
+        mut bufs: &mut [IoSlice<'_>],
+        timeout: Duration,
+    ) -> io::Result<()> {
+        while !bufs.is_empty() {
+            let wrote = if bufs.len() == 1 {
+                self.stream.try_write(&bufs[0])
+            } else {
+                self.stream.try_write_vectored(bufs)
+            };
+            match wrote {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if tokio::time::timeout(timeout, self.stream.writable())
+                        .await
+                        .is_err()
+                    {
+                        let _ = self.stream.set_zero_linger();
+                        tracing::debug!(
+                            peer = ?self.stream.peer_addr().ok(),
+                            "closing a connection: its peer read nothing for write_timeout"
+                        );
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the peer read nothing for write_timeout",
+                        ));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is left of `100 Continue`, waiting for the socket in `cx`.
+    pub fn poll_continue(
+        &self,
+        inbound: &mut Inbound,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while inbound.continue_left > 0 {
+            let from = CONTINUE.len() - inbound.continue_left;
+            match self.stream.try_write(&CONTINUE[from..]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => inbound.continue_left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.stream.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Closes the connection after an answer that left the client's bytes
+    /// unread (a request body, a refused head): the write side first, then
+    /// what still arrives is read and dropped for a short while, so that
+    /// closing on unread bytes (a reset) does not destroy the answer
+    /// before the client has read it.
+    pub async fn linger(&self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+        let mut sink = BytesMut::with_capacity(READ_CHUNK);
+        let mut left = LINGER_BYTES;
+        let _ = tokio::time::timeout(LINGER, async {
+            while left > 0 {
+                sink.clear();
+                match std::future::poll_fn(|cx| self.poll_fill(&mut sink, cx)).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// How long, and for how many bytes, [`Wire::linger`] reads.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
