@@ -220,3 +220,152 @@ where
     }
     Ok(keep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tokio::io::AsyncReadExt;
+
+    type Boxed = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+    fn stream(parts: Vec<Result<&'static [u8], ()>>) -> Boxed {
+        let frames = parts.into_iter().map(|p| match p {
+            Ok(b) => Ok(http_body::Frame::data(Bytes::from_static(b))),
+            Err(()) => Err(std::io::Error::other("upstream broke off")),
+        });
+        StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    /// What the client reads when `resp` is written for a request `asked`,
+    /// and whether the connection could go on.
+    async fn written(resp: Response<Boxed>, asked: Asked) -> (String, bool) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let wire = Wire::new(server);
+        let mut out = Vec::new();
+        let keep = respond(&wire, resp, asked, &mut out, Duration::from_secs(5))
+            .await
+            .expect("written");
+        drop(wire);
+        let mut text = String::new();
+        client.read_to_string(&mut text).await.expect("read");
+        (text, keep)
+    }
+
+    fn asked(head: bool, version: Version) -> Asked {
+        Asked {
+            head,
+            version,
+            keep_alive: true,
+        }
+    }
+
+    fn response(body: Boxed, status: u16, headers: &[(&str, &str)]) -> Response<Boxed> {
+        let mut resp = Response::new(body);
+        *resp.status_mut() = StatusCode::from_u16(status).expect("status");
+        for (n, v) in headers {
+            resp.headers_mut().insert(
+                http::HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                http::HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        resp
+    }
+
+    #[tokio::test]
+    async fn answers_are_framed_by_their_body() {
+        let full = |b: &'static str| Full::new(Bytes::from(b)).map_err(|n| match n {}).boxed();
+        // A known length: one head, the body after it, and a date.
+        let (text, keep) = written(
+            response(full("{}"), 200, &[("content-type", "application/json")]),
+            asked(false, Version::HTTP_11),
+        )
+        .await;
+        assert!(keep);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: "),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\ncontent-length: 2\r\n\r\n{}"), "{text}");
+        // No length: chunked, ended by the last chunk.
+        let (text, keep) = written(
+            response(stream(vec![Ok(b"ab"), Ok(b""), Ok(b"cde")]), 200, &[]),
+            asked(false, Version::HTTP_11),
+        )
+        .await;
+        assert!(keep);
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
+            "{text}"
+        );
+        // HTTP/1.0: until the close.
+        let (text, keep) = written(
+            response(stream(vec![Ok(b"ab")]), 200, &[]),
+            asked(false, Version::HTTP_10),
+        )
+        .await;
+        assert!(!keep);
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nab"), "{text}");
+        // HEAD: the length it came with, no body.
+        let (text, keep) = written(
+            response(full(""), 200, &[("content-length", "1234")]),
+            asked(true, Version::HTTP_11),
+        )
+        .await;
+        assert!(keep);
+        assert!(text.contains("content-length: 1234\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        // 204 and 304: nothing after the head.
+        for status in [204, 304] {
+            let (text, keep) = written(
+                response(full(""), status, &[]),
+                asked(false, Version::HTTP_11),
+            )
+            .await;
+            assert!(keep);
+            assert!(
+                !text.contains("content-length") && !text.contains("chunked"),
+                "{text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_or_runs_short_ends_the_connection() {
+        // Chunked: no last chunk, so the client sees it cut short.
+        let (text, keep) = written(
+            response(stream(vec![Ok(b"ab"), Err(())]), 200, &[]),
+            asked(false, Version::HTTP_11),
+        )
+        .await;
+        assert!(!keep);
+        assert!(text.ends_with("2\r\nab\r\n"), "{text}");
+        // A declared length the body does not fill.
+        let (text, keep) = written(
+            response(stream(vec![Ok(b"ab")]), 200, &[("content-length", "10")]),
+            asked(false, Version::HTTP_11),
+        )
+        .await;
+        assert!(!keep);
+        assert!(text.ends_with("content-length: 10\r\n\r\nab"), "{text}");
+        // One it overfills: the rest is not sent.
+        let (text, keep) = written(
+            response(
+                stream(vec![Ok(b"abc"), Ok(b"def")]),
+                200,
+                &[("content-length", "4")],
+            ),
+            asked(false, Version::HTTP_11),
+        )
+        .await;
+        assert!(!keep);
+        assert!(text.ends_with("\r\n\r\nabcd"), "{text}");
+    }
+}
