@@ -6,7 +6,7 @@
 //! Strict where two parsers could disagree on where a request ends (the
 //! smuggling family, RFC 9112 §6.1, §6.3, §11.2): a `Transfer-Encoding`
 //! other than exactly `chunked` is refused, as are one beside a
-//! `Content-Length`, one on HTTP/1.0, differing lengths and more than one
+//! `Content-Length`, one on HTTP/1.0, differing lengths, a length list and more than one
 //! `Host`. httparse refuses obs-fold and CR or NUL in values; like hyper,
 //! it takes a bare LF as the end of a head line.
 
@@ -114,6 +114,11 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refu
             .map_err(|_| Refusal::BadRequest("a malformed header value"))?;
         let bytes = value.as_bytes();
         if name == CONTENT_LENGTH {
+            // One number per header: a list (`10, 10`), which an
+            // intermediary may have folded from two, is refused, as hyper does.
+            if bytes.contains(&b',') {
+                return Err(Refusal::BadRequest("a Content-Length list"));
+            }
             let n = http1::content_length(bytes).map_err(|e| Refusal::BadRequest(e.0))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Refusal::BadRequest("differing Content-Length values"));
@@ -231,6 +236,7 @@ mod tests {
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
