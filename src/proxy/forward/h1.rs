@@ -178,8 +178,9 @@ impl Conn {
     /// A final answer that comes before the whole request was sent is
     /// returned at once, the rest of the request left unsent, and the
     /// connection is not reused. A write that fails does not end the
-    /// exchange before what the upstream has already answered is read: an
-    /// upstream that answers a 413 and closes is seen to answer.
+    /// exchange: what the upstream answered before the connection broke is
+    /// read (an upstream that answers a 413 and closes is seen to answer),
+    /// else its end.
     pub async fn exchange(
         mut self: Box<Self>,
         wire: Wire,
@@ -259,21 +260,8 @@ impl Conn {
                     return Poll::Ready(Err(H1Error::Closed))
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Io(e))),
-                // Nothing more to read now: after a failed write, nothing
-                // more will come.
-                Poll::Pending => match sending.state {
-                    State::Failed(ref mut e) => {
-                        let e = std::mem::replace(e, io::ErrorKind::Other.into());
-                        return Poll::Ready(Err(if broke {
-                            tracing::debug!(error = %e, "upstream connection broke off");
-                            H1Error::Invalid("the connection broke off within the response head")
-                        } else {
-                            H1Error::Io(e)
-                        }));
-                    }
-                    _ if !wrote => return Poll::Pending,
-                    _ => {}
-                },
+                Poll::Pending if !wrote => return Poll::Pending,
+                Poll::Pending => {}
             }
         }
     }
@@ -444,8 +432,9 @@ enum State {
     Flushing,
     /// The whole request is on the wire.
     Sent,
-    /// A write failed: nothing more is sent.
-    Failed(io::Error),
+    /// A write failed: nothing more is sent, and the connection's end (or
+    /// what the upstream answered before it) is read.
+    Failed,
 }
 
 impl Sending {
@@ -468,6 +457,13 @@ impl Sending {
             }
         }
         sending
+    }
+
+    /// A write failed: the upstream closed or reset the connection (it
+    /// may have answered first, which reading will tell).
+    fn failed(e: io::Error) -> State {
+        tracing::debug!(error = %e, "writing to the upstream failed");
+        State::Failed
     }
 
     fn push(&mut self, piece: Bytes) {
@@ -527,11 +523,11 @@ impl Sending {
     fn poll_send(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
         loop {
             match self.state {
-                State::Sent | State::Failed(_) => return Poll::Ready(Ok(false)),
+                State::Sent | State::Failed => return Poll::Ready(Ok(false)),
                 State::Flushing => {
                     self.state = match ready!(Pin::new(&mut *io).poll_flush(cx)) {
                         Ok(()) => State::Sent,
-                        Err(e) => State::Failed(e),
+                        Err(e) => Self::failed(e),
                     };
                     return Poll::Ready(Ok(true));
                 }
@@ -545,13 +541,11 @@ impl Sending {
                 ];
                 let count = (self.end - self.at).min(3);
                 match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])) {
-                    Ok(0) => self.state = State::Failed(io::ErrorKind::WriteZero.into()),
+                    Ok(0) => self.state = Self::failed(io::ErrorKind::WriteZero.into()),
                     Ok(n) => self.advance(n),
-                    Err(e) => self.state = State::Failed(e),
+                    Err(e) => self.state = Self::failed(e),
                 }
-                if self.at < self.end
-                    || self.body.is_some()
-                    || matches!(self.state, State::Failed(_))
+                if self.at < self.end || self.body.is_some() || matches!(self.state, State::Failed)
                 {
                     return Poll::Ready(Ok(true));
                 }
