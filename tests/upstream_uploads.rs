@@ -57,6 +57,8 @@ impl Seen {
 ///   30 s (the connection stays open: nothing in the answer ends it);
 /// - `early-close`: the same 413, then it closes;
 /// - `close-mid`: reads 1 MiB of the body and closes without an answer;
+/// - `close-after`: reads the whole body, answers 200 and closes, without
+///   saying so (as an upstream's idle timeout would);
 /// - anything else: reads the whole body, records it, and answers 200 with
 ///   `x-conn`, the connection's number.
 ///
@@ -208,7 +210,7 @@ async fn serve(mut sock: TcpStream, conn: usize, log: Arc<Mutex<Vec<Seen>>>) {
         seen.body = body;
         log.lock().expect("seen").push(seen);
         let answer = format!("HTTP/1.1 200 OK\r\nx-conn: {conn}\r\ncontent-length: 2\r\n\r\nok");
-        if sock.write_all(answer.as_bytes()).await.is_err() {
+        if sock.write_all(answer.as_bytes()).await.is_err() || path == "/api/close-after" {
             return;
         }
     }
@@ -503,6 +505,30 @@ async fn a_streamed_body_connection_is_reused_by_its_session_and_never_by_anothe
     let ((x, _), (y, _)) = (conn_of(x).await, conn_of(y).await);
     assert_eq!((x, y), (a, b));
     assert_eq!(raw.connections.load(Ordering::SeqCst), 2);
+}
+
+/// A streamed body is never sent twice, so it must not be sent on a
+/// connection the upstream has closed: one closed after its answer is seen
+/// closed at checkout, and every upload gets through on a new one. (A
+/// close still on its way when the next request leaves cannot be seen: as
+/// for a PUT with its body in memory, that request gets a 502.)
+#[tokio::test]
+async fn streamed_bodies_do_not_go_on_connections_the_upstream_closed() {
+    let raw = Raw::start();
+    let w = World::new().await;
+    let ups = upstreams(&w, &raw);
+    let up = ups.here();
+    for i in 0..20 {
+        // The close arrives.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let body = streamed(Frames::new(100_000, i % 2 == 0));
+        let (conn, _) = conn_of(
+            up.send(Cow::Owned(head(Method::PUT, "/close-after")), body, "s")
+                .await,
+        )
+        .await;
+        assert_eq!(conn, i + 1, "upload {i}");
+    }
 }
 
 // ---------------------------------------------------------------------------

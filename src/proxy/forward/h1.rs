@@ -52,7 +52,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{Outbound, UpstreamBody};
+use super::UpstreamBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -181,13 +181,17 @@ impl Conn {
     /// exchange: what the upstream answered before the connection broke is
     /// read (an upstream that answers a 413 and closes is seen to answer),
     /// else its end.
+    ///
+    /// `body`: the streamed body that goes with `wire` (none for a body in
+    /// memory, which is in `wire`).
     pub async fn exchange(
         mut self: Box<Self>,
-        wire: Wire,
+        wire: &Wire,
+        body: Option<UpstreamBody>,
         head_request: bool,
         idle: &Idle,
     ) -> Result<Response<H1Body>, H1Error> {
-        let mut sending = Sending::new(wire);
+        let mut sending = Sending::new(wire, body);
         let mut reading = Reading {
             read_any: false,
             interim: 0,
@@ -204,7 +208,7 @@ impl Conn {
     /// Pending only once neither side can go on.
     fn poll_exchange(
         &mut self,
-        sending: &mut Sending,
+        sending: &mut Sending<'_>,
         reading: &mut Reading,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Parsed, H1Error>> {
@@ -281,70 +285,69 @@ struct Reading {
 /// parts (request line in origin form, `Host`, the headers as they are,
 /// hop-by-hop ones having been removed by the proxy, and the body's
 /// framing), with a body in memory in the same buffer when it is small;
-/// then a large body in memory, or a streamed one.
+/// then a large body in memory. A streamed body is not in it: it goes
+/// along with it to [`Conn::exchange`], once. A request whose body is in
+/// memory can be sent again as it is.
 pub struct Wire {
-    head: Bytes,
-    body: Payload,
-}
-
-enum Payload {
-    Kept(Bytes),
-    /// Framed by its length if it is known, else chunked.
-    Streamed {
-        body: UpstreamBody,
-        length: Option<u64>,
-    },
+    head: Vec<u8>,
+    /// The body in memory (empty for a streamed one): in `head` too when
+    /// it is small, else written after it.
+    kept: Bytes,
+    /// A streamed body's framing: its length, or chunked (`None`).
+    length: Option<u64>,
 }
 
 impl Wire {
-    pub fn new(
+    /// A request whose body is in memory.
+    pub fn kept(
         method: &Method,
         path_and_query: &str,
         host: &HeaderValue,
         headers: &HeaderMap,
-        body: Outbound,
+        body: Bytes,
     ) -> Wire {
-        match body {
-            Outbound::Kept(bytes) => {
-                let small = bytes.len() <= COALESCE;
-                let length = Some(bytes.len() as u64);
-                let room = if small { bytes.len() } else { 0 };
-                let mut head = encode_head(method, path_and_query, host, headers, length, room);
-                if small {
-                    head.extend_from_slice(&bytes);
-                }
-                Wire {
-                    head: head.into(),
-                    body: Payload::Kept(bytes),
-                }
-            }
-            Outbound::Streamed(body) => {
-                let length = stream_length(&body, headers);
-                Wire {
-                    head: encode_head(method, path_and_query, host, headers, length, 0).into(),
-                    body: Payload::Streamed { body, length },
-                }
-            }
+        let small = body.len() <= COALESCE;
+        let length = Some(body.len() as u64);
+        let room = if small { body.len() } else { 0 };
+        let mut head = encode_head(method, path_and_query, host, headers, length, room);
+        if small {
+            head.extend_from_slice(&body);
+        }
+        Wire {
+            head,
+            kept: body,
+            length,
         }
     }
 
-    /// The same request once more, if it can be sent again: only a body in
-    /// memory can.
-    pub fn again(&self) -> Option<Wire> {
-        match &self.body {
-            Payload::Kept(bytes) => Some(Wire {
-                head: self.head.clone(),
-                body: Payload::Kept(bytes.clone()),
-            }),
-            Payload::Streamed { .. } => None,
+    /// A request whose body streams: `body`, framed by its length when it
+    /// is known, else chunked.
+    pub fn streamed(
+        method: &Method,
+        path_and_query: &str,
+        host: &HeaderValue,
+        headers: &HeaderMap,
+        body: &UpstreamBody,
+    ) -> Wire {
+        let length = stream_length(body, headers);
+        Wire {
+            head: encode_head(method, path_and_query, host, headers, length, 0),
+            kept: Bytes::new(),
+            length,
         }
     }
 
-    /// The body, for another client (HTTP/2).
-    pub fn into_body(self) -> Outbound {
-        match self.body {
-            Payload::Kept(bytes) => Outbound::Kept(bytes),
-            Payload::Streamed { body, .. } => Outbound::Streamed(body),
+    /// The body in memory, for another client (HTTP/2).
+    pub fn into_kept(self) -> Bytes {
+        self.kept
+    }
+
+    /// A large body in memory, written after the head; else nothing.
+    fn after_head(&self) -> &[u8] {
+        if self.kept.len() > COALESCE {
+            &self.kept
+        } else {
+            &[]
         }
     }
 }
@@ -411,12 +414,15 @@ fn encode_head(
     head
 }
 
-/// The sending half of an exchange: what is queued for the wire, and the
-/// streamed body it comes from.
-struct Sending {
-    /// Pieces for the wire, in order, `queue[at..end]` still to write: the
-    /// head and a large body in memory; a chunk's size line, its data and
-    /// its CRLF; the last chunk.
+/// The sending half of an exchange: what is left to write of the head and
+/// of a body in memory, and of a streamed body the pieces queued and the
+/// stream they come from.
+struct Sending<'w> {
+    head: &'w [u8],
+    kept: &'w [u8],
+    /// A streamed body's pieces for the wire, in order, `queue[at..end]`
+    /// still to write: a frame (under a length), or a chunk's size line,
+    /// its data and its CRLF; the last chunk.
     queue: [Bytes; 3],
     at: usize,
     end: usize,
@@ -437,26 +443,18 @@ enum State {
     Failed,
 }
 
-impl Sending {
-    fn new(wire: Wire) -> Sending {
-        let mut sending = Sending {
+impl<'w> Sending<'w> {
+    fn new(wire: &'w Wire, body: Option<UpstreamBody>) -> Sending<'w> {
+        Sending {
+            head: &wire.head,
+            kept: wire.after_head(),
             queue: Default::default(),
             at: 0,
             end: 0,
-            body: None,
-            owed: None,
+            owed: body.as_ref().and(wire.length),
+            body,
             state: State::Writing,
-        };
-        sending.push(wire.head);
-        match wire.body {
-            Payload::Kept(bytes) if bytes.len() > COALESCE => sending.push(bytes),
-            Payload::Kept(_) => {}
-            Payload::Streamed { body, length } => {
-                sending.body = Some(body);
-                sending.owed = length;
-            }
         }
-        sending
     }
 
     /// A write failed: the upstream closed or reset the connection (it
@@ -471,8 +469,13 @@ impl Sending {
         self.end += 1;
     }
 
-    /// Takes `n` written bytes off the queue.
+    /// Takes `n` written bytes off what was to write.
     fn advance(&mut self, mut n: usize) {
+        for part in [&mut self.head, &mut self.kept] {
+            let take = n.min(part.len());
+            *part = &part[take..];
+            n -= take;
+        }
         while n > 0 && self.at < self.end {
             let piece = &mut self.queue[self.at];
             let take = n.min(piece.len());
@@ -533,19 +536,32 @@ impl Sending {
                 }
                 State::Writing => {}
             }
-            if self.at < self.end {
-                let slices = [
-                    IoSlice::new(&self.queue[self.at]),
-                    IoSlice::new(self.queue.get(self.at + 1).map_or(&[], |b| &b[..])),
-                    IoSlice::new(self.queue.get(self.at + 2).map_or(&[], |b| &b[..])),
-                ];
-                let count = (self.end - self.at).min(3);
-                match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])) {
+            // The head (and a large body in memory) first; a streamed
+            // body's frame is queued only once they are written.
+            let unwritten: [&[u8]; 3] = if !self.head.is_empty() || !self.kept.is_empty() {
+                [self.head, self.kept, &[]]
+            } else {
+                let piece = |i: usize| {
+                    if i < self.end {
+                        &self.queue[i][..]
+                    } else {
+                        &[][..]
+                    }
+                };
+                [piece(self.at), piece(self.at + 1), piece(self.at + 2)]
+            };
+            if unwritten.iter().any(|p| !p.is_empty()) {
+                let slices = unwritten.map(IoSlice::new);
+                match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices)) {
                     Ok(0) => self.state = Self::failed(io::ErrorKind::WriteZero.into()),
                     Ok(n) => self.advance(n),
                     Err(e) => self.state = Self::failed(e),
                 }
-                if self.at < self.end || self.body.is_some() || matches!(self.state, State::Failed)
+                if !self.head.is_empty()
+                    || !self.kept.is_empty()
+                    || self.at < self.end
+                    || self.body.is_some()
+                    || matches!(self.state, State::Failed)
                 {
                     return Poll::Ready(Ok(true));
                 }

@@ -298,7 +298,17 @@ impl Upstream {
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut wire = h1::Wire::new(&head.method, path, &self.host, &head.headers, body);
+        let (method, headers) = (&head.method, &head.headers);
+        let (wire, mut stream) = match body {
+            Outbound::Kept(bytes) => (
+                h1::Wire::kept(method, path, &self.host, headers, bytes),
+                None,
+            ),
+            Outbound::Streamed(body) => (
+                h1::Wire::streamed(method, path, &self.host, headers, &body),
+                Some(body),
+            ),
+        };
         let head_request = head.method == Method::HEAD;
         // Only a safe method goes again: the request was written, and an
         // upstream that acted on it and then reset would see a PUT or a
@@ -315,23 +325,28 @@ impl Upstream {
                 None => match self.connect().await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io), owner), false),
                     Connected::H2(tx) => {
-                        let req = head.into_owned().into_request(wire.into_body().into_body());
+                        // A streamed body is still here: only a body in
+                        // memory is tried twice.
+                        let body = match stream {
+                            Some(body) => Outbound::Streamed(body),
+                            None => Outbound::Kept(wire.into_kept()),
+                        };
+                        let req = head.into_owned().into_request(body.into_body());
                         return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
                     }
                 },
             };
-            // Kept for another try: only a body in memory can have one.
-            let again = if reused && safe { wire.again() } else { None };
-            wire = match conn.exchange(wire, head_request, &self.own).await {
+            let streamed = stream.is_some();
+            match conn
+                .exchange(&wire, stream.take(), head_request, &self.own)
+                .await
+            {
                 Ok(resp) => return Ok(resp.map(UpInner::Own)),
-                Err(e) => match again {
-                    Some(again) if e.unanswered() => {
-                        tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
-                        again
-                    }
-                    _ => return Err(classify(e)),
-                },
-            };
+                Err(e) if reused && safe && !streamed && e.unanswered() => {
+                    tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
+                }
+                Err(e) => return Err(classify(e)),
+            }
         }
     }
 
