@@ -7,14 +7,15 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{add_session, client, error_code, url, Extra, World};
 
 /// A TLS upstream on 127.0.0.1 answering with the HTTP version and the
-/// Authorization it received; its certificate is for `localhost`, signed
-/// by a throwaway CA written to `ca.pem`.
+/// Authorization it received (at `/v1/upload`: the version, and the
+/// length and SHA-256 of the body); its certificate is for `localhost`,
+/// signed by a throwaway CA written to `ca.pem`.
 async fn tls_upstream(
     alpn: &[&[u8]],
     dir: &std::path::Path,
@@ -53,6 +54,15 @@ async fn tls_upstream(
                     return;
                 };
                 let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/v1/upload" {
+                        let version = req.version();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let text = match body {
+                            Ok(b) => format!("{version:?} {} {}", b.len(), sha256(&b)),
+                            Err(e) => format!("{version:?} broken: {e}"),
+                        };
+                        return Ok(hyper::Response::new(Full::new(Bytes::from(text))));
+                    }
                     let auth = req
                         .headers()
                         .get("authorization")
@@ -71,13 +81,24 @@ async fn tls_upstream(
     (addr, ca_path)
 }
 
-async fn through(alpn: &[&[u8]], trust: bool) -> (u16, String, Option<String>) {
+fn sha256(bytes: &[u8]) -> String {
+    <sha2::Sha256 as sha2::Digest>::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// credproxy in front of a TLS upstream offering `alpn`, its CA trusted
+/// when `trust`, with `extra` lines in the Spark provider's table.
+async fn against(alpn: &[&[u8]], trust: bool, extra: &str) -> (World, credproxy::server::Running) {
     let w = World::new().await;
     let (addr, ca) = tls_upstream(alpn, w.dir.path()).await;
     let mut spark = format!("ca_file = \"{}\"", ca.display());
     if !trust {
         spark.clear();
     }
+    spark.push('\n');
+    spark.push_str(extra);
     let mut text = w.config_text(&Extra {
         spark,
         ..Extra::default()
@@ -89,6 +110,11 @@ async fn through(alpn: &[&[u8]], trust: bool) -> (u16, String, Option<String>) {
     let cfg = credproxy::config::Config::parse(&text, std::path::Path::new("t"), |_| None)
         .expect("config");
     let srv = credproxy::server::start(cfg).await.expect("start");
+    (w, srv)
+}
+
+async fn through(alpn: &[&[u8]], trust: bool) -> (u16, String, Option<String>) {
+    let (w, srv) = against(alpn, trust, "").await;
     let (_, key, tokens) = add_session(&srv, "spark", &w.spark).await;
     let r = client()
         .get(url(srv.proxy_addr, "/spark/v1/tls"))
@@ -122,4 +148,48 @@ async fn untrusted_certificate_is_refused() {
     let (status, _, code) = through(&[b"h2", b"http/1.1"], false).await;
     assert_eq!(status, 502);
     assert_eq!(code.as_deref(), Some("upstream_unreachable"));
+}
+
+/// Uploads over TLS, streamed (over `max_replay_body`) with their length
+/// and chunked, and one kept in memory over 64 KiB: over credproxy's own
+/// HTTP/1.1 client, or hyper's HTTP/2 one, each arrives whole.
+#[tokio::test]
+async fn uploads_over_tls_arrive_intact_over_http1_and_http2() {
+    let n = 3 * 1024 * 1024 + 5;
+    let body: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+    let want = format!("{n} {}", sha256(&body));
+    for (alpn, version) in [
+        (&[&b"http/1.1"[..]][..], "HTTP/1.1"),
+        (&[&b"h2"[..], &b"http/1.1"[..]][..], "HTTP/2.0"),
+    ] {
+        let (w, srv) = against(alpn, true, "max_replay_body = 100000").await;
+        let (_, key, _) = add_session(&srv, "spark", &w.spark).await;
+        let c = client();
+        let chunks: Vec<Vec<u8>> = body.chunks(100_000).map(<[u8]>::to_vec).collect();
+        let small = body[..90_000].to_vec();
+        let small_want = format!("90000 {}", sha256(&small));
+        for (what, sent, want) in [
+            ("sized", reqwest::Body::from(body.clone()), &want),
+            (
+                "chunked",
+                reqwest::Body::wrap_stream(tokio_stream::iter(
+                    chunks.into_iter().map(Ok::<_, std::io::Error>),
+                )),
+                &want,
+            ),
+            ("kept", reqwest::Body::from(small), &small_want),
+        ] {
+            let r = c
+                .post(url(srv.proxy_addr, "/spark/v1/upload"))
+                .header("X-Credproxy-Session", &key)
+                .body(sent)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200, "{version} {what}");
+            let text = r.text().await.expect("text");
+            assert_eq!(text, format!("{version} {want}"), "{what}");
+        }
+        srv.shutdown().await;
+    }
 }

@@ -1,12 +1,22 @@
-//! credproxy's own HTTP/1.1 client, for requests whose body is in memory
-//! (none, or one kept for a replay: nearly every API call). The request
-//! head is written straight from the request's parts into one buffer, the
-//! response head is parsed in the connection's read buffer (httparse) with
-//! header values sliced out of it, and the body is read by the task that
-//! polls it: no connection task, no channel between two tasks, no second
-//! copy of the head. Requests with a streamed body go through hyper's
-//! client instead (see [`super::Upstream`]), which can read an early answer
-//! while it is still sending.
+//! credproxy's own HTTP/1.1 client, for every HTTP/1.1 request upstream:
+//! bodies in memory (none, or one kept for a replay: nearly every API
+//! call) and bodies streamed from the caller. The request head is written
+//! straight from the request's parts into one buffer ([`Wire`]): with a
+//! body in memory of up to [`COALESCE`]; a larger one is written after it,
+//! a streamed one frame by frame (with its `Content-Length` when its size
+//! is known, else chunked). The response head is parsed in the
+//! connection's read buffer (httparse) with header values sliced out of
+//! it, and the body is read by the task that polls it: no connection task,
+//! no channel between two tasks, no second copy of the head.
+//!
+//! The answer is read while the body is written ([`Conn::exchange`]: both
+//! in one future, as Pingora's client does). An upstream that answers
+//! before it has the whole body (a 413, a 401) has its answer passed on at
+//! once; the rest of the body is not sent, and that connection is not
+//! reused. A streamed body is written one frame at a time, the next frame
+//! polled only once the last is on the wire, so memory does not grow with
+//! its size; a body the caller stops sending ends the exchange with its
+//! error ([`H1Error::Body`]).
 //!
 //! Framing follows RFC 9112 §6: no body for HEAD, 1xx, 204 and 304; a
 //! chunked transfer coding (trailers are read and dropped); a
@@ -18,14 +28,16 @@
 //! upstream sends beyond its framing (extra bytes after a body, a body
 //! after a bodiless answer, late ones that no check can see coming) can be
 //! read as another session's answer. Within a session, a connection goes
-//! back to its pool only once its answer was read to the end, when the
-//! answer keeps it alive (HTTP/1.1, no `Connection: close`, no body
-//! delimited by the close), carries a body whose end its framing marks
+//! back to its pool only once the whole request was sent and its answer
+//! read to the end, when the answer keeps it alive (HTTP/1.1, no
+//! `Connection: close`, no body delimited by the close), carries a body
+//! whose end its framing marks
 //! (not HEAD, 204 or 304: a body the upstream sends after those would
 //! otherwise be the next answer), and nothing more is in its buffer.
 
 use std::collections::VecDeque;
-use std::io;
+use std::fmt::Write as _;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -37,8 +49,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Ver
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::UpstreamBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An upstream connection as hyper-rustls's connector makes it, seen
 /// through tokio's I/O traits.
@@ -55,9 +71,8 @@ const MAX_LINE: usize = 4096;
 /// Interim (1xx) answers skipped before a final one; more are refused, so
 /// an upstream cannot hold a request with an endless run of them.
 pub const MAX_INTERIM: usize = 32;
-/// Bodies up to this size are written with the head, in one write, and go
-/// over this client; larger ones go over hyper's, which reads an early
-/// answer (a 413, say) while it is still sending.
+/// Bodies in memory up to this size are written with the head, in one
+/// write; larger ones after it.
 pub const COALESCE: usize = 64 * 1024;
 
 /// Why an exchange on a connection failed.
@@ -71,6 +86,11 @@ pub enum H1Error {
     Closed,
     #[error("the upstream's answer is not valid HTTP/1.1: {0}")]
     Invalid(&'static str),
+    /// The request body broke off on the caller's side (it stalled, went
+    /// over the provider's limit, or did not match its length): its error
+    /// is the source, for [`super::classify`].
+    #[error("the request body broke off")]
+    Body(#[source] BoxError),
 }
 
 impl H1Error {
@@ -85,7 +105,7 @@ impl H1Error {
                     | io::ErrorKind::ConnectionReset
                     | io::ErrorKind::ConnectionAborted
             ),
-            H1Error::Invalid(_) => false,
+            H1Error::Invalid(_) | H1Error::Body(_) => false,
         }
     }
 }
@@ -143,101 +163,224 @@ impl Conn {
         )
     }
 
-    /// Writes the request: the head (with a small body in the same
-    /// buffer), then a large body.
-    pub async fn send(&mut self, wire: &[u8], rest: Option<&Bytes>) -> Result<(), H1Error> {
-        self.io.write_all(wire).await?;
-        if let Some(body) = rest {
-            self.io.write_all(body).await?;
+    /// Reads more into the buffer; `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
         }
-        self.io.flush().await?;
-        Ok(())
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
-    /// Reads the response head (skipping interim 1xx answers) and frames
-    /// its body. `head_request`: the request was HEAD (no body follows).
-    pub async fn answer(
+    /// Sends the request and reads the answer's head at the same time
+    /// (skipping interim 1xx answers), then frames its body.
+    /// `head_request`: the request was HEAD (no body follows).
+    ///
+    /// A final answer that comes before the whole request was sent is
+    /// returned at once, the rest of the request left unsent, and the
+    /// connection is not reused. A write that fails does not end the
+    /// exchange: what the upstream answered before the connection broke is
+    /// read (an upstream that answers a 413 and closes is seen to answer),
+    /// else its end.
+    ///
+    /// `body`: the streamed body that goes with `wire` (none for a body in
+    /// memory, which is in `wire`).
+    pub async fn exchange(
         mut self: Box<Self>,
+        wire: &Wire,
+        body: Option<UpstreamBody>,
         head_request: bool,
         idle: &Idle,
     ) -> Result<Response<H1Body>, H1Error> {
-        let mut read_any = false;
-        let mut interim = 0;
+        let mut sending = Sending::new(wire, body);
+        let mut reading = Reading {
+            read_any: false,
+            interim: 0,
+            unparsed: !self.buf.is_empty(),
+        };
+        let parsed =
+            std::future::poll_fn(|cx| self.poll_exchange(&mut sending, &mut reading, cx)).await?;
+        let sent = matches!(sending.state, State::Sent);
+        build(self, parsed, head_request, sent, idle)
+    }
+
+    /// One turn of [`Conn::exchange`]: the answer's head if it is there,
+    /// else the request a step further, then whatever the upstream sent.
+    /// Pending only once neither side can go on.
+    fn poll_exchange(
+        &mut self,
+        sending: &mut Sending<'_>,
+        reading: &mut Reading,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Parsed, H1Error>> {
         loop {
-            if let Some(parsed) = parse_head(&mut self.buf)? {
-                if parsed.status.is_informational() {
+            if reading.unparsed {
+                reading.unparsed = false;
+                while let Some(parsed) = parse_head(&mut self.buf)? {
+                    if !parsed.status.is_informational() {
+                        return Poll::Ready(Ok(parsed));
+                    }
                     if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(H1Error::Invalid("a protocol switch was not asked for"));
+                        return Poll::Ready(Err(H1Error::Invalid(
+                            "a protocol switch was not asked for",
+                        )));
                     }
-                    interim += 1;
-                    if interim > MAX_INTERIM {
-                        return Err(H1Error::Invalid("more than 32 interim (1xx) answers"));
+                    reading.interim += 1;
+                    if reading.interim > MAX_INTERIM {
+                        return Poll::Ready(Err(H1Error::Invalid(
+                            "more than 32 interim (1xx) answers",
+                        )));
                     }
-                    continue;
                 }
-                return build(self, parsed, head_request, idle);
+                if self.buf.len() > MAX_HEAD {
+                    return Poll::Ready(Err(H1Error::Invalid("the response head is over 408 KiB")));
+                }
             }
-            if self.buf.len() > MAX_HEAD {
-                return Err(H1Error::Invalid("the response head is over 408 KiB"));
-            }
-            self.buf.reserve(READ_CHUNK);
-            let n = match tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf).await {
-                Ok(n) => n,
-                Err(e) if read_any || !self.buf.is_empty() => {
+            let wrote = match sending.poll_send(&mut self.io, cx) {
+                Poll::Ready(Ok(wrote)) => wrote,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Body(e))),
+                Poll::Pending => false,
+            };
+            let broke = !self.buf.is_empty() || reading.read_any;
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(if broke {
+                        H1Error::Invalid("the connection closed within the response head")
+                    } else {
+                        H1Error::Closed
+                    }));
+                }
+                Poll::Ready(Ok(_)) => {
+                    reading.read_any = true;
+                    reading.unparsed = true;
+                }
+                Poll::Ready(Err(e)) if broke => {
                     tracing::debug!(error = %e, "upstream connection broke off");
-                    return Err(H1Error::Invalid(
+                    return Poll::Ready(Err(H1Error::Invalid(
                         "the connection broke off within the response head",
-                    ));
+                    )));
                 }
                 // rustls reports a peer that closed without close_notify so.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(H1Error::Closed),
-                Err(e) => return Err(H1Error::Io(e)),
-            };
-            if n == 0 {
-                return Err(if read_any || !self.buf.is_empty() {
-                    H1Error::Invalid("the connection closed within the response head")
-                } else {
-                    H1Error::Closed
-                });
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Poll::Ready(Err(H1Error::Closed))
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Io(e))),
+                Poll::Pending if !wrote => return Poll::Pending,
+                Poll::Pending => {}
             }
-            read_any = true;
         }
     }
 }
 
-/// The request as it goes on the wire: the head written from the
-/// request's parts (request line in origin form, `Host`, the headers as
-/// they are, hop-by-hop ones having been removed by the proxy, and the
-/// body's length), with the body in the same buffer when it is small; a
-/// large body is returned to be written after it.
-pub fn encode<'b>(
-    method: &Method,
-    path_and_query: &str,
-    host: &HeaderValue,
-    headers: &HeaderMap,
-    body: &'b Bytes,
-) -> (Vec<u8>, Option<&'b Bytes>) {
-    let mut wire = encode_head(method, path_and_query, host, headers, body.len());
-    if body.len() <= COALESCE {
-        wire.extend_from_slice(body);
-        (wire, None)
-    } else {
-        (wire, Some(body))
+/// Where the reading half of an exchange is.
+struct Reading {
+    /// Whether any byte of an answer has come.
+    read_any: bool,
+    /// Interim answers skipped so far.
+    interim: usize,
+    /// Bytes came in since the head was last looked for.
+    unparsed: bool,
+}
+
+/// A request as it goes on the wire: its head, written from the request's
+/// parts (request line in origin form, `Host`, the headers as they are,
+/// hop-by-hop ones having been removed by the proxy, and the body's
+/// framing), with a body in memory in the same buffer when it is small;
+/// then a large body in memory. A streamed body is not in it: it goes
+/// along with it to [`Conn::exchange`], once. A request whose body is in
+/// memory can be sent again as it is.
+pub struct Wire {
+    head: Vec<u8>,
+    /// The body in memory (empty for a streamed one): in `head` too when
+    /// it is small, else written after it.
+    kept: Bytes,
+    /// A streamed body's framing: its length, or chunked (`None`).
+    length: Option<u64>,
+}
+
+impl Wire {
+    /// A request whose body is in memory.
+    pub fn kept(
+        method: &Method,
+        path_and_query: &str,
+        host: &HeaderValue,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Wire {
+        let small = body.len() <= COALESCE;
+        let length = Some(body.len() as u64);
+        let room = if small { body.len() } else { 0 };
+        let mut head = encode_head(method, path_and_query, host, headers, length, room);
+        if small {
+            head.extend_from_slice(&body);
+        }
+        Wire {
+            head,
+            kept: body,
+            length,
+        }
+    }
+
+    /// A request whose body streams: `body`, framed by its length when it
+    /// is known, else chunked.
+    pub fn streamed(
+        method: &Method,
+        path_and_query: &str,
+        host: &HeaderValue,
+        headers: &HeaderMap,
+        body: &UpstreamBody,
+    ) -> Wire {
+        let length = stream_length(body, headers);
+        Wire {
+            head: encode_head(method, path_and_query, host, headers, length, 0),
+            kept: Bytes::new(),
+            length,
+        }
+    }
+
+    /// The body in memory, for another client (HTTP/2).
+    pub fn into_kept(self) -> Bytes {
+        self.kept
+    }
+
+    /// A large body in memory, written after the head; else nothing.
+    fn after_head(&self) -> &[u8] {
+        if self.kept.len() > COALESCE {
+            &self.kept
+        } else {
+            &[]
+        }
     }
 }
 
+/// A streamed body's length, if it is known: its exact size (a caller's
+/// body read by its `Content-Length`), else the caller's `Content-Length`
+/// (a body that was partly read before it was streamed); else it goes
+/// chunked. Either way the body must match it, or the exchange ends
+/// ([`Sending`]).
+fn stream_length(body: &UpstreamBody, headers: &HeaderMap) -> Option<u64> {
+    if let Some(exact) = body.size_hint().exact() {
+        return Some(exact);
+    }
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let declared = content_length(values.next()?.as_bytes()).ok()?;
+    values.next().is_none().then_some(declared)
+}
+
+/// Encodes a request head; `length`: the body's, or `None` for chunked;
+/// `room`: how much more the buffer will take (a small body).
 fn encode_head(
     method: &Method,
     path_and_query: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
-    body_len: usize,
+    length: Option<u64>,
+    room: usize,
 ) -> Vec<u8> {
     let mut size = method.as_str().len() + path_and_query.len() + host.len() + 48;
     for (name, value) in headers {
         size += name.as_str().len() + value.len() + 4;
     }
-    let mut head = Vec::with_capacity(size + body_len.min(COALESCE));
+    let mut head = Vec::with_capacity(size + room);
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path_and_query.as_bytes());
@@ -258,13 +401,199 @@ fn encode_head(
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
     );
-    if body_len > 0 || !bodiless {
-        head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
-        head.extend_from_slice(b"\r\n");
+    match length {
+        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Some(n) if n > 0 || !bodiless => {
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        Some(_) => {}
     }
     head.extend_from_slice(b"\r\n");
     head
+}
+
+/// The sending half of an exchange: what is left to write of the head and
+/// of a body in memory, and of a streamed body the pieces queued and the
+/// stream they come from.
+struct Sending<'w> {
+    head: &'w [u8],
+    kept: &'w [u8],
+    /// A streamed body's pieces for the wire, in order, `queue[at..end]`
+    /// still to write: a frame (under a length), or a chunk's size line,
+    /// its data and its CRLF; the last chunk.
+    queue: [Bytes; 3],
+    at: usize,
+    end: usize,
+    body: Option<UpstreamBody>,
+    /// What the streamed body still owes its `Content-Length`; `None`:
+    /// chunked.
+    owed: Option<u64>,
+    state: State,
+}
+
+enum State {
+    Writing,
+    Flushing,
+    /// The whole request is on the wire.
+    Sent,
+    /// A write failed: nothing more is sent, and the connection's end (or
+    /// what the upstream answered before it) is read.
+    Failed,
+}
+
+impl<'w> Sending<'w> {
+    fn new(wire: &'w Wire, body: Option<UpstreamBody>) -> Sending<'w> {
+        Sending {
+            head: &wire.head,
+            kept: wire.after_head(),
+            queue: Default::default(),
+            at: 0,
+            end: 0,
+            owed: body.as_ref().and(wire.length),
+            body,
+            state: State::Writing,
+        }
+    }
+
+    /// A write failed: the upstream closed or reset the connection (it
+    /// may have answered first, which reading will tell).
+    fn failed(e: io::Error) -> State {
+        tracing::debug!(error = %e, "writing to the upstream failed");
+        State::Failed
+    }
+
+    fn push(&mut self, piece: Bytes) {
+        self.queue[self.end] = piece;
+        self.end += 1;
+    }
+
+    /// Takes `n` written bytes off what was to write.
+    fn advance(&mut self, mut n: usize) {
+        for part in [&mut self.head, &mut self.kept] {
+            let take = n.min(part.len());
+            *part = &part[take..];
+            n -= take;
+        }
+        while n > 0 && self.at < self.end {
+            let piece = &mut self.queue[self.at];
+            let take = n.min(piece.len());
+            piece.advance(take);
+            n -= take;
+            if piece.is_empty() {
+                // Let go of the frame it was a part of.
+                *piece = Bytes::new();
+                self.at += 1;
+            }
+        }
+        if self.at == self.end {
+            self.at = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Queues a frame of the streamed body: as it is under a length, as a
+    /// chunk otherwise (an empty one is skipped: it would end the body).
+    fn queue_data(&mut self, data: Bytes) -> Result<(), BoxError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.owed {
+            Some(owed) => {
+                *owed = owed
+                    .checked_sub(data.len() as u64)
+                    .ok_or("the request body is longer than its length")?;
+                self.push(data);
+            }
+            None => {
+                let mut size = BytesMut::with_capacity(18);
+                // Cannot fail: BytesMut grows.
+                let _ = write!(size, "{:x}\r\n", data.len());
+                self.push(size.freeze());
+                self.push(data);
+                self.push(Bytes::from_static(b"\r\n"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the request a step further: `Ok(true)` if it moved (a write,
+    /// or the request now sent or failed), `Ok(false)` if there is nothing
+    /// left to do; an error only from the caller's body. Writes a frame
+    /// before polling the next, and returns after each write of a streamed
+    /// body so that the answer is looked at.
+    fn poll_send(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<bool, BoxError>> {
+        loop {
+            match self.state {
+                State::Sent | State::Failed => return Poll::Ready(Ok(false)),
+                State::Flushing => {
+                    self.state = match ready!(Pin::new(&mut *io).poll_flush(cx)) {
+                        Ok(()) => State::Sent,
+                        Err(e) => Self::failed(e),
+                    };
+                    return Poll::Ready(Ok(true));
+                }
+                State::Writing => {}
+            }
+            // The head (and a large body in memory) first; a streamed
+            // body's frame is queued only once they are written.
+            let unwritten: [&[u8]; 3] = if !self.head.is_empty() || !self.kept.is_empty() {
+                [self.head, self.kept, &[]]
+            } else {
+                let piece = |i: usize| {
+                    if i < self.end {
+                        &self.queue[i][..]
+                    } else {
+                        &[][..]
+                    }
+                };
+                [piece(self.at), piece(self.at + 1), piece(self.at + 2)]
+            };
+            if unwritten.iter().any(|p| !p.is_empty()) {
+                let slices = unwritten.map(IoSlice::new);
+                match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices)) {
+                    Ok(0) => self.state = Self::failed(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => self.advance(n),
+                    Err(e) => self.state = Self::failed(e),
+                }
+                if !self.head.is_empty()
+                    || !self.kept.is_empty()
+                    || self.at < self.end
+                    || self.body.is_some()
+                    || matches!(self.state, State::Failed)
+                {
+                    return Poll::Ready(Ok(true));
+                }
+                continue;
+            }
+            let Some(body) = self.body.as_mut() else {
+                self.state = State::Flushing;
+                continue;
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                // Request trailers are not forwarded (`Trailer` is hop-by-hop).
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.queue_data(data)?;
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => {
+                    self.body = None;
+                    match self.owed {
+                        None => self.push(Bytes::from_static(b"0\r\n\r\n")),
+                        Some(0) => {}
+                        Some(_) => {
+                            return Poll::Ready(Err(
+                                "the request body is shorter than its length".into()
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A parsed response head, its header values still in the buffer it was
@@ -340,10 +669,13 @@ enum Chunk {
     Trailers,
 }
 
+/// Frames the answer's body. `sent`: the whole request went out before
+/// the answer came (else the connection is not reused).
 fn build(
     conn: Box<Conn>,
     parsed: Parsed,
     head_request: bool,
+    sent: bool,
     idle: &Idle,
 ) -> Result<Response<H1Body>, H1Error> {
     let Parsed {
@@ -406,7 +738,7 @@ fn build(
     // A bodiless answer's end is only where the upstream should stop: a
     // body it sends anyway (HEAD taken for GET, a 204 with content) would
     // be read as the next answer, so such a connection is not reused.
-    let reusable = !close && framing != Framing::UntilClose && !both && !no_body;
+    let reusable = sent && !close && framing != Framing::UntilClose && !both && !no_body;
     let mut body = H1Body {
         conn: Some(conn),
         framing,
@@ -461,14 +793,6 @@ impl H1Body {
         idle.push_back(conn);
     }
 
-    /// Reads more into the connection's buffer; `Ok(0)` at EOF.
-    fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_CHUNK);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
-    }
-
     /// The next frame, or the end; errors are the connection's.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, H1Error>>> {
         loop {
@@ -481,7 +805,7 @@ impl H1Body {
             match self.framing {
                 Framing::Length(left) => {
                     if conn.buf.is_empty() {
-                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        if ready!(conn.poll_fill(cx))? == 0 {
                             self.conn = None;
                             return Poll::Ready(Some(Err(H1Error::Io(
                                 io::ErrorKind::UnexpectedEof.into(),
@@ -499,7 +823,7 @@ impl H1Body {
                 }
                 Framing::UntilClose => {
                     if conn.buf.is_empty() {
-                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        if ready!(conn.poll_fill(cx))? == 0 {
                             self.reusable = false;
                             self.finish();
                             return Poll::Ready(None);
@@ -510,7 +834,7 @@ impl H1Body {
                 }
                 Framing::Chunked(Chunk::Data(left)) => {
                     if conn.buf.is_empty() {
-                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        if ready!(conn.poll_fill(cx))? == 0 {
                             self.conn = None;
                             return Poll::Ready(Some(Err(H1Error::Io(
                                 io::ErrorKind::UnexpectedEof.into(),
@@ -536,7 +860,7 @@ impl H1Body {
                                 "a chunk-size or trailer line is too long",
                             ))));
                         }
-                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                        if ready!(conn.poll_fill(cx))? == 0 {
                             self.conn = None;
                             return Poll::Ready(Some(Err(H1Error::Io(
                                 io::ErrorKind::UnexpectedEof.into(),
@@ -700,16 +1024,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("accept", HeaderValue::from_static("application/json"));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
-        let get = encode_head(&Method::GET, "/v1/x?a=1", &host, &h, 0);
+        let get = encode_head(&Method::GET, "/v1/x?a=1", &host, &h, Some(0), 0);
         assert_eq!(
             String::from_utf8(get).expect("ascii"),
             "GET /v1/x?a=1 HTTP/1.1\r\nhost: api.example:8443\r\naccept: application/json\r\n\r\n"
         );
-        let post = encode_head(&Method::POST, "/v1/x", &host, &h, 0);
+        let post = encode_head(&Method::POST, "/v1/x", &host, &h, Some(0), 0);
         assert!(String::from_utf8(post)
             .expect("ascii")
             .ends_with("content-length: 0\r\n\r\n"));
-        let put = encode_head(&Method::PUT, "/v1/x", &host, &h, 12);
+        let put = encode_head(&Method::PUT, "/v1/x", &host, &h, Some(12), 0);
         let put = String::from_utf8(put).expect("ascii");
         assert!(put.ends_with("content-length: 12\r\n\r\n"), "{put}");
         assert_eq!(
@@ -717,5 +1041,12 @@ mod tests {
             1,
             "the caller's length is replaced"
         );
+        let chunked = encode_head(&Method::PUT, "/v1/x", &host, &h, None, 0);
+        let chunked = String::from_utf8(chunked).expect("ascii");
+        assert!(
+            chunked.ends_with("\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{chunked}"
+        );
+        assert!(!chunked.contains("content-length"), "{chunked}");
     }
 }

@@ -1,7 +1,9 @@
-//! Talking to an upstream API: a pool of hyper client connections per
-//! provider (one per proxy worker, see [`Upstreams`]), over
-//! rustls (HTTP/1.1 or HTTP/2 by ALPN, webpki roots), with the provider's
-//! connect and response-header timeouts, and hop-by-hop header hygiene.
+//! Talking to an upstream API: pools of connections per provider (one per
+//! proxy worker, see [`Upstreams`]), over rustls (HTTP/1.1 or HTTP/2 by
+//! ALPN, webpki roots), with the provider's connect and response-header
+//! timeouts, and hop-by-hop header hygiene. Every HTTP/1.1 request goes
+//! over credproxy's own client ([`h1`]), whatever its body; hyper's client
+//! carries only HTTP/2.
 //!
 //! Bodies are never collected here: request and response bodies stream
 //! through frame by frame, so memory use does not grow with body size.
@@ -15,14 +17,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -60,8 +62,9 @@ impl Outbound {
 /// An upstream request's head: method, URI in origin form (path and
 /// query), headers with the credentials in. The proxy builds it once per
 /// request and lends it to each attempt ([`Upstream::send`] takes a
-/// `Cow`): credproxy's HTTP/1.1 client only reads it, and hyper's, which
-/// needs it owned, gets a copy only when another attempt may follow.
+/// `Cow`): credproxy's HTTP/1.1 client only reads it, and hyper's HTTP/2
+/// one, which needs it owned, gets a copy only when another attempt may
+/// follow.
 #[derive(Clone)]
 pub struct Head {
     pub method: Method,
@@ -80,13 +83,14 @@ impl Head {
 }
 
 /// An upstream answer's body: read by credproxy's HTTP/1.1 client, or by
-/// hyper's (streamed requests, HTTP/2). An upstream that sends nothing more
+/// hyper's HTTP/2 one. An upstream that sends nothing more
 /// for the provider's `request_timeout` while the body is waited for breaks
 /// the body off ([`BodyStalled`]): a head and a few bytes, then silence,
 /// must not hold the caller's connection and the upstream's forever.
 pub type UpBody = Silence<UpInner>;
 
-/// Which client reads an answer's body.
+/// Which client reads an answer's body: credproxy's (HTTP/1.1) or hyper's
+/// (HTTP/2).
 pub enum UpInner {
     Own(h1::H1Body),
     Hyper(Incoming),
@@ -126,11 +130,12 @@ impl Body for UpInner {
 /// Pools are credproxy's own rather than hyper-util's legacy client (which
 /// spent ~1.6 us per request here: a checkout future, pool key hashing, a
 /// task per request to put the connection back; the profile on issue 15).
-/// A request whose body is in memory goes over credproxy's HTTP/1.1 client
-/// ([`h1`]), read and written by the request's own task; a streamed one
-/// over hyper's HTTP/1.1 client, in a task of the worker; when ALPN picks
-/// HTTP/2, every request goes over that connection. Connections come from
-/// hyper-rustls's connector (TCP, then TLS for https).
+/// Every HTTP/1.1 request, its body in memory or streamed, goes over
+/// credproxy's HTTP/1.1 client ([`h1`]), read and written by the request's
+/// own task; when ALPN picks HTTP/2, every request goes over that
+/// connection, with hyper's HTTP/2 client (its connection in a task of the
+/// worker). Connections come from hyper-rustls's connector (TCP, then TLS
+/// for https).
 pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/`, where connections go.
@@ -141,22 +146,12 @@ pub struct Upstream {
     host: HeaderValue,
     /// Idle connections of credproxy's HTTP/1.1 client.
     own: h1::Idle,
-    /// hyper's connections (streamed requests, HTTP/2).
-    pool: Mutex<Pool>,
-    /// Whether the upstream has answered in HTTP/2 (then `pool.h2`).
+    /// The HTTP/2 connection, which carries every request at once, if the
+    /// upstream chose HTTP/2.
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Whether the upstream has answered in HTTP/2 (then `h2`).
     speaks_h2: AtomicBool,
     response_timeout: Duration,
-}
-
-/// hyper's connection kept open between requests: an HTTP/2 one, which
-/// carries every request at once. hyper's HTTP/1.1 connections are not
-/// kept: hyper keeps whatever bytes it read past an answer's end as the
-/// start of the next answer, where credproxy's own client drops such a
-/// connection, so each is used for one request (a body over 64 KiB, or
-/// streamed) and ends with its answer.
-#[derive(Default)]
-struct Pool {
-    h2: Option<http2::SendRequest<UpstreamBody>>,
 }
 
 /// A new connection, by what ALPN chose (plain http: HTTP/1.1).
@@ -242,7 +237,7 @@ impl Upstream {
             authority: Authority::try_from(authority.as_str()).map_err(|_| bad())?,
             host: HeaderValue::try_from(authority).map_err(|_| bad())?,
             own: h1::Idle::default(),
-            pool: Mutex::new(Pool::default()),
+            h2: Mutex::new(None),
             speaks_h2: AtomicBool::new(false),
             response_timeout: provider.request_timeout,
         })
@@ -281,30 +276,39 @@ impl Upstream {
         body: Outbound,
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
-        match body {
-            Outbound::Kept(bytes)
-                if bytes.len() <= h1::COALESCE && !self.speaks_h2.load(Ordering::Relaxed) =>
-            {
-                self.send_own(head, bytes, owner).await
-            }
-            body => {
+        if self.speaks_h2.load(Ordering::Relaxed) {
+            if let Some(tx) = self.checkout_h2() {
                 let req = head.into_owned().into_request(body.into_body());
-                Ok(self.send_hyper(req).await?.map(UpInner::Hyper))
+                return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
             }
         }
+        self.send_h1(head, body, owner).await
     }
 
-    /// Over credproxy's HTTP/1.1 client. A GET, HEAD or OPTIONS that finds
+    /// Over credproxy's HTTP/1.1 client, on an idle connection of
+    /// `owner`'s or a new one (or over HTTP/2, if ALPN chooses it for the
+    /// new one). A GET, HEAD or OPTIONS with its body in memory that finds
     /// its kept-alive connection closed by the upstream (before any byte of
-    /// an answer) goes once more, on a new connection.
-    async fn send_own(
+    /// an answer) goes once more, on a new connection; a streamed body
+    /// never goes twice.
+    async fn send_h1(
         &self,
         head: Cow<'_, Head>,
-        body: Bytes,
+        body: Outbound,
         owner: &str,
     ) -> Result<Response<UpInner>, ProxyError> {
         let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (wire, rest) = h1::encode(&head.method, path, &self.host, &head.headers, &body);
+        let (method, headers) = (&head.method, &head.headers);
+        let (wire, mut stream) = match body {
+            Outbound::Kept(bytes) => (
+                h1::Wire::kept(method, path, &self.host, headers, bytes),
+                None,
+            ),
+            Outbound::Streamed(body) => (
+                h1::Wire::streamed(method, path, &self.host, headers, &body),
+                Some(body),
+            ),
+        };
         let head_request = head.method == Method::HEAD;
         // Only a safe method goes again: the request was written, and an
         // upstream that acted on it and then reset would see a PUT or a
@@ -316,25 +320,29 @@ impl Upstream {
         // connection is never tried again, so this loops at most twice.
         let mut pooled = self.checkout_own(owner);
         loop {
-            let (mut conn, reused) = match pooled.take() {
+            let (conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
                 None => match self.connect().await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io), owner), false),
                     Connected::H2(tx) => {
-                        let req = head
-                            .into_owned()
-                            .into_request(Outbound::Kept(body).into_body());
+                        // A streamed body is still here: only a body in
+                        // memory is tried twice.
+                        let body = match stream {
+                            Some(body) => Outbound::Streamed(body),
+                            None => Outbound::Kept(wire.into_kept()),
+                        };
+                        let req = head.into_owned().into_request(body.into_body());
                         return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
                     }
                 },
             };
-            let answer = match conn.send(&wire, rest).await {
-                Ok(()) => conn.answer(head_request, &self.own).await,
-                Err(e) => Err(e),
-            };
-            match answer {
+            let streamed = stream.is_some();
+            match conn
+                .exchange(&wire, stream.take(), head_request, &self.own)
+                .await
+            {
                 Ok(resp) => return Ok(resp.map(UpInner::Own)),
-                Err(e) if reused && safe && e.unanswered() => {
+                Err(e) if reused && safe && !streamed && e.unanswered() => {
                     tracing::debug!(error = %e, "a kept-alive upstream connection was closed; sending again");
                 }
                 Err(e) => return Err(classify(e)),
@@ -364,33 +372,6 @@ impl Upstream {
         idle.retain_mut(|c| c.since().elapsed() < h1::IDLE_TIMEOUT && c.still_open());
     }
 
-    /// Over hyper's client: HTTP/2 if the upstream speaks it, else
-    /// HTTP/1.1 on a new connection that ends with the answer (see
-    /// [`Pool`]).
-    async fn send_hyper(
-        &self,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        if let Some(tx) = self.checkout_h2() {
-            return self.send_h2(tx, req).await;
-        }
-        match self.connect().await? {
-            Connected::H2(tx) => self.send_h2(tx, req).await,
-            Connected::H1(io) => {
-                let (mut tx, conn) = http1::handshake(*io).await.map_err(classify)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "upstream connection ended");
-                    }
-                });
-                req.headers_mut().insert(HOST, self.host.clone());
-                // `tx` goes with this function: the connection ends once
-                // the answer has been read.
-                tx.send_request(req).await.map_err(classify)
-            }
-        }
-    }
-
     async fn send_h2(
         &self,
         mut tx: http2::SendRequest<UpstreamBody>,
@@ -406,19 +387,19 @@ impl Upstream {
 
     /// The HTTP/2 connection, if there is one and it is open.
     fn checkout_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        let h2 = pool.h2.as_ref()?;
-        if !h2.is_closed() {
-            return Some(h2.clone());
+        let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = h2.as_ref()?;
+        if !tx.is_closed() {
+            return Some(tx.clone());
         }
-        pool.h2 = None;
+        *h2 = None;
         self.speaks_h2.store(false, Ordering::Relaxed);
         None
     }
 
     /// Opens a connection (TCP, then TLS for https). An HTTP/2 one (by
-    /// ALPN) gets its task and becomes the pool's; an HTTP/1.1 one is
-    /// returned as it is, for one client or the other.
+    /// ALPN) gets its task and becomes the upstream's `h2`; an HTTP/1.1 one
+    /// is returned as it is, for credproxy's client.
     async fn connect(&self) -> Result<Connected, ProxyError> {
         let mut connector = self.connector.clone();
         let io = connector
@@ -436,8 +417,7 @@ impl Upstream {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.h2 = Some(tx.clone());
+        *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx.clone());
         self.speaks_h2.store(true, Ordering::Relaxed);
         Ok(Connected::H2(tx))
     }
@@ -494,8 +474,8 @@ fn says(e: &(dyn std::error::Error + 'static)) -> Option<Cause> {
         return match h1 {
             h1::H1Error::Closed => Some(Cause::Closed),
             h1::H1Error::Invalid(_) => Some(Cause::Protocol),
-            // Its source, the I/O error, says.
-            h1::H1Error::Io(_) => None,
+            // Its source, the I/O error or the body's, says.
+            h1::H1Error::Io(_) | h1::H1Error::Body(_) => None,
         };
     }
     if let Some(h) = e.downcast_ref::<hyper::Error>() {
