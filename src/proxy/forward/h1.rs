@@ -19,7 +19,7 @@
 //! error ([`H1Error::Body`]).
 //!
 //! Framing follows RFC 9112 §6: no body for HEAD, 1xx, 204 and 304; a
-//! chunked transfer coding (trailers are read and dropped); a
+//! chunked transfer coding (`crate::http1::Chunked`, the server side's decoder too: trailers are read and dropped, bare LFs refused); a
 //! `Content-Length` (several different ones are refused); else until the
 //! upstream closes. At most [`MAX_INTERIM`] 1xx answers are skipped.
 //!
@@ -53,6 +53,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::UpstreamBody;
+use crate::http1::{self, Chunked, Step};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -66,8 +67,6 @@ const MAX_HEAD: usize = 8192 + 4096 * 100;
 const MAX_HEADERS: usize = 128;
 /// How much room a read asks for.
 const READ_CHUNK: usize = 16 * 1024;
-/// A chunk-size line or trailer line over this is refused.
-const MAX_LINE: usize = 4096;
 /// Interim (1xx) answers skipped before a final one; more are refused, so
 /// an upstream cannot hold a request with an endless run of them.
 pub const MAX_INTERIM: usize = 32;
@@ -655,18 +654,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
 enum Framing {
     /// This many bytes are left.
     Length(u64),
-    Chunked(Chunk),
+    Chunked(Chunked),
     /// Until the upstream closes the connection.
     UntilClose,
-}
-
-/// Where a chunked body's reader is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
 }
 
 /// Frames the answer's body. `sent`: the whole request went out before
@@ -696,8 +686,7 @@ fn build(
     let mut lengths = headers
         .get_all(CONTENT_LENGTH)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(content_length);
+        .map(|v| content_length(v.as_bytes()));
     let length = match lengths.next() {
         None => None,
         Some(first) => {
@@ -723,7 +712,7 @@ fn build(
         Framing::Length(0)
     } else {
         match (chunked, length) {
-            (Some(true), _) => Framing::Chunked(Chunk::Size),
+            (Some(true), _) => Framing::Chunked(Chunked::new()),
             (Some(false), _) => Framing::UntilClose,
             (None, Some(n)) => Framing::Length(n),
             (None, None) => Framing::UntilClose,
@@ -832,68 +821,25 @@ impl H1Body {
                     }
                     return Poll::Ready(Some(Ok(conn.buf.split().freeze())));
                 }
-                Framing::Chunked(Chunk::Data(left)) => {
-                    if conn.buf.is_empty() {
-                        if ready!(conn.poll_fill(cx))? == 0 {
-                            self.conn = None;
-                            return Poll::Ready(Some(Err(H1Error::Io(
-                                io::ErrorKind::UnexpectedEof.into(),
-                            ))));
+                Framing::Chunked(mut chunked) => {
+                    let step = chunked
+                        .step(&mut conn.buf)
+                        .map_err(|e| H1Error::Invalid(e.0))?;
+                    self.framing = Framing::Chunked(chunked);
+                    match step {
+                        Step::Data(data) => return Poll::Ready(Some(Ok(data))),
+                        Step::End => {
+                            self.finish();
+                            return Poll::Ready(None);
                         }
-                        continue;
-                    }
-                    let take = left.min(conn.buf.len() as u64);
-                    let data = conn.buf.split_to(take as usize).freeze();
-                    self.framing = Framing::Chunked(if left == take {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left - take)
-                    });
-                    return Poll::Ready(Some(Ok(data)));
-                }
-                Framing::Chunked(state) => {
-                    // A line: a chunk size, the CRLF after a chunk's data, or
-                    // a trailer line (an empty one ends the body).
-                    let Some(end) = conn.buf.windows(2).position(|w| w == b"\r\n") else {
-                        if conn.buf.len() > MAX_LINE {
-                            return Poll::Ready(Some(Err(H1Error::Invalid(
-                                "a chunk-size or trailer line is too long",
-                            ))));
-                        }
-                        if ready!(conn.poll_fill(cx))? == 0 {
-                            self.conn = None;
-                            return Poll::Ready(Some(Err(H1Error::Io(
-                                io::ErrorKind::UnexpectedEof.into(),
-                            ))));
-                        }
-                        continue;
-                    };
-                    let line = conn.buf.split_to(end);
-                    conn.buf.advance(2);
-                    match state {
-                        Chunk::DataEnd => {
-                            if !line.is_empty() {
-                                return Poll::Ready(Some(Err(H1Error::Invalid(
-                                    "a chunk is longer than its size",
+                        Step::More => {
+                            if ready!(conn.poll_fill(cx))? == 0 {
+                                self.conn = None;
+                                return Poll::Ready(Some(Err(H1Error::Io(
+                                    io::ErrorKind::UnexpectedEof.into(),
                                 ))));
                             }
-                            self.framing = Framing::Chunked(Chunk::Size);
                         }
-                        Chunk::Size => {
-                            let size = chunk_size(&line)?;
-                            self.framing = Framing::Chunked(if size == 0 {
-                                Chunk::Trailers
-                            } else {
-                                Chunk::Data(size)
-                            });
-                        }
-                        Chunk::Trailers => {
-                            if line.is_empty() {
-                                self.finish();
-                                return Poll::Ready(None);
-                            }
-                        }
-                        Chunk::Data(_) => unreachable!("handled above"),
                     }
                 }
             }
@@ -901,36 +847,10 @@ impl H1Body {
     }
 }
 
-/// One `Content-Length` value: ASCII digits only (no sign, no spaces
-/// inside), as hyper reads it.
+/// A `Content-Length` value, by the rules both of credproxy's sides read
+/// it with ([`crate::http1::content_length`]).
 fn content_length(value: &[u8]) -> Result<u64, H1Error> {
-    let digits = value.trim_ascii();
-    let bad = H1Error::Invalid("a malformed Content-Length");
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(bad);
-    }
-    Ok(digits
-        .iter()
-        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
-}
-
-/// The size of a chunk from its line: hex digits, then perhaps `;` and
-/// extensions (ignored).
-fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
-        return Err(H1Error::Invalid("a malformed chunk size"));
-    }
-    digits.iter().try_fold(0u64, |n, &b| {
-        let d = (b as char)
-            .to_digit(16)
-            .ok_or(H1Error::Invalid("a malformed chunk size"))?;
-        Ok(n * 16 + u64::from(d))
-    })
+    http1::content_length(value).map_err(|e| H1Error::Invalid(e.0))
 }
 
 impl Body for H1Body {
@@ -1005,16 +925,6 @@ mod tests {
             b"99999999999999999999",
         ] {
             assert!(content_length(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn chunk_sizes_take_hex_and_ignore_extensions() {
-        assert_eq!(chunk_size(b"1a").expect("hex"), 26);
-        assert_eq!(chunk_size(b"FF;name=value").expect("extension"), 255);
-        assert_eq!(chunk_size(b"0").expect("last"), 0);
-        for bad in [&b""[..], b"xyz", b"-1", b"1234567890abcdef0"] {
-            assert!(chunk_size(bad).is_err(), "{bad:?}");
         }
     }
 
