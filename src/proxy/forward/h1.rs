@@ -19,7 +19,8 @@
 //! error ([`H1Error::Body`]).
 //!
 //! Framing follows RFC 9112 §6: no body for HEAD, 1xx, 204 and 304; a
-//! chunked transfer coding (`crate::http1::Chunked`, the server side's decoder too: trailers are read and dropped, bare LFs refused); a
+//! chunked transfer coding (`crate::http1::Chunked`, the server side's
+//! decoder too: trailers are read and dropped, bare LFs refused); a
 //! `Content-Length` (several different ones are refused); else until the
 //! upstream closes. At most [`MAX_INTERIM`] 1xx answers are skipped.
 //!
