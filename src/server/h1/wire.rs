@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::http1::Chunked;
@@ -78,11 +79,25 @@ impl Wire {
 
     /// Reads what the socket has into `buf` without waiting: `Ok(0)` at
     /// EOF, `WouldBlock` when nothing is there.
+    ///
+    /// A read that does not fill the room it was given drained the socket
+    /// (edge-triggered epoll): its readiness is dropped then, so the next
+    /// read waits for the reactor instead of asking the kernel for nothing
+    /// (one `EAGAIN` `recvfrom` per request otherwise). tokio's own
+    /// `poll_read` does the same; its `try_read_buf` does not. A close
+    /// stays seen: tokio keeps the closed state when readiness is dropped.
     pub fn try_fill(&self, buf: &mut BytesMut) -> io::Result<usize> {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_CHUNK);
         }
-        self.stream.try_read_buf(buf)
+        let room = buf.capacity() - buf.len();
+        let n = self.stream.try_read_buf(buf)?;
+        if n > 0 && n < room {
+            let _ = self.stream.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
+        Ok(n)
     }
 
     /// Reads into `buf`, waiting for the socket in `cx`.
