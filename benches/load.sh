@@ -19,6 +19,7 @@
 #   CLIENT_CPU=1     core for wrk, WORKERS=1
 #   PORT_BASE=18480  first of the 12 consecutive loopback ports used
 #   CREDPROXY_BIN=   use this binary instead of building target/release/credproxy
+#                    (or $CARGO_TARGET_DIR/release/credproxy)
 #   With --bodies (DURATION and CONNECTIONS are not used; WARMUP > 0 means one
 #   unrecorded download and upload per target first):
 #   DOWNLOADS=20     downloads per run, one after another on one connection (1..1000)
@@ -233,7 +234,10 @@ fi
 if [[ -z $CREDPROXY_BIN ]]; then
     echo "building credproxy (release)..." >&2
     (cd "$ROOT" && cargo build --release --quiet --bin credproxy) || die "cargo build --release failed"
-    CREDPROXY_BIN=$ROOT/target/release/credproxy
+    # Where cargo put it: CARGO_TARGET_DIR (relative to $ROOT, where cargo ran) or target/.
+    target=${CARGO_TARGET_DIR:-target}
+    [[ $target == /* ]] || target=$ROOT/$target
+    CREDPROXY_BIN=$target/release/credproxy
 fi
 [[ -x $CREDPROXY_BIN ]] || die "not executable: $CREDPROXY_BIN"
 
