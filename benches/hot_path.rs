@@ -1,11 +1,13 @@
 //! Per-request work on credproxy's hot path, without the network:
 //! finding the session key, looking the session up in the cache, and
-//! injecting the real credentials.
+//! injecting the real credentials; and (`extra/`) everything a request
+//! costs beyond forwarding it, piece by piece and together.
 //!
 //! Quick run (well under a minute):
 //!
 //! ```text
 //! cargo bench --bench hot_path -- --warm-up-time 1 --measurement-time 3
+//! cargo bench --bench hot_path -- extra/     # the extra work only (about a minute)
 //! ```
 //!
 //! Requests are rebuilt outside the timed section (`iter_batched`), because
@@ -27,6 +29,12 @@ use credproxy::proxy::forward::{Head, Outbound};
 use credproxy::secrets::seal::Sealer;
 use credproxy::secrets::session::KeyHash;
 use credproxy::tokens::sessions::{NewTokens, Sessions};
+
+/// The server's allocator (src/main.rs), so that what allocates (a header
+/// value, the access line's buffer, freed by the log thread) costs here what
+/// it costs there. Before issue 27 these benches ran on glibc's malloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A 47-byte key, the length of a generated one (`cpk_` and 43 base64 characters).
 const KEY: &str = "cpk_Xq3vN8rT2mLw9YbZk4HfJc7PdAs1GeUo6iRyV0tBn5M";
@@ -533,6 +541,380 @@ fn gate(c: &mut Criterion) {
     });
 }
 
+/// The headers of the load test's request (`benches/load.sh`): the key in
+/// the session header.
+fn keyed_request(header: &http::HeaderName) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
+    h.insert(USER_AGENT, HeaderValue::from_static("legacy-app/2.3"));
+    h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    h.insert(header.clone(), HeaderValue::from_static(KEY));
+    h
+}
+
+/// An nginx upstream's answer head, as credproxy's client hands it over.
+fn answer_head() -> HeaderMap {
+    use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
+    let mut h = HeaderMap::new();
+    h.insert(SERVER, HeaderValue::from_static("nginx/1.22.1"));
+    h.insert(
+        DATE,
+        HeaderValue::from_static("Mon, 07 Dec 2026 14:00:00 GMT"),
+    );
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from_static("11"));
+    h.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+    h
+}
+
+/// The access-log line as `proxy/access.rs` (`write`) makes it for a
+/// plain 200: the same target, fields and value types, within
+/// `Span::none()`. A copy, because that function is private: keep the two
+/// alike.
+#[allow(clippy::too_many_arguments)]
+fn access_line(
+    method: &http::Method,
+    uri: &http::Uri,
+    status: u16,
+    started: std::time::Instant,
+    head: std::time::Duration,
+    upstream_ms: u128,
+    session: &str,
+    key_id: &str,
+) {
+    let total = started.elapsed();
+    let span = tracing::Span::none();
+    let _in = span.enter();
+    tracing::info!(
+        target: "credproxy::access",
+        provider = "spark",
+        method = %method,
+        path = uri.path(),
+        status,
+        upstream_ms = Some(upstream_ms as u64),
+        head_ms = head.as_millis() as u64,
+        total_ms = total.as_millis() as u64,
+        bytes_in = 0u64,
+        bytes_out = 11u64,
+        session = Some(session),
+        key_id = Some(key_id),
+        replayed = false,
+        refreshed = false,
+        queued_ms = None::<u64>,
+        upstream_refusals = None::<u32>,
+        error = None::<&str>,
+        cause = None::<&str>,
+        detail = None::<&str>,
+        broke_off = None::<&str>,
+        "request"
+    );
+}
+
+/// Installs a log subscriber as `telemetry::init` makes it for text lines
+/// at `info` (fmt layer with the target, no colours, EnvFilter, the trace
+/// spans filtered out, tracing-appender's non-blocking writer, not lossy,
+/// into a 64 KiB `BufWriter`), writing to `io::sink()` instead of stderr.
+/// Global, as in the server, so callsites cache their interest; the
+/// returned guard keeps the writer's thread.
+fn install_access_log() -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt as _};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("bench-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::sink(),
+        ));
+    let not_a_trace_span =
+        filter_fn(|m| !(m.is_span() && m.target() == credproxy::telemetry::TARGET));
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_target(true)
+        .boxed()
+        .with_filter(EnvFilter::new("info").and(not_a_trace_span));
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(lines))
+        .expect("no subscriber set before");
+    guard
+}
+
+/// What one request costs beyond forwarding it (issue 27), in the setting
+/// of the load test: traces off, no rate limit (a calm gate), a key
+/// without limits, the access-log line on. Each piece as the proxy does it
+/// through the public API, then all of them for one request
+/// (`extra/all`); the upstream round trip is `upstream/roundtrip_*`.
+///
+/// Not covered (private to `proxy/`, so neither called nor copied here):
+/// routing (`route`: the method, dot-segment and override checks),
+/// `limit_accept_encoding`, the upstream URI's string (`Target::address`
+/// around `inject`), `response_filter`'s content-type test, the access
+/// line's `Line` and its box, and `Logged`'s count of each body frame.
+/// The access line is a copy of `access::write`'s event (`access_line`).
+fn extra(c: &mut Criterion, w: &World) {
+    use credproxy::pacing::{Gate, Verdict};
+    use std::time::{Duration, Instant};
+    let sessions = &*w.sessions;
+    let header = w.config.server.session_header.clone();
+    let request = keyed_request(&header);
+    // The head once `identify` has taken the key out.
+    let mut bare = request.clone();
+    bare.remove(&header);
+    let answer = answer_head();
+    let spark_shape = &shape(ProviderKind::Spark);
+    let margin = w.config.provider("spark").expect("spark").refresh_margin;
+    let client: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let hash = KeyHash::of(KEY.as_bytes());
+    let keyed = w.rt.block_on(sessions.by_key(&hash)).unwrap().unwrap();
+    assert!(keyed.grant.scope.is_none(), "the bench key has no limits");
+    let (slot, _) = spark_shape
+        .take_slot(&mut keyed_request(&header), Some(SPARK_QUERY))
+        .expect("plain");
+    let metrics = credproxy::metrics::Metrics::default();
+    let route = metrics.route("spark");
+    let gate = Gate::new(
+        "spark",
+        None,
+        Duration::from_secs(10),
+        None,
+        metrics.gate_metrics("spark", false),
+    );
+    let method = http::Method::GET;
+    let uri = http::Uri::from_static("/spark/v1/listings?_limit=25&_page=1&_select=ListPrice,City");
+    let log_guard = install_access_log();
+
+    let mut g = c.benchmark_group("extra");
+    g.sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    // The key out of the head (session header, Proxy-Authorization, the
+    // provider's own slot) and its hash: `identify`.
+    g.bench_function("identify", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |mut h| {
+                let from_header = h
+                    .remove(&header)
+                    .map(|v| KeyHash::of(v.as_bytes().trim_ascii()));
+                let from_proxy_auth = h.remove(http::header::PROXY_AUTHORIZATION);
+                let (slot, query) = spark_shape
+                    .take_slot(&mut h, black_box(Some(SPARK_QUERY)))
+                    .expect("plain");
+                black_box((from_header, from_proxy_auth, slot, query, h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The cached session as `resolve` takes it (with the client's address,
+    // the session and grant cloned out, its provider and status checked).
+    g.bench_function("lookup", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let keyed = sessions
+                .by_key_from(black_box(&hash), Some(client))
+                .await
+                .unwrap()
+                .unwrap();
+            let (session, grant) = (Arc::clone(&keyed.session), Arc::clone(&keyed.grant));
+            assert!(
+                session.provider == "spark"
+                    && session.status
+                        != credproxy::secrets::session::Status::ReauthorizationRequired
+            );
+            black_box((session, grant))
+        })
+    });
+    // An unlimited key's scope: one branch on `None`.
+    g.bench_function("scope_check", |b| {
+        b.iter(|| {
+            let grant = black_box(&keyed.grant);
+            black_box(match &grant.scope {
+                Some(scope) => scope.limits_methods(),
+                None => false,
+            })
+        })
+    });
+    // The key's and the session's use noted, and whether the token is due
+    // for a refresh (`ensure_fresh`).
+    g.bench_function("note_use", |b| {
+        b.iter(|| {
+            let now = credproxy::clock::now();
+            sessions.note_key_use(&keyed.grant, now);
+            sessions.note_use(&keyed.session, now);
+            black_box(keyed.session.due(now, margin))
+        })
+    });
+    // Hop-by-hop headers out of the request head and out of the answer's.
+    g.bench_function("hop_by_hop", |b| {
+        b.iter_batched(
+            || (bare.clone(), answer.clone()),
+            |(mut req, mut ans)| {
+                credproxy::proxy::forward::strip_hop_by_hop(&mut req);
+                credproxy::proxy::forward::strip_hop_by_hop(&mut ans);
+                black_box((req, ans))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The session's credentials into the head (Spark: `Authorization`).
+    g.bench_function("inject", |b| {
+        b.iter_batched(
+            || bare.clone(),
+            |mut h| {
+                let q = keyed.credentials.inject(
+                    &mut h,
+                    black_box(Some(SPARK_QUERY)),
+                    &slot,
+                    SPARK_PATH,
+                );
+                black_box((q, h))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The provider's gate without a rate limit: a permit, spent, and the
+    // answer's verdict told back.
+    g.bench_function("gate", |b| {
+        b.to_async(&w.rt).iter(|| async {
+            let mut permit = gate
+                .acquire_by(&mut None, false, black_box("s_1"))
+                .await
+                .unwrap();
+            permit.sent();
+            let verdict =
+                credproxy::pacing::verdict(http::StatusCode::OK, black_box(&answer), false);
+            gate.answered(&permit, verdict);
+            black_box(verdict == Verdict::Accepted)
+        })
+    });
+    // The injected secrets out of the answer's headers (none there: the
+    // usual case, one search per value and secret, nothing allocated).
+    g.bench_function("scrub", |b| {
+        b.iter_batched(
+            || answer.clone(),
+            |mut h| {
+                keyed.credentials.scrub_response(&mut h);
+                black_box(h)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The request counted and its upstream latency observed.
+    let took = Duration::from_micros(800);
+    g.bench_function("metrics", |b| {
+        b.iter(|| {
+            route.request(&metrics, black_box(200));
+            route.upstream_latency(&metrics, black_box(took));
+        })
+    });
+    // The clock reads `handle` and `send` make besides the access line's
+    // (the total): the request's start, the upstream send's, its latency
+    // and the head's time.
+    g.bench_function("clocks", |b| {
+        b.iter(|| {
+            let started = Instant::now();
+            let sent = Instant::now();
+            black_box((sent.elapsed(), started.elapsed()))
+        })
+    });
+    // The access-log line formatted (text, at `info`) and handed to the
+    // log thread.
+    let started = Instant::now();
+    g.bench_function("access_line", |b| {
+        b.iter(|| {
+            access_line(
+                black_box(&method),
+                black_box(&uri),
+                200,
+                started,
+                Duration::from_micros(900),
+                0,
+                &keyed.session.id,
+                &keyed.grant.key_id,
+            )
+        })
+    });
+    // All of it for one request, in the proxy's order; and the same without
+    // the access line (`RUST_LOG=warn`, as load.sh's `credproxy` target
+    // runs: the line's callsite is then off, a cached check).
+    let (header, gate, route, metrics, method, uri) =
+        (&header, &gate, &route, &metrics, &method, &uri);
+    for (name, line) in [("all", true), ("all_without_line", false)] {
+        g.bench_function(name, |b| {
+            b.to_async(&w.rt).iter_batched(
+                || (request.clone(), answer.clone()),
+                |(mut req, mut ans)| async move {
+                    let started = Instant::now();
+                    let hash = req
+                        .remove(header)
+                        .map(|v| KeyHash::of(v.as_bytes().trim_ascii()))
+                        .expect("key");
+                    let from_proxy_auth = req.remove(http::header::PROXY_AUTHORIZATION);
+                    let (slot, query) = spark_shape
+                        .take_slot(&mut req, Some(SPARK_QUERY))
+                        .expect("plain");
+                    let keyed = sessions
+                        .by_key_from(&hash, Some(client))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let (session, grant) = (Arc::clone(&keyed.session), Arc::clone(&keyed.grant));
+                    assert!(
+                        session.provider == "spark"
+                            && session.status
+                                != credproxy::secrets::session::Status::ReauthorizationRequired
+                    );
+                    let limits = match &grant.scope {
+                        Some(scope) => scope.limits_methods(),
+                        None => false,
+                    };
+                    let now = credproxy::clock::now();
+                    sessions.note_key_use(&grant, now);
+                    sessions.note_use(&session, now);
+                    assert!(!session.due(now, margin));
+                    credproxy::proxy::forward::strip_hop_by_hop(&mut req);
+                    let q =
+                        session
+                            .credentials
+                            .inject(&mut req, query.as_deref(), &slot, SPARK_PATH);
+                    let mut permit = gate
+                        .acquire_by(&mut None, false, &session.id)
+                        .await
+                        .unwrap();
+                    permit.sent();
+                    let sent = Instant::now();
+                    // (the upstream round trip)
+                    let took = sent.elapsed();
+                    route.upstream_latency(metrics, took);
+                    session.credentials.scrub_response(&mut ans);
+                    let verdict = credproxy::pacing::verdict(http::StatusCode::OK, &ans, false);
+                    gate.answered(&permit, verdict);
+                    drop(permit);
+                    credproxy::proxy::forward::strip_hop_by_hop(&mut ans);
+                    route.request(metrics, 200);
+                    let head = started.elapsed();
+                    if line {
+                        access_line(
+                            method,
+                            uri,
+                            200,
+                            started,
+                            head,
+                            took.as_millis(),
+                            &session.id,
+                            &grant.key_id,
+                        );
+                    }
+                    black_box((from_proxy_auth, limits, q, req, ans))
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+    drop(log_guard);
+}
+
 fn benches(c: &mut Criterion) {
     gate(c);
     extraction(c);
@@ -544,6 +926,8 @@ fn benches(c: &mut Criterion) {
     upstream_roundtrip(c, &w);
     hop_by_hop(c);
     metrics(c);
+    // Last: it installs the global log subscriber.
+    extra(c, &w);
 }
 
 criterion_group!(hot_path, benches);

@@ -5,6 +5,7 @@
 # Usage:
 #   benches/load.sh             # run (needs wrk, nginx, haproxy; builds credproxy --release)
 #   benches/load.sh --install   # apt-get install the missing tools first, then run
+#   benches/load.sh --bodies    # large bodies instead (needs python3, haproxy): see below
 #
 # Settings (environment):
 #   DURATION=10      seconds per wrk run (1..600)
@@ -18,6 +19,13 @@
 #   CLIENT_CPU=1     core for wrk, WORKERS=1
 #   PORT_BASE=18480  first of the 12 consecutive loopback ports used
 #   CREDPROXY_BIN=   use this binary instead of building target/release/credproxy
+#                    (or $CARGO_TARGET_DIR/release/credproxy)
+#   With --bodies (DURATION and CONNECTIONS are not used; WARMUP > 0 means one
+#   unrecorded download and upload per target first):
+#   DOWNLOADS=20     downloads per run, one after another on one connection (1..1000)
+#   UPLOADS=40       uploads per run, likewise (1..1000)
+#   DOWNLOAD_MB=64   size of each download, MiB (1..1024)
+#   UPLOAD_MB=16     size of each upload, MiB (1..1024)
 #
 # Targets, each served with WORKERS workers (one by default):
 #   upstream        nginx answering every request with a fixed small JSON
@@ -59,45 +67,53 @@
 # per line. The report ends with each credproxy target's ratios to HAProxy
 # and to nginx: req/s (higher is better), p99 and CPU per request (lower).
 #
+# Large bodies (--bodies; issue 27): a DOWNLOAD_MB download and an
+# UPLOAD_MB upload (POST) through each target, WORKERS workers each (one by
+# default). Targets: upstream, haproxy, credproxy (the default TARGETS) and
+# credproxy-info; nginx is left out (its proxy config buffers a large answer
+# to disk). The upstream is benches/bodies.py, not nginx: one Python process
+# that sends its file with sendfile(2) for every GET (as fast as nginx's
+# sendfile on loopback here) and, for a POST, reads the whole body into a
+# 1 MiB buffer and drops it before it answers 200, as an API does (nginx's
+# `return 200` answers first and discards the body after: an early answer,
+# another case). The client is bodies.py too, not wrk: DOWNLOADS (UPLOADS)
+# transfers one after another over one keep-alive connection, each checked
+# (200, the body whole), with exact byte counts and wall time (wrk counts
+# bodies only by duration and would cut the last one off). It reads with
+# recv_into a 1 MiB buffer and sends an upload with one sendall, so its own
+# cost is mostly the kernel's copies, about wrk's (0.4 s of CPU per GB
+# downloaded, both, here); its share of its core is printed with each run and
+# stays well below it. HAProxy runs as configured above, without
+# `option splice-*` (it copies through its buffers, as credproxy does).
+# credproxy's Spark session (as for the other targets) has no refresh token and
+# `max_replay_body` is 1 MiB (set in its config), so the upload streams, as
+# any body over max_replay_body does. "cpu us/MB" is the proxy's own CPU
+# (user + system, on-CPU time of its threads from /proc/PID/task/*/schedstat,
+# in ns: clock ticks are too coarse for runs under a second) per MB moved
+# (MB = 10^6 bytes); the upstream's is not measured (its threads end with
+# their connections). "RSS" is each proxy's resident memory after the
+# warm-up and its peak (VmHWM, reset with clear_refs then) over the rounds.
+# The report ends with credproxy's ratios to HAProxy: MB/s (higher is
+# better; the issue's goal is within 10 %, >= 0.9) and CPU per MB (lower;
+# <= 1.1).
+#
 # Everything listens on 127.0.0.1 only. All servers are stopped on exit and
-# the temporary directory (configs, store, key, logs) is deleted.
+# the temporary directory (configs, store, key, logs, the download's file)
+# is deleted.
 
 set -euo pipefail
-
-DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
-CONNECTIONS=${CONNECTIONS:-50}
-WARMUP=${WARMUP:-2}
-TARGETS=${TARGETS:-"upstream nginx haproxy credproxy credproxy-info"}
-WORKERS=${WORKERS:-1}
-SERVER_CPU=${SERVER_CPU:-0}
-CLIENT_CPU=${CLIENT_CPU:-1}
-PORT_BASE=${PORT_BASE:-18480}
-CREDPROXY_BIN=${CREDPROXY_BIN:-}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRIPT=load.sh
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-in_range DURATION "$DURATION" 1 600
-in_range ROUNDS "$ROUNDS" 1 20
-in_range CONNECTIONS "$CONNECTIONS" 1 10000
-in_range WARMUP "$WARMUP" 0 60
-in_range WORKERS "$WORKERS" 1 64
-in_range PORT_BASE "$PORT_BASE" 1024 65527
-in_range SERVER_CPU "$SERVER_CPU" 0 4095
-in_range CLIENT_CPU "$CLIENT_CPU" 0 4095
-for t in $TARGETS; do
-    case $t in
-        upstream | nginx | haproxy | credproxy | credproxy-info | credproxy-budget | credproxy-traced) ;;
-        *) die "unknown target '$t' (known: upstream nginx haproxy credproxy credproxy-info credproxy-budget credproxy-traced)" ;;
-    esac
-done
 
 INSTALL=0
+BODIES=0
 for arg in "$@"; do
     case $arg in
         --install) INSTALL=1 ;;
+        --bodies) BODIES=1 ;;
         -h | --help)
             sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
             exit 0
@@ -106,13 +122,62 @@ for arg in "$@"; do
     esac
 done
 
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-50}
+WARMUP=${WARMUP:-2}
+if ((BODIES)); then
+    TARGETS=${TARGETS:-"upstream haproxy credproxy"}
+else
+    TARGETS=${TARGETS:-"upstream nginx haproxy credproxy credproxy-info"}
+fi
+WORKERS=${WORKERS:-1}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+PORT_BASE=${PORT_BASE:-18480}
+CREDPROXY_BIN=${CREDPROXY_BIN:-}
+DOWNLOADS=${DOWNLOADS:-20}
+UPLOADS=${UPLOADS:-40}
+DOWNLOAD_MB=${DOWNLOAD_MB:-64}
+UPLOAD_MB=${UPLOAD_MB:-16}
+
+in_range DURATION "$DURATION" 1 600
+in_range ROUNDS "$ROUNDS" 1 20
+in_range CONNECTIONS "$CONNECTIONS" 1 10000
+in_range WARMUP "$WARMUP" 0 60
+in_range WORKERS "$WORKERS" 1 64
+in_range PORT_BASE "$PORT_BASE" 1024 65527
+in_range SERVER_CPU "$SERVER_CPU" 0 4095
+in_range CLIENT_CPU "$CLIENT_CPU" 0 4095
+in_range DOWNLOADS "$DOWNLOADS" 1 1000
+in_range UPLOADS "$UPLOADS" 1 1000
+in_range DOWNLOAD_MB "$DOWNLOAD_MB" 1 1024
+in_range UPLOAD_MB "$UPLOAD_MB" 1 1024
+for t in $TARGETS; do
+    if ((BODIES)); then
+        case $t in
+            upstream | haproxy | credproxy | credproxy-info) ;;
+            *) die "unknown target '$t' with --bodies (known: upstream haproxy credproxy credproxy-info)" ;;
+        esac
+        continue
+    fi
+    case $t in
+        upstream | nginx | haproxy | credproxy | credproxy-info | credproxy-budget | credproxy-traced) ;;
+        *) die "unknown target '$t' (known: upstream nginx haproxy credproxy credproxy-info credproxy-budget credproxy-traced)" ;;
+    esac
+done
+
 # ---------------------------------------------------------------- tools
 
 NGINX=$(command -v nginx || true)
 [[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
 missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-[[ -n $NGINX ]] || missing+=(nginx)
+if ((BODIES)); then
+    command -v python3 >/dev/null || missing+=(python3)
+else
+    command -v wrk >/dev/null || missing+=(wrk)
+    [[ -n $NGINX ]] || missing+=(nginx)
+fi
 HAPROXY=$(command -v haproxy || true)
 [[ -z $HAPROXY && -x /usr/sbin/haproxy ]] && HAPROXY=/usr/sbin/haproxy
 [[ " $TARGETS " != *" haproxy "* || -n $HAPROXY ]] || missing+=(haproxy)
@@ -129,6 +194,7 @@ if ((${#missing[@]})); then
                 wrk) pkgs+=(wrk) ;;
                 nginx) pkgs+=(nginx-light) ;;
                 haproxy) pkgs+=(haproxy) ;;
+                python3) pkgs+=(python3) ;;
             esac
         done
         "${SUDO[@]}" apt-get update -qq
@@ -139,11 +205,13 @@ if ((${#missing[@]})); then
         fi
         NGINX=$(command -v nginx || echo /usr/sbin/nginx)
         HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
-        if ! command -v wrk >/dev/null || [[ ! -x $NGINX ]]; then
+        if ((BODIES)) && ! command -v python3 >/dev/null; then
+            die "installation did not provide python3"
+        elif ((!BODIES)) && { ! command -v wrk >/dev/null || [[ ! -x $NGINX ]]; }; then
             die "installation did not provide wrk and nginx"
         fi
     else
-        die "missing: ${missing[*]}; install them (e.g. apt-get install wrk nginx-light haproxy) or rerun with --install"
+        die "missing: ${missing[*]}; install them (e.g. apt-get install wrk nginx-light haproxy python3) or rerun with --install"
     fi
 fi
 
@@ -166,7 +234,10 @@ fi
 if [[ -z $CREDPROXY_BIN ]]; then
     echo "building credproxy (release)..." >&2
     (cd "$ROOT" && cargo build --release --quiet --bin credproxy) || die "cargo build --release failed"
-    CREDPROXY_BIN=$ROOT/target/release/credproxy
+    # Where cargo put it: CARGO_TARGET_DIR (relative to $ROOT, where cargo ran) or target/.
+    target=${CARGO_TARGET_DIR:-target}
+    [[ $target == /* ]] || target=$ROOT/$target
+    CREDPROXY_BIN=$target/release/credproxy
 fi
 [[ -x $CREDPROXY_BIN ]] || die "not executable: $CREDPROXY_BIN"
 
@@ -234,7 +305,18 @@ EOF
     wait_port "$2" "nginx ($1)" "$!" "$dir/logs/error.log" "$dir/logs/stdout.log"
 }
 
-start_nginx upstream "$UP_PORT" 1 "    server {
+if ((BODIES)); then
+    # The upstream of --bodies: the download's file, made once, and bodies.py.
+    mkdir -p "$WORK/bodies"
+    head -c $((DOWNLOAD_MB << 20)) /dev/urandom >"$WORK/bodies/download.bin" ||
+        die "cannot write the download's file in $WORK"
+    "${PIN_SERVER[@]}" python3 "$ROOT/benches/bodies.py" upstream "$UP_PORT" "$WORK/bodies/download.bin" \
+        >"$WORK/bodies/upstream.log" 2>&1 &
+    PIDS+=($!)
+    PID_OF[upstream]=$!
+    wait_port "$UP_PORT" "bodies.py upstream" "$!" "$WORK/bodies/upstream.log"
+else
+    start_nginx upstream "$UP_PORT" 1 "    server {
         listen 127.0.0.1:$UP_PORT;
         location / {
             default_type application/json;
@@ -242,7 +324,7 @@ start_nginx upstream "$UP_PORT" 1 "    server {
         }
     }"
 
-start_nginx proxy "$NGINX_PORT" "$WORKERS" "    upstream up {
+    start_nginx proxy "$NGINX_PORT" "$WORKERS" "    upstream up {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
     }
@@ -257,6 +339,7 @@ start_nginx proxy "$NGINX_PORT" "$WORKERS" "    upstream up {
             proxy_buffering on;
         }
     }"
+fi
 
 if [[ " $TARGETS " == *" haproxy "* ]]; then
     cat >"$WORK/haproxy.cfg" <<EOF
@@ -305,6 +388,11 @@ client_id = "load-client"
 client_secret = "load-client-secret"
 user_agent = "credproxy-load/1.0"
 EOF
+if ((BODIES)); then
+    # The default, written out: a body over it streams (and the session has
+    # no refresh token, so nothing is kept for a replay either).
+    echo 'max_replay_body = 1048576' >>"$CFG"
+fi
 # The info-level instance shares the store; only its listeners differ.
 CFG_INFO=$WORK/credproxy-info.toml
 sed -e "s/:$CP_PORT\"/:$CP_INFO_PORT\"/" -e "s/:$CP_ADMIN_PORT\"/:$CP_INFO_ADMIN_PORT\"/" "$CFG" >"$CFG_INFO"
@@ -362,17 +450,145 @@ PY
 done
 
 SESSION_HEADER="X-Credproxy-Session: $KEY"
-url_of() {
+port_of() {
     case $1 in
-        upstream) echo "http://127.0.0.1:$UP_PORT/v1/listings" ;;
-        nginx) echo "http://127.0.0.1:$NGINX_PORT/spark/v1/listings" ;;
-        haproxy) echo "http://127.0.0.1:$HAPROXY_PORT/spark/v1/listings" ;;
-        credproxy) echo "http://127.0.0.1:$CP_PORT/spark/v1/listings" ;;
-        credproxy-info) echo "http://127.0.0.1:$CP_INFO_PORT/spark/v1/listings" ;;
-        credproxy-budget) echo "http://127.0.0.1:$CP_BUDGET_PORT/spark/v1/listings" ;;
-        credproxy-traced) echo "http://127.0.0.1:$CP_TRACED_PORT/spark/v1/listings" ;;
+        upstream) echo "$UP_PORT" ;;
+        nginx) echo "$NGINX_PORT" ;;
+        haproxy) echo "$HAPROXY_PORT" ;;
+        credproxy) echo "$CP_PORT" ;;
+        credproxy-info) echo "$CP_INFO_PORT" ;;
+        credproxy-budget) echo "$CP_BUDGET_PORT" ;;
+        credproxy-traced) echo "$CP_TRACED_PORT" ;;
     esac
 }
+# The proxies serve the upstream under /spark.
+prefix_of() { [[ $1 == upstream ]] || echo /spark; }
+url_of() { echo "http://127.0.0.1:$(port_of "$1")$(prefix_of "$1")/v1/listings"; }
+
+# ---------------------------------------------------------------- bodies (--bodies)
+
+if ((BODIES)); then
+    RESULTS=$WORK/results.tsv
+    : >"$RESULTS"
+
+    # On-CPU nanoseconds (user + system) of a process's threads and its
+    # children's: clock ticks (10 ms) are too coarse for runs under a second.
+    cpu_ns() { # PID
+        local p
+        for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+            cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
+        done | awk '{ s += $1 } END { printf "%.0f", s }'
+    }
+    kb_of() { # PID FIELD: a VmRSS/VmHWM figure from /proc/PID/status, in kB
+        awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null
+    }
+
+    # N transfers of one kind through one target, one after another on one
+    # connection: "transfers bytes seconds client_cpu_seconds" on stdout.
+    transfer() { # TARGET download|upload N
+        local args
+        if [[ $2 == download ]]; then
+            args=(get "$(port_of "$1")" "$(prefix_of "$1")/v1/files/download.bin" "$SESSION_HEADER" "$3")
+        else
+            args=(post "$(port_of "$1")" "$(prefix_of "$1")/v1/uploads" "$SESSION_HEADER" "$3" $((UPLOAD_MB << 20)))
+        fi
+        "${PIN_CLIENT[@]}" timeout $(($3 * 10 + 30)) python3 "$ROOT/benches/bodies.py" "${args[@]}"
+    }
+
+    measure_bodies() { # TARGET download|upload ROUND
+        local pid=${PID_OF[$1]} n=$DOWNLOADS mib=$DOWNLOAD_MB out c0 c1 count bytes secs client
+        if [[ $2 == upload ]]; then
+            n=$UPLOADS mib=$UPLOAD_MB
+        fi
+        c0=$(cpu_ns "$pid")
+        out=$(transfer "$1" "$2" "$n") || die "$2 through $1 failed (round $3)"
+        c1=$(cpu_ns "$pid")
+        read -r count bytes secs client <<<"$out"
+        [[ $count == "$n" && $bytes -gt 0 ]] || die "cannot read the client's output for $1: $out"
+        # The upstream's threads end with their connections (and their
+        # schedstat with them): its CPU is not measured.
+        [[ $1 != upstream ]] || c1=$((c0 - 1))
+        awk -v t="$1" -v k="$2" -v r="$3" -v n="$n" -v mib="$mib" -v b="$bytes" -v s="$secs" \
+            -v c="$client" -v d=$((c1 - c0)) -v out="$RESULTS" 'BEGIN {
+            mbs = b / s / 1e6; cpu = d < 0 ? -1 : d / 1e3 / (b / 1e6)
+            printf "%s\t%s\t%.1f\t%.1f\n", t, k, mbs, cpu >> out
+            printf "  round %d  %-15s %-8s %8.1f MB/s  cpu %7s us/MB   (%d x %d MiB in %.2f s; client cpu %.0f %%)\n",
+                r, t, k, mbs, cpu < 0 ? "-" : sprintf("%.1f", cpu), n, mib, s, 100 * c / s
+        }'
+    }
+
+    n_targets=$(wc -w <<<"$TARGETS")
+    placement="servers and client unpinned ($CORES cores: too few to pin $WORKERS workers apart)"
+    ((WORKERS == 1 && ${#PIN_SERVER[@]})) && placement="servers on cpu $SERVER_CPU, client on cpu $CLIENT_CPU"
+    ((WORKERS > 1 && ${#PIN_PROXY[@]})) && placement="proxies on cpus 0-$((WORKERS - 1)), upstream and client on the rest"
+    echo "bodies: $ROUNDS rounds x $n_targets targets x ($DOWNLOADS downloads of $DOWNLOAD_MB MiB, $UPLOADS uploads of $UPLOAD_MB MiB), one connection; $WORKERS worker(s) per proxy; $placement"
+    if ((WARMUP > 0)); then
+        for t in $TARGETS; do
+            transfer "$t" download 1 >/dev/null || die "a download through $t failed"
+            transfer "$t" upload 1 >/dev/null || die "an upload through $t failed"
+        done
+    fi
+    # Peak RSS over the measured rounds: VmHWM, reset to the current RSS now.
+    declare -A RSS0
+    for t in $TARGETS; do
+        [[ $t == upstream ]] && continue
+        RSS0[$t]=$(kb_of "${PID_OF[$t]}" VmRSS)
+        echo 5 >"/proc/${PID_OF[$t]}/clear_refs" 2>/dev/null ||
+            echo "load.sh: cannot reset $t's VmHWM; its peak RSS is since it started" >&2
+    done
+    for r in $(seq "$ROUNDS"); do
+        for t in $TARGETS; do
+            measure_bodies "$t" download "$r"
+            measure_bodies "$t" upload "$r"
+        done
+    done
+    rss=""
+    for t in $TARGETS; do
+        [[ $t == upstream ]] && continue
+        rss+="$t=${RSS0[$t]:-0}:$(kb_of "${PID_OF[$t]}" VmHWM) "
+        if [[ $t == credproxy-info ]]; then
+            echo "credproxy-info access log, last line: $(tail -n 1 "$WORK/credproxy-info.log")"
+        fi
+    done
+
+    # Medians across rounds, then credproxy's ratios to HAProxy.
+    awk -F '\t' -v order="$TARGETS" -v rss="$rss" '
+    function median(list,    a, n, i, j, t) {
+        n = split(list, a, " ")
+        for (i = 2; i <= n; i++) {            # insertion sort: n is tiny
+            t = a[i] + 0
+            for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]
+            a[j + 1] = t
+        }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function us(v) { return v < 0 ? "-" : sprintf("%.1f", v) }
+    { mbs[$1, $2] = mbs[$1, $2] " " $3; cpu[$1, $2] = cpu[$1, $2] " " $4; rounds[$1, $2]++ }
+    END {
+        n = split(rss, pairs, " ")
+        for (i = 1; i <= n; i++) {
+            split(pairs[i], kv, "="); split(kv[2], ab, ":")
+            start[kv[1]] = ab[1] / 1024; peak[kv[1]] = ab[2] / 1024
+        }
+        n = split(order, names, " ")
+        printf "\n%-17s %12s %12s %12s %12s %14s\n", "target", "down MB/s", "cpu us/MB", "up MB/s", "cpu us/MB", "RSS MB, peak"
+        for (i = 1; i <= n; i++) {
+            t = names[i]
+            D[t] = median(mbs[t, "download"]); DC[t] = median(cpu[t, "download"])
+            U[t] = median(mbs[t, "upload"]); UC[t] = median(cpu[t, "upload"])
+            m = (t in peak) ? sprintf("%.0f, %.0f", start[t], peak[t]) : "-"
+            printf "%-17s %12.1f %12s %12.1f %12s %14s\n", t, D[t], us(DC[t]), U[t], us(UC[t]), m
+        }
+        printf "(medians of %d rounds; MB = 10^6 bytes; cpu: the proxy own, the upstream not included;\n", rounds[names[1], "download"]
+        printf " RSS: after the warm-up, and its peak (VmHWM) over the rounds)\n\n"
+        for (i = 1; i <= n; i++) {
+            t = names[i]
+            if (t !~ /^credproxy/ || !("haproxy" in D) || D["haproxy"] <= 0 || U["haproxy"] <= 0 || DC["haproxy"] <= 0 || UC["haproxy"] <= 0) continue
+            printf "%-17s / haproxy  download: MB/s x%.2f (goal >= 0.9)  cpu/MB x%.2f (<= 1.1)   upload: MB/s x%.2f (>= 0.9)  cpu/MB x%.2f (<= 1.1)\n", t, D[t] / D["haproxy"], DC[t] / DC["haproxy"], U[t] / U["haproxy"], UC[t] / UC["haproxy"]
+        }
+    }' "$RESULTS"
+    exit 0
+fi
 
 # Every target must answer 200 before its figures mean anything.
 for t in $TARGETS; do
