@@ -322,7 +322,11 @@ impl Upstream {
         loop {
             let (conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
-                None => match self.connect().await? {
+                // Boxed: the connector's future (TCP, then TLS) is ~8 KB,
+                // and unboxed it would make every request's future that
+                // big, and every move of it (one per call level) a copy
+                // of that much, for the few requests that connect.
+                None => match Box::pin(self.connect()).await? {
                     Connected::H1(io) => (h1::Conn::new(TokioIo::new(*io), owner), false),
                     Connected::H2(tx) => {
                         // A streamed body is still here: only a body in
