@@ -455,7 +455,8 @@ impl Proxy {
 
         if route.signs && parts.method == Method::POST && rest == "/v1/session" {
             let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
-            return self.open_own_session(route, uri.query(), client, log).await;
+            // Boxed: rare, and its future would be in every request's.
+            return Box::pin(self.open_own_session(route, uri.query(), client, log)).await;
         }
         let (presented, slot, query) = self.identify(route, &mut parts.headers, uri.query())?;
         if matches!(presented, Some(Presented::Default(_))) && from_a_web_page(&parts.headers) {

@@ -279,7 +279,9 @@ impl Upstream {
         if self.speaks_h2.load(Ordering::Relaxed) {
             if let Some(tx) = self.checkout_h2() {
                 let req = head.into_owned().into_request(body.into_body());
-                return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
+                // Boxed, as `connect` is: HTTP/2 upstreams are the rare
+                // case, and their ~900 bytes would be in every request.
+                return Ok(Box::pin(self.send_h2(tx, req)).await?.map(UpInner::Hyper));
             }
         }
         self.send_h1(head, body, owner).await
@@ -336,7 +338,7 @@ impl Upstream {
                             None => Outbound::Kept(wire.into_kept()),
                         };
                         let req = head.into_owned().into_request(body.into_body());
-                        return Ok(self.send_h2(tx, req).await?.map(UpInner::Hyper));
+                        return Ok(Box::pin(self.send_h2(tx, req)).await?.map(UpInner::Hyper));
                     }
                 },
             };

@@ -346,6 +346,14 @@ impl Sessions {
         if let Some(client) = client {
             self.cold.admit(client)?;
         }
+        // Boxed: the store read's future is large, and it would otherwise
+        // be part of every request's future (and of every copy of it), for
+        // the few requests that miss the cache.
+        Box::pin(self.read_key(hash)).await
+    }
+
+    /// The store's read of a key the cache does not know.
+    async fn read_key(&self, hash: &KeyHash) -> Result<Option<Arc<Keyed>>, SessionError> {
         let ticket = self.cache.ticket_for_key_read();
         // Bounded: a store that cannot answer in time is unavailable for
         // this request (503 `store_unavailable`), not a wait for the caller.
