@@ -27,8 +27,9 @@ pub enum Framing {
     Chunked,
 }
 
-/// A request head and what it says about its message.
-#[derive(Debug)]
+/// A request head and what it says about its message. Its `Debug` shows
+/// the method, the path and the header names, never a header's value or
+/// the query (either may carry a session key).
 pub struct Parsed {
     pub request: Request<()>,
     pub framing: Framing,
@@ -37,6 +38,22 @@ pub struct Parsed {
     pub keep_alive: bool,
     /// `Expect: 100-continue` on a request with a body.
     pub expect_continue: bool,
+}
+
+impl std::fmt::Debug for Parsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parsed")
+            .field("method", self.request.method())
+            .field("path", &self.request.uri().path())
+            .field(
+                "headers",
+                &self.request.headers().keys().collect::<Vec<_>>(),
+            )
+            .field("framing", &self.framing)
+            .field("keep_alive", &self.keep_alive)
+            .field("expect_continue", &self.expect_continue)
+            .finish()
+    }
 }
 
 /// Why a head is refused: the answer, then the connection closes.
@@ -260,6 +277,19 @@ mod tests {
             one("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").err(),
             Some(Refusal::Version)
         );
+    }
+
+    #[test]
+    fn debug_shows_no_header_value_or_query() {
+        let p = one("GET /spark/v1/x?key=SECRET1 HTTP/1.1\r\nX-Credproxy-Session: SECRET2\r\n\r\n")
+            .expect("ok")
+            .expect("all");
+        let shown = format!("{p:?}");
+        assert!(
+            shown.contains("x-credproxy-session") && shown.contains("/spark/v1/x"),
+            "{shown}"
+        );
+        assert!(!shown.contains("SECRET"), "{shown}");
     }
 
     #[test]
