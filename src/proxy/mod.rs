@@ -48,6 +48,7 @@ pub mod silence;
 mod spans;
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,7 +90,11 @@ use spans::{attempt_span, record_answer, server_span};
 use tracing::Instrument;
 
 /// A response to the caller: the upstream's stream, or credproxy's own answer.
-pub type ProxyBody = Either<UpBody, Either<LinkBody, Full<Bytes>>>;
+///
+/// The link rewriter's body is boxed: it is ~700 bytes, and unboxed every
+/// answer (each move of it, from the upstream to the connection's writer)
+/// would be that large.
+pub type ProxyBody = Either<UpBody, Either<Pin<Box<LinkBody>>, Full<Bytes>>>;
 
 /// A caller's request body, as a server side hands it to [`Proxy::handle`]
 /// (credproxy's own HTTP/1.1 server: `server::h1`).
@@ -1669,7 +1674,7 @@ impl Proxy {
                 let rewriter = Rewriter::new(Arc::clone(map), self.bases(route, asked));
                 Ok(Response::from_parts(
                     parts,
-                    Either::Right(Either::Left(LinkBody::new(body, rewriter, coding))),
+                    Either::Right(Either::Left(Box::pin(LinkBody::new(body, rewriter, coding)))),
                 ))
             }
         }
