@@ -48,8 +48,8 @@ pub mod silence;
 mod spans;
 
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -1674,7 +1674,9 @@ impl Proxy {
                 let rewriter = Rewriter::new(Arc::clone(map), self.bases(route, asked));
                 Ok(Response::from_parts(
                     parts,
-                    Either::Right(Either::Left(Box::pin(LinkBody::new(body, rewriter, coding)))),
+                    Either::Right(Either::Left(Box::pin(LinkBody::new(
+                        body, rewriter, coding,
+                    )))),
                 ))
             }
         }
