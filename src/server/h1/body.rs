@@ -12,8 +12,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::wire::{BodyState, Wire};
-use crate::http1::Step;
+use super::wire::{BodyState, Buffered, Wire};
 
 /// A request's body on its connection.
 pub struct ClientBody {
@@ -59,42 +58,11 @@ impl Body for ClientBody {
             }
         }
         loop {
-            let data = match &mut inbound.body {
-                BodyState::Done => return Poll::Ready(None),
-                BodyState::Broken => {
-                    return Poll::Ready(Some(Err(broken(
-                        io::ErrorKind::InvalidData,
-                        "the request body was broken off",
-                    ))))
-                }
-                BodyState::Length(0) => {
-                    inbound.body = BodyState::Done;
-                    return Poll::Ready(None);
-                }
-                BodyState::Length(left) if !inbound.buf.is_empty() => {
-                    let take = (*left).min(inbound.buf.len() as u64);
-                    *left -= take;
-                    Some(inbound.buf.split_to(take as usize).freeze())
-                }
-                BodyState::Length(_) => None,
-                BodyState::Chunked(chunked) => match chunked.step(&mut inbound.buf) {
-                    Ok(Step::Data(data)) => Some(data),
-                    Ok(Step::End) => {
-                        inbound.body = BodyState::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Step::More) => None,
-                    Err(e) => {
-                        inbound.body = BodyState::Broken;
-                        return Poll::Ready(Some(Err(broken(io::ErrorKind::InvalidData, e.0))));
-                    }
-                },
-            };
-            if let Some(data) = data {
-                if matches!(inbound.body, BodyState::Length(0)) {
-                    inbound.body = BodyState::Done;
-                }
-                return Poll::Ready(Some(Ok(Frame::data(data))));
+            match inbound.take_buffered() {
+                Ok(Buffered::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Buffered::End) => return Poll::Ready(None),
+                Ok(Buffered::Empty) => {}
+                Err(e) => return Poll::Ready(Some(Err(broken(io::ErrorKind::InvalidData, e.0)))),
             }
             match std::task::ready!(wire.poll_fill(&mut inbound.buf, cx)) {
                 Ok(0) => {

@@ -235,27 +235,10 @@ fn finish_body(wire: &Wire) -> bool {
     inbound.responded = true;
     inbound.continue_left = 0;
     loop {
-        match &mut inbound.body {
-            BodyState::Done => return true,
-            BodyState::Broken => return false,
-            BodyState::Length(0) => inbound.body = BodyState::Done,
-            BodyState::Length(left) => {
-                let take = (*left).min(inbound.buf.len() as u64);
-                if take == 0 {
-                    return false;
-                }
-                *left -= take;
-                let _ = inbound.buf.split_to(take as usize);
-            }
-            BodyState::Chunked(chunked) => match chunked.step(&mut inbound.buf) {
-                Ok(crate::http1::Step::Data(_)) => {}
-                Ok(crate::http1::Step::End) => inbound.body = BodyState::Done,
-                Ok(crate::http1::Step::More) => return false,
-                Err(_) => {
-                    inbound.body = BodyState::Broken;
-                    return false;
-                }
-            },
+        match inbound.take_buffered() {
+            Ok(wire::Buffered::Data(_)) => {}
+            Ok(wire::Buffered::End) => return true,
+            Ok(wire::Buffered::Empty) | Err(_) => return false,
         }
     }
 }

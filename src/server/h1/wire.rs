@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::http1::Chunked;
+use crate::http1::{Chunked, Step};
 
 /// How much room a read asks for.
 pub const READ_CHUNK: usize = 16 * 1024;
@@ -48,6 +48,60 @@ pub struct Inbound {
     pub continue_left: usize,
     /// The answer's head has started: no `100 Continue` any more.
     pub responded: bool,
+}
+
+/// What the buffer holds of the current request's body.
+pub enum Buffered {
+    /// Some of it (never empty).
+    Data(bytes::Bytes),
+    /// Its end: the body has been read whole.
+    End,
+    /// Nothing more yet: read from the socket, then look again.
+    Empty,
+}
+
+impl Inbound {
+    /// Takes the next piece of the current body off the buffer, by its
+    /// framing; the one reading of a body's bytes, for the body as the
+    /// proxy polls it and for what is left of it once the answer is ready.
+    /// A framing error marks the body broken.
+    pub fn take_buffered(&mut self) -> Result<Buffered, crate::http1::FramingError> {
+        let taken = match &mut self.body {
+            BodyState::Done | BodyState::Length(0) => None,
+            BodyState::Broken => {
+                return Err(crate::http1::FramingError(
+                    "the request body was broken off",
+                ))
+            }
+            BodyState::Length(_) if self.buf.is_empty() => return Ok(Buffered::Empty),
+            BodyState::Length(left) => {
+                let take = (*left).min(self.buf.len() as u64);
+                *left -= take;
+                Some(self.buf.split_to(take as usize).freeze())
+            }
+            BodyState::Chunked(chunked) => match chunked.step(&mut self.buf) {
+                Ok(Step::Data(data)) => Some(data),
+                Ok(Step::End) => None,
+                Ok(Step::More) => return Ok(Buffered::Empty),
+                Err(e) => {
+                    self.body = BodyState::Broken;
+                    return Err(e);
+                }
+            },
+        };
+        match taken {
+            Some(data) => {
+                if matches!(self.body, BodyState::Length(0)) {
+                    self.body = BodyState::Done;
+                }
+                Ok(Buffered::Data(data))
+            }
+            None => {
+                self.body = BodyState::Done;
+                Ok(Buffered::End)
+            }
+        }
+    }
 }
 
 pub struct Wire {
