@@ -67,6 +67,9 @@ impl Seen {
 struct Raw {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    /// Connections it has closed (their handler ended, the socket dropped),
+    /// told as they close.
+    closed: tokio::sync::watch::Receiver<usize>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -76,6 +79,7 @@ impl Raw {
         let connections = Arc::new(AtomicUsize::new(0));
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (count, log) = (Arc::clone(&connections), Arc::clone(&seen));
+        let (closes, closed) = tokio::sync::watch::channel(0usize);
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -92,14 +96,33 @@ impl Raw {
                     .expect("send addr");
                 while let Ok((sock, _)) = listener.accept().await {
                     let conn = count.fetch_add(1, Ordering::SeqCst) + 1;
-                    tokio::spawn(serve(sock, conn, Arc::clone(&log)));
+                    let (log, closes) = (Arc::clone(&log), closes.clone());
+                    tokio::spawn(async move {
+                        serve(sock, conn, log).await;
+                        closes.send_modify(|n| *n += 1);
+                    });
                 }
             });
         });
         Raw {
             addr: rx.recv().expect("the raw upstream's address"),
             connections,
+            closed,
             seen,
+        }
+    }
+
+    /// Waits until it has closed `n` connections, then lets this runtime's
+    /// reactor take in the FINs (on loopback they are there once the
+    /// socket is dropped).
+    async fn closed(&self, n: usize) {
+        let mut closed = self.closed.clone();
+        tokio::time::timeout(Duration::from_secs(10), closed.wait_for(|&c| c >= n))
+            .await
+            .expect("the raw upstream closed its connection")
+            .expect("the raw upstream runs");
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
         }
     }
 
@@ -520,7 +543,7 @@ async fn streamed_bodies_do_not_go_on_connections_the_upstream_closed() {
     let up = ups.here();
     for i in 0..20 {
         // The close arrives.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        raw.closed(i).await;
         let body = streamed(Frames::new(100_000, i % 2 == 0));
         let (conn, _) = conn_of(
             up.send(Cow::Owned(head(Method::PUT, "/close-after")), body, "s")
